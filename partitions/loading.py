@@ -1,0 +1,203 @@
+"""One entry point for every data source: :func:`load_data` -> :class:`NLUData`.
+
+Sources (exactly one):
+
+- ``data_dir``: a directory with ``train.jsonl`` and ``test.jsonl`` (see :mod:`partitions.jsonl`);
+- ``dataset``: a Hugging Face hub name (see :mod:`partitions.hub`; needs the network);
+- neither: the built-in synthetic home-assistant set (see :mod:`partitions.synthetic`).
+
+Columns of both splits: ``text`` (str), ``label`` (int64 id into ``label_names``), ``uid``
+(int64: the row's index in the split as loaded, before any ``max_examples`` cap, so it is a
+stable example id), and, when the source has slot annotations, ``tokens`` and ``slots``
+(lists of str; tags are names, map them with ``slot_names``). The synthetic train split also
+has ``device`` (int64 natural device id, used by the ``synthetic-natural`` partitioner).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+import numpy as np
+
+from partitions.errors import DataError
+
+__all__ = ["NLUData", "load_data", "stratified_subset", "capped_test_size"]
+
+
+@dataclass(frozen=True)
+class NLUData:
+    """A loaded data set.
+
+    Attributes
+    ----------
+    train, test : datasets.Dataset
+        Columns ``text``, ``label``, ``uid`` and optionally ``tokens``, ``slots`` (and
+        ``device`` on the synthetic train split).
+    label_names : list of str
+        Label id -> name.
+    slot_names : list of str or None
+        BIO tag vocabulary with ``"O"`` first, or None when there are no slot annotations.
+    source : str
+        Where the data came from, for logs and reports.
+    """
+
+    train: datasets.Dataset
+    test: datasets.Dataset
+    label_names: list[str]
+    slot_names: list[str] | None
+    source: str
+
+    @property
+    def num_labels(self) -> int:
+        """Number of labels (intents)."""
+        return len(self.label_names)
+
+    @property
+    def has_slots(self) -> bool:
+        """Whether the splits carry ``tokens``/``slots``."""
+        return self.slot_names is not None
+
+
+def _features(cols: dict[str, list]) -> datasets.Features:
+    feats = {"text": datasets.Value("string"), "label": datasets.Value("int64"), "uid": datasets.Value("int64")}
+    if "tokens" in cols:
+        feats["tokens"] = datasets.Sequence(datasets.Value("string"))
+        feats["slots"] = datasets.Sequence(datasets.Value("string"))
+    if "device" in cols:
+        feats["device"] = datasets.Value("int64")
+    return datasets.Features({k: feats[k] for k in cols})
+
+
+def _to_dataset(cols: dict[str, list], rows: np.ndarray | None = None) -> datasets.Dataset:
+    """Build a split; ``uid`` = row index in ``cols``; ``rows`` (sorted) keeps only those rows."""
+    n = len(cols["text"])
+    keep = np.arange(n, dtype=np.int64) if rows is None else np.asarray(rows, dtype=np.int64)
+    order = [k for k in ("text", "label", "tokens", "slots", "device") if k in cols]
+    out: dict[str, list] = {}
+    for k in order:
+        out[k] = cols[k] if rows is None else [cols[k][i] for i in keep]
+        if k == "label":
+            out["uid"] = keep
+    return datasets.Dataset.from_dict(out, features=_features(out))
+
+
+def stratified_subset(labels: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """Sorted row indices of a seeded, label-stratified subset of size ``k``.
+
+    Each label keeps about ``k * (its share)`` rows (proportional allocation, so rare labels
+    keep at least one row when ``k`` allows). Rows are ranked within their label in a random
+    order; a row's key is ``(rank + u) / label_count`` with ``u`` uniform in [0, 1), and the
+    ``k`` smallest keys are kept. If ``k >= len(labels)`` every row is kept.
+    """
+    labels = np.asarray(labels)
+    n = len(labels)
+    if k >= n:
+        return np.arange(n, dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(n)
+    lab = labels[perm]
+    order = np.argsort(lab, kind="stable")
+    sorted_lab = lab[order]
+    starts = np.r_[0, np.flatnonzero(sorted_lab[1:] != sorted_lab[:-1]) + 1]
+    counts = np.diff(np.r_[starts, n])
+    rank = np.arange(n) - np.repeat(starts, counts)
+    keys = np.empty(n)
+    keys[order] = (rank + rng.random(n)) / np.repeat(counts, counts)
+    chosen = perm[np.argsort(keys, kind="stable")[:k]]
+    return np.sort(chosen).astype(np.int64)
+
+
+def capped_test_size(max_examples: int) -> int:
+    """Test rows kept when train is capped to ``max_examples``: ``max(500, max_examples // 2)``."""
+    return max(500, max_examples // 2)
+
+
+def load_data(
+    data_dir: str | Path | None = None,
+    dataset: str | None = None,
+    *,
+    text_column: str = "text",
+    label_column: str = "label",
+    max_examples: int | None = None,
+    seed: int = 0,
+    synthetic_devices: int = 100,
+) -> NLUData:
+    """Load a data set from exactly one source.
+
+    Parameters
+    ----------
+    data_dir : str or Path, optional
+        Directory with ``train.jsonl`` and ``test.jsonl`` (and optionally ``labels.json``).
+    dataset : str, optional
+        Hugging Face hub data set name, loaded with ``datasets.load_dataset``.
+    text_column, label_column : str
+        Field/column names of the utterance and its label in the source (the returned
+        columns are always ``text`` and ``label``). Not used by the synthetic set.
+    max_examples : int, optional
+        Cap on TRAIN rows: a seeded, label-stratified subset (:func:`stratified_subset`),
+        kept in the original row order with ``uid`` = the original row index. TEST is capped
+        to ``max(500, max_examples // 2)`` rows the same way. ``None``: no cap.
+    seed : int
+        Seed of the cap's subset and of the synthetic generator.
+    synthetic_devices : int
+        Natural devices of the built-in synthetic set (ignored for other sources).
+
+    Returns
+    -------
+    NLUData
+
+    Raises
+    ------
+    DataError
+        Both ``data_dir`` and ``dataset`` given; any file problem (names file and line, see
+        :func:`partitions.jsonl.read_jsonl_dir`); the hub is unreachable or the hub data set
+        is unusable (suggests ``--data-dir``).
+    ValueError
+        ``max_examples < 1`` or ``synthetic_devices < 1``.
+    """
+    if data_dir is not None and dataset is not None:
+        raise DataError("give either a data directory (--data-dir) or a hub dataset (--dataset), not both")
+    if max_examples is not None and max_examples < 1:
+        raise ValueError(f"max_examples must be >= 1 (or None for no cap), got {max_examples}")
+
+    if data_dir is not None:
+        from partitions.jsonl import read_jsonl_dir
+
+        tr, te, label_names, slot_names = read_jsonl_dir(data_dir, text_column=text_column, label_column=label_column)
+        index = {n: i for i, n in enumerate(label_names)}
+        cols = []
+        for split in (tr, te):
+            c: dict[str, list] = {"text": split.texts, "label": [index[x] for x in split.labels]}
+            if split.tokens is not None:
+                c["tokens"], c["slots"] = split.tokens, split.slots
+            cols.append(c)
+        train_cols, test_cols = cols
+        source = f"JSONL files in {Path(data_dir)}"
+    elif dataset is not None:
+        from partitions.hub import read_hub
+
+        raw = read_hub(dataset, text_column=text_column, label_column=label_column)
+        train_cols, test_cols = raw["train"], raw["test"]
+        label_names, slot_names, source = raw["label_names"], raw["slot_names"], raw["source"]
+    else:
+        from partitions.synthetic import generate
+
+        gen = generate(synthetic_devices, seed)
+        train_cols, test_cols = gen.train, gen.test
+        label_names, slot_names = gen.label_names, gen.slot_names
+        source = (f"built-in SYNTHETIC home-assistant commands (seed {seed}, {gen.num_devices} devices, "
+                  f"{len(label_names)} intents; generated, not real user data)")
+
+    train_rows = test_rows = None
+    if max_examples is not None:
+        n_train, n_test = len(train_cols["text"]), len(test_cols["text"])
+        train_rows = stratified_subset(np.asarray(train_cols["label"]), max_examples, seed)
+        test_rows = stratified_subset(np.asarray(test_cols["label"]), capped_test_size(max_examples), seed + 1)
+        if len(train_rows) < n_train or len(test_rows) < n_test:
+            source += (f"; capped to {len(train_rows)}/{n_train} train and "
+                       f"{len(test_rows)}/{n_test} test examples (seed {seed})")
+    train, test = _to_dataset(train_cols, train_rows), _to_dataset(test_cols, test_rows)
+    return NLUData(train=train, test=test, label_names=list(label_names),
+                   slot_names=None if slot_names is None else list(slot_names), source=source)
