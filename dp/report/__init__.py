@@ -1,0 +1,12 @@
+"""The privacy budget report of a run directory (``dpfl report RUN_DIR``).
+
+:func:`build_report` reads ``RUN_DIR`` (config.toml, metrics.jsonl, ledger.sqlite,
+read-only, so it also works on a run still in progress), recomputes every device's
+epsilon from the ledger's privacy events with :mod:`dp.accounting`, and writes
+``RUN_DIR/report/``: ``report.md``, ``report.html`` (self-contained), PNG plots and
+``summary.json`` (schema in :mod:`dp.report.build`).
+"""
+
+from dp.report.build import ReportError, build_report, compute_summary, read_run
+
+__all__ = ["build_report", "compute_summary", "read_run", "ReportError"]

@@ -1,0 +1,506 @@
+"""Read a run directory and compute what the privacy budget report states.
+
+The numbers are recomputed from the ledger's privacy events with the run's accountant
+(:mod:`dp.accounting`), not copied from the ledger's cached ``device_epsilon`` table;
+the cached values are shown beside them as a cross-check.
+
+``summary.json`` schema (all epsilons in nats, at ``delta``; an infinite epsilon is
+written as the string ``"inf"`` because JSON has no infinity)::
+
+    {
+      "run_id": str, "status": "finished" | "running", "rounds_completed": int,
+      "rounds_planned": int | null, "dp": bool, "guarantee": "yes" | "none",
+      "delta": float | null, "accountant": "pld" | "rdp",
+      "num_devices": int, "num_examples": int | null,
+      "epsilon": {
+        "example": {"max", "median", "median_all_devices", "p90", "min", "mean",
+                    "devices_accounted", "tier", "max_device", "ledger_max"},
+        "device":  {... same keys ...} | null      # null when device-level DP is off
+      },
+      "devices_over_budget": int,
+      "budget_events": [{"device_id", "unit", "round", "epsilon"}],
+      "final_accuracy": float | null, "final_macro_f1": float | null,
+      "baseline": {"final_accuracy", "final_macro_f1", "run_dir"} | null,
+      "metrics_lines_skipped": int, "warnings": [str]
+    }
+
+``median`` is over the devices that have at least one event of that unit (devices that
+never trained contributed nothing); ``median_all_devices`` includes the others at 0.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sqlite3
+import statistics
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dp.accounting import (
+    ACCOUNTANTS,
+    DEFAULT_VALUE_DISCRETIZATION_INTERVAL,
+    SubsampledGaussianEvent,
+    compute_epsilons,
+    privacy_tier,
+)
+
+UNITS = ("example", "device")
+MAX_CURVE_POINTS = 8
+# Intermediate curve points use a 4x coarser PLD grid (still a pessimistic upper bound);
+# the final point is the exact summary value.
+CURVE_INTERVAL_FACTOR = 4.0
+
+
+class ReportError(ValueError):
+    """The run directory cannot be reported on (message says why)."""
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+@dataclass
+class RunData:
+    """Everything read from one run directory."""
+
+    run_dir: Path
+    config: dict[str, Any]
+    metrics: list[dict[str, Any]]
+    metrics_skipped: int
+    run_row: dict[str, Any] | None
+    devices: dict[int, dict[str, Any]]  # device_id -> {"activity", "sample_rate"}
+    rounds: list[dict[str, Any]]
+    # unit -> device_id -> [(round, sigma, q, steps, max_grad_norm)]
+    events: dict[str, dict[int, list[tuple[int, float, float, int, float]]]]
+    ledger_epsilon: dict[str, dict[int, float]]
+    budget_events: list[dict[str, Any]]
+    warnings: list[str] = field(default_factory=list)
+
+
+def read_config(run_dir: Path) -> dict[str, Any]:
+    """Parse ``config.toml``; an absent file gives ``{}``. Raises ReportError if unparsable."""
+    path = run_dir / "config.toml"
+    if not path.exists():
+        return {}
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ReportError(f"{path} is not valid TOML: {exc}") from exc
+
+
+def read_metrics(run_dir: Path) -> tuple[list[dict[str, Any]], int]:
+    """Parse ``metrics.jsonl``, skipping lines that are not complete JSON objects.
+
+    A run still being written may have a half-written last line; it is skipped (and
+    counted) rather than failing the report.
+
+    Returns
+    -------
+    (rows, skipped) : list of dict sorted by round, int
+    """
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return [], 0
+    rows: list[dict[str, Any]] = []
+    skipped = 0
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        for line in fh:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                skipped += 1
+                continue
+            if not isinstance(row, dict) or not isinstance(row.get("round"), int):
+                skipped += 1
+                continue
+            rows.append(row)
+    # A resumed run may repeat a round: keep the last line written for it.
+    by_round = {r["round"]: r for r in rows}
+    return [by_round[k] for k in sorted(by_round)], skipped
+
+
+def _connect_read_only(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=5.0)
+    conn.execute("PRAGMA busy_timeout=5000")
+    return conn
+
+
+def read_run(run_dir: Path) -> RunData:
+    """Read config, metrics and ledger of ``run_dir`` (the ledger read-only).
+
+    Raises
+    ------
+    ReportError
+        If ``run_dir`` does not exist or holds none of config.toml, metrics.jsonl,
+        ledger.sqlite, or the ledger cannot be read.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ReportError(f"run directory {run_dir} does not exist")
+    ledger = run_dir / "ledger.sqlite"
+    if not any((run_dir / n).exists() for n in ("config.toml", "metrics.jsonl", "ledger.sqlite")):
+        raise ReportError(
+            f"{run_dir} holds no config.toml, metrics.jsonl or ledger.sqlite: not a run directory"
+        )
+    config = read_config(run_dir)
+    metrics, skipped = read_metrics(run_dir)
+    data = RunData(
+        run_dir=run_dir, config=config, metrics=metrics, metrics_skipped=skipped,
+        run_row=None, devices={}, rounds=[], events={u: {} for u in UNITS},
+        ledger_epsilon={u: {} for u in UNITS}, budget_events=[],
+    )
+    if skipped:
+        data.warnings.append(
+            f"{skipped} line(s) of metrics.jsonl were incomplete or not JSON and were skipped "
+            "(normal for the last line of a run still being written)."
+        )
+    if not ledger.exists():
+        data.warnings.append("ledger.sqlite is absent: no privacy events recorded yet.")
+        return data
+    try:
+        conn = _connect_read_only(ledger)
+    except sqlite3.Error as exc:
+        raise ReportError(f"cannot open {ledger} read-only: {exc}") from exc
+    try:
+        run_id = config.get("run_id")
+        runs = conn.execute(
+            "SELECT run_id, created, target_delta, accountant, selection_constant, calibration_note FROM runs"
+        ).fetchall()
+        if run_id is None and len(runs) == 1:
+            run_id = runs[0][0]
+        match = [r for r in runs if r[0] == run_id] or runs[:1]
+        if match:
+            r = match[0]
+            run_id = r[0]
+            data.run_row = dict(zip(
+                ("run_id", "created", "target_delta", "accountant", "selection_constant", "calibration_note"), r
+            ))
+        params = (run_id,)
+        for d, a, q in conn.execute(
+            "SELECT device_id, activity, sample_rate FROM devices WHERE run_id=? ORDER BY device_id", params
+        ):
+            data.devices[int(d)] = {"activity": a, "sample_rate": q}
+        data.rounds = [
+            {"round": int(t), "completed": c, "cohort_size": n}
+            for t, c, n in conn.execute(
+                "SELECT round, completed, cohort_size FROM rounds WHERE run_id=? ORDER BY round", params
+            )
+        ]
+        # Only events of committed rounds (a round's events and its rounds row share
+        # one transaction, so this is a no-op for a well-formed ledger).
+        for t, d, unit, s, q, n, c in conn.execute(
+            "SELECT round, device_id, unit, noise_multiplier, sample_rate, steps, max_grad_norm"
+            " FROM privacy_events WHERE run_id=? ORDER BY round, id", params
+        ):
+            if unit not in UNITS:
+                data.warnings.append(f"ignored privacy event with unknown unit {unit!r}")
+                continue
+            data.events[unit].setdefault(int(d), []).append((int(t), float(s), float(q), int(n), c))
+        for d, unit, eps in conn.execute(
+            "SELECT device_id, unit, epsilon FROM device_epsilon WHERE run_id=?", params
+        ):
+            if unit in UNITS and eps is not None:
+                data.ledger_epsilon[unit][int(d)] = float(eps)
+        data.budget_events = [
+            {"device_id": int(d), "unit": u, "round": int(t), "epsilon": e}
+            for d, u, t, e in conn.execute(
+                "SELECT device_id, unit, round, epsilon FROM budget_events WHERE run_id=? ORDER BY round, device_id",
+                params,
+            )
+        ]
+    except sqlite3.Error as exc:
+        raise ReportError(f"cannot read {ledger}: {exc}") from exc
+    finally:
+        conn.close()
+    return data
+
+
+# ------------------------------------------------------------------------- computing
+
+
+def _finite_or_str(x: float | None) -> float | str | None:
+    if x is None:
+        return None
+    if isinstance(x, float) and math.isinf(x):
+        return "inf"
+    return x
+
+
+def _quantile(values: list[float], p: float) -> float | None:
+    if not values:
+        return None
+    xs = sorted(values)
+    if any(math.isinf(x) for x in xs):
+        # Nearest rank (interpolation with inf is undefined).
+        return xs[min(len(xs) - 1, max(0, math.ceil(p * len(xs)) - 1))]
+    pos = p * (len(xs) - 1)
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def _median(values: list[float]) -> float | None:
+    if not values:
+        return None
+    if any(math.isinf(x) for x in values):
+        return _quantile(values, 0.5)
+    return float(statistics.median(values))
+
+
+def _events_upto(rows, last_round: int | None = None) -> list[SubsampledGaussianEvent]:
+    return [
+        SubsampledGaussianEvent(s, q, n)
+        for t, s, q, n, _ in rows
+        if last_round is None or t <= last_round
+    ]
+
+
+def unit_epsilons(data: RunData, unit: str, delta: float, accountant: str,
+                  last_round: int | None = None,
+                  interval: float = DEFAULT_VALUE_DISCRETIZATION_INTERVAL) -> dict[int, float]:
+    """Each device's epsilon for ``unit`` composed over its events up to ``last_round``."""
+    histories = {d: _events_upto(rows, last_round) for d, rows in data.events[unit].items()}
+    return compute_epsilons(histories, delta, accountant, value_discretization_interval=interval)
+
+
+def _curve_rounds(rounds: list[int], max_points: int) -> list[int]:
+    if len(rounds) <= max_points:
+        return list(rounds)
+    idx = {round(i * (len(rounds) - 1) / (max_points - 1)) for i in range(max_points)}
+    return [rounds[i] for i in sorted(idx)]
+
+
+def epsilon_curve(data: RunData, unit: str, delta: float, accountant: str,
+                  max_points: int = MAX_CURVE_POINTS) -> list[dict[str, Any]]:
+    """Max and median (over devices with events so far) epsilon after selected rounds."""
+    rounds = sorted({t for rows in data.events[unit].values() for t, *_ in rows}
+                    | {r["round"] for r in data.rounds})
+    out = []
+    points = _curve_rounds(rounds, max_points)
+    for t in points:
+        interval = DEFAULT_VALUE_DISCRETIZATION_INTERVAL * (1.0 if t == points[-1] else CURVE_INTERVAL_FACTOR)
+        eps = [e for d, e in unit_epsilons(data, unit, delta, accountant, t, interval).items()
+               if any(r[0] <= t for r in data.events[unit][d])]
+        out.append({"round": t, "max": max(eps) if eps else 0.0, "median": _median(eps) or 0.0})
+    return out
+
+
+def _param_range(values: list[float]) -> dict[str, float] | None:
+    if not values:
+        return None
+    return {"min": min(values), "median": _median(values), "max": max(values)}
+
+
+def _unit_stats(data: RunData, unit: str, eps: dict[int, float]) -> dict[str, Any]:
+    values = list(eps.values())
+    all_devices = set(data.devices) | set(eps)
+    with_zeros = values + [0.0] * (len(all_devices) - len(values))
+    ledger = data.ledger_epsilon[unit]
+    max_device = max(eps, key=lambda d: eps[d]) if eps else None
+    rows = [r for rs in data.events[unit].values() for r in rs]
+    return {
+        "max": max(values) if values else 0.0,
+        "median": _median(values) if values else 0.0,
+        "median_all_devices": _median(with_zeros) if with_zeros else 0.0,
+        "p90": _quantile(values, 0.9) if values else 0.0,
+        "min": min(values) if values else 0.0,
+        "mean": (sum(values) / len(values)) if values else 0.0,
+        "devices_accounted": len(values),
+        "tier": privacy_tier(max(values) if values else 0.0),
+        "max_device": max_device,
+        "ledger_max": max(ledger.values()) if ledger else None,
+        "per_device": dict(sorted(eps.items())),
+        "mechanism": {
+            "noise_multiplier": _param_range([r[1] for r in rows]),
+            "sample_rate": _param_range([r[2] for r in rows]),
+            "steps_per_event": _param_range([float(r[3]) for r in rows]),
+            "max_grad_norm": _param_range([float(r[4]) for r in rows if r[4] is not None]),
+            "events": len(rows),
+            "total_steps_max_device": max(
+                (sum(r[3] for r in rs) for rs in data.events[unit].values()), default=0
+            ),
+        },
+    }
+
+
+def _final(metrics: list[dict[str, Any]], key: str) -> float | None:
+    for row in reversed(metrics):
+        v = row.get(key)
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            return float(v)
+    return None
+
+
+def compute_summary(data: RunData, baseline: RunData | None = None,
+                    max_curve_points: int = MAX_CURVE_POINTS) -> dict[str, Any]:
+    """Everything the report states, as a dict (inf kept as ``math.inf`` here).
+
+    Raises
+    ------
+    ReportError
+        If no delta is recorded in the ledger or config of a DP run.
+    """
+    cfg = data.config
+    run = data.run_row or {}
+    dp_on = bool(cfg.get("dp", True))
+    device_dp = bool(cfg.get("device_dp", bool(data.events["device"])))
+    delta = run.get("target_delta") if run.get("target_delta") is not None else cfg.get("target_delta")
+    accountant = run.get("accountant") or cfg.get("accountant") or "pld"
+    warnings = list(data.warnings)
+    if accountant not in ACCOUNTANTS:
+        warnings.append(f"unknown accountant {accountant!r} in the ledger; recomputed with 'pld'")
+        accountant = "pld"
+    if delta is None and dp_on:
+        raise ReportError(
+            "no target_delta in ledger.sqlite (runs table) or config.toml: cannot state epsilon"
+        )
+    rounds_done = max([r["round"] for r in data.rounds] + [m["round"] for m in data.metrics], default=0)
+    planned = cfg.get("rounds")
+    status = "finished" if planned is not None and rounds_done >= int(planned) else "running"
+    num_devices = len(data.devices) or cfg.get("num_devices")
+    num_examples = (
+        sum(int(v["activity"] or 0) for v in data.devices.values()) if data.devices else None
+    )
+
+    summary: dict[str, Any] = {
+        "run_id": cfg.get("run_id") or run.get("run_id") or data.run_dir.name,
+        "status": status,
+        "rounds_completed": rounds_done,
+        "rounds_planned": planned,
+        "dp": dp_on,
+        "device_dp": device_dp,
+        "guarantee": "yes" if dp_on else "none",
+        "delta": delta,
+        "accountant": accountant,
+        "num_devices": num_devices,
+        "num_examples": num_examples,
+        "selection": {
+            "mode": cfg.get("selection"),
+            "activity_exponent": cfg.get("activity_exponent"),
+            "selection_constant": run.get("selection_constant", cfg.get("selection_constant")),
+            "calibration_note": run.get("calibration_note"),
+            "expected_cohort_size": cfg.get("cohort_size"),
+        },
+        "config": cfg,
+        "warnings": warnings,
+        "metrics_lines_skipped": data.metrics_skipped,
+        "epsilon": {"example": None, "device": None},
+        "curves": {"example": [], "device": []},
+    }
+
+    if not dp_on:
+        summary["epsilon"]["example"] = {"max": math.inf, "median": math.inf, "tier": "none"}
+        summary["epsilon"]["device"] = None
+    else:
+        for unit in UNITS:
+            if unit == "device" and not device_dp:
+                continue
+            eps = unit_epsilons(data, unit, delta, accountant)
+            stats = _unit_stats(data, unit, eps)
+            ledger_max = stats["ledger_max"]
+            if ledger_max is not None and stats["max"] < ledger_max * (1 - 1e-2):
+                warnings.append(
+                    f"{unit}-level: the ledger's cached epsilon ({ledger_max:.4g}) exceeds the value "
+                    f"recomputed from its events ({stats['max']:.4g}); the larger is the safe one."
+                )
+            summary["epsilon"][unit] = stats
+            summary["curves"][unit] = epsilon_curve(data, unit, delta, accountant, max_curve_points)
+
+    budget_devices = sorted({b["device_id"] for b in data.budget_events})
+    summary["devices_over_budget"] = len(budget_devices)
+    summary["budget_events"] = data.budget_events
+    summary["budget"] = {
+        "target_epsilon": cfg.get("target_epsilon"),
+        "epsilon_budget": cfg.get("epsilon_budget", cfg.get("target_epsilon")),
+        "device_epsilon_budget": cfg.get("device_epsilon_budget"),
+    }
+    summary["final_accuracy"] = _final(data.metrics, "accuracy")
+    summary["final_macro_f1"] = _final(data.metrics, "macro_f1")
+    summary["metrics"] = data.metrics
+    summary["skipped_rounds"] = [m["round"] for m in data.metrics if m.get("skipped")]
+    if delta is not None:
+        summary["delta_vs_units"] = {
+            "one_over_examples": (1.0 / num_examples) if num_examples else None,
+            "one_over_devices": (1.0 / num_devices) if num_devices else None,
+        }
+    if baseline is not None:
+        summary["baseline"] = {
+            "run_dir": str(baseline.run_dir),
+            "dp": bool(baseline.config.get("dp", False)),
+            "final_accuracy": _final(baseline.metrics, "accuracy"),
+            "final_macro_f1": _final(baseline.metrics, "macro_f1"),
+            "metrics": baseline.metrics,
+        }
+        if summary["baseline"]["dp"]:
+            warnings.append("the baseline run directory has dp = true; it is not a non-private baseline")
+    else:
+        summary["baseline"] = None
+    return summary
+
+
+def json_summary(summary: dict[str, Any]) -> dict[str, Any]:
+    """The subset written to ``summary.json`` (no per-round metrics copy), inf as "inf"."""
+
+    def clean(x: Any) -> Any:
+        if isinstance(x, dict):
+            return {str(k): clean(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [clean(v) for v in x]
+        if isinstance(x, float):
+            return _finite_or_str(x) if not math.isnan(x) else None
+        return x
+
+    out = {k: v for k, v in summary.items() if k not in ("metrics",)}
+    if out.get("baseline"):
+        out["baseline"] = {k: v for k, v in out["baseline"].items() if k != "metrics"}
+    return clean(out)
+
+
+def build_report(run_dir: Path, baseline_dir: Path | None = None, *,
+                 max_curve_points: int = MAX_CURVE_POINTS) -> dict[str, Any]:
+    """Write ``RUN_DIR/report/`` (report.md, report.html, *.png, summary.json).
+
+    Works on a finished run and on one still running (the ledger is opened read-only;
+    a half-written last metrics line is skipped).
+
+    Parameters
+    ----------
+    run_dir : pathlib.Path
+        The run directory (config.toml, metrics.jsonl, ledger.sqlite).
+    baseline_dir : pathlib.Path, optional
+        A non-private run of the same task, for utility comparison.
+    max_curve_points : int
+        Rounds at which the epsilon-vs-round curves are recomputed from the ledger.
+
+    Returns
+    -------
+    dict
+        The JSON summary as written to ``summary.json`` (see module docstring).
+
+    Raises
+    ------
+    ReportError
+        If the run directory (or baseline directory) is missing or unreadable, or
+        a DP run has no recorded delta.
+    """
+    from dp.report import plots, render
+
+    run_dir = Path(run_dir)
+    data = read_run(run_dir)
+    baseline = read_run(Path(baseline_dir)) if baseline_dir is not None else None
+    summary = compute_summary(data, baseline, max_curve_points)
+    out_dir = run_dir / "report"
+    out_dir.mkdir(exist_ok=True)
+    images = plots.make_plots(summary, data, out_dir)
+    js = json_summary(summary)
+    js["plots"] = {k: p.name for k, p in images.items()}
+    (out_dir / "report.md").write_text(render.markdown(summary, images), encoding="utf-8")
+    (out_dir / "report.html").write_text(render.html(summary, images), encoding="utf-8")
+    tmp = out_dir / "summary.json.tmp"
+    tmp.write_text(json.dumps(js, indent=2, allow_nan=False), encoding="utf-8")
+    tmp.replace(out_dir / "summary.json")
+    return js

@@ -1,0 +1,138 @@
+"""PNG plots of the privacy budget report (matplotlib, headless Agg backend)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg", force=False)
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+UNIT_LABEL = {"example": "example level (one utterance)", "device": "device level (all of a device's data)"}
+COLORS = {"example": "#1f77b4", "device": "#d62728"}
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _units(summary: dict[str, Any]) -> list[str]:
+    return [u for u in ("example", "device")
+            if summary["dp"] and summary["epsilon"].get(u) and summary["epsilon"][u].get("per_device") is not None]
+
+
+def epsilon_vs_round(summary: dict[str, Any], path: Path) -> Path | None:
+    """Max and median epsilon over devices after each (sampled) round, per unit."""
+    units = [u for u in _units(summary) if summary["curves"].get(u)]
+    if not units:
+        return None
+    fig, axes = plt.subplots(1, len(units), figsize=(5.2 * len(units), 3.6), squeeze=False)
+    for ax, unit in zip(axes[0], units):
+        pts = [p for p in summary["curves"][unit] if math.isfinite(p["max"])]
+        rounds = [p["round"] for p in pts]
+        ax.plot(rounds, [p["max"] for p in pts], "o-", color=COLORS[unit], label="max over devices")
+        ax.plot(rounds, [p["median"] for p in pts], "s--", color=COLORS[unit], alpha=0.6,
+                label="median (devices with events)")
+        for level, name in ((1.0, "1 (strong)"), (10.0, "10 (weak above)")):
+            top = max([p["max"] for p in pts] or [0.0])
+            if top >= level * 0.5:
+                ax.axhline(level, color="grey", lw=0.8, ls=":")
+                ax.text(rounds[0] if rounds else 0, level, f" eps={name}", va="bottom", fontsize=7, color="grey")
+        ax.set_xlabel("round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel(f"epsilon at delta={summary['delta']:g}")
+        ax.set_title(UNIT_LABEL[unit], fontsize=10)
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def epsilon_vs_activity(summary: dict[str, Any], data, path: Path) -> Path | None:
+    """Each device's epsilon against its starting activity (examples held)."""
+    units = _units(summary)
+    if not units or not data.devices:
+        return None
+    fig, axes = plt.subplots(1, len(units), figsize=(5.2 * len(units), 3.6), squeeze=False)
+    for ax, unit in zip(axes[0], units):
+        per = summary["epsilon"][unit]["per_device"]
+        xs, ys = [], []
+        for d, info in data.devices.items():
+            e = per.get(d, 0.0)
+            if math.isfinite(e):
+                xs.append(info["activity"] or 0)
+                ys.append(e)
+        ax.scatter(xs, ys, s=14, alpha=0.7, color=COLORS[unit])
+        ax.set_xlabel("device activity a_k (training examples at start)")
+        ax.set_ylabel(f"epsilon at delta={summary['delta']:g}")
+        ax.set_title(UNIT_LABEL[unit], fontsize=10)
+        if xs and max(xs) > 0 and min(x for x in xs if x > 0) * 50 < max(xs):
+            ax.set_xscale("symlog", linthresh=1)
+        ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def epsilon_histogram(summary: dict[str, Any], path: Path) -> Path | None:
+    """Distribution of per-device epsilon (devices with events) per unit."""
+    units = _units(summary)
+    if not units:
+        return None
+    fig, axes = plt.subplots(1, len(units), figsize=(5.2 * len(units), 3.2), squeeze=False)
+    for ax, unit in zip(axes[0], units):
+        vals = [e for e in summary["epsilon"][unit]["per_device"].values() if math.isfinite(e)]
+        if vals:
+            ax.hist(vals, bins=min(30, max(5, len(vals) // 3)), color=COLORS[unit], alpha=0.8)
+        ax.set_xlabel(f"epsilon at delta={summary['delta']:g}")
+        ax.set_ylabel("devices")
+        ax.set_title(UNIT_LABEL[unit], fontsize=10)
+        ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def accuracy_vs_round(summary: dict[str, Any], path: Path) -> Path | None:
+    """Accuracy and macro-F1 per round, with the non-private baseline when given."""
+    rows = [m for m in summary.get("metrics", []) if m.get("accuracy") is not None or m.get("macro_f1") is not None]
+    base = (summary.get("baseline") or {}).get("metrics") or []
+    base = [m for m in base if m.get("accuracy") is not None or m.get("macro_f1") is not None]
+    if not rows and not base:
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    for key, style in (("accuracy", "o-"), ("macro_f1", "s-")):
+        pts = [(m["round"], m[key]) for m in rows if m.get(key) is not None]
+        if pts:
+            ax.plot(*zip(*pts), style, label=f"{key} (this run)")
+        bpts = [(m["round"], m[key]) for m in base if m.get(key) is not None]
+        if bpts:
+            ax.plot(*zip(*bpts), style.replace("-", "--"), alpha=0.6, label=f"{key} (non-private baseline)")
+    ax.set_xlabel("round")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel("test metric")
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def make_plots(summary: dict[str, Any], data, out_dir: Path) -> dict[str, Path]:
+    """Write the report's PNGs into ``out_dir``; returns name -> path of those written."""
+    out: dict[str, Path] = {}
+    for name, fn in (
+        ("epsilon_vs_round", lambda p: epsilon_vs_round(summary, p)),
+        ("epsilon_vs_activity", lambda p: epsilon_vs_activity(summary, data, p)),
+        ("epsilon_distribution", lambda p: epsilon_histogram(summary, p)),
+        ("accuracy_vs_round", lambda p: accuracy_vs_round(summary, p)),
+    ):
+        path = fn(out_dir / f"{name}.png")
+        if path is not None:
+            out[name] = path
+        else:
+            stale = out_dir / f"{name}.png"
+            if stale.exists():
+                stale.unlink()
+    return out

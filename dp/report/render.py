@@ -1,0 +1,356 @@
+"""Render the privacy budget report as Markdown and as self-contained HTML.
+
+The text is built once as a list of blocks and written in both formats, so the two say
+the same thing. The HTML has inline CSS and the plots embedded as base64 PNG: it opens
+in a browser with no other file and no network.
+"""
+
+from __future__ import annotations
+
+import base64
+import html as _html
+import math
+from pathlib import Path
+from typing import Any
+
+Block = tuple  # ("h", level, text) | ("p", text) | ("ul", [text]) | ("table", header, rows) | ("img", name, caption)
+
+TIER_WORDS = {
+    "strong": "strong (epsilon <= 1)",
+    "reasonable": "reasonable (1 < epsilon <= 10)",
+    "weak": "weak (epsilon > 10)",
+    "none": "no guarantee",
+}
+
+
+def fmt(x: Any, digits: int = 4) -> str:
+    """Human number: inf as the infinity sign, None as n/a."""
+    if x is None:
+        return "n/a"
+    if isinstance(x, bool):
+        return "yes" if x else "no"
+    if isinstance(x, float):
+        if math.isinf(x):
+            return "∞ (infinity)"
+        if x != 0 and (abs(x) < 1e-3 or abs(x) >= 1e5):
+            return f"{x:.3g}"
+        return f"{x:.{digits}g}"
+    return str(x)
+
+
+def _range(r: dict | None) -> str:
+    if not r:
+        return "n/a"
+    if r["min"] == r["max"]:
+        return fmt(r["min"])
+    return f"{fmt(r['min'])} to {fmt(r['max'])} (median {fmt(r['median'])})"
+
+
+def _param(cfg: dict, key: str) -> str:
+    return fmt(cfg.get(key)) if key in cfg else "not recorded"
+
+
+def blocks(summary: dict[str, Any], images: dict[str, Path]) -> list[Block]:
+    """The report's content, format-independent."""
+    cfg = summary.get("config") or {}
+    delta = summary["delta"]
+    acc = summary["accountant"]
+    eps = summary["epsilon"]
+    out: list[Block] = []
+    title = f"Privacy budget report: run {summary['run_id']}"
+    out.append(("h", 1, title))
+    state = (
+        f"Finished: {summary['rounds_completed']} of {fmt(summary['rounds_planned'])} rounds."
+        if summary["status"] == "finished"
+        else f"Run still in progress (or stopped early): {summary['rounds_completed']} round(s) committed "
+        f"of {fmt(summary['rounds_planned'])} planned. Numbers cover the committed rounds only."
+    )
+    out.append(("p", state))
+
+    # ---------------------------------------------------------------- headline
+    out.append(("h", 2, "Summary"))
+    if not summary["dp"]:
+        out.append(("p", "THIS RUN IS NOT PRIVATE (dp = false). No noise was added and no differential "
+                         "privacy guarantee holds: epsilon = infinity for every example and every device. "
+                         "The accuracy below is what training without privacy achieves."))
+    else:
+        ex = eps.get("example") or {}
+        dv = eps.get("device")
+        items = [
+            f"Example level (one utterance): epsilon = {fmt(ex.get('max'))} at delta = {fmt(delta)} "
+            f"(maximum over devices; median {fmt(ex.get('median'))}). Strength: {TIER_WORDS[ex.get('tier', 'none')]}.",
+        ]
+        if dv:
+            items.append(
+                f"Device level (all of one device's data): epsilon = {fmt(dv.get('max'))} at delta = {fmt(delta)} "
+                f"(maximum over devices; median {fmt(dv.get('median'))}). Strength: {TIER_WORDS[dv.get('tier', 'none')]}."
+            )
+        else:
+            items.append("Device level: NOT protected. Device-level DP was off, so there is no guarantee "
+                         "for a device's data as a whole (epsilon = infinity at device level); the server "
+                         "sees each device's individual update.")
+        items.append(f"Accountant: {acc.upper()} ({'privacy loss distributions, tight' if acc == 'pld' else 'Renyi DP, an upper bound'}); "
+                     "adjacency: add or remove one unit; sampling: Poisson.")
+        items.append(f"Devices removed from selection because of their budget: {summary['devices_over_budget']}.")
+        items.append(f"Final accuracy {fmt(summary['final_accuracy'])}, macro-F1 {fmt(summary['final_macro_f1'])}"
+                     + (f" (non-private baseline: {fmt(summary['baseline']['final_accuracy'])}, "
+                        f"{fmt(summary['baseline']['final_macro_f1'])})" if summary.get("baseline") else "") + ".")
+        out.append(("ul", items))
+    for w in summary.get("warnings", []):
+        out.append(("p", f"Note: {w}"))
+
+    # ---------------------------------------------------------------- setting
+    out.append(("h", 2, "Setting and threat model"))
+    if summary["dp"]:
+        trust = [
+            "Example-level noise is added on the device: each device trains with DP-SGD (per-example "
+            "clipping to C, Gaussian noise of standard deviation sigma * C added to the summed clipped "
+            "gradients of each Poisson-sampled batch). The update that leaves the device is already private "
+            "for each of its examples.",
+        ]
+        if summary.get("device_dp"):
+            trust.append(
+                "Device-level noise is added on the server: each device's update is clipped to norm S and "
+                "Gaussian noise of standard deviation sigma_u * S is added to the sum. The server is trusted to "
+                "add this noise: it sees the individual (example-level-private) updates before aggregation.")
+        else:
+            trust.append("No device-level noise: the server sees each device's individual update, which is "
+                         "protected only at example level.")
+        trust.append("The server also sees activity counts (how many examples each device holds); these are "
+                     "metadata outside the guarantee.")
+        trust.append("Everything released is covered: each round's global model is a function of the noisy "
+                     "aggregates up to that round, and epsilon composes every round, so all rounds' models "
+                     "(not only the last) are covered.")
+        out.append(("ul", trust))
+    else:
+        out.append(("p", "No differential privacy: updates are neither clipped nor noised for privacy, and the "
+                         "server sees each device's update."))
+
+    out.append(("h", 3, "Privacy units and adjacency"))
+    if not summary["dp"]:
+        out.append(("p", "For reference only: the units a private run would protect. This run protects neither."))
+    out.append(("ul", [
+        "Example level: the unit is one example (one utterance). Two datasets are neighbours if one is the "
+        "other with one example added or removed. An example lives on one device, so the run's example-level "
+        "epsilon is the maximum over devices of each device's own composition.",
+        "Device level: the unit is one device with all of its data (add or remove one device). With Poisson "
+        "selection each device's guarantee depends on its own inclusion probability q_k, so each device is "
+        "accounted individually.",
+    ]))
+
+    if summary["dp"]:
+        out.append(("h", 3, "Accountant and delta"))
+        dvu = summary.get("delta_vs_units") or {}
+        n_ex, n_dev = summary.get("num_examples"), summary.get("num_devices")
+        dl = [
+            f"Accountant: {acc} ({'dp-accounting privacy loss distributions with pessimistic discretisation: an upper bound on epsilon (Koskela et al. 2020; Google dp-accounting)' if acc == 'pld' else 'dp-accounting Renyi DP (Mironov 2017) converted to (epsilon, delta) following Balle et al. 2020'}). "
+            "It assumes Poisson sampling: each unit is included in each step independently with probability q "
+            "(example level: local batches; device level: cohort selection). Every epsilon in this report was "
+            "recomputed from the ledger's privacy events.",
+            f"delta = {fmt(delta)}, the probability with which the epsilon bound may fail. It must be far below "
+            "1/N, since a mechanism that publishes one random unit's data outright is (0, 1/N)-DP.",
+        ]
+        if dvu.get("one_over_examples"):
+            dl.append(f"Example level: N = {n_ex} training examples, 1/N = {fmt(dvu['one_over_examples'])}; "
+                      f"delta is {fmt(dvu['one_over_examples'] / delta, 3)} times smaller."
+                      + ("" if delta * 10 <= dvu["one_over_examples"] else " WARNING: delta is not far below 1/N."))
+        if dvu.get("one_over_devices") and summary.get("device_dp"):
+            dl.append(f"Device level: N = {n_dev} devices, 1/N = {fmt(dvu['one_over_devices'])}; "
+                      f"delta is {fmt(dvu['one_over_devices'] / delta, 3)} times smaller."
+                      + ("" if delta * 10 <= dvu["one_over_devices"] else " WARNING: delta is not far below 1/N."))
+        out.append(("ul", dl))
+
+    # ---------------------------------------------------------------- mechanism
+    out.append(("h", 3, "Mechanism parameters"))
+    rows = [
+        ["rounds (planned / committed)", f"{fmt(summary['rounds_planned'])} / {summary['rounds_completed']}"],
+        ["expected cohort size", _param(cfg, "cohort_size")],
+        ["devices", fmt(summary.get("num_devices"))],
+        ["local epochs", _param(cfg, "local_epochs")],
+        ["expected local batch size", _param(cfg, "batch_size")],
+    ]
+    if summary["dp"]:
+        rows += [
+            ["example level: noise multiplier sigma", _param(cfg, "noise_multiplier")],
+            ["example level: clipping norm C (max_grad_norm)", _param(cfg, "max_grad_norm")],
+        ]
+    else:
+        rows.append(["noise and clipping", "not applied (dp = false)"])
+    ex = eps.get("example") if summary["dp"] else None
+    if ex and ex.get("mechanism"):
+        m = ex["mechanism"]
+        rows += [
+            ["example level: sigma in the ledger", _range(m["noise_multiplier"])],
+            ["example level: sample rate q = batch / examples held", _range(m["sample_rate"])],
+            ["example level: local steps per round", _range(m["steps_per_event"])],
+            ["example level: total steps, most-trained device", fmt(m["total_steps_max_device"])],
+        ]
+    rows += [
+        ["device-level DP", fmt(bool(summary["dp"] and summary.get("device_dp")))],
+    ]
+    dv = eps.get("device") if summary["dp"] else None
+    if summary["dp"] and summary.get("device_dp"):
+        rows += [
+            ["device level: noise multiplier sigma_u", _param(cfg, "device_noise_multiplier")],
+            ["device level: update clip norm S", _param(cfg, "update_clip_norm")],
+        ]
+        if dv and dv.get("mechanism"):
+            rows.append(["device level: inclusion probability q_k per round", _range(dv["mechanism"]["sample_rate"])])
+    rows += [["strategy", _param(cfg, "strategy")], ["model", _param(cfg, "model")],
+             ["dataset", _param(cfg, "dataset") if "dataset" in cfg else _param(cfg, "data_dir")]]
+    out.append(("table", ["parameter", "value"], rows))
+
+    sel = summary["selection"]
+    out.append(("h", 3, "Selection"))
+    sel_text = [
+        f"Selection: {fmt(sel['mode'])}; q_k = min(1, c * a_k^alpha) with alpha = {fmt(sel['activity_exponent'])} "
+        f"and c = {fmt(sel['selection_constant'])}; expected cohort size {fmt(sel['expected_cohort_size'])}.",
+        "Selection used activity counts (the number of examples each device holds), which the server sees.",
+    ]
+    if summary["dp"]:
+        sel_text.append(
+            "Example-level accounting is conditioned on participation: each device composes the steps of the "
+            "rounds it actually joined, so the example-level guarantee does not cover the fact of being selected.")
+    if sel.get("calibration_note"):
+        sel_text.append(f"Calibration: {sel['calibration_note']}")
+    out.append(("ul", sel_text))
+
+    # ---------------------------------------------------------------- epsilon per unit
+    if summary["dp"]:
+        out.append(("h", 2, "Epsilon per privacy unit"))
+        header = ["unit", "max", "median", "p90", "min", "devices accounted", "strength", "ledger's cached max"]
+        trows = []
+        for unit in ("example", "device"):
+            st = eps.get(unit)
+            if not st:
+                trows.append([unit, "∞ (not protected)", "", "", "", "", "none", ""])
+                continue
+            trows.append([unit, fmt(st["max"]), fmt(st["median"]), fmt(st["p90"]), fmt(st["min"]),
+                          str(st["devices_accounted"]), TIER_WORDS[st["tier"]], fmt(st["ledger_max"])])
+        out.append(("table", header, trows))
+        out.append(("p", f"All epsilons are at delta = {fmt(delta)}. The median is over devices with at least "
+                         "one event of that unit; devices that never trained have epsilon 0 (median over all "
+                         "devices: " + ", ".join(
+                             f"{u} {fmt(eps[u]['median_all_devices'])}" for u in ("example", "device") if eps.get(u))
+                         + "). Strength tiers: <= 1 strong, <= 10 reasonable, > 10 weak."))
+        if "epsilon_vs_round" in images:
+            out.append(("img", "epsilon_vs_round", "Epsilon against round (max and median over devices), "
+                        "recomputed from the ledger by composing each device's events up to that round."))
+        if "epsilon_vs_activity" in images:
+            out.append(("img", "epsilon_vs_activity", "Each device's epsilon against its starting activity."))
+        if "epsilon_distribution" in images:
+            out.append(("img", "epsilon_distribution", "Distribution of per-device epsilon."))
+
+    # ---------------------------------------------------------------- budgets
+    out.append(("h", 2, "Budgets"))
+    b = summary.get("budget") or {}
+    if not summary["dp"]:
+        out.append(("p", "No privacy budget applies: the run is not private."))
+    elif b.get("epsilon_budget") is not None or b.get("device_epsilon_budget") is not None:
+        out.append(("p", f"Budget: example-level epsilon {fmt(b.get('epsilon_budget'))}, device-level epsilon "
+                         f"{fmt(b.get('device_epsilon_budget'))}, at delta = {fmt(delta)}."))
+    if not summary["dp"]:
+        pass
+    elif summary["budget_events"]:
+        out.append(("p", f"{summary['devices_over_budget']} device(s) were removed from selection because their "
+                         "next round would have exceeded their budget:"))
+        out.append(("table", ["device", "unit", "round", "epsilon then"],
+                    [[str(e["device_id"]), e["unit"], str(e["round"]), fmt(e["epsilon"])]
+                     for e in summary["budget_events"][:200]]))
+        if len(summary["budget_events"]) > 200:
+            out.append(("p", f"... and {len(summary['budget_events']) - 200} more (see summary.json)."))
+    else:
+        out.append(("p", "No device reached its budget."))
+
+    # ---------------------------------------------------------------- utility
+    out.append(("h", 2, "Utility beside privacy"))
+    base = summary.get("baseline")
+    if base:
+        da = (summary["final_accuracy"] - base["final_accuracy"]
+              if summary["final_accuracy"] is not None and base["final_accuracy"] is not None else None)
+        out.append(("p", f"Final accuracy {fmt(summary['final_accuracy'])} against {fmt(base['final_accuracy'])} "
+                         f"for the non-private baseline ({base['run_dir']}); difference {fmt(da)}. "
+                         f"Final macro-F1 {fmt(summary['final_macro_f1'])} against {fmt(base['final_macro_f1'])}."))
+    if "accuracy_vs_round" in images:
+        out.append(("img", "accuracy_vs_round", "Accuracy and macro-F1 against round."))
+    mrows = []
+    for m in summary.get("metrics", []):
+        mrows.append([str(m["round"]), fmt(m.get("cohort_size")), "yes" if m.get("skipped") else "",
+                      fmt(m.get("train_loss")), fmt(m.get("accuracy")), fmt(m.get("macro_f1")),
+                      fmt(m.get("epsilon_example_max")), fmt(m.get("epsilon_device_max"))])
+    if mrows:
+        out.append(("table", ["round", "cohort", "skipped", "train loss", "accuracy", "macro-F1",
+                              "example eps (server, max)", "device eps (server, max)"], mrows))
+    else:
+        out.append(("p", "No metrics recorded yet."))
+    out.append(("p", "Sources: Mironov 2017 (Renyi DP); Koskela, Jalko & Honkela 2020 and Google's dp-accounting "
+                     "(privacy loss distributions); Balle et al. 2020 (RDP to (epsilon, delta)); Abadi et al. 2016 "
+                     "(DP-SGD); McMahan et al. 2018 (DP-FedAvg)."))
+    return out
+
+
+# ------------------------------------------------------------------------- writers
+
+
+def markdown(summary: dict[str, Any], images: dict[str, Path]) -> str:
+    """Markdown text; plots are linked as sibling PNG files."""
+    lines: list[str] = []
+    for b in blocks(summary, images):
+        kind = b[0]
+        if kind == "h":
+            lines += ["#" * b[1] + " " + b[2], ""]
+        elif kind == "p":
+            lines += [b[1], ""]
+        elif kind == "ul":
+            lines += [f"- {item}" for item in b[1]] + [""]
+        elif kind == "table":
+            esc = [[c.replace("|", "\\|") for c in row] for row in b[2]]
+            lines.append("| " + " | ".join(b[1]) + " |")
+            lines.append("|" + "---|" * len(b[1]))
+            lines += ["| " + " | ".join(row) + " |" for row in esc]
+            lines.append("")
+        elif kind == "img":
+            lines += [f"![{b[2]}]({images[b[1]].name})", "", f"*{b[2]}*", ""]
+    return "\n".join(lines)
+
+
+CSS = """
+body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:980px;margin:2em auto;
+padding:0 1em;color:#222;line-height:1.45}
+h1{font-size:1.6em;border-bottom:2px solid #ddd;padding-bottom:.2em}h2{margin-top:1.6em;border-bottom:1px solid #eee}
+table{border-collapse:collapse;margin:.6em 0;font-size:.9em}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left}
+th{background:#f3f3f3}tr:nth-child(even) td{background:#fafafa}figure{margin:1em 0}img{max-width:100%}
+figcaption{font-size:.85em;color:#555}.note{background:#fff8e1;border-left:4px solid #f0ad4e;padding:.4em .8em}
+.alert{background:#fdecea;border-left:4px solid #d9534f;padding:.4em .8em;font-weight:bold}
+"""
+
+
+def html(summary: dict[str, Any], images: dict[str, Path]) -> str:
+    """Self-contained HTML: inline CSS, plots as base64 data URIs, no external references."""
+    e = _html.escape
+    parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+             f"<title>{e('Privacy budget report: ' + str(summary['run_id']))}</title>",
+             f"<style>{CSS}</style></head><body>"]
+    for b in blocks(summary, images):
+        kind = b[0]
+        if kind == "h":
+            parts.append(f"<h{b[1]}>{e(b[2])}</h{b[1]}>")
+        elif kind == "p":
+            cls = ""
+            if b[1].startswith("Note:"):
+                cls = ' class="note"'
+            elif b[1].startswith("THIS RUN IS NOT PRIVATE"):
+                cls = ' class="alert"'
+            parts.append(f"<p{cls}>{e(b[1])}</p>")
+        elif kind == "ul":
+            parts.append("<ul>" + "".join(f"<li>{e(i)}</li>" for i in b[1]) + "</ul>")
+        elif kind == "table":
+            head = "".join(f"<th>{e(h)}</th>" for h in b[1])
+            body = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in b[2])
+            parts.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+        elif kind == "img":
+            data = base64.b64encode(Path(images[b[1]]).read_bytes()).decode("ascii")
+            parts.append(f'<figure><img alt="{e(b[2])}" src="data:image/png;base64,{data}">'
+                         f"<figcaption>{e(b[2])}</figcaption></figure>")
+    parts.append("</body></html>")
+    return "\n".join(parts)

@@ -1,0 +1,239 @@
+"""The privacy budget report on small synthetic run directories."""
+
+import json
+import math
+import re
+import sqlite3
+import statistics
+from pathlib import Path
+
+import pytest
+
+from dp.accounting import SubsampledGaussianEvent, compute_epsilon
+from dp.report import ReportError, build_report
+
+DELTA = 1e-5
+SCHEMA = """
+CREATE TABLE runs(run_id TEXT PRIMARY KEY, created REAL, target_delta REAL, accountant TEXT,
+    selection_constant REAL, calibration_note TEXT);
+CREATE TABLE devices(run_id TEXT, device_id INTEGER, activity INTEGER, sample_rate REAL,
+    PRIMARY KEY(run_id, device_id));
+CREATE TABLE rounds(run_id TEXT, round INTEGER, completed REAL, cohort_size INTEGER,
+    PRIMARY KEY(run_id, round));
+CREATE TABLE privacy_events(id INTEGER PRIMARY KEY, run_id TEXT, round INTEGER, device_id INTEGER,
+    unit TEXT CHECK(unit IN ('example','device')), noise_multiplier REAL, sample_rate REAL,
+    steps INTEGER, max_grad_norm REAL);
+CREATE TABLE device_epsilon(run_id TEXT, device_id INTEGER, unit TEXT, round INTEGER, epsilon REAL,
+    target_delta REAL, PRIMARY KEY(run_id, device_id, unit));
+CREATE TABLE budget_events(run_id TEXT, device_id INTEGER, unit TEXT, round INTEGER, epsilon REAL);
+"""
+
+ACTIVITY = [10, 20, 40, 80, 0, 5]
+Q_DEVICE = [0.2, 0.3, 0.5, 0.8, 0.0, 0.1]  # q_k (device level), 0 for the device without data
+# round -> devices that trained
+COHORTS = {1: [0, 2, 3], 2: [1, 3], 3: [2, 3, 5], 4: [0, 3]}
+SIGMA, C, BATCH, SIGMA_U, S = 1.0, 1.0, 4, 2.0, 0.5
+
+
+def _example_event(d):
+    q = min(1.0, BATCH / ACTIVITY[d])
+    steps = max(1, round(ACTIVITY[d] / BATCH))
+    return (SIGMA, q, steps)
+
+
+def make_run(tmp_path: Path, *, dp=True, device_dp=True, rounds_done=4, rounds_planned=4,
+             half_line=True, run_id="synthetic-run", name="run", sigma_u=SIGMA_U) -> Path:
+    run = tmp_path / name
+    run.mkdir()
+    cfg = {
+        "run_id": run_id, "num_devices": len(ACTIVITY), "rounds": rounds_planned, "cohort_size": 2.0,
+        "selection": "activity", "activity_exponent": 1.0, "noise_multiplier": SIGMA,
+        "max_grad_norm": C, "batch_size": BATCH, "local_epochs": 1, "target_delta": DELTA,
+        "accountant": "pld", "device_dp": device_dp, "device_noise_multiplier": SIGMA_U,
+        "update_clip_norm": S, "dp": dp, "dataset": "banking77", "model": "minilm", "strategy": "fedavg",
+        "epsilon_budget": 8.0,
+    }
+    lines = []
+    for k, v in cfg.items():
+        lines.append(f"{k} = {json.dumps(v) if not isinstance(v, bool) else str(v).lower()}")
+    (run / "config.toml").write_text("\n".join(lines) + "\n")
+
+    conn = sqlite3.connect(run / "ledger.sqlite")
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.executescript(SCHEMA)
+    conn.execute("INSERT INTO runs VALUES (?,?,?,?,?,?)",
+                 (run_id, 0.0, DELTA, "pld", 0.01, "c calibrated once from starting activities"))
+    conn.executemany("INSERT INTO devices VALUES (?,?,?,?)",
+                     [(run_id, d, a, q) for d, (a, q) in enumerate(zip(ACTIVITY, Q_DEVICE))])
+    metrics = []
+    for t in range(1, rounds_done + 1):
+        cohort = COHORTS[t]
+        if dp:
+            for d in cohort:
+                s, q, n = _example_event(d)
+                conn.execute("INSERT INTO privacy_events(run_id, round, device_id, unit, noise_multiplier,"
+                             " sample_rate, steps, max_grad_norm) VALUES (?,?,?,?,?,?,?,?)",
+                             (run_id, t, d, "example", s, q, n, C))
+            if device_dp:
+                for d, q in enumerate(Q_DEVICE):
+                    if q > 0:
+                        conn.execute("INSERT INTO privacy_events(run_id, round, device_id, unit, noise_multiplier,"
+                                     " sample_rate, steps, max_grad_norm) VALUES (?,?,?,?,?,?,?,?)",
+                                     (run_id, t, d, "device", sigma_u, q, 1, S))
+            # The server's cached "epsilon so far" (deliberately rough: the report recomputes).
+            for d in cohort:
+                conn.execute("INSERT OR REPLACE INTO device_epsilon VALUES (?,?,?,?,?,?)",
+                             (run_id, d, "example", t, 1.0, DELTA))
+        conn.execute("INSERT INTO rounds VALUES (?,?,?,?)", (run_id, t, float(t), len(cohort)))
+        metrics.append({"round": t, "cohort_size": len(cohort), "skipped": False, "train_loss": 2.0 / t,
+                        "accuracy": 0.2 * t, "macro_f1": 0.15 * t, "epsilon_example_max": 1.0,
+                        "epsilon_device_max": 1.0 if device_dp else None, "seconds": 1.5})
+    if dp and rounds_done >= 3:
+        conn.execute("INSERT INTO budget_events VALUES (?,?,?,?,?)", (run_id, 3, "example", 3, 7.5))
+    conn.commit()
+    conn.close()
+    text = "".join(json.dumps(m) + "\n" for m in metrics)
+    if half_line:
+        text += '{"round": 5, "cohort_size": 2, "skipp'
+    (run / "metrics.jsonl").write_text(text)
+    return run
+
+
+def _hand_epsilons(unit, rounds_done=4):
+    hist = {}
+    for t in range(1, rounds_done + 1):
+        if unit == "example":
+            for d in COHORTS[t]:
+                hist.setdefault(d, []).append(SubsampledGaussianEvent(*_example_event(d)))
+        else:
+            for d, q in enumerate(Q_DEVICE):
+                if q > 0:
+                    hist.setdefault(d, []).append(SubsampledGaussianEvent(SIGMA_U, q, 1))
+    return {d: compute_epsilon(ev, DELTA, "pld") for d, ev in hist.items()}
+
+
+def _assert_self_contained(html: str):
+    assert "<style>" in html
+    for attr in re.findall(r'(?:src|href)\s*=\s*"([^"]*)"', html, flags=re.I):
+        assert attr.startswith("data:") or attr.startswith("#"), attr
+    assert "<link" not in html.lower()
+    assert "<script src" not in html.lower()
+    assert "url(" not in html.lower()
+
+
+def test_report_on_finished_run(tmp_path):
+    run = make_run(tmp_path)
+    summary = build_report(run)
+    out = run / "report"
+    for name in ("report.md", "report.html", "summary.json", "epsilon_vs_round.png",
+                 "epsilon_vs_activity.png", "accuracy_vs_round.png"):
+        assert (out / name).exists() and (out / name).stat().st_size > 0, name
+    on_disk = json.loads((out / "summary.json").read_text())
+    assert on_disk["epsilon"]["example"]["max"] == summary["epsilon"]["example"]["max"]
+
+    ex = _hand_epsilons("example")
+    dv = _hand_epsilons("device")
+    assert on_disk["delta"] == DELTA
+    assert on_disk["accountant"] == "pld"
+    assert on_disk["epsilon"]["example"]["max"] == pytest.approx(max(ex.values()), rel=1e-9)
+    assert on_disk["epsilon"]["example"]["median"] == pytest.approx(statistics.median(ex.values()), rel=1e-9)
+    assert on_disk["epsilon"]["example"]["devices_accounted"] == len(ex) == 5
+    assert on_disk["epsilon"]["device"]["max"] == pytest.approx(max(dv.values()), rel=1e-9)
+    assert on_disk["epsilon"]["device"]["median"] == pytest.approx(statistics.median(dv.values()), rel=1e-9)
+    assert on_disk["devices_over_budget"] == 1
+    assert on_disk["final_accuracy"] == pytest.approx(0.8)
+    assert on_disk["final_macro_f1"] == pytest.approx(0.6)
+    assert on_disk["status"] == "finished"
+    assert on_disk["metrics_lines_skipped"] == 1
+    # Curves: last point equals the final value; the curve never decreases.
+    curve = on_disk["curves"]["example"]
+    assert curve[-1]["round"] == 4
+    assert curve[-1]["max"] == pytest.approx(max(ex.values()))
+    assert all(a["max"] <= b["max"] + 1e-12 for a, b in zip(curve, curve[1:]))
+    # Round 2 point recomputed by hand.
+    r2 = {}
+    for t in (1, 2):
+        for d in COHORTS[t]:
+            r2.setdefault(d, []).append(SubsampledGaussianEvent(*_example_event(d)))
+    # Intermediate points use a coarser (still pessimistic) PLD grid: an upper bound, close.
+    exact_r2 = max(compute_epsilon(v, DELTA) for v in r2.values())
+    assert curve[1]["max"] == pytest.approx(exact_r2, rel=0.01)
+    tier = on_disk["epsilon"]["example"]["tier"]
+    assert tier in ("strong", "reasonable", "weak")
+
+    md = (out / "report.md").read_text()
+    for phrase in ("add or remove one", "Poisson", "delta", "on the device", "on the server",
+                   "activity counts", "conditioned on participation", "all rounds", "one utterance",
+                   "all of one device's data", "1/N"):
+        assert phrase.lower() in md.lower(), phrase
+    html = (out / "report.html").read_text()
+    _assert_self_contained(html)
+    assert html.count("data:image/png;base64,") >= 3
+
+
+def test_report_on_running_run_with_open_writer(tmp_path):
+    run = make_run(tmp_path, rounds_done=2, rounds_planned=10)
+    writer = sqlite3.connect(run / "ledger.sqlite", isolation_level=None)
+    writer.execute("BEGIN IMMEDIATE")  # the server in the middle of writing round 3
+    writer.execute("INSERT INTO rounds VALUES ('synthetic-run', 3, 3.0, 2)")
+    try:
+        summary = build_report(run)
+    finally:
+        writer.execute("ROLLBACK")
+        writer.close()
+    assert summary["status"] == "running"
+    assert summary["rounds_completed"] == 2
+    ex = _hand_epsilons("example", rounds_done=2)
+    assert summary["epsilon"]["example"]["max"] == pytest.approx(max(ex.values()))
+    assert "in progress" in (run / "report" / "report.md").read_text()
+
+
+def test_non_private_run_says_no_guarantee(tmp_path):
+    run = make_run(tmp_path, dp=False, device_dp=False)
+    summary = build_report(run)
+    assert summary["dp"] is False
+    assert summary["epsilon"]["example"]["max"] == "inf"
+    assert summary["epsilon"]["device"] is None
+    assert math.isinf(float(summary["epsilon"]["example"]["max"]))
+    md = (run / "report" / "report.md").read_text()
+    assert "NOT PRIVATE" in md and "no differential privacy guarantee" in md and "infinity" in md
+    assert not (run / "report" / "epsilon_vs_round.png").exists()
+    _assert_self_contained((run / "report" / "report.html").read_text())
+
+
+def test_device_dp_off_and_baseline(tmp_path):
+    run = make_run(tmp_path, device_dp=False)
+    base = make_run(tmp_path, dp=False, device_dp=False, name="baseline", run_id="base", half_line=False)
+    summary = build_report(run, base)
+    assert summary["epsilon"]["device"] is None
+    assert summary["baseline"]["final_accuracy"] == pytest.approx(0.8)
+    md = (run / "report" / "report.md").read_text()
+    assert "Device level: NOT protected" in md
+    assert "non-private baseline" in md
+
+
+def test_missing_run_dir_raises(tmp_path):
+    with pytest.raises(ReportError, match="does not exist"):
+        build_report(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ReportError, match="not a run directory"):
+        build_report(tmp_path / "empty")
+
+
+def test_run_without_ledger_yet(tmp_path):
+    run = tmp_path / "fresh"
+    run.mkdir()
+    (run / "config.toml").write_text('run_id = "fresh"\nrounds = 3\ntarget_delta = 1e-5\ndp = true\n')
+    summary = build_report(run)
+    assert summary["epsilon"]["example"]["max"] == 0.0
+    assert summary["status"] == "running"
+
+
+def test_noiseless_device_level_is_infinite(tmp_path):
+    run = make_run(tmp_path, sigma_u=0.0)
+    summary = build_report(run)
+    assert summary["epsilon"]["device"]["max"] == "inf"
+    assert summary["epsilon"]["device"]["tier"] == "weak"
+    assert math.isfinite(summary["epsilon"]["example"]["max"])
+    json.loads((run / "report" / "summary.json").read_text())  # strict JSON (no Infinity)
+    assert "∞" in (run / "report" / "report.md").read_text()
