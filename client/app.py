@@ -1,0 +1,152 @@
+"""The ClientApp: one simulated device's training and its privacy state across rounds.
+
+A device is a Flower node; its device id is the node's ``partition-id``. Each Ray actor
+process keeps one model instance and the tokenised data of the devices it served (built
+once, reused across tasks); every task loads the global weights into that instance.
+
+Per-device privacy state lives in the node's ``context.state`` (a ConfigRecord
+``"privacy"`` holding the DP-SGD events of every round this device trained), so the
+device's accountant composes over every round it joined; the reply carries the new event
+and the device's epsilon so far. Replies carry only arrays, counts, metrics and privacy
+events: no text or token ids.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from functools import lru_cache
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client.train import LocalTrainConfig, train_local
+from dp.accounting import SubsampledGaussianEvent, compute_epsilon
+from dpfl.config import RunConfig
+from nlu.data import Encoded, encode
+from nlu.model import build_model, load_tokenizer
+from partitions.population import population_for_key, population_key
+
+app = ClientApp()
+logging.getLogger("opacus").setLevel(logging.ERROR)
+
+
+def run_config_from(record: ConfigRecord) -> RunConfig:
+    """The RunConfig the server sent with the message."""
+    return RunConfig.from_mapping(dict(record))
+
+
+@lru_cache(maxsize=1)
+def _model(name: str, num_labels: int, seed: int, threads: int):
+    torch.set_num_threads(threads)
+    return build_model(name, num_labels, seed=seed)
+
+
+@lru_cache(maxsize=256)
+def _device_data(pop_key: tuple, device_id: int, model_name: str, max_length: int) -> Encoded:
+    pop = population_for_key(pop_key)
+    sub = pop.data.train.select(pop.devices[device_id])
+    return encode(sub["text"], sub["label"], load_tokenizer(model_name), max_length)
+
+
+def device_examples(cfg: RunConfig, device_id: int) -> Encoded:
+    """The tokenised training examples of ``device_id`` (cached per process)."""
+    return _device_data(population_key(cfg), device_id, cfg.model, cfg.max_length)
+
+
+def _ray_node_id() -> str:
+    """The Ray node this task runs on ("" outside Ray)."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+    except Exception:  # pragma: no cover - Ray absent or not in a worker
+        return ""
+
+
+def device_id_of(context: Context) -> int:
+    """This node's device id (``partition-id`` in its node config)."""
+    return int(context.node_config["partition-id"])
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Report which device this node is (used once at the start to map node ids to devices)."""
+    return Message(
+        RecordDict({"device": MetricRecord({"device-id": device_id_of(context)})}),
+        reply_to=msg,
+    )
+
+
+def _privacy_history(context: Context) -> ConfigRecord:
+    if "privacy" not in context.state:
+        context.state["privacy"] = ConfigRecord(
+            {"noise_multiplier": [], "sample_rate": [], "steps": [], "round": []}
+        )
+    return context.state["privacy"]
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Train the global model on this device's examples with DP-SGD (or plainly with --no-dp)."""
+    t0 = time.perf_counter()
+    cfg = run_config_from(msg.content["run"])
+    round_cfg = msg.content["config"]
+    device_id = device_id_of(context)
+    data = device_examples(cfg, device_id)
+    num_labels = int(round_cfg["num-labels"])
+    threads = max(1, int(cfg.client_cpus))
+    model = _model(cfg.model, num_labels, cfg.seed, threads)
+    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    local = LocalTrainConfig(
+        dp=cfg.dp,
+        dp_engine=cfg.dp_engine,
+        noise_multiplier=cfg.noise_multiplier,
+        max_grad_norm=cfg.max_grad_norm,
+        batch_size=cfg.batch_size,
+        physical_batch_size=cfg.physical_batch_size,
+        local_epochs=cfg.local_epochs,
+        optimizer=cfg.optimizer,
+        learning_rate=cfg.learning_rate,
+        proximal_mu=float(round_cfg.get("proximal-mu", 0.0)),
+    )
+    server_round = int(round_cfg["server-round"])
+    result = train_local(model, data, local, seed=hash((cfg.seed, server_round, device_id)) & 0x7FFFFFFF)
+
+    epsilon = 0.0
+    privacy = ConfigRecord({"device-id": device_id, "round": server_round})
+    if cfg.dp:
+        hist = _privacy_history(context)
+        for k, v in (
+            ("noise_multiplier", cfg.noise_multiplier),
+            ("sample_rate", result.sample_rate),
+            ("steps", result.steps),
+            ("round", server_round),
+        ):
+            hist[k] = list(hist[k]) + [v]
+        events = [
+            SubsampledGaussianEvent(float(s), float(q), int(n))
+            for s, q, n in zip(hist["noise_multiplier"], hist["sample_rate"], hist["steps"])
+        ]
+        epsilon = compute_epsilon(events, float(round_cfg["target-delta"]), cfg.accountant)
+        privacy["noise_multiplier"] = cfg.noise_multiplier
+        privacy["sample_rate"] = result.sample_rate
+        privacy["steps"] = result.steps
+        privacy["max_grad_norm"] = cfg.max_grad_norm
+    metrics = MetricRecord(
+        {
+            "num-examples": result.num_examples,
+            "train_loss": result.train_loss,
+            "epsilon": float(epsilon),
+            "train_seconds": result.seconds,
+            "task_seconds": time.perf_counter() - t0,
+            "pid": os.getpid(),
+        }
+    )
+    info = ConfigRecord({"ray-node": _ray_node_id(), "device-id": device_id})
+    content = RecordDict(
+        {"arrays": ArrayRecord(model.state_dict()), "metrics": metrics, "privacy": privacy, "info": info}
+    )
+    return Message(content, reply_to=msg)

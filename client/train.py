@@ -1,0 +1,145 @@
+"""A device's local training: DP-SGD with Poisson-sampled batches, or plain minibatch training.
+
+No Flower here: the ClientApp (client/app.py) calls :func:`train_local` with the device's
+encoded examples and the global model loaded into ``model``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from dp.engines import make_engine
+from dp.sampling import poisson_batches, sample_rate_for, steps_for
+from nlu.data import Encoded, collate, per_example_loss
+
+
+@dataclass(frozen=True)
+class LocalTrainConfig:
+    """Settings of one device's local training (see dpfl.config.RunConfig for meanings)."""
+
+    dp: bool
+    dp_engine: str
+    noise_multiplier: float
+    max_grad_norm: float
+    batch_size: int
+    physical_batch_size: int
+    local_epochs: int
+    optimizer: str
+    learning_rate: float
+    proximal_mu: float = 0.0
+
+
+@dataclass(frozen=True)
+class LocalResult:
+    """What local training did.
+
+    ``sample_rate`` and ``steps`` describe the DP-SGD mechanism (Poisson rate q = B/n and the
+    number of noisy steps); both are 0 for a non-private run.
+    """
+
+    num_examples: int
+    steps: int
+    sample_rate: float
+    train_loss: float
+    seconds: float
+
+
+def _optimizer(cfg: LocalTrainConfig, params) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.learning_rate)
+    return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
+
+
+def _add_proximal_grad(model: nn.Module, start: list[torch.Tensor], mu: float) -> None:
+    """Add mu * (w - w_global) to each gradient (FedProx, Li et al. 2020, Eq. 2).
+
+    The proximal term does not depend on the data, so adding it after the DP noise costs no privacy.
+    """
+    for p, p0 in zip((p for p in model.parameters() if p.requires_grad), start):
+        if p.grad is not None:
+            p.grad.add_(p.detach() - p0, alpha=mu)
+
+
+def train_local(model: nn.Module, data: Encoded, cfg: LocalTrainConfig, seed: int) -> LocalResult:
+    """Train ``model`` in place on one device's examples.
+
+    With ``cfg.dp``: ``steps = ceil(E * n / B)`` DP-SGD steps, each on a Poisson batch
+    (rate q = B / n), each example's gradient over all trainable parameters clipped to
+    ``max_grad_norm``, Gaussian noise of std ``noise_multiplier * max_grad_norm`` added to the
+    sum, divided by the expected batch size q * n (Abadi et al. 2016, Algorithm 1), processed in
+    physical micro-batches of at most ``physical_batch_size`` examples.
+    Without: ``E`` epochs of shuffled minibatches of ``batch_size`` with the mean loss.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Sequence classifier, trainable parameters as they should train.
+    data : nlu.data.Encoded
+        The device's examples (n = len(data) >= 1).
+    cfg : LocalTrainConfig
+    seed : int
+        Seeds batch sampling and the DP noise.
+
+    Returns
+    -------
+    LocalResult
+    """
+    t0 = time.perf_counter()
+    n = len(data)
+    rng = np.random.default_rng(seed)
+    gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = _optimizer(cfg, params)
+    start = [p.detach().clone() for p in params] if cfg.proximal_mu > 0 else []
+    model.train()
+    losses_sum, losses_n = 0.0, 0
+
+    if not cfg.dp:
+        steps = 0
+        for _ in range(cfg.local_epochs):
+            order = rng.permutation(n)
+            for s in range(0, n, cfg.batch_size):
+                batch = collate(data, order[s : s + cfg.batch_size])
+                loss = per_example_loss(model, batch)
+                opt.zero_grad(set_to_none=True)
+                loss.mean().backward()
+                if start:
+                    _add_proximal_grad(model, start, cfg.proximal_mu)
+                opt.step()
+                losses_sum += float(loss.detach().sum())
+                losses_n += len(loss)
+                steps += 1
+        return LocalResult(n, 0, 0.0, losses_sum / max(losses_n, 1), time.perf_counter() - t0)
+
+    q = sample_rate_for(n, cfg.batch_size)
+    steps = steps_for(n, cfg.batch_size, cfg.local_epochs)
+    engine = make_engine(
+        cfg.dp_engine,
+        model,
+        noise_multiplier=cfg.noise_multiplier,
+        max_grad_norm=cfg.max_grad_norm,
+        expected_batch_size=q * n,
+        generator=gen,
+    )
+    try:
+        for idx in poisson_batches(n, q, steps, rng):
+            opt.zero_grad(set_to_none=True)
+            for s in range(0, len(idx), cfg.physical_batch_size):
+                batch = collate(data, idx[s : s + cfg.physical_batch_size])
+                loss = per_example_loss(model, batch)
+                engine.accumulate(loss)
+                losses_sum += float(loss.detach().sum())
+                losses_n += len(loss)
+            engine.finalize()
+            if start:
+                _add_proximal_grad(model, start, cfg.proximal_mu)
+            opt.step()
+    finally:
+        engine.detach()
+        opt.zero_grad(set_to_none=True)
+    return LocalResult(n, steps, q, losses_sum / max(losses_n, 1), time.perf_counter() - t0)

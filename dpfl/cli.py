@@ -1,0 +1,211 @@
+"""The ``dpfl`` command: ``simulate`` (the main job) and ``report``.
+
+Bad input (settings, data files, model paths, run directories) ends with one line
+``dpfl: error: ...`` on stderr and exit code 2, before any training starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Any, get_type_hints
+
+from dpfl.config import RunConfig
+
+EXIT_BAD_INPUT = 2
+
+HELP = {
+    "run_dir": "run directory (default runs/<timestamp>)",
+    "rounds": "number of federated rounds",
+    "eval_every": "evaluate the global model every N rounds (and after the last)",
+    "data_dir": "folder with train.jsonl and test.jsonl of {text, label}",
+    "dataset": "Hugging Face hub dataset name (needs network)",
+    "max_examples": "cap the training set at K examples (quick runs)",
+    "num_devices": "number of simulated devices",
+    "partitioner": "auto (natural device column if present, else iid) | iid | dirichlet | quantity | natural",
+    "dirichlet_alpha": "Dirichlet concentration for label skew (smaller = more skew)",
+    "cohort_size": "expected number of devices per round",
+    "selection": "uniform | activity (Poisson with q_k = min(1, c a_k^alpha))",
+    "activity_exponent": "alpha in q_k = min(1, c a_k^alpha)",
+    "selection_constant": "set c directly instead of calibrating it from --cohort-size",
+    "model": "'minilm' (all-MiniLM-L6-v2, offline), 'tiny' (random small BERT) or a HF name/path",
+    "max_length": "maximum tokens per utterance",
+    "local_epochs": "local epochs per round (expected passes under Poisson sampling)",
+    "batch_size": "expected (Poisson) batch size",
+    "physical_batch_size": "largest micro-batch held in memory at once",
+    "noise_multiplier": "sigma: DP-SGD noise std / max_grad_norm",
+    "max_grad_norm": "C: per-example clipping norm",
+    "target_delta": "delta for every epsilon (default: power of ten <= 1/(10 N))",
+    "accountant": "pld (tight) | rdp",
+    "dp_engine": "opacus | dpfl",
+    "strategy": "fedavg | fedprox | fedadam",
+    "client_cpus": "CPUs per simulated device (Ray resources; fractions allowed)",
+    "client_gpus": "GPUs per simulated device (fractions allowed)",
+}
+
+SKIP = {"extra", "run_id", "ray_address", "dp"}
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    hints = get_type_hints(RunConfig)
+    for f in dataclasses.fields(RunConfig):
+        if f.name in SKIP:
+            continue
+        text = str(hints[f.name])
+        typ: Any = str
+        if "int" in text and "float" not in text:
+            typ = int
+        elif "float" in text:
+            typ = float
+        default = f.default if f.default is not dataclasses.MISSING else None
+        p.add_argument(
+            "--" + f.name.replace("_", "-"),
+            dest=f.name,
+            type=typ,
+            default=None,
+            help=f"{HELP.get(f.name, '')} (default: {default})".strip(),
+        )
+    p.add_argument("--no-dp", dest="dp", action="store_false", default=None, help="train without DP-SGD (baseline)")
+
+
+def config_from_args(ns: argparse.Namespace) -> RunConfig:
+    """A validated RunConfig from parsed arguments (unset flags keep RunConfig's defaults)."""
+    names = {f.name for f in dataclasses.fields(RunConfig)}
+    values = {k: v for k, v in vars(ns).items() if k in names and v is not None}
+    return RunConfig.from_mapping(values).with_defaults().validate()
+
+
+def _quiet() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    warnings.filterwarnings("ignore", module="opacus")
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for name in ("flwr", "flower", "ray", "opacus", "transformers", "datasets"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    flwr_log = logging.getLogger("flwr")
+    flwr_log.propagate = False  # Flower has its own console handler
+    flwr_log.addFilter(_DropFlowerNoise())
+
+
+class _DropFlowerNoise(logging.Filter):
+    """Drop Flower's messages that do not concern a dpfl user (deprecations, debug chatter)."""
+
+    NOISE = ("DEPRECATED FEATURE", "fraction_evaluate is set to 0.0", "deprecated feature")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = str(record.msg)
+        return record.levelno >= logging.INFO and not any(n in msg for n in self.NOISE)
+
+
+def preflight(cfg: RunConfig) -> None:
+    """Check everything that can be checked before Ray starts (data, partition, model, run dir).
+
+    Raises the same errors the run would raise (ConfigError, DataError, ModelError,
+    RunDirError, ValueError), so bad input ends before any process is started.
+    """
+    from nlu.model import load_tokenizer, resolve_model_path
+    from partitions.population import build_population
+    from server.selection import calibrate_constant
+
+    if (Path(cfg.run_dir) / "config.toml").exists():
+        from server.rundir import RunDirError
+
+        raise RunDirError(f"--run-dir {cfg.run_dir} already holds a run; choose a new --run-dir")
+    resolve_model_path(cfg.model)
+    load_tokenizer(cfg.model)
+    pop = build_population(cfg)
+    if pop.num_devices != cfg.num_devices:
+        raise ValueError(f"--num-devices: the partition has {pop.num_devices} devices, expected {cfg.num_devices}")
+    alpha = cfg.activity_exponent if cfg.selection == "activity" else 0.0
+    if cfg.selection_constant is None:
+        calibrate_constant(pop.activity(), alpha, cfg.cohort_size)
+
+
+def simulate(cfg: RunConfig, progress: bool = True) -> dict:
+    """Run the federated simulation of ``cfg`` on a local Ray instance (or ``cfg.ray_address``).
+
+    Returns
+    -------
+    dict
+        ``run_dir``, ``delta`` and the last round's outcome.
+    """
+    from flwr.simulation import run_simulation
+
+    from client.app import app as client_app
+    from server.app import _BOUND, make_server_app
+
+    preflight(cfg)
+    init_args: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.ERROR, "log_to_driver": False}
+    if cfg.ray_address:
+        init_args["address"] = cfg.ray_address
+    backend_config = {
+        "client_resources": {"num_cpus": cfg.client_cpus, "num_gpus": cfg.client_gpus},
+        "init_args": init_args,
+    }
+    _BOUND.pop("result", None)
+    run_simulation(
+        server_app=make_server_app(cfg, progress=progress),
+        client_app=client_app,
+        num_supernodes=cfg.num_devices,
+        backend_config=backend_config,
+    )
+    result = _BOUND.pop("result", None)
+    if result is None:
+        raise RuntimeError("the simulation ended without finishing its rounds (see the log above)")
+    return result
+
+
+def _bad_input_types() -> tuple[type[BaseException], ...]:
+    from dpfl.config import ConfigError
+    from nlu.model import ModelError
+    from partitions.errors import DataError
+    from server.rundir import RunDirError
+
+    return (ConfigError, DataError, ModelError, RunDirError, ValueError, FileNotFoundError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point (``dpfl``)."""
+    parser = argparse.ArgumentParser(prog="dpfl", description="Federated NLU training with differential privacy")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_sim = sub.add_parser("simulate", help="run a federated DP simulation (Flower + Ray)")
+    _add_config_args(p_sim)
+    p_sim.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p_rep = sub.add_parser("report", help="write the privacy budget report of a run directory")
+    p_rep.add_argument("run_dir")
+    p_rep.add_argument("--baseline", default=None, help="a non-private run directory to compare utility with")
+    ns = parser.parse_args(argv)
+    _quiet()
+    bad = _bad_input_types()
+    try:
+        if ns.command == "simulate":
+            cfg = config_from_args(ns)
+            result = simulate(cfg, progress=not ns.no_progress)
+            final = result.get("final") or {}
+            print(
+                f"run directory: {result['run_dir']}\n"
+                f"final accuracy: {final.get('accuracy')}  macro-F1: {final.get('macro_f1')}\n"
+                f"example-level epsilon (max over devices): {final.get('epsilon_example_max')} at delta={result['delta']:g}"
+            )
+        elif ns.command == "report":
+            from dp.report import build_report
+
+            summary = build_report(Path(ns.run_dir), Path(ns.baseline) if ns.baseline else None)
+            print(f"report written to {Path(ns.run_dir) / 'report'}")
+            print(f"example-level epsilon max: {summary.get('epsilon', {}).get('example', {}).get('max')}")
+    except bad as exc:
+        print(f"dpfl: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

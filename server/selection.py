@@ -1,0 +1,103 @@
+"""Activity-weighted Poisson selection of the cohort.
+
+Device k is included in round t independently with probability
+``q_k = min(1, c * a_k ** alpha)`` where a_k is its activity (training examples held) and
+alpha the activity exponent (alpha = 0: uniform). The constant c is fixed once, before the
+first round, either given or calibrated so that the expected cohort size
+``sum_k q_k`` equals the requested cohort size (that single calibration reads the activity
+total; afterwards q_k depends only on device k's own activity, so removing one device
+changes no other device's selection, which keeps per-device accounting exact).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def inclusion_probabilities(activity: np.ndarray, alpha: float, c: float) -> np.ndarray:
+    """q_k = min(1, c * a_k^alpha) for a_k > 0, and 0 for devices with no examples.
+
+    Parameters
+    ----------
+    activity : numpy.ndarray, shape [K]
+        Non-negative activities a_k.
+    alpha : float
+        Activity exponent (>= 0).
+    c : float
+        Selection constant (> 0).
+
+    Returns
+    -------
+    numpy.ndarray, shape [K], float64
+    """
+    a = np.asarray(activity, dtype=np.float64)
+    q = np.zeros_like(a)
+    pos = a > 0
+    q[pos] = np.minimum(1.0, c * np.power(a[pos], alpha))
+    return q
+
+
+def calibrate_constant(activity: np.ndarray, alpha: float, expected_cohort: float) -> float:
+    """The c with ``sum_k min(1, c a_k^alpha) = expected_cohort`` (bisection on log c).
+
+    Raises
+    ------
+    ValueError
+        If fewer devices have examples than ``expected_cohort`` (then no c reaches it;
+        lower --cohort-size).
+    """
+    a = np.asarray(activity, dtype=np.float64)
+    active = int((a > 0).sum())
+    if expected_cohort <= 0:
+        raise ValueError("--cohort-size must be > 0")
+    if expected_cohort > active:
+        raise ValueError(
+            f"--cohort-size {expected_cohort:g} exceeds the {active} devices that hold examples; "
+            "lower --cohort-size or raise --num-devices"
+        )
+    if expected_cohort == active:
+        w = np.power(a[a > 0], alpha)
+        return float(1.0 / w.min())
+    w = np.power(a[a > 0], alpha)
+    lo, hi = np.log(1e-300 + expected_cohort / w.sum() / 2), np.log(1.0 / w.min())
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        s = np.minimum(1.0, np.exp(mid) * w).sum()
+        if s < expected_cohort:
+            lo = mid
+        else:
+            hi = mid
+    return float(np.exp(hi))
+
+
+def poisson_cohort(q: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Include each device k independently with probability q_k; return the selected ids (sorted, int64)."""
+    return np.flatnonzero(rng.random(len(q)) < q).astype(np.int64)
+
+
+class ActivitySelector:
+    """Fixed-constant Poisson selector (the state needed to resume is ``c`` and the rng).
+
+    Parameters
+    ----------
+    activity : numpy.ndarray, shape [K]
+        Starting activities (used once, for the calibration of c when ``c`` is None).
+    alpha : float
+        Activity exponent; ``selection="uniform"`` is alpha = 0.
+    expected_cohort : float
+        Target expected cohort size for the calibration.
+    c : float, optional
+        Use this constant instead of calibrating.
+    """
+
+    def __init__(self, activity: np.ndarray, alpha: float, expected_cohort: float, c: float | None = None):
+        self.alpha = float(alpha)
+        self.calibrated = c is None
+        self.c = calibrate_constant(activity, alpha, expected_cohort) if c is None else float(c)
+
+    def probabilities(self, activity: np.ndarray, excluded: np.ndarray | None = None) -> np.ndarray:
+        """q_k(t) for the current activities; devices in ``excluded`` (e.g. over budget) get 0."""
+        q = inclusion_probabilities(activity, self.alpha, self.c)
+        if excluded is not None and len(excluded):
+            q[np.asarray(excluded, dtype=np.int64)] = 0.0
+        return q

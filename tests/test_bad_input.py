@@ -1,0 +1,83 @@
+"""Bad input ends with one clear line on stderr and exit code 2, before any training starts."""
+
+import json
+
+import pytest
+
+from dpfl.cli import main
+
+TINY = ["--model", "tiny", "--num-devices", "4", "--cohort-size", "2", "--rounds", "1"]
+
+
+def _write(path, records):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
+
+
+@pytest.fixture
+def good_dir(tmp_path):
+    d = tmp_path / "data"
+    d.mkdir()
+    _write(d / "train.jsonl", [{"text": f"turn on light {i}", "label": "on"} for i in range(6)] + [{"text": f"turn off light {i}", "label": "off"} for i in range(6)])
+    _write(d / "test.jsonl", [{"text": "turn on the lamp", "label": "on"}, {"text": "turn off the lamp", "label": "off"}])
+    return d
+
+
+def run(capsys, args):
+    code = main(["simulate", *TINY, *args])
+    err = capsys.readouterr().err.strip().splitlines()
+    return code, (err[-1] if err else "")
+
+
+def test_malformed_jsonl_names_file_and_line(capsys, good_dir, tmp_path):
+    with open(good_dir / "train.jsonl", "a") as fh:
+        fh.write('{"text": "broken", "label": \n')
+    code, err = run(capsys, ["--data-dir", str(good_dir), "--run-dir", str(tmp_path / "r")])
+    assert code == 2
+    assert "train.jsonl:13" in err and err.startswith("dpfl: error:")
+
+
+def test_missing_label_field(capsys, good_dir, tmp_path):
+    with open(good_dir / "train.jsonl", "a") as fh:
+        fh.write('{"text": "no label here"}\n')
+    code, err = run(capsys, ["--data-dir", str(good_dir), "--run-dir", str(tmp_path / "r")])
+    assert code == 2 and "train.jsonl:13" in err and "label" in err
+
+
+def test_label_in_test_unseen_in_train(capsys, good_dir, tmp_path):
+    with open(good_dir / "test.jsonl", "a") as fh:
+        fh.write('{"text": "dim it", "label": "dim"}\n')
+    code, err = run(capsys, ["--data-dir", str(good_dir), "--run-dir", str(tmp_path / "r")])
+    assert code == 2 and "dim" in err and "test.jsonl" in err
+
+
+def test_empty_data_set(capsys, good_dir, tmp_path):
+    (good_dir / "train.jsonl").write_text("")
+    code, err = run(capsys, ["--data-dir", str(good_dir), "--run-dir", str(tmp_path / "r")])
+    assert code == 2 and "train.jsonl" in err
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--noise-multiplier", "-1"], "--noise-multiplier"),
+        (["--target-delta", "1.0"], "--target-delta"),
+        (["--cohort-size", "10"], "--cohort-size"),
+        (["--activity-exponent", "-0.5"], "--activity-exponent"),
+        (["--partitioner", "bogus"], "--partitioner"),
+        (["--strategy", "bogus"], "--strategy"),
+        (["--model", "./no/such/model"], "--model"),
+    ],
+)
+def test_invalid_settings(capsys, tmp_path, args, needle):
+    code, err = run(capsys, [*args, "--run-dir", str(tmp_path / "r")])
+    assert code == 2, err
+    assert needle in err
+
+
+def test_run_dir_that_holds_a_run_is_refused(capsys, tmp_path):
+    rd = tmp_path / "r"
+    rd.mkdir()
+    (rd / "config.toml").write_text('run_id = "other"\n')
+    code, err = run(capsys, ["--run-dir", str(rd)])
+    assert code == 2 and "already holds a run" in err
+    assert (rd / "config.toml").read_text() == 'run_id = "other"\n'  # nothing lost
