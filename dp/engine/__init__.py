@@ -1,0 +1,9 @@
+"""Batched DP-SGD engine: ghost norms + book-keeping from one forward and one backward pass.
+
+See :class:`DPSGDEngine`.
+"""
+
+from .engine import DPSGDEngine, UnsupportedModuleError
+from .rules import Rule, register_rule
+
+__all__ = ["DPSGDEngine", "UnsupportedModuleError", "Rule", "register_rule"]

@@ -1,0 +1,125 @@
+"""Rule interface and the record of one module call."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+
+@dataclass
+class Capture:
+    """What the engine keeps of one call of one module during a forward pass.
+
+    Attributes
+    ----------
+    module : nn.Module
+        The module that was called.
+    activation : Any
+        What the rule needs from the input (e.g. the input tensor ``A`` of shape
+        ``[B, ..., d_in]`` for Linear, the token ids ``[B, ...]`` for Embedding).
+    output : torch.Tensor
+        The module output the engine differentiates against, ``[B, ..., d_out]``.
+    batch_size : int
+        ``B``, the size of the leading (example) dimension of ``output``.
+    version : int
+        ``output._version`` at capture time; an in-place change of the output
+        before the backward pass is detected and reported.
+    """
+
+    module: nn.Module
+    activation: Any
+    output: torch.Tensor
+    batch_size: int
+    version: int = 0
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+
+class Rule:
+    """Base class of a per-layer rule (see :mod:`dp.engine.rules`).
+
+    All tensors are batched over the example dimension ``B``; no method loops
+    over examples.
+    """
+
+    def check(self, module: nn.Module) -> None:
+        """Raise ``ValueError`` if the module's configuration is unsupported."""
+
+    def capture(
+        self, module: nn.Module, inputs: Tuple[Any, ...], output: torch.Tensor, batch_size: int | None
+    ) -> Tuple[Any, torch.Tensor | None]:
+        """Return ``(activation, replaced_output_or_None)`` for one module call.
+
+        ``batch_size`` is the batch size of the current forward pass when the
+        engine knows it (from the root module's inputs), else None.
+        """
+        raise NotImplementedError
+
+    def norm_sq(
+        self,
+        cap: Capture,
+        grad_out: torch.Tensor,
+        names: Sequence[str],
+        cache: Dict[Any, torch.Tensor],
+    ) -> Tuple[torch.Tensor, Any]:
+        """Squared per-example gradient norm over the parameters ``names``.
+
+        Parameters
+        ----------
+        cap : Capture
+            The module call.
+        grad_out : Tensor, shape ``[B, ..., d_out]``
+            Gradient of ``sum_i loss_i`` with respect to ``cap.output``; row ``i``
+            is example ``i``'s output gradient.
+        names : sequence of str
+            Names (as in ``module.named_parameters(recurse=False)``) of the
+            parameters to include.
+        cache : dict
+            Per-step cache shared by all rules (e.g. activation grams shared by
+            the query, key and value projections that read the same input).
+
+        Returns
+        -------
+        (Tensor ``[B]``, state)
+            The squared norms, and a state passed on to :meth:`add_clipped`.
+        """
+        raise NotImplementedError
+
+    def add_clipped(
+        self,
+        cap: Capture,
+        grad_out: torch.Tensor,
+        clip: torch.Tensor,
+        state: Any,
+        names: Sequence[str],
+        sums: Dict[str, torch.Tensor],
+    ) -> None:
+        """Add ``sum_i clip_i * grad_i`` of each parameter in ``names`` to ``sums[name]``.
+
+        ``clip`` has shape ``[B]``. ``sums[name]`` is a tensor of the parameter's
+        shape to add into in place, or None (nothing accumulated yet): the rule
+        then stores a new tensor there. ``grad_out`` is owned by the engine and
+        may be overwritten (e.g. scaled in place by the clip factors).
+        """
+        raise NotImplementedError
+
+    def per_example_grads(
+        self, cap: Capture, grad_out: torch.Tensor, names: Sequence[str]
+    ) -> Dict[str, torch.Tensor]:
+        """Instantiate per-example gradients ``{name: [B, *param.shape]}``.
+
+        Used only for parameters used more than once per forward pass (tied
+        weights, reused modules), whose per-example norm is the norm of the sum
+        of all their uses.
+        """
+        raise NotImplementedError
+
+
+def _add(sums: Dict[str, Any], name: str, value: torch.Tensor) -> None:
+    """``sums[name] += value``, taking ``value`` itself when the slot is still empty (None)."""
+    if sums.get(name) is None:
+        sums[name] = value
+    else:
+        sums[name].add_(value)
