@@ -25,8 +25,9 @@ from flwr.clientapp import ClientApp
 from client.train import LocalTrainConfig, train_local
 from dp.accounting import SubsampledGaussianEvent, compute_epsilon
 from dpfl.config import RunConfig
-from nlu.data import Encoded, encode
-from nlu.model import build_model, load_tokenizer
+from nlu.data import Encoded
+from nlu.model import load_tokenizer
+from nlu.tasks import Task, task_for_data
 from partitions.population import population_for_key, population_key
 
 app = ClientApp()
@@ -38,22 +39,34 @@ def run_config_from(record: ConfigRecord) -> RunConfig:
     return RunConfig.from_mapping(dict(record))
 
 
+@lru_cache(maxsize=4)
+def _task(pop_key: tuple, name: str, slot_loss_weight: float, pooling: str) -> Task:
+    return task_for_data(name, population_for_key(pop_key).data, slot_loss_weight, pooling=pooling)
+
+
+def task_of(cfg: RunConfig) -> Task:
+    """The run's task (intent / slots / joint), one object per process and setting."""
+    return _task(population_key(cfg), cfg.task, cfg.slot_loss_weight, cfg.pooling)
+
+
 @lru_cache(maxsize=1)
-def _model(name: str, num_labels: int, seed: int, threads: int):
+def _model(task: Task, name: str, seed: int, threads: int):
     torch.set_num_threads(threads)
-    return build_model(name, num_labels, seed=seed)
+    return task.build_model(name, seed=seed)
 
 
 @lru_cache(maxsize=256)
-def _device_data(pop_key: tuple, device_id: int, model_name: str, max_length: int) -> Encoded:
+def _encoded(pop_key: tuple, rows: tuple, model_name: str, max_length: int, task: Task) -> Encoded:
     pop = population_for_key(pop_key)
-    sub = pop.data.train.select(pop.devices[device_id])
-    return encode(sub["text"], sub["label"], load_tokenizer(model_name), max_length)
+    sub = pop.data.train.select(list(rows))
+    return task.encode(sub, load_tokenizer(model_name), max_length)
 
 
-def device_examples(cfg: RunConfig, device_id: int) -> Encoded:
-    """The tokenised training examples of ``device_id`` (cached per process)."""
-    return _device_data(population_key(cfg), device_id, cfg.model, cfg.max_length)
+def device_examples(cfg: RunConfig, device_id: int, round_: int = 1) -> Encoded:
+    """The tokenised training examples ``device_id`` holds at ``round_`` (cached per process)."""
+    key = population_key(cfg)
+    rows = tuple(int(r) for r in population_for_key(key).held(device_id, round_))
+    return _encoded(key, rows, cfg.model, cfg.max_length, task_of(cfg))
 
 
 def _ray_node_id() -> str:
@@ -95,10 +108,11 @@ def train(msg: Message, context: Context) -> Message:
     cfg = run_config_from(msg.content["run"])
     round_cfg = msg.content["config"]
     device_id = device_id_of(context)
-    data = device_examples(cfg, device_id)
-    num_labels = int(round_cfg["num-labels"])
+    server_round = int(round_cfg["server-round"])
+    data = device_examples(cfg, device_id, server_round)
     threads = max(1, int(cfg.client_cpus))
-    model = _model(cfg.model, num_labels, cfg.seed, threads)
+    task = task_of(cfg)
+    model = _model(task, cfg.model, cfg.seed, threads)
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     local = LocalTrainConfig(
         dp=cfg.dp,
@@ -112,8 +126,7 @@ def train(msg: Message, context: Context) -> Message:
         learning_rate=cfg.learning_rate,
         proximal_mu=float(round_cfg.get("proximal-mu", 0.0)),
     )
-    server_round = int(round_cfg["server-round"])
-    result = train_local(model, data, local, seed=hash((cfg.seed, server_round, device_id)) & 0x7FFFFFFF)
+    result = train_local(model, data, local, seed=hash((cfg.seed, server_round, device_id)) & 0x7FFFFFFF, task=task)
 
     epsilon = 0.0
     privacy = ConfigRecord({"device-id": device_id, "round": server_round})

@@ -16,6 +16,7 @@ from torch import nn
 from dp.engines import make_engine
 from dp.sampling import poisson_batches, sample_rate_for, steps_for
 from nlu.data import Encoded, collate, per_example_loss
+from nlu.tasks import Task
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,7 @@ def _add_proximal_grad(model: nn.Module, start: list[torch.Tensor], mu: float) -
             p.grad.add_(p.detach() - p0, alpha=mu)
 
 
-def train_local(model: nn.Module, data: Encoded, cfg: LocalTrainConfig, seed: int) -> LocalResult:
+def train_local(model: nn.Module, data: Encoded, cfg: LocalTrainConfig, seed: int, task: Task | None = None) -> LocalResult:
     """Train ``model`` in place on one device's examples.
 
     With ``cfg.dp``: ``steps = ceil(E * n / B)`` DP-SGD steps, each on a Poisson batch
@@ -84,12 +85,16 @@ def train_local(model: nn.Module, data: Encoded, cfg: LocalTrainConfig, seed: in
     cfg : LocalTrainConfig
     seed : int
         Seeds batch sampling and the DP noise.
+    task : nlu.tasks.Task, optional
+        Collation and per-example (per-utterance) loss; default: intent classification.
 
     Returns
     -------
     LocalResult
     """
     t0 = time.perf_counter()
+    collate_fn = task.collate if task is not None else collate
+    loss_fn = task.per_example_loss if task is not None else per_example_loss
     n = len(data)
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
@@ -104,8 +109,8 @@ def train_local(model: nn.Module, data: Encoded, cfg: LocalTrainConfig, seed: in
         for _ in range(cfg.local_epochs):
             order = rng.permutation(n)
             for s in range(0, n, cfg.batch_size):
-                batch = collate(data, order[s : s + cfg.batch_size])
-                loss = per_example_loss(model, batch)
+                batch = collate_fn(data, order[s : s + cfg.batch_size])
+                loss = loss_fn(model, batch)
                 opt.zero_grad(set_to_none=True)
                 loss.mean().backward()
                 if start:
@@ -130,8 +135,8 @@ def train_local(model: nn.Module, data: Encoded, cfg: LocalTrainConfig, seed: in
         for idx in poisson_batches(n, q, steps, rng):
             opt.zero_grad(set_to_none=True)
             for s in range(0, len(idx), cfg.physical_batch_size):
-                batch = collate(data, idx[s : s + cfg.physical_batch_size])
-                loss = per_example_loss(model, batch)
+                batch = collate_fn(data, idx[s : s + cfg.physical_batch_size])
+                loss = loss_fn(model, batch)
                 engine.accumulate(loss)
                 losses_sum += float(loss.detach().sum())
                 losses_n += len(loss)

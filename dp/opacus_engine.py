@@ -9,8 +9,13 @@ callers must pass ``position_ids`` of shape [B, L] (``nlu.data.collate`` does).
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
+
+# Opacus' hooks on the first layer fire without input gradients (token ids); harmless.
+warnings.filterwarnings("ignore", message="Full backward hook is firing")
 
 
 class OpacusEngine:

@@ -35,6 +35,12 @@ HELP = {
     "selection_constant": "set c directly instead of calibrating it from --cohort-size",
     "model": "'minilm' (all-MiniLM-L6-v2, offline), 'tiny' (random small BERT) or a HF name/path",
     "max_length": "maximum tokens per utterance",
+    "task": "intent | slots (BIO slot filling) | joint (intent + slots, one encoder)",
+    "slot_loss_weight": "joint loss = intent loss + w * slot loss",
+    "setting": "static (all data at once) | continual (examples arrive over rounds)",
+    "storage_cap": "continual: a device keeps at most this many examples, deleting its oldest first",
+    "device_column": "column holding the device/user id for --partitioner natural",
+    "num_clusters": "k-means clusters of sentence embeddings for --partitioner cluster",
     "local_epochs": "local epochs per round (expected passes under Poisson sampling)",
     "batch_size": "expected (Poisson) batch size",
     "physical_batch_size": "largest micro-batch held in memory at once",
@@ -46,6 +52,13 @@ HELP = {
     "strategy": "fedavg | fedprox | fedadam",
     "client_cpus": "CPUs per simulated device (Ray resources; fractions allowed)",
     "client_gpus": "GPUs per simulated device (fractions allowed)",
+    "device_dp": "device-level DP: clip each device's update and add noise on the server (DP-FedAvg)",
+    "update_clip_norm": "S: L2 bound on each device's update (device-level DP)",
+    "device_noise_multiplier": "sigma_u: server noise std / S (device-level DP)",
+    "target_epsilon_device": "device-level epsilon budget per device (needs --device-dp)",
+    "max_epsilon": "example-level epsilon budget per device: a device is not selected once its next round would exceed it",
+    "target_epsilon": "calibrate --noise-multiplier so that no device's example-level epsilon can exceed this",
+    "pooling": "mean (mean-pooled token states) | cls (transformers' classification head)",
 }
 
 SKIP = {"extra", "run_id", "ray_address", "dp"}
@@ -57,12 +70,21 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
         if f.name in SKIP:
             continue
         text = str(hints[f.name])
+        default = f.default if f.default is not dataclasses.MISSING else None
+        if "bool" in text:
+            p.add_argument(
+                "--" + f.name.replace("_", "-"),
+                dest=f.name,
+                action="store_true",
+                default=None,
+                help=f"{HELP.get(f.name, '')} (default: off)".strip(),
+            )
+            continue
         typ: Any = str
         if "int" in text and "float" not in text:
             typ = int
         elif "float" in text:
             typ = float
-        default = f.default if f.default is not dataclasses.MISSING else None
         p.add_argument(
             "--" + f.name.replace("_", "-"),
             dest=f.name,
@@ -82,6 +104,8 @@ def config_from_args(ns: argparse.Namespace) -> RunConfig:
 
 def _quiet() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
@@ -122,6 +146,9 @@ def preflight(cfg: RunConfig) -> None:
     resolve_model_path(cfg.model)
     load_tokenizer(cfg.model)
     pop = build_population(cfg)
+    from nlu.tasks import task_for_data
+
+    task_for_data(cfg.task, pop.data, cfg.slot_loss_weight)
     if pop.num_devices != cfg.num_devices:
         raise ValueError(f"--num-devices: the partition has {pop.num_devices} devices, expected {cfg.num_devices}")
     alpha = cfg.activity_exponent if cfg.selection == "activity" else 0.0
@@ -182,8 +209,17 @@ def main(argv: list[str] | None = None) -> int:
     p_rep = sub.add_parser("report", help="write the privacy budget report of a run directory")
     p_rep.add_argument("run_dir")
     p_rep.add_argument("--baseline", default=None, help="a non-private run directory to compare utility with")
+    from dpfl.launch import add_launch_parser, run_launch
+    add_launch_parser(sub, _add_config_args)
+    from dpfl.partitions_cmd import add_partitions_parser, run_partitions
+
+    add_partitions_parser(sub, _add_config_args)
     ns = parser.parse_args(argv)
     _quiet()
+    if ns.command == "launch":
+        return run_launch(ns)
+    if ns.command == "partitions":
+        return run_partitions(ns)
     bad = _bad_input_types()
     try:
         if ns.command == "simulate":

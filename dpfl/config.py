@@ -20,11 +20,12 @@ import tomli_w
 
 SELECTIONS = ("uniform", "activity")
 STRATEGIES = ("fedavg", "fedprox", "fedadam")
-PARTITIONERS = ("auto", "iid", "dirichlet", "quantity", "natural")
+PARTITIONERS = ("auto", "iid", "dirichlet", "quantity", "cluster", "natural")
 ACCOUNTANTS = ("pld", "rdp")
 DP_ENGINES = ("dpfl", "opacus")
 OPTIMIZERS = ("sgd", "adamw")
-TASKS = ("intent",)
+TASKS = ("intent", "slots", "joint")
+SETTINGS = ("static", "continual")
 
 
 class ConfigError(ValueError):
@@ -61,6 +62,10 @@ class RunConfig:
     partitioner: str = "auto"  # natural (device column) when the data has one, else iid
     dirichlet_alpha: float = 0.5
     quantity_beta: float = 1.5
+    device_column: str = "device"
+    num_clusters: int = 10
+    setting: str = "static"
+    storage_cap: int | None = None
     # selection
     cohort_size: float = 5.0
     selection: str = "activity"
@@ -68,8 +73,10 @@ class RunConfig:
     selection_constant: float | None = None
     # model
     task: str = "intent"
+    slot_loss_weight: float = 1.0
     model: str = "minilm"
     max_length: int = 32
+    pooling: str = "mean"
     # local training
     local_epochs: int = 1
     batch_size: int = 16
@@ -78,12 +85,18 @@ class RunConfig:
     learning_rate: float = 5e-4
     # example-level DP (DP-SGD on the device)
     dp: bool = True
-    dp_engine: str = "opacus"
+    dp_engine: str = "dpfl"
     noise_multiplier: float = 0.8
     max_grad_norm: float = 1.0
     target_epsilon: float | None = None
     target_delta: float | None = None
     accountant: str = "pld"
+    # device-level DP (DP-FedAvg on the server) and budgets
+    device_dp: bool = False
+    update_clip_norm: float = 1.0
+    device_noise_multiplier: float = 1.0
+    target_epsilon_device: float | None = None
+    max_epsilon: float | None = None
     # aggregation
     strategy: str = "fedavg"
     proximal_mu: float = 0.01
@@ -125,6 +138,16 @@ class RunConfig:
         need(self.dp_engine in DP_ENGINES, "dp_engine", f"must be one of {DP_ENGINES}")
         need(self.optimizer in OPTIMIZERS, "optimizer", f"must be one of {OPTIMIZERS}")
         need(self.task in TASKS, "task", f"must be one of {TASKS}")
+        need(self.slot_loss_weight >= 0, "slot_loss_weight", f"must be >= 0, got {self.slot_loss_weight}")
+        need(self.setting in SETTINGS, "setting", f"must be one of {SETTINGS}")
+        need(self.storage_cap is None or self.storage_cap >= 1, "storage_cap", "must be >= 1")
+        need(
+            self.storage_cap is None or self.setting == "continual",
+            "storage_cap",
+            "applies to --setting continual only",
+        )
+        need(self.num_clusters >= 1, "num_clusters", "must be >= 1")
+        need(self.pooling in ("mean", "cls"), "pooling", "must be 'mean' or 'cls'")
         need(self.noise_multiplier >= 0, "noise_multiplier", f"must be >= 0, got {self.noise_multiplier}")
         need(self.max_grad_norm > 0, "max_grad_norm", f"must be > 0, got {self.max_grad_norm}")
         need(self.batch_size >= 1, "batch_size", "must be >= 1")
@@ -148,6 +171,19 @@ class RunConfig:
             not (self.data_dir and self.dataset),
             "data_dir",
             "give either --data-dir or --dataset, not both",
+        )
+        need(self.update_clip_norm > 0, "update_clip_norm", "must be > 0")
+        need(self.device_noise_multiplier >= 0, "device_noise_multiplier", "must be >= 0")
+        need(
+            self.target_epsilon_device is None or self.target_epsilon_device > 0,
+            "target_epsilon_device",
+            "must be > 0",
+        )
+        need(self.max_epsilon is None or self.max_epsilon > 0, "max_epsilon", "must be > 0")
+        need(
+            self.target_epsilon_device is None or self.device_dp,
+            "target_epsilon_device",
+            "a device-level budget needs device-level DP: add --device-dp",
         )
         need(self.client_cpus > 0, "client_cpus", "must be > 0")
         need(self.client_gpus >= 0, "client_gpus", "must be >= 0")

@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from nlu.pooling import MeanPoolClassifier
+
 DEFAULT_MODEL = "minilm"
 TINY_MODEL = "tiny"
 
@@ -72,7 +74,7 @@ def load_tokenizer(name: str = DEFAULT_MODEL):
         raise ModelError(f"--model: cannot load tokenizer from {name!r}: {exc}".splitlines()[0]) from exc
 
 
-def build_model(name: str, num_labels: int, *, seed: int = 0) -> nn.Module:
+def build_model(name: str, num_labels: int, *, seed: int = 0, pooling: str = "mean") -> nn.Module:
     """Build a sequence classifier with every parameter trainable (embeddings included).
 
     Parameters
@@ -85,6 +87,10 @@ def build_model(name: str, num_labels: int, *, seed: int = 0) -> nn.Module:
     seed : int
         Seed for the head's (and the tiny model's) initialisation, so every process builds
         the same starting model.
+    pooling : {"mean", "cls"}
+        "mean": :class:`nlu.pooling.MeanPoolClassifier` (masked mean of the token states, the
+        sentence embedding all-MiniLM-L6-v2 was trained for); "cls": transformers'
+        ``AutoModelForSequenceClassification`` (pooler on [CLS]).
 
     Returns
     -------
@@ -96,11 +102,20 @@ def build_model(name: str, num_labels: int, *, seed: int = 0) -> nn.Module:
     ModelError
         If the model cannot be loaded.
     """
-    from transformers import AutoConfig, AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
+    from transformers import (
+        AutoConfig,
+        AutoModel,
+        AutoModelForSequenceClassification,
+        BertConfig,
+        BertForSequenceClassification,
+        BertModel,
+    )
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     torch.manual_seed(seed)
+    if pooling not in ("mean", "cls"):
+        raise ModelError(f"--pooling: must be 'mean' or 'cls', got {pooling!r}")
     if name == TINY_MODEL:
         tok = load_tokenizer(TINY_MODEL)
         cfg = BertConfig(
@@ -112,15 +127,41 @@ def build_model(name: str, num_labels: int, *, seed: int = 0) -> nn.Module:
             max_position_embeddings=128,
             num_labels=num_labels,
         )
-        model = BertForSequenceClassification(cfg)
+        if pooling == "cls":
+            model = BertForSequenceClassification(cfg)
+        else:
+            model = MeanPoolClassifier(BertModel(cfg, add_pooling_layer=False), num_labels)
     else:
         path = resolve_model_path(name)
         try:
-            cfg = AutoConfig.from_pretrained(path, num_labels=num_labels)
-            model = AutoModelForSequenceClassification.from_pretrained(path, config=cfg)
-        except (OSError, ValueError) as exc:
+            if pooling == "cls":
+                cfg = AutoConfig.from_pretrained(path, num_labels=num_labels)
+                model = AutoModelForSequenceClassification.from_pretrained(path, config=cfg)
+            else:
+                encoder = AutoModel.from_pretrained(path, add_pooling_layer=False)
+                model = MeanPoolClassifier(encoder, num_labels)
+        except (OSError, ValueError, TypeError) as exc:
             raise ModelError(f"--model: cannot load {name!r}: {exc}".splitlines()[0]) from exc
     for p in model.parameters():
         p.requires_grad_(True)
     model.train()
     return model
+
+
+def tiny_config(num_labels: int = 2):
+    """The ``"tiny"`` model's BertConfig (2 layers, hidden 32, 2 heads, MiniLM's vocabulary).
+
+    The same encoder as :func:`build_model` ``("tiny", ...)`` builds; the slot and joint models
+    (:mod:`nlu.joint`) use it so that every task's tiny model has one encoder.
+    """
+    from transformers import BertConfig
+
+    return BertConfig(
+        vocab_size=load_tokenizer(TINY_MODEL).vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        num_labels=num_labels,
+    )

@@ -49,13 +49,15 @@ def _load(name: str):
                         f"{type(exc).__name__}: {str(exc)[:300]} (or use --data-dir)") from exc
 
 
-def read_hub(name: str, *, text_column: str = "text", label_column: str = "label") -> dict[str, Any]:
+def read_hub(name: str, *, text_column: str = "text", label_column: str = "label",
+             device_column: str | None = None) -> dict[str, Any]:
     """Load ``name`` from the hub and return plain columns.
 
     Returns
     -------
     dict
-        ``train``/``test``: dicts of columns (text, label as int id, optional tokens/slots);
+        ``train``/``test``: dicts of columns (text, label as int id, optional tokens/slots;
+        train also ``device_column`` when given and present);
         ``label_names``; ``slot_names`` (or None); ``source``.
 
     Raises
@@ -118,6 +120,8 @@ def read_hub(name: str, *, text_column: str = "text", label_column: str = "label
                 if len(tk) != len(sl):
                     raise DataError(f"dataset {name!r} split {split!r} row {i + 1}: "
                                     f"{len(tk)} tokens but {len(sl)} slot tags")
+        if split == "train" and device_column and device_column in ds.column_names and device_column not in cols:
+            cols[device_column] = list(ds[device_column])
         out[split] = cols
     out["slot_names"] = slot_vocabulary(out["train"].get("slots"), out["test"].get("slots")) if has_slots else None
     return out

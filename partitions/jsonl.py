@@ -48,6 +48,8 @@ class JsonlSplit:
         The 1-based line each record came from (for later error messages).
     tokens, slots : list of list of str, or None
         Present when the records carry slot annotations.
+    extra : dict of str to list
+        The requested ``extra_columns`` the records carry (e.g. a device/user id), str or int.
     """
 
     path: Path
@@ -56,6 +58,7 @@ class JsonlSplit:
     lines: list[int] = field(default_factory=list)
     tokens: list[list[str]] | None = None
     slots: list[list[str]] | None = None
+    extra: dict[str, list] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -96,6 +99,7 @@ def read_jsonl(
     text_column: str = "text",
     label_column: str = "label",
     with_slots: bool | None = None,
+    extra_columns: tuple[str, ...] = (),
 ) -> JsonlSplit:
     """Stream and validate one JSONL file.
 
@@ -108,6 +112,9 @@ def read_jsonl(
     with_slots : bool or None
         Whether records must carry ``tokens``/``slots``. ``None``: the first record decides,
         and every later record must agree with it.
+    extra_columns : tuple of str
+        Optional fields to keep (e.g. ``("device",)``): when the first record has one, every
+        record must have it, as a string or an integer; absent from the first, it is ignored.
 
     Returns
     -------
@@ -127,6 +134,7 @@ def read_jsonl(
         raise DataError(f"{path}: file not found" + ("" if path.parent.is_dir() else f" (no directory {path.parent})"))
     out = JsonlSplit(path=path)
     first_slot_line: int | None = None
+    first_line: int | None = None
     try:
         fh = path.open("rb")
     except OSError as exc:
@@ -183,6 +191,18 @@ def read_jsonl(
             out.texts.append(text)
             out.labels.append(label)
             out.lines.append(lineno)
+            if first_line is None:
+                first_line = lineno
+                for col in extra_columns:
+                    if col in rec:
+                        out.extra[col] = []
+            for col, values in out.extra.items():
+                if col not in rec:
+                    raise DataError(f"{where}: missing field {col!r} ({path.name}:{first_line} has it)")
+                v = rec[col]
+                if isinstance(v, bool) or not isinstance(v, (str, int)):
+                    raise DataError(f"{where}: field {col!r} must be a string or an integer, got {json.dumps(v)[:60]}")
+                values.append(v)
     if not out.texts:
         raise DataError(f"{path}: no records (the file is empty or has only blank lines)")
     if with_slots and out.tokens is None:  # pragma: no cover - with_slots forced but no records
@@ -235,7 +255,8 @@ def slot_vocabulary(*tag_lists: list[list[str]] | None) -> list[str]:
 
 
 def read_jsonl_dir(
-    data_dir: str | Path, *, text_column: str = "text", label_column: str = "label"
+    data_dir: str | Path, *, text_column: str = "text", label_column: str = "label",
+    extra_columns: tuple[str, ...] = (),
 ) -> tuple[JsonlSplit, JsonlSplit, list[str], list[str] | None]:
     """Read and cross-check ``train.jsonl``, ``test.jsonl`` and the optional ``labels.json``.
 
@@ -262,7 +283,7 @@ def read_jsonl_dir(
         if not (data_dir / name).is_file():
             raise DataError(f"{data_dir / name}: file not found (--data-dir needs train.jsonl and test.jsonl)")
     kw = dict(text_column=text_column, label_column=label_column)
-    train = read_jsonl(data_dir / "train.jsonl", **kw)
+    train = read_jsonl(data_dir / "train.jsonl", extra_columns=extra_columns, **kw)
     test = read_jsonl(data_dir / "test.jsonl", with_slots=train.tokens is not None, **kw)
 
     labels_path = data_dir / "labels.json"

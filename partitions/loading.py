@@ -10,7 +10,9 @@ Columns of both splits: ``text`` (str), ``label`` (int64 id into ``label_names``
 (int64: the row's index in the split as loaded, before any ``max_examples`` cap, so it is a
 stable example id), and, when the source has slot annotations, ``tokens`` and ``slots``
 (lists of str; tags are names, map them with ``slot_names``). The synthetic train split also
-has ``device`` (int64 natural device id, used by the ``synthetic-natural`` partitioner).
+has ``device`` (int64 natural device id, used by the ``natural`` partitioner); with
+``device_column`` set, a JSONL or hub train split that has that field keeps it under its
+own name (int64 when every id is an integer, else string), for ``natural``.
 """
 
 from __future__ import annotations
@@ -61,12 +63,12 @@ class NLUData:
 
 
 def _features(cols: dict[str, list]) -> datasets.Features:
-    feats = {"text": datasets.Value("string"), "label": datasets.Value("int64"), "uid": datasets.Value("int64")}
+    feats = {k: datasets.Value("int64" if all(isinstance(v, (int, np.integer)) for v in vals) else "string")
+             for k, vals in cols.items()}
+    feats |= {"text": datasets.Value("string"), "label": datasets.Value("int64"), "uid": datasets.Value("int64")}
     if "tokens" in cols:
         feats["tokens"] = datasets.Sequence(datasets.Value("string"))
         feats["slots"] = datasets.Sequence(datasets.Value("string"))
-    if "device" in cols:
-        feats["device"] = datasets.Value("int64")
     return datasets.Features({k: feats[k] for k in cols})
 
 
@@ -75,9 +77,12 @@ def _to_dataset(cols: dict[str, list], rows: np.ndarray | None = None) -> datase
     n = len(cols["text"])
     keep = np.arange(n, dtype=np.int64) if rows is None else np.asarray(rows, dtype=np.int64)
     order = [k for k in ("text", "label", "tokens", "slots", "device") if k in cols]
+    order += [k for k in cols if k not in order]  # e.g. a user id column kept for "natural"
     out: dict[str, list] = {}
     for k in order:
         out[k] = cols[k] if rows is None else [cols[k][i] for i in keep]
+        if k not in ("text", "label", "tokens", "slots") and not all(isinstance(v, int) for v in out[k]):
+            out[k] = [str(v) for v in out[k]]  # ids mixing strings and integers: all strings
         if k == "label":
             out["uid"] = keep
     return datasets.Dataset.from_dict(out, features=_features(out))
@@ -123,6 +128,7 @@ def load_data(
     max_examples: int | None = None,
     seed: int = 0,
     synthetic_devices: int = 100,
+    device_column: str | None = None,
 ) -> NLUData:
     """Load a data set from exactly one source.
 
@@ -143,6 +149,10 @@ def load_data(
         Seed of the cap's subset and of the synthetic generator.
     synthetic_devices : int
         Natural devices of the built-in synthetic set (ignored for other sources).
+    device_column : str, optional
+        A device/user id field of JSONL or hub train records to keep as a column of that name
+        (for the ``natural`` partitioner); ignored when the source has no such field. The
+        synthetic set always has ``device``.
 
     Returns
     -------
@@ -165,20 +175,24 @@ def load_data(
     if data_dir is not None:
         from partitions.jsonl import read_jsonl_dir
 
-        tr, te, label_names, slot_names = read_jsonl_dir(data_dir, text_column=text_column, label_column=label_column)
+        extra = (device_column,) if device_column and device_column not in ("text", "label", "uid", "tokens",
+                                                                             "slots") else ()
+        tr, te, label_names, slot_names = read_jsonl_dir(data_dir, text_column=text_column, label_column=label_column,
+                                                         extra_columns=extra)
         index = {n: i for i, n in enumerate(label_names)}
         cols = []
         for split in (tr, te):
             c: dict[str, list] = {"text": split.texts, "label": [index[x] for x in split.labels]}
             if split.tokens is not None:
                 c["tokens"], c["slots"] = split.tokens, split.slots
+            c.update(split.extra)
             cols.append(c)
         train_cols, test_cols = cols
         source = f"JSONL files in {Path(data_dir)}"
     elif dataset is not None:
         from partitions.hub import read_hub
 
-        raw = read_hub(dataset, text_column=text_column, label_column=label_column)
+        raw = read_hub(dataset, text_column=text_column, label_column=label_column, device_column=device_column)
         train_cols, test_cols = raw["train"], raw["test"]
         label_names, slot_names, source = raw["label_names"], raw["slot_names"], raw["source"]
     else:

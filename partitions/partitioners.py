@@ -25,26 +25,42 @@ Partitioners (flwr-datasets does the assignment wherever it has one):
     (largest-remainder rounding, so they sum to ``len(train)``), and
     ``flwr_datasets.partitioner.SizePartitioner`` assigns the seeded-shuffled rows. Labels
     are i.i.d. within a device.
-``"synthetic-natural"``
-    The built-in synthetic set's own devices (its ``device`` column): device ``d`` gets the
-    rows whose ``device`` is ``d``. This is ``flwr_datasets.partitioner.NaturalIdPartitioner``
-    (partition_by="device") indexed by the natural id, computed with numpy (that partitioner
-    loops in Python behind a progress bar); a test checks both agree.
+``"cluster"``
+    Feature skew: every training text is embedded (mean-pooled all-MiniLM-L6-v2 sentence
+    embeddings by default, cached on disk, see :mod:`partitions.embeddings`; tests inject an
+    ``embed_fn``), the L2-normalised embeddings are clustered with scikit-learn k-means
+    (``num_clusters``, seeded), and ``DirichletPartitioner(partition_by=<cluster column>,
+    alpha=dirichlet_alpha)`` spreads each cluster over the devices. Smaller alpha -> each
+    device's utterances come from fewer regions of the embedding space (kinds of wording and
+    topics), whatever their labels.
+``"natural"``
+    The data's own devices (users): a device/user id column (``device_column``, default
+    ``"device"``; the built-in synthetic set has one, JSONL and hub data sets may). The
+    distinct ids, sorted, become devices ``0 .. K-1``; device ``d`` gets every row with the
+    ``d``-th id. This is ``flwr_datasets.partitioner.NaturalIdPartitioner(partition_by=
+    device_column)`` (same sorted-id numbering), computed with numpy because that partitioner
+    loops in Python behind a progress bar; a test checks both agree. ``num_devices`` must be
+    at least K (else a ``ValueError`` says to set ``--num-devices K``); a larger
+    ``num_devices`` leaves devices ``K .. num_devices-1`` empty. That is allowed on purpose:
+    ``max_examples`` can remove every row of a small synthetic device, and the run keeps the
+    device count it was asked for. ``"synthetic-natural"``, the old name, is still accepted.
 
-Devices with zero examples: possible with ``"dirichlet"`` and ``"quantity"`` when
-``min_partition_size`` is 0 (the default), with ``"quantity"`` when ``num_devices`` exceeds
-the rows, and with ``"synthetic-natural"`` when ``max_examples`` removed all of a device's
-rows or ``num_devices`` exceeds the natural devices. They are returned as empty arrays;
-the server skips them (with a warning).
+Devices with zero examples: possible with ``"dirichlet"``, ``"cluster"`` and ``"quantity"``
+when ``min_partition_size`` is 0 (the default), with ``"quantity"`` when ``num_devices``
+exceeds the rows, and with ``"natural"`` when ``num_devices`` exceeds the distinct ids. They
+are returned as empty arrays; the server skips them (with a warning).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["PARTITIONERS", "partition", "pareto_sizes"]
+__all__ = ["PARTITIONERS", "cluster_ids", "natural_ids", "partition", "pareto_sizes"]
 
-PARTITIONERS: tuple[str, ...] = ("iid", "dirichlet", "quantity", "synthetic-natural")
+PARTITIONERS: tuple[str, ...] = ("iid", "dirichlet", "quantity", "cluster", "natural")
+
+#: Old names still accepted by :func:`partition` (not listed in PARTITIONERS).
+ALIASES: dict[str, str] = {"synthetic-natural": "natural"}
 
 _ROW = "__row"
 
@@ -54,8 +70,12 @@ def _column(train, name: str) -> np.ndarray:
     return np.asarray(train.select_columns([name]).with_format("numpy")[:][name])
 
 
-def _index_dataset(train, columns: tuple[str, ...] = (), order: np.ndarray | None = None):
-    """A small Dataset of original row numbers (optionally permuted) plus the needed columns."""
+def _index_dataset(train, columns: tuple[str, ...] = (), order: np.ndarray | None = None,
+                   extra: dict[str, np.ndarray] | None = None):
+    """A small Dataset of original row numbers (optionally permuted) plus the needed columns.
+
+    ``extra``: computed columns (one value per row of ``train``), e.g. cluster ids.
+    """
     import datasets
 
     n = len(train)
@@ -63,6 +83,8 @@ def _index_dataset(train, columns: tuple[str, ...] = (), order: np.ndarray | Non
     cols = {_ROW: rows}
     for c in columns:
         cols[c] = _column(train, c)[rows]
+    for c, values in (extra or {}).items():
+        cols[c] = np.asarray(values)[rows]
     # Arrow format: flwr-datasets reads whole columns with np.array(ds[col]), which iterates row by
     # row for the default (python) format in datasets 4 but is one copy for an Arrow column.
     return datasets.Dataset.from_dict(cols).with_format("arrow")
@@ -107,6 +129,87 @@ def pareto_sizes(n: int, num_devices: int, beta: float, rng: np.random.Generator
     return sizes + min_size
 
 
+def natural_ids(train, device_column: str = "device") -> tuple[np.ndarray, np.ndarray]:
+    """The natural device of every row: ``(ids, device)``.
+
+    ``ids`` are the distinct values of ``device_column``, sorted (as NaturalIdPartitioner
+    numbers them); ``device[i]`` is the index into ``ids`` of row ``i`` (int64).
+
+    Raises
+    ------
+    ValueError
+        The column is missing (names the columns there are) or has missing values.
+    """
+    if device_column not in train.column_names:
+        raise ValueError(
+            f"the 'natural' partitioner needs a device/user id column {device_column!r}, which the training "
+            f"data does not have (columns: {', '.join(train.column_names)}); set --device-column to the "
+            "column that holds the device or user id, or use iid, dirichlet, quantity or cluster"
+        )
+    col = train.data.column(device_column)
+    if col.null_count:
+        raise ValueError(f"column {device_column!r}: {col.null_count} rows have no device id")
+    ids, device = np.unique(_column(train, device_column), return_inverse=True)
+    return ids, device.astype(np.int64).reshape(-1)
+
+
+def cluster_ids(train, num_clusters: int = 10, *, seed: int = 0, embed_fn=None) -> np.ndarray:
+    """k-means cluster (0 .. num_clusters-1, int64) of every training text's sentence embedding.
+
+    Parameters
+    ----------
+    train : datasets.Dataset
+        Needs a ``text`` column.
+    num_clusters : int
+        k of k-means (>= 1, at most the number of rows).
+    seed : int
+        Seed of k-means (k-means++ initialisation, 4 restarts).
+    embed_fn : callable, optional
+        ``list[str] -> array [n, dim]``. Default: mean-pooled all-MiniLM-L6-v2 embeddings,
+        cached on disk (:func:`partitions.embeddings.embed_texts`).
+
+    Raises
+    ------
+    ValueError
+        ``num_clusters < 1`` or more clusters than rows; embeddings of the wrong shape.
+    """
+    from sklearn.cluster import KMeans
+
+    from partitions.embeddings import embed_texts
+
+    n = len(train)
+    if int(num_clusters) != num_clusters or num_clusters < 1:
+        raise ValueError(f"num_clusters must be a positive integer, got {num_clusters}")
+    if num_clusters > n:
+        raise ValueError(f"num_clusters={num_clusters} exceeds the {n} training examples: lower --num-clusters")
+    texts = [str(t) for t in train["text"]]
+    emb = np.asarray(embed_texts(texts, embed_fn=embed_fn), dtype=np.float64)
+    if emb.ndim != 2 or emb.shape[0] != n:
+        raise ValueError(f"the embedding function returned shape {emb.shape}, expected ({n}, dim)")
+    emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)  # cosine geometry
+    km = KMeans(n_clusters=int(num_clusters), n_init=4, random_state=int(seed) % (2**32))
+    return km.fit_predict(emb).astype(np.int64)
+
+
+def _dirichlet(train, num_devices, by, alpha, min_partition_size, seed, extra=None) -> list[np.ndarray]:
+    from flwr_datasets.partitioner import DirichletPartitioner
+
+    if not alpha > 0:
+        raise ValueError(f"dirichlet_alpha must be > 0, got {alpha}")
+    p = DirichletPartitioner(num_partitions=num_devices, partition_by=by, alpha=float(alpha),
+                             min_partition_size=min_partition_size, self_balancing=False, shuffle=True,
+                             seed=seed)
+    cols = () if extra else (by,)
+    try:
+        return _indices_from(p, _index_dataset(train, cols, extra=extra), num_devices, "_partition_id_to_indices")
+    except ValueError as exc:
+        if "attempts" in str(exc):
+            raise ValueError(f"the Dirichlet partition (alpha={alpha}) left a device below "
+                             f"min_partition_size={min_partition_size} in 10 tries: lower min_partition_size "
+                             f"or num_devices, or raise dirichlet_alpha") from exc
+        raise
+
+
 def partition(
     train,
     num_devices: int,
@@ -116,27 +219,38 @@ def partition(
     dirichlet_alpha: float = 0.5,
     quantity_beta: float = 1.5,
     min_partition_size: int = 0,
+    device_column: str = "device",
+    num_clusters: int = 10,
+    embed_fn=None,
 ) -> list[np.ndarray]:
     """Assign every training row to exactly one device.
 
     Parameters
     ----------
     train : datasets.Dataset
-        The training split (needs ``label`` for ``"dirichlet"``, ``device`` for
-        ``"synthetic-natural"``).
+        The training split (needs ``label`` for ``"dirichlet"``, ``text`` for ``"cluster"``,
+        ``device_column`` for ``"natural"``).
     num_devices : int
         Number of devices (>= 1).
-    partitioner : {"iid", "dirichlet", "quantity", "synthetic-natural"}
-        See the module docstring.
+    partitioner : {"iid", "dirichlet", "quantity", "cluster", "natural"}
+        See the module docstring (``"synthetic-natural"`` is an old name of ``"natural"``).
     seed : int
         Same seed, same partition.
     dirichlet_alpha : float
-        Dirichlet concentration for ``"dirichlet"`` (> 0; smaller = more label skew).
+        Dirichlet concentration for ``"dirichlet"`` (over labels) and ``"cluster"`` (over
+        clusters); > 0, smaller = more skew.
     quantity_beta : float
         Pareto tail index for ``"quantity"`` (> 0; smaller = heavier tail).
     min_partition_size : int
-        Minimum examples per device for ``"iid"`` (checked), ``"dirichlet"`` (resampled up to
-        10 times by flwr-datasets) and ``"quantity"`` (guaranteed). 0 allows empty devices.
+        Minimum examples per device for ``"iid"`` (checked), ``"dirichlet"``/``"cluster"``
+        (resampled up to 10 times by flwr-datasets) and ``"quantity"`` (guaranteed). 0 allows
+        empty devices.
+    device_column : str
+        The device/user id column of ``"natural"``.
+    num_clusters : int
+        k of the k-means of ``"cluster"``.
+    embed_fn : callable, optional
+        ``list[str] -> array [n, dim]`` for ``"cluster"`` (default: cached MiniLM embeddings).
 
     Returns
     -------
@@ -147,11 +261,13 @@ def partition(
     ------
     ValueError
         Unknown partitioner (names the valid ones); ``num_devices < 1``; ``num_devices`` larger
-        than the training rows for ``"iid"`` or ``"dirichlet"`` (says to lower num_devices or
-        raise max_examples); a bad alpha/beta/min_partition_size; ``"synthetic-natural"`` on
-        data without a ``device`` column or with fewer ``num_devices`` than natural devices;
-        ``"dirichlet"`` that cannot meet ``min_partition_size``.
+        than the training rows for ``"iid"``, ``"dirichlet"`` or ``"cluster"`` (says to lower
+        num_devices or raise max_examples); a bad alpha/beta/min_partition_size/num_clusters;
+        ``"natural"`` on data without ``device_column`` or with fewer ``num_devices`` than
+        distinct ids (says to set --num-devices K); ``"dirichlet"``/``"cluster"`` that cannot
+        meet ``min_partition_size``.
     """
+    partitioner = ALIASES.get(partitioner, partitioner)
     if partitioner not in PARTITIONERS:
         raise ValueError(f"unknown partitioner {partitioner!r}; valid: {', '.join(PARTITIONERS)}")
     if int(num_devices) != num_devices or num_devices < 1:
@@ -162,7 +278,7 @@ def partition(
     n = len(train)
     rng = np.random.default_rng(seed)
 
-    if partitioner in ("iid", "dirichlet") and num_devices > n:
+    if partitioner in ("iid", "dirichlet", "cluster") and num_devices > n:
         raise ValueError(
             f"num_devices={num_devices} is larger than the {n} training examples, so the {partitioner!r} "
             f"partitioner cannot give every device an example: lower num_devices, raise max_examples "
@@ -178,23 +294,17 @@ def partition(
         # gives shard i the range [div*i + min(i, mod), ... + div + (i < mod)), as array_split does.
         parts = np.array_split(order, num_devices)
     elif partitioner == "dirichlet":
-        from flwr_datasets.partitioner import DirichletPartitioner
-
         if not dirichlet_alpha > 0:
             raise ValueError(f"dirichlet_alpha must be > 0, got {dirichlet_alpha}")
         if "label" not in train.column_names:
             raise ValueError("the 'dirichlet' partitioner needs a 'label' column")
-        p = DirichletPartitioner(num_partitions=num_devices, partition_by="label", alpha=float(dirichlet_alpha),
-                                 min_partition_size=min_partition_size, self_balancing=False, shuffle=True,
-                                 seed=seed)
-        try:
-            parts = _indices_from(p, _index_dataset(train, ("label",)), num_devices, "_partition_id_to_indices")
-        except ValueError as exc:
-            if "attempts" in str(exc):
-                raise ValueError(f"the Dirichlet partition (alpha={dirichlet_alpha}) left a device below "
-                                 f"min_partition_size={min_partition_size} in 10 tries: lower min_partition_size "
-                                 f"or num_devices, or raise dirichlet_alpha") from exc
-            raise
+        parts = _dirichlet(train, num_devices, "label", dirichlet_alpha, min_partition_size, seed)
+    elif partitioner == "cluster":
+        if not dirichlet_alpha > 0:
+            raise ValueError(f"dirichlet_alpha must be > 0, got {dirichlet_alpha}")
+        clusters = cluster_ids(train, num_clusters, seed=seed, embed_fn=embed_fn)
+        parts = _dirichlet(train, num_devices, "cluster", dirichlet_alpha, min_partition_size, seed,
+                           extra={"cluster": clusters})
     elif partitioner == "quantity":
         from flwr_datasets.partitioner import SizePartitioner
 
@@ -206,18 +316,15 @@ def partition(
         parts = [np.empty(0, dtype=np.int64)] * num_devices
         for dev, rows in zip(nonempty, got):
             parts[dev] = rows
-    else:  # synthetic-natural
-        if "device" not in train.column_names:
-            raise ValueError("the 'synthetic-natural' partitioner needs the built-in synthetic data set "
-                             "(a 'device' column); use 'iid', 'dirichlet' or 'quantity' for other data")
-        devices = _column(train, "device").astype(np.int64)
-        needed = int(devices.max()) + 1 if n else 0
-        if num_devices < needed:
-            raise ValueError(f"the synthetic data set has {needed} natural devices but num_devices={num_devices}: "
-                             f"set num_devices to {needed} (or generate fewer with synthetic_devices)")
-        # == NaturalIdPartitioner(partition_by="device") keyed by the natural id instead of its
-        # rank (a test checks it): grouped with numpy, as the flwr-datasets one loops in Python
-        # behind a tqdm progress bar.
+    else:  # natural
+        ids, devices = natural_ids(train, device_column)
+        k = len(ids)
+        if num_devices < k:
+            raise ValueError(f"the data has {k} natural devices (distinct values of column {device_column!r}) "
+                             f"but num_devices={num_devices}: set --num-devices {k}"
+                             + (" (or generate fewer with synthetic_devices)" if device_column == "device" else ""))
+        # == NaturalIdPartitioner(partition_by=device_column) (a test checks it): grouped with
+        # numpy, as the flwr-datasets one loops in Python behind a tqdm progress bar.
         order = np.argsort(devices, kind="stable")
         bounds = np.searchsorted(devices[order], np.arange(num_devices + 1))
         parts = [order[bounds[d]:bounds[d + 1]] for d in range(num_devices)]

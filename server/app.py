@@ -24,14 +24,15 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from dp.accounting import SubsampledGaussianEvent, compute_epsilon
+from dp.accounting import SubsampledGaussianEvent
 from dpfl.config import RunConfig
-from nlu.data import encode, predict
-from nlu.metrics import intent_metrics
-from nlu.model import build_model, load_tokenizer
+from nlu.model import load_tokenizer
+from nlu.tasks import task_for_data
 from partitions.population import Population, build_population
 from server.ledger import EventRow, Ledger
 from server.rundir import RunDir
+from server.device_dp import DeviceDPStrategy
+from server.privacy import PrivacyBook, calibrate_example_noise, local_mechanism
 from server.selection import ActivitySelector, poisson_cohort
 from server.strategies import CohortGrid, make_strategy
 
@@ -96,7 +97,7 @@ class RoundOutcome:
 
 
 class Server:
-    """State of one run on the server side (population, selector, ledger, model, strategy)."""
+    """State of one run on the server side (population, selector, ledger, privacy book, model, strategy)."""
 
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
@@ -105,10 +106,14 @@ class Server:
         self.delta = cfg.resolve_delta(len(self.pop.data.train))
         self.cfg.target_delta = self.delta
         self.num_labels = len(self.pop.data.label_names)
-        self.activity = self.pop.activity()
+        self.activity = self.pop.activity(1)  # a_k(1); updated each round in the continual setting
         empty = int((self.activity == 0).sum())
         if empty:
             log.warning("%d devices hold no examples after partitioning; they are never selected", empty)
+        if cfg.dp and cfg.target_epsilon is not None:
+            every = np.concatenate([self.pop.activity(t) for t in range(1, cfg.rounds + 1)]) if self.pop.stream else self.activity
+            cfg.noise_multiplier = calibrate_example_noise(cfg, every, self.delta)
+            log.warning("--target-epsilon %g: noise multiplier calibrated to %.4f", cfg.target_epsilon, cfg.noise_multiplier)
         alpha = cfg.activity_exponent if cfg.selection == "activity" else 0.0
         self.selector = ActivitySelector(self.activity, alpha, cfg.cohort_size, cfg.selection_constant)
         self.rng = np.random.default_rng([cfg.seed, 1])
@@ -125,37 +130,67 @@ class Server:
         )
         self.ledger.record_devices(self.activity, self.selector.probabilities(self.activity))
         self.rundir.write_config(cfg)
-        self.model = build_model(cfg.model, self.num_labels, seed=cfg.seed)
-        test = self.pop.data.test
-        self.test_enc = encode(test["text"], test["label"], load_tokenizer(cfg.model), cfg.max_length)
+        self.task = task_for_data(cfg.task, self.pop.data, cfg.slot_loss_weight, pooling=cfg.pooling)
+        self.model = self.task.build_model(cfg.model, seed=cfg.seed)
+        self.test_enc = self.task.encode(self.pop.data.test, load_tokenizer(cfg.model), cfg.max_length)
         self.strategy = make_strategy(cfg)
-        self.history: dict[int, list[SubsampledGaussianEvent]] = {}
+        if cfg.device_dp:
+            self.strategy = DeviceDPStrategy(self.strategy, cfg.update_clip_norm, cfg.device_noise_multiplier, cfg.seed)
+            self.strategy.expected_cohort = float(cfg.cohort_size)
+        self.book = PrivacyBook(
+            self.delta,
+            cfg.accountant,
+            max_epsilon=cfg.max_epsilon if cfg.dp else None,
+            max_epsilon_device=cfg.target_epsilon_device if cfg.device_dp else None,
+        )
 
     # ------------------------------------------------------------------ per round
-    def select(self) -> np.ndarray:
-        q = self.selector.probabilities(self.activity)
-        return poisson_cohort(q, self.rng)
+    def probabilities(self) -> tuple[np.ndarray, list[tuple[int, str, float]]]:
+        """q_k(t) after removing devices whose next round would exceed a budget (and those hits)."""
+        cfg = self.cfg
+        q = self.selector.probabilities(self.activity, excluded=np.array(sorted(self.book.exhausted), dtype=np.int64))
+        hits: list[tuple[int, str, float]] = []
+        cand = np.flatnonzero(q > 0)
+        if cfg.dp and cfg.max_epsilon is not None:
+            nxt = {}
+            for d in cand:
+                sr, steps = local_mechanism(int(self.activity[d]), cfg.batch_size, cfg.local_epochs)
+                nxt[int(d)] = SubsampledGaussianEvent(cfg.noise_multiplier, sr, steps)
+            hits += self.book.over_budget("example", nxt)
+        if cfg.device_dp and cfg.target_epsilon_device is not None:
+            nxt = {int(d): SubsampledGaussianEvent(cfg.device_noise_multiplier, float(q[d]), 1) for d in cand}
+            hits += self.book.over_budget("device", nxt)
+        if hits:
+            q[np.array([d for d, _, _ in hits], dtype=np.int64)] = 0.0
+            log.warning("%d devices reached their privacy budget and will not be selected again", len(hits))
+        return q, hits
 
     def evaluate(self, arrays: ArrayRecord) -> dict[str, float]:
         self.model.load_state_dict(arrays.to_torch_state_dict())
-        preds, loss = predict(self.model, self.test_enc)
-        out = intent_metrics(self.test_enc.labels, preds, self.num_labels)
-        out["test_loss"] = loss
-        return out
+        return self.task.evaluate(self.model, self.test_enc)
 
     def run_round(self, grid: Grid, t: int, arrays: ArrayRecord, node_of: dict[int, int]) -> tuple[ArrayRecord, RoundOutcome]:
         cfg = self.cfg
         t0 = time.perf_counter()
-        cohort = self.select()
+        self.activity = self.pop.activity(t)
+        q, budget_hits = self.probabilities()
+        cohort = poisson_cohort(q, self.rng)
         out = RoundOutcome(round=t, cohort_size=len(cohort))
+        events: list[EventRow] = []
+        epsilons: dict[tuple[int, str], float] = {}
+        ok: list[Message] = []
+        if cfg.device_dp:
+            # Every device that could have been selected took part in this round's mechanism.
+            dev_events = {int(d): SubsampledGaussianEvent(cfg.device_noise_multiplier, float(q[d]), 1) for d in np.flatnonzero(q > 0)}
+            events += [EventRow(d, "device", e.noise_multiplier, e.sample_rate, 1, cfg.update_clip_norm) for d, e in dev_events.items()]
+            epsilons.update(self.book.add("device", dev_events))
         if len(cohort) == 0:
-            log.warning("round %d: the Poisson-sampled cohort is empty; round skipped", t)
-            out.skipped = True
-            self.ledger.commit_round(t, 0, [], {}, self.delta)
+            log.warning("round %d: the Poisson-sampled cohort is empty; %s", t, "noise-only update" if cfg.device_dp else "round skipped")
+            out.skipped = not cfg.device_dp
+            if cfg.device_dp:
+                self.strategy.current = {k: v.numpy() for k, v in arrays.items()}
         else:
-            round_cfg = ConfigRecord(
-                {"num-labels": self.num_labels, "target-delta": self.delta}
-            )
+            round_cfg = ConfigRecord({"num-labels": self.num_labels, "target-delta": self.delta})
             run_record = ConfigRecord(cfg.to_dict_flat())
             msgs = list(
                 self.strategy.configure_train(t, arrays, round_cfg, CohortGrid(grid, [node_of[int(k)] for k in cohort]))
@@ -173,42 +208,46 @@ class Server:
             out.extra["device_nodes"] = {
                 int(r.content["info"]["device-id"]): str(r.content["info"]["ray-node"]) for r in ok if "info" in r.content
             }
-            events: list[EventRow] = []
-            epsilons: dict[tuple[int, str], float] = {}
-            for r in ok:
-                p = r.content["privacy"]
-                d = int(p["device-id"])
-                if cfg.dp:
-                    ev = EventRow(d, "example", float(p["noise_multiplier"]), float(p["sample_rate"]), int(p["steps"]), float(p["max_grad_norm"]))
-                    events.append(ev)
-                    self.history.setdefault(d, []).append(SubsampledGaussianEvent(ev.noise_multiplier, ev.sample_rate, ev.steps))
-                    epsilons[(d, "example")] = compute_epsilon(self.history[d], self.delta, cfg.accountant)
-            # The round's privacy events are durable before its model is released.
-            self.ledger.commit_round(t, len(cohort), events, epsilons, self.delta)
+            if cfg.dp:
+                ex_events = {}
+                for r in ok:
+                    p = r.content["privacy"]
+                    d = int(p["device-id"])
+                    ev = SubsampledGaussianEvent(float(p["noise_multiplier"]), float(p["sample_rate"]), int(p["steps"]))
+                    ex_events[d] = ev
+                    events.append(EventRow(d, "example", ev.noise_multiplier, ev.sample_rate, ev.steps, float(p["max_grad_norm"])))
+                epsilons.update(self.book.add("example", ex_events))
+            losses = [float(r.content["metrics"]["train_loss"]) for r in ok]
+            weights = [float(r.content["metrics"]["num-examples"]) for r in ok]
             if ok:
-                new_arrays, agg_metrics = self.strategy.aggregate_train(t, ok)
-                if new_arrays is not None:
-                    arrays = new_arrays
-                if agg_metrics is not None:
-                    out.train_loss = float(agg_metrics.get("train_loss", float("nan")))
-                    out.train_seconds_mean = float(agg_metrics.get("train_seconds", float("nan")))
-        if cfg.dp:
-            out.epsilon_example_max = self.epsilon_example_max()
-        else:
-            out.epsilon_example_max = float("inf")
+                out.train_loss = float(np.average(losses, weights=weights))
+                out.train_seconds_mean = float(np.mean([float(r.content["metrics"]["train_seconds"]) for r in ok]))
+        holdings = []
+        if cfg.dp and self.pop.stream is not None:
+            for r in ok:
+                d = int(r.content["privacy"]["device-id"])
+                holdings += [(d, int(u)) for u in self.pop.uids(self.pop.held(d, t))]
+        # The round's privacy events are durable before its model is released.
+        self.ledger.commit_round(t, len(cohort), events, epsilons, self.delta, budget_hits, holdings)
+        if ok or (cfg.device_dp and len(cohort) == 0):
+            new_arrays, _ = self.strategy.aggregate_train(t, ok)
+            if new_arrays is not None:
+                arrays = new_arrays
+        out.epsilon_example_max = self.book.max_epsilon("example") if cfg.dp else float("inf")
+        out.epsilon_device_max = self.book.max_epsilon("device") if cfg.device_dp else None
+        out.extra["devices_over_budget"] = len(self.book.exhausted)
+        if self.pop.stream is not None:
+            out.extra["activity_total"] = int(self.activity.sum())
         if t % cfg.eval_every == 0 or t == cfg.rounds:
             m = self.evaluate(arrays)
             out.accuracy, out.macro_f1, out.test_loss = m["accuracy"], m["macro_f1"], m["test_loss"]
+            for k in ("slot_f1", "sentence_accuracy"):
+                if k in m:
+                    out.extra[k] = m[k]
         self.rundir.save_checkpoint(arrays, t)
         out.seconds = time.perf_counter() - t0
         self.rundir.append_metrics(out.to_json())
         return arrays, out
-
-    def epsilon_example_max(self) -> float:
-        row = self.ledger.conn.execute(
-            "SELECT MAX(epsilon) FROM device_epsilon WHERE run_id=? AND unit='example'", (self.cfg.run_id,)
-        ).fetchone()
-        return float(row[0] or 0.0)
 
 
 def run_server(grid: Grid, cfg: RunConfig, progress: bool = True) -> dict:
@@ -233,6 +272,8 @@ def run_server(grid: Grid, cfg: RunConfig, progress: bool = True) -> dict:
         if last.accuracy is not None:
             post["acc"] = f"{last.accuracy:.3f}"
         post["eps"] = f"{last.epsilon_example_max:.2f}"
+        if last.epsilon_device_max is not None:
+            post["eps_dev"] = f"{last.epsilon_device_max:.2f}"
         bar.set_postfix(post)
     server.ledger.close()
     return {"run_dir": str(server.rundir.path), "final": last.__dict__ if last else None, "delta": server.delta}

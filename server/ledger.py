@@ -13,6 +13,8 @@ Schema (``ledger.sqlite``)::
     privacy_events(id, run_id, round, device_id, unit, noise_multiplier, sample_rate, steps, max_grad_norm)
     device_epsilon(run_id, device_id, unit, round, epsilon, target_delta)   epsilon so far
     budget_events(run_id, device_id, unit, round, epsilon)       removed from selection (budget)
+    example_holdings(run_id, round, device_id, uid)              continual setting: which examples
+                                                                 (stable uid) a device held when it trained
 """
 
 from __future__ import annotations
@@ -45,6 +47,9 @@ CREATE TABLE IF NOT EXISTS device_epsilon(
     PRIMARY KEY(run_id, device_id, unit));
 CREATE TABLE IF NOT EXISTS budget_events(
     run_id TEXT, device_id INTEGER, unit TEXT, round INTEGER, epsilon REAL);
+CREATE TABLE IF NOT EXISTS example_holdings(
+    run_id TEXT, round INTEGER, device_id INTEGER, uid INTEGER,
+    PRIMARY KEY(run_id, round, device_id, uid));
 CREATE TRIGGER IF NOT EXISTS privacy_events_append_only_u BEFORE UPDATE ON privacy_events
     BEGIN SELECT RAISE(ABORT, 'privacy_events is append-only'); END;
 CREATE TRIGGER IF NOT EXISTS privacy_events_append_only_d BEFORE DELETE ON privacy_events
@@ -104,8 +109,9 @@ class Ledger:
         epsilons: dict[tuple[int, str], float],
         target_delta: float,
         budget_hits: list[tuple[int, str, float]] = (),
+        holdings: list[tuple[int, int]] = (),
     ) -> None:
-        """Write a round's events, the devices' epsilons so far and budget hits in ONE transaction.
+        """Write a round's events, epsilons so far, budget hits and holdings in ONE transaction.
 
         Raises
         ------
@@ -130,6 +136,10 @@ class Ledger:
             cur.executemany(
                 "INSERT INTO budget_events VALUES (?,?,?,?,?)",
                 [(self.run_id, d, u, round_, float(eps)) for d, u, eps in budget_hits],
+            )
+            cur.executemany(
+                "INSERT INTO example_holdings VALUES (?,?,?,?)",
+                [(self.run_id, round_, d, u) for d, u in holdings],
             )
             cur.execute("INSERT INTO rounds VALUES (?,?,?,?)", (self.run_id, round_, time.time(), cohort_size))
             cur.execute("COMMIT")

@@ -107,7 +107,7 @@ def test_quantity_allows_more_devices_than_rows(small):
 
 
 def test_errors(small):
-    with pytest.raises(ValueError, match="iid, dirichlet, quantity, synthetic-natural"):
+    with pytest.raises(ValueError, match="iid, dirichlet, quantity, cluster, natural"):
         partition(small, 10, "shards")
     with pytest.raises(ValueError, match="num_devices"):
         partition(small, 3001, "iid")
@@ -117,14 +117,16 @@ def test_errors(small):
         partition(small, 0)
     with pytest.raises(ValueError, match="min_partition_size"):
         partition(small, 1000, "iid", min_partition_size=4)
-    with pytest.raises(ValueError, match="synthetic"):
-        partition(small, 10, "synthetic-natural")
-    assert set(PARTITIONERS) == {"iid", "dirichlet", "quantity", "synthetic-natural"}
+    with pytest.raises(ValueError, match="--device-column"):
+        partition(small, 10, "natural")
+    assert set(PARTITIONERS) == {"iid", "dirichlet", "quantity", "cluster", "natural"}
 
 
 def test_synthetic_natural(synthetic):
     train = synthetic.train
-    parts = partition(train, 100, "synthetic-natural")
+    parts = partition(train, 100, "natural")
+    old = partition(train, 100, "synthetic-natural")  # the old name still works
+    assert all(np.array_equal(x, y) for x, y in zip(parts, old))
     _check_cover(parts, len(train), 100)
     dev = np.asarray(train["device"])
     assert all(np.all(dev[p] == d) for d, p in enumerate(parts))
@@ -136,9 +138,9 @@ def test_synthetic_natural(synthetic):
         assert np.array_equal(parts[natural_id], rows)
     sizes = np.array([len(p) for p in parts])
     assert sizes.max() >= 5 * np.median(sizes)
-    with pytest.raises(ValueError, match="set num_devices to 100"):
-        partition(train, 50, "synthetic-natural")
-    more = partition(train, 120, "synthetic-natural")
+    with pytest.raises(ValueError, match="set --num-devices 100"):
+        partition(train, 50, "natural")
+    more = partition(train, 120, "natural")
     assert len(more) == 120 and all(len(p) == 0 for p in more[100:])
 
 
@@ -169,3 +171,106 @@ def test_max_examples_then_partition(banking_train):
     _check_cover(parts, 2000, 20)
     uids = np.asarray(d.train["uid"])
     assert uids[parts[0]].max() < 10003  # indices are rows of the capped set; uid maps back
+
+
+def test_natural_by_string_column_matches_natural_id_partitioner():
+    users = ["zoe", "adam", "mia", "adam", "zoe", "zoe", "bob", "mia"] * 5
+    ds = datasets.Dataset.from_dict({"text": ["x"] * 40, "label": [0, 1] * 20, "user": users})
+    parts = partition(ds, 4, "natural", device_column="user")
+    _check_cover(parts, 40, 4)
+    names = sorted(set(users))  # distinct ids, sorted -> devices 0..K-1
+    u = np.asarray(users)
+    assert all(np.all(u[p] == names[d]) for d, p in enumerate(parts))
+    nat = NaturalIdPartitioner(partition_by="user")
+    nat.dataset = ds.add_column("row", list(range(40)))
+    for pid in range(4):
+        assert np.array_equal(parts[pid], np.sort(nat.load_partition(pid)["row"]))
+    with pytest.raises(ValueError, match="set --num-devices 4"):
+        partition(ds, 3, "natural", device_column="user")
+    with pytest.raises(ValueError, match="--device-column"):
+        partition(ds, 4, "natural")  # no 'device' column
+
+
+def test_jsonl_device_column_feeds_natural(tmp_path):
+    import json
+
+    rows = [{"text": f"hello {i}", "label": "a" if i % 2 else "b", "user_id": f"u{i % 3}"} for i in range(12)]
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    (tmp_path / "test.jsonl").write_text(json.dumps({"text": "hi", "label": "a"}))
+    d = load_data(tmp_path, device_column="user_id")
+    assert d.train["user_id"][:3] == ["u0", "u1", "u2"]
+    parts = partition(d.train, 3, "natural", device_column="user_id")
+    assert [len(p) for p in parts] == [4, 4, 4]
+    assert "user_id" not in load_data(tmp_path).train.column_names  # only kept when asked for
+    rows[5].pop("user_id")
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    with pytest.raises(Exception, match="train.jsonl:6: missing field 'user_id'"):
+        load_data(tmp_path, device_column="user_id")
+
+
+def _fake_clustered_embeddings(num_clusters=5, per=120, dim=16, seed=0):
+    """Texts whose fake embeddings form ``num_clusters`` tight blobs, and each text's blob."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(num_clusters, dim)) * 5
+    blob = np.repeat(np.arange(num_clusters), per)
+    rng.shuffle(blob)
+    texts = [f"utterance {i}" for i in range(len(blob))]
+    vecs = {t: centres[b] + rng.normal(scale=0.3, size=dim) for t, b in zip(texts, blob)}
+    calls = []
+
+    def embed(batch):
+        calls.append(len(batch))
+        return np.stack([vecs[t] for t in batch])
+
+    # Labels independent of the blobs: cluster skew is feature skew, not label skew.
+    ds = datasets.Dataset.from_dict({"text": texts, "label": rng.integers(0, 4, len(blob))})
+    return ds, blob, embed, calls
+
+
+def test_cluster_partitioner_feature_skew_and_determinism():
+    ds, blob, embed, calls = _fake_clustered_embeddings()
+    parts = partition(ds, 20, "cluster", num_clusters=5, dirichlet_alpha=0.1, seed=3, embed_fn=embed)
+    assert calls == [len(ds)]  # one call with every text
+    _check_cover(parts, len(ds), 20)
+    again = partition(ds, 20, "cluster", num_clusters=5, dirichlet_alpha=0.1, seed=3, embed_fn=embed)
+    assert all(np.array_equal(x, y) for x, y in zip(parts, again))
+    skewed = _mean_label_entropy(parts, blob)  # entropy over the true blobs
+    iid = _mean_label_entropy(partition(ds, 20, "iid", seed=3), blob)
+    mild = _mean_label_entropy(partition(ds, 20, "cluster", num_clusters=5, dirichlet_alpha=100.0, seed=3,
+                                         embed_fn=embed), blob)
+    assert skewed < iid - 0.5
+    assert mild > skewed + 0.5
+    labels = np.asarray(ds["label"])  # labels stay roughly as mixed as under iid
+    assert _mean_label_entropy(parts, labels) > 0.5 * _mean_label_entropy(partition(ds, 20, "iid"), labels)
+    with pytest.raises(ValueError, match="num-clusters"):
+        partition(ds, 20, "cluster", num_clusters=10_000, embed_fn=embed)
+
+
+def test_cluster_ids_recover_blobs():
+    from partitions.partitioners import cluster_ids
+
+    ds, blob, embed, _ = _fake_clustered_embeddings()
+    c = cluster_ids(ds, 5, seed=0, embed_fn=embed)
+    # every k-means cluster is one blob (up to renaming)
+    for k in range(5):
+        assert len(set(blob[c == k])) == 1
+
+
+def test_embedding_cache(tmp_path, monkeypatch):
+    from partitions import embeddings
+
+    monkeypatch.setenv("DPFL_CACHE_DIR", str(tmp_path))
+    calls = []
+
+    def fake_minilm(texts):
+        calls.append(len(texts))
+        return np.arange(len(texts) * 3, dtype=np.float32).reshape(-1, 3)
+
+    monkeypatch.setattr(embeddings, "minilm_embed", fake_minilm)
+    a = embeddings.embed_texts(["a", "b"])
+    b = embeddings.embed_texts(["a", "b"])
+    assert calls == [2] and np.array_equal(a, b)
+    assert len(list((tmp_path / "embeddings").glob("*.npy"))) == 1
+    embeddings.embed_texts(["a", "c"])  # other texts, other key
+    assert calls == [2, 2]
+    assert embeddings.texts_key(["ab", "c"]) != embeddings.texts_key(["a", "bc"])

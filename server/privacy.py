@@ -1,0 +1,118 @@
+"""The server's per-device privacy bookkeeping: histories, epsilons, budgets, calibration.
+
+Two privacy units (DESIGN.md): ``example`` (DP-SGD on the device; composed over the rounds the
+device trained) and ``device`` (DP-FedAvg on the server; composed over every round in which the
+device could have been selected, with its own q_k(t): individual accounting). The ledger is the
+durable copy; this object is the in-memory view the round loop consults.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from dp.accounting import SubsampledGaussianEvent, calibrate_noise_multiplier, compute_epsilon, compute_epsilons
+from dp.sampling import sample_rate_for, steps_for
+
+
+def local_mechanism(num_examples: int, batch_size: int, local_epochs: int) -> tuple[float, int]:
+    """(sample_rate, steps) of one round of DP-SGD on a device holding ``num_examples``."""
+    return sample_rate_for(num_examples, batch_size), steps_for(num_examples, batch_size, local_epochs)
+
+
+def calibrate_example_noise(cfg, activity: np.ndarray, delta: float) -> float:
+    """The smallest noise multiplier that keeps every device's example-level epsilon <= target.
+
+    Worst case per device: it trains in every one of ``cfg.rounds`` rounds (a device that joins
+    fewer rounds spends less). ``activity`` holds every activity a device can have (in the
+    continual setting, the activities of all rounds); each distinct local mechanism (q, steps)
+    is repeated ``cfg.rounds`` times and the answer is the largest sigma any of them needs. In
+    the continual setting this assumes the round mechanisms are ordered by privacy loss (a
+    device's rounds are no worse than its worst round repeated); pair it with
+    ``--max-epsilon``, which enforces the composed value from the ledger.
+
+    Raises
+    ------
+    ValueError
+        If the target cannot be met (the message names the settings to change).
+    """
+    profiles = {local_mechanism(int(a), cfg.batch_size, cfg.local_epochs) for a in activity if a > 0}
+    sigma = 0.0
+    for q, steps in sorted(profiles):
+        if steps == 0:
+            continue
+        try:
+            s = calibrate_noise_multiplier(
+                cfg.target_epsilon, delta, schedule=[(q, steps * cfg.rounds)], accountant=cfg.accountant
+            )
+        except ValueError as exc:
+            raise ValueError(
+                f"--target-epsilon {cfg.target_epsilon:g} is unreachable for a device with sample rate {q:.3g} "
+                f"and {steps} local steps over {cfg.rounds} rounds at delta {delta:g}: raise --target-epsilon, "
+                f"lower --rounds or --local-epochs, or raise --batch-size ({exc})"
+            ) from exc
+        sigma = max(sigma, s)
+    return sigma
+
+
+class PrivacyBook:
+    """In-memory histories of both units, with budget checks.
+
+    Parameters
+    ----------
+    delta : float
+        The run's delta.
+    accountant : str
+        "pld" or "rdp".
+    max_epsilon : float, optional
+        Example-level budget per device.
+    max_epsilon_device : float, optional
+        Device-level budget per device.
+    """
+
+    def __init__(self, delta: float, accountant: str, max_epsilon: float | None = None, max_epsilon_device: float | None = None):
+        self.delta = delta
+        self.accountant = accountant
+        self.budget = {"example": max_epsilon, "device": max_epsilon_device}
+        self.history: dict[str, dict[int, list[SubsampledGaussianEvent]]] = {"example": {}, "device": {}}
+        self.epsilon: dict[str, dict[int, float]] = {"example": {}, "device": {}}
+        self.exhausted: dict[int, tuple[str, float]] = {}
+
+    def load(self, unit: str, events: dict[int, list[tuple[float, float, int]]]) -> None:
+        """Restore histories (e.g. from the ledger on resume)."""
+        for d, evs in events.items():
+            self.history[unit][d] = [SubsampledGaussianEvent(*e) for e in evs]
+        self.epsilon[unit].update(compute_epsilons(self.history[unit], self.delta, self.accountant))
+
+    def add(self, unit: str, events: dict[int, SubsampledGaussianEvent]) -> dict[tuple[int, str], float]:
+        """Compose one round's events; return {(device, unit): epsilon so far} for those devices."""
+        for d, ev in events.items():
+            self.history[unit].setdefault(d, []).append(ev)
+        eps = compute_epsilons({d: self.history[unit][d] for d in events}, self.delta, self.accountant)
+        self.epsilon[unit].update(eps)
+        return {(d, unit): e for d, e in eps.items()}
+
+    def max_epsilon(self, unit: str) -> float:
+        return max(self.epsilon[unit].values(), default=0.0)
+
+    def over_budget(
+        self, unit: str, next_events: dict[int, SubsampledGaussianEvent]
+    ) -> list[tuple[int, str, float]]:
+        """Devices whose epsilon would exceed the unit's budget after ``next_events``.
+
+        Returns (device, unit, epsilon it would reach) for each, and marks them exhausted.
+        """
+        budget = self.budget[unit]
+        if budget is None:
+            return []
+        hits = []
+        cands = {d: ev for d, ev in next_events.items() if d not in self.exhausted}
+        projected = compute_epsilons(
+            {d: [*self.history[unit].get(d, []), ev] for d, ev in cands.items()}, self.delta, self.accountant
+        )
+        for d, e in projected.items():
+            if e > budget or math.isnan(e):
+                self.exhausted[d] = (unit, e)
+                hits.append((d, unit, e))
+        return hits
