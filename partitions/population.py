@@ -1,6 +1,12 @@
 """The device population of a run: the data set, device id -> its training rows, and (in the
 continual setting) when each example arrives and is deleted.
 
+Privacy-audit canaries (``canaries`` > 0 in the settings) are inserted here, after loading and
+partitioning: :func:`dp.audit.make_canaries` draws M canaries (seeded from the run seed), each
+included with probability 1/2; every included canary's ``canary_repeats`` copies are appended
+to ``data.train`` (with their stable negative uids, :func:`dp.audit.canary_uid`) and to ONE
+device's index array (a device that holds data). Excluded canaries are in no device's data.
+
 Built once per process from the run settings (cached): the server uses it for activities,
 selection and evaluation, each client process for its device's examples. Construction is
 deterministic in the settings, so every process builds the same population.
@@ -32,12 +38,24 @@ class Population:
         The partitioner actually used (``auto`` resolved).
     stream : partitions.continual.Stream or None
         Arrival rounds and storage cap in the continual setting; None when static.
+    canaries : tuple of dp.audit.Canary
+        All M audit canaries (included and excluded; labels are label NAMES); empty without
+        ``--canaries``.
+    canary_records : tuple of dp.audit.CanaryRecord
+        The inserted copies (device id, uid) of the included canaries, in train-row order:
+        record j is train row ``len(data.train) - len(canary_records) + j``.
     """
 
     data: NLUData
     devices: tuple
     partitioner: str
     stream: Stream | None = None
+    canaries: tuple = ()
+    canary_records: tuple = ()
+
+    def canary_device(self) -> dict[int, int]:
+        """canary_id -> the device holding its copies (included canaries only)."""
+        return {int(r.canary_id): int(r.device_id) for r in self.canary_records}
 
     @property
     def num_devices(self) -> int:
@@ -79,6 +97,8 @@ def population_key(cfg) -> tuple:
         cfg.setting,
         cfg.storage_cap,
         cfg.rounds,
+        int(getattr(cfg, "canaries", 0) or 0),
+        int(getattr(cfg, "canary_repeats", 1) or 1),
     )
 
 
@@ -101,6 +121,8 @@ def population_for_key(key: tuple) -> Population:
         setting,
         storage_cap,
         rounds,
+        n_canaries,
+        canary_repeats,
     ) = key
     data = load_data(
         data_dir=data_dir,
@@ -125,10 +147,77 @@ def population_for_key(key: tuple) -> Population:
         num_clusters=num_clusters,
     )
     devices = tuple(np.asarray(d, dtype=np.int64) for d in devices)
+    canaries, records = (), ()
+    if n_canaries:
+        data, devices, canaries, records = insert_canaries(data, devices, n_canaries, canary_repeats, seed)
     stream = None
     if setting == "continual":
         stream = make_stream(list(devices), rounds, seed=seed, storage_cap=storage_cap)
-    return Population(data=data, devices=devices, partitioner=partitioner, stream=stream)
+    return Population(data=data, devices=devices, partitioner=partitioner, stream=stream,
+                      canaries=canaries, canary_records=records)
+
+
+#: Offset mixed into the run seed for the canary draw, so it does not repeat the partition's draws.
+CANARY_SEED_OFFSET = 0x5EED
+
+
+def insert_canaries(data: NLUData, devices: tuple, n_canaries: int, repeats: int, seed: int):
+    """Append M audit canaries' records to ``data.train`` and to their devices' index arrays.
+
+    Canaries are drawn by :func:`dp.audit.make_canaries` (labels: the data's label names;
+    candidate devices: those holding at least one example, all devices if none does; random
+    assignment; inclusion probability 1/2; seed ``seed + CANARY_SEED_OFFSET``). Appended rows
+    have ``text``, ``label`` (class id), ``uid`` (negative, stable), ``tokens``/``slots`` (all
+    "O") when the data has slots, and a neutral value (-1 or "") in any other column.
+
+    Returns
+    -------
+    (data, devices, canaries, records)
+        The new NLUData, the new device index arrays (copies of the included canaries appended
+        to their device's array), all canaries, and the inserted records.
+    """
+    import dataclasses
+
+    import datasets
+
+    from dp.audit.canaries import make_canaries
+
+    names = list(data.label_names)
+    with_data = [k for k, d in enumerate(devices) if len(d)] or list(range(len(devices)))
+    canaries, records = make_canaries(
+        n_canaries, names, with_data, repeats=repeats, seed=int(seed) + CANARY_SEED_OFFSET
+    )
+    if not records:
+        return data, devices, tuple(canaries), ()
+    label_id = {n: i for i, n in enumerate(names)}
+    train = data.train
+    feats = train.features
+    cols: dict[str, list] = {}
+    for name, feat in feats.items():
+        if name == "text":
+            cols[name] = [r.text for r in records]
+        elif name == "label":
+            cols[name] = [label_id[r.label] for r in records]
+        elif name == "uid":
+            cols[name] = [r.uid for r in records]
+        elif name == "tokens":
+            cols[name] = [r.text.split() for r in records]
+        elif name == "slots":
+            cols[name] = [["O"] * len(r.text.split()) for r in records]
+        else:
+            dtype = getattr(feat, "dtype", "string")
+            cols[name] = [-1 if dtype.startswith("int") else "" for _ in records]
+    extra = datasets.Dataset.from_dict(cols, features=feats)
+    n0 = len(train)
+    new_train = datasets.concatenate_datasets([train, extra])
+    rows_of: dict[int, list[int]] = {}
+    for j, r in enumerate(records):
+        rows_of.setdefault(int(r.device_id), []).append(n0 + j)
+    new_devices = tuple(
+        np.concatenate([d, np.asarray(rows_of[k], dtype=np.int64)]) if k in rows_of else d
+        for k, d in enumerate(devices)
+    )
+    return dataclasses.replace(data, train=new_train), new_devices, tuple(canaries), tuple(records)
 
 
 def build_population(cfg) -> Population:

@@ -21,7 +21,11 @@ written as the string ``"inf"`` because JSON has no infinity)::
       "budget_events": [{"device_id", "unit", "round", "epsilon"}],
       "final_accuracy": float | null, "final_macro_f1": float | null,
       "baseline": {"final_accuracy", "final_macro_f1", "run_dir"} | null,
-      "metrics_lines_skipped": int, "warnings": [str]
+      "metrics_lines_skipped": int, "warnings": [str],
+      "audit": {"epsilon_lower_bound", "confidence", "delta", "auc", "tpr_at_1pct_fpr",
+                "tpr_at_0_1pct_fpr", "mean_exposure", "extraction_rate", ...} | null
+                                                   # from RUN_DIR/audit/audit.json (dpfl audit);
+                                                   # null when no audit was run
     }
 
 ``median`` is over the devices that have at least one event of that unit (devices that
@@ -77,6 +81,7 @@ class RunData:
     ledger_epsilon: dict[str, dict[int, float]]
     budget_events: list[dict[str, Any]]
     warnings: list[str] = field(default_factory=list)
+    audit: dict[str, Any] | None = None  # RUN_DIR/audit/audit.json when present
 
 
 def read_config(run_dir: Path) -> dict[str, Any]:
@@ -124,6 +129,20 @@ def read_metrics(run_dir: Path) -> tuple[list[dict[str, Any]], int]:
     return [by_round[k] for k in sorted(by_round)], skipped
 
 
+def read_audit(run_dir: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """``RUN_DIR/audit/audit.json`` written by ``dpfl audit`` (None if absent), and a warning if unreadable."""
+    path = run_dir / "audit" / "audit.json"
+    if not path.exists():
+        return None, None
+    try:
+        audit = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(audit, dict) or not isinstance(audit.get("summary"), dict):
+            raise ValueError("no summary object")
+    except (OSError, ValueError) as exc:
+        return None, f"{path} could not be read ({exc}); the audit section is left out."
+    return audit, None
+
+
 def _connect_read_only(path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=5.0)
     conn.execute("PRAGMA busy_timeout=5000")
@@ -154,6 +173,9 @@ def read_run(run_dir: Path) -> RunData:
         run_row=None, devices={}, rounds=[], events={u: {} for u in UNITS},
         ledger_epsilon={u: {} for u in UNITS}, budget_events=[],
     )
+    data.audit, audit_warning = read_audit(run_dir)
+    if audit_warning:
+        data.warnings.append(audit_warning)
     if skipped:
         data.warnings.append(
             f"{skipped} line(s) of metrics.jsonl were incomplete or not JSON and were skipped "
@@ -439,7 +461,20 @@ def compute_summary(data: RunData, baseline: RunData | None = None,
             warnings.append("the baseline run directory has dp = true; it is not a non-private baseline")
     else:
         summary["baseline"] = None
+    summary["audit"] = _audit_summary(data.audit)
     return summary
+
+
+def _audit_summary(audit: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The ``audit`` object of the summary: audit.json's summary plus what the report shows."""
+    if not audit:
+        return None
+    out = dict(audit["summary"])
+    out["details"] = {k: audit.get(k) for k in (
+        "membership", "epsilon_lower_bound", "theoretical", "exposure", "extraction", "canaries",
+        "checkpoint_round", "warnings")}
+    out["file"] = "audit/audit.json"
+    return out
 
 
 def json_summary(summary: dict[str, Any]) -> dict[str, Any]:

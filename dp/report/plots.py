@@ -119,6 +119,46 @@ def accuracy_vs_round(summary: dict[str, Any], path: Path) -> Path | None:
     return _save(fig, path)
 
 
+def audit_roc(summary: dict[str, Any], data, path: Path) -> Path | None:
+    """ROC curves of the membership attacks (RUN_DIR/audit/roc.json), linear and log-log."""
+    import json
+
+    if not summary.get("audit"):
+        return None
+    roc_path = Path(data.run_dir) / "audit" / "roc.json"
+    try:
+        roc = json.loads(roc_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    curves = [(k, roc.get(k)) for k in ("canaries", "real") if roc.get(k)]
+    if not curves:
+        return None
+    names = {"canaries": "canaries (included vs excluded)", "real": "real examples (train vs test)"}
+    fig, axes = plt.subplots(1, 2, figsize=(10.4, 4.0))
+    for key, c in curves:
+        auc = ((summary["audit"].get("details") or {}).get("membership") or {}).get(key) or {}
+        label = f"{names[key]}, AUC {auc.get('auc', float('nan')):.3f}"
+        for ax in axes:
+            ax.step(c["fpr"], c["tpr"], where="post", label=label)
+    lo = 1e-3
+    for ax, log in zip(axes, (False, True)):
+        grid = [lo, 1.0] if log else [0.0, 1.0]
+        ax.plot(grid, grid, color="grey", ls=":", lw=0.8, label="chance")
+        ax.set_xlabel("false-positive rate")
+        ax.set_ylabel("true-positive rate")
+        if log:
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_xlim(lo, 1.0)
+            ax.set_ylim(lo, 1.05)
+            ax.set_title("log-log (low FPR)", fontsize=10)
+        else:
+            ax.set_title("membership inference by loss", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
+    return _save(fig, path)
+
+
 def make_plots(summary: dict[str, Any], data, out_dir: Path) -> dict[str, Path]:
     """Write the report's PNGs into ``out_dir``; returns name -> path of those written."""
     out: dict[str, Path] = {}
@@ -127,6 +167,7 @@ def make_plots(summary: dict[str, Any], data, out_dir: Path) -> dict[str, Path]:
         ("epsilon_vs_activity", lambda p: epsilon_vs_activity(summary, data, p)),
         ("epsilon_distribution", lambda p: epsilon_histogram(summary, p)),
         ("accuracy_vs_round", lambda p: accuracy_vs_round(summary, p)),
+        ("audit_roc", lambda p: audit_roc(summary, data, p)),
     ):
         path = fn(out_dir / f"{name}.png")
         if path is not None:

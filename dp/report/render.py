@@ -241,6 +241,8 @@ def blocks(summary: dict[str, Any], images: dict[str, Path]) -> list[Block]:
         if "epsilon_distribution" in images:
             out.append(("img", "epsilon_distribution", "Distribution of per-device epsilon."))
 
+    out += audit_blocks(summary, images)
+
     # ---------------------------------------------------------------- budgets
     out.append(("h", 2, "Budgets"))
     b = summary.get("budget") or {}
@@ -286,6 +288,123 @@ def blocks(summary: dict[str, Any], images: dict[str, Path]) -> list[Block]:
     out.append(("p", "Sources: Mironov 2017 (Renyi DP); Koskela, Jalko & Honkela 2020 and Google's dp-accounting "
                      "(privacy loss distributions); Balle et al. 2020 (RDP to (epsilon, delta)); Abadi et al. 2016 "
                      "(DP-SGD); McMahan et al. 2018 (DP-FedAvg)."))
+    return out
+
+
+def _eps_text(x: Any) -> str:
+    return "∞ (no guarantee)" if x == "inf" or (isinstance(x, float) and math.isinf(x)) else fmt(x)
+
+
+def audit_blocks(summary: dict[str, Any], images: dict[str, Path]) -> list[Block]:
+    """The "Measured leakage" section (from RUN_DIR/audit/audit.json, written by ``dpfl audit``)."""
+    out: list[Block] = [("h", 2, "Measured leakage: privacy audit")]
+    a = summary.get("audit")
+    cfg = summary.get("config") or {}
+    if not a:
+        if cfg.get("canaries"):
+            out.append(("p", f"This run inserted {cfg['canaries']} canaries, but no audit has been run yet: "
+                             "run `dpfl audit RUN_DIR`, then this section shows the measured leakage."))
+        else:
+            out.append(("p", "No privacy audit was run. Insert canaries with `--canaries M` when training and "
+                             "run `dpfl audit RUN_DIR` to measure leakage beside the guarantee."))
+        return out
+    d = a.get("details") or {}
+    lb = d.get("epsilon_lower_bound") or {}
+    theo = d.get("theoretical") or {}
+    can = d.get("canaries") or {}
+    mem = d.get("membership") or {}
+    ex = d.get("exposure") or {}
+    xt = d.get("extraction") or {}
+    conf = a.get("confidence")
+    delta = a.get("delta")
+    out.append(("p", "An audit attacks the released model and measures what leaks. The empirical epsilon it implies "
+                     "is a LOWER bound: with the stated confidence the run is not (epsilon, delta)-DP for any "
+                     "smaller epsilon. It can show that a run is less private than claimed, never that it is "
+                     "private; the accounted epsilon above is the guarantee (an upper bound). A correct "
+                     "implementation keeps the lower bound below the accounted epsilon."))
+    rep = can.get("repeats") or 1
+    rows = [
+        ["model audited", f"final global model (round {fmt(d.get('checkpoint_round'))})"],
+        ["canaries", f"{fmt(can.get('m'))} ({fmt(can.get('included'))} included, each with probability 1/2), "
+                     f"{rep} cop{'y' if rep == 1 else 'ies'} each on one device, {fmt(can.get('n_digits'))}-digit secrets"],
+    ]
+    for key, name in (("canaries", "membership inference, canaries (included vs excluded)"),
+                      ("real", "membership inference, real examples (training vs held-out)")):
+        m = mem.get(key)
+        if m:
+            rows.append([name, f"AUC {fmt(m['auc'])}; TPR {fmt(m['tpr_at_1pct_fpr'])} at 1% FPR, "
+                               f"{fmt(m['tpr_at_0_1pct_fpr'])} at 0.1% FPR ({m['n_members']} members, "
+                               f"{m['n_nonmembers']} non-members; chance: AUC 0.5, TPR = FPR)"])
+    rows.append(["empirical epsilon lower bound (larger of the two below)",
+                 f"{fmt(a.get('epsilon_lower_bound'))} at delta = {fmt(delta)}, confidence {fmt(conf)}"])
+    one = lb.get("one_run")
+    if one:
+        rows.append(["  one-run lower bound (Steinke, Nasr & Jagielski 2023)",
+                     f"{fmt(one['epsilon_lower_bound'])} ({one['v']} of {one['r']} guesses right; at most "
+                     f"{fmt(one.get('ceiling'))} with {one['m']} canaries even if every guess were right)"])
+    cp = lb.get("clopper_pearson")
+    if cp:
+        rows.append(["  Clopper-Pearson lower bound (Jagielski, Ullman & Oprea 2020)",
+                     f"{fmt(cp['epsilon_lower_bound'])} (TP {cp['true_positives']}/{cp['n_positives']}, "
+                     f"FP {cp['false_positives']}/{cp['n_negatives']})"])
+    rows.append(["accounted (theoretical) epsilon, example level", _eps_text(theo.get("epsilon_example_max"))
+                 + f" at delta = {fmt(delta)} (maximum over devices)"])
+    if rep > 1 and theo.get("epsilon_group") not in (None, "inf"):
+        dg = theo.get("delta_group")
+        rows.append([f"accounted epsilon for a group of {rep} copies on one device",
+                     f"{fmt(theo.get('epsilon_group'))} (group privacy{' or device level' if theo.get('epsilon_device_max') is not None else ''}; "
+                     + (f"delta {fmt(dg)})" if isinstance(dg, (int, float)) and dg < 1 else
+                        "its delta R e^((R-1) epsilon) delta reaches 1, so group privacy gives no meaningful bound here)")])
+    if ex:
+        rows.append(["exposure (Carlini et al. 2019), bits",
+                     f"included canaries mean {fmt(ex.get('mean_included'))} (max {fmt(ex.get('max_included'))}); "
+                     f"excluded {fmt(ex.get('mean_excluded'))}; chance {fmt(ex.get('chance'))}; maximum "
+                     f"{fmt(ex.get('max_possible'))} ({ex.get('method')}"
+                     + (f", {ex.get('samples')} sampled candidates per canary" if ex.get("samples") else
+                        f", all {ex.get('n_candidates')} candidates") + ")"])
+    if xt:
+        parts = []
+        for key in ("included", "excluded"):
+            g = xt.get(key)
+            if g:
+                parts.append(f"{key}: {g['n_exact']} of {g['n']} secrets recovered exactly (digit accuracy "
+                             f"{fmt(g['digit_accuracy'])})")
+        rows.append(["extraction by model inversion (Parikh et al. 2022)",
+                     "; ".join(parts) + f"; chance {fmt(xt.get('chance_rate'))} per secret, 0.1 per digit "
+                     f"({xt.get('steps')} steps, {xt.get('restarts')} restarts)"])
+    out.append(("table", ["measure", "value"], rows))
+    lbv = a.get("epsilon_lower_bound")
+    theo_ex = theo.get("epsilon_example_max")
+    if not summary.get("dp"):
+        out.append(("p", f"This run has no privacy guarantee (epsilon = infinity); the empirical lower bound "
+                         f"{fmt(lbv)} shows the leakage the audit could certify without one."))
+    elif isinstance(lbv, (int, float)) and isinstance(theo_ex, (int, float)):
+        group = theo.get("epsilon_group") if rep > 1 else theo_ex
+        if lbv <= theo_ex:
+            out.append(("p", f"The empirical lower bound {fmt(lbv)} is below the accounted epsilon {fmt(theo_ex)}: "
+                             "consistent with the guarantee (the audit is a lower bound, the accounting an upper one)."))
+        elif isinstance(group, (int, float)) and lbv <= group:
+            out.append(("p", f"The empirical lower bound {fmt(lbv)} exceeds the per-example epsilon {fmt(theo_ex)} "
+                             f"but not the guarantee for the {rep} copies of a canary ({fmt(group)}), which is what "
+                             "the canaries test: consistent."))
+        else:
+            out.append(("p", f"WARNING: the empirical lower bound {fmt(lbv)} exceeds the accounted epsilon "
+                             f"{fmt(theo_ex)}. If the audit's assumptions hold, the accounting or the DP "
+                             "implementation is wrong for this run."))
+    out.append(("p", "Method notes: membership scores are the model's loss on the canary's (or example's) "
+                     "label (Yeom et al. 2018), lower loss = member; TPR at low FPR as in Carlini et al. 2022. "
+                     "Each bound is computed at confidence " + fmt(lb.get("per_method_confidence"))
+                     + " so that the larger of the two holds at " + fmt(conf) + " (union bound). The "
+                     "Clopper-Pearson bound treats the canaries of one run as independent trials (Jagielski et "
+                     "al. train one model per trial); the one-run bound is the one whose assumptions hold for "
+                     "many canaries in one run. Exposure: log2(candidates) - log2(rank of the true secret). "
+                     "Real-data membership compares training examples of devices that trained with held-out "
+                     "test examples."))
+    for w in d.get("warnings") or []:
+        out.append(("p", f"Note: {w}"))
+    if "audit_roc" in images:
+        out.append(("img", "audit_roc", "ROC curves of the loss-based membership attacks (left linear, right "
+                                        "log-log to show the low-FPR region); the dotted line is chance."))
     return out
 
 

@@ -1,0 +1,631 @@
+"""The privacy audit of a finished run: canaries on record, then measured leakage.
+
+Two halves:
+
+* At run start (server side): :func:`write_canaries` writes ``RUN_DIR/canaries.json`` (all M
+  canaries: inclusion flag, secret, label NAME, device id) and :func:`record_canaries` marks
+  them in the ledger's ``canaries`` table. Both are idempotent (safe on resume).
+* After training: :func:`audit_run` (``dpfl audit RUN_DIR``) loads the run's final global
+  model (``checkpoints/global.pt``) and measures
+
+  - membership inference by loss (Yeom et al. 2018): every canary (included = member,
+    excluded = non-member) and a sample of real training examples (from devices that trained)
+    against held-out test examples; AUC and TPR at 1% and 0.1% FPR (Carlini et al. 2022);
+  - empirical epsilon LOWER bounds from the canary guesses: the one-run audit (Steinke, Nasr &
+    Jagielski 2023) and Clopper-Pearson (Jagielski, Ullman & Oprea 2020), each at confidence
+    ``1 - (1 - confidence) / 2`` so that the larger of the two holds at ``confidence``;
+  - exposure (Carlini et al. 2019) of each canary among the 10**d candidate secrets (exact, or
+    estimated from sampled candidates);
+  - extraction by model inversion (Parikh et al. 2022) of a subset of canaries.
+
+  It writes ``RUN_DIR/audit/audit.json`` (schema below) and ``RUN_DIR/audit/roc.json`` (ROC
+  curves), which ``dpfl report`` picks up.
+
+An audit is a LOWER bound on the privacy loss: it can show that a run is less private than some
+epsilon, never that it is private. Canaries inserted R times audit a group of R examples held by
+one device; the guarantee that applies to such a group is the group-privacy bound R * epsilon
+(at delta_R = R e^{(R-1) epsilon} delta), or the device-level epsilon when device-level DP is on.
+
+``audit.json``::
+
+    {"version": 1, "run_id", "run_dir", "model", "checkpoint_round", "dp", "device_dp",
+     "delta", "confidence",
+     "canaries": {"m", "included", "repeats", "n_digits", "source"},
+     "membership": {"canaries": {"auc", "tpr_at_1pct_fpr", "tpr_at_0_1pct_fpr", "n_members",
+                                 "n_nonmembers"} | null,
+                    "real": {... same ...} | null, "real_members": str},
+     "epsilon_lower_bound": {"value", "confidence", "per_method_confidence",
+                             "one_run": {...} | null, "clopper_pearson": {...} | null},
+     "theoretical": {"epsilon_example_max", "epsilon_example_canary_devices",
+                     "epsilon_device_max", "group_size", "epsilon_group", "delta_group"},
+     "exposure": {"method", "n_candidates", "samples", "chance", "mean_included",
+                  "mean_excluded", "max_included"} | null,
+     "extraction": {"steps", "restarts", "chance_rate", "included": {...}, "excluded": {...}} | null,
+     "per_canary": [{"canary_id", "included", "device_id", "label", "secret", "loss",
+                     "exposure", "extracted"}],
+     "seconds": {...}, "warnings": [str],
+     "summary": {"epsilon_lower_bound", "confidence", "auc", "tpr_at_1pct_fpr",
+                 "tpr_at_0_1pct_fpr", "mean_exposure", "mean_exposure_excluded",
+                 "chance_exposure", "extraction_rate", "extraction_rate_excluded",
+                 "membership_target", "epsilon_theoretical", "epsilon_theoretical_group"}}
+
+Infinite numbers are written as the string ``"inf"`` (JSON has no infinity).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sqlite3
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from .bounds import clopper_pearson_threshold_sweep, one_run_audit_from_scores
+from .canaries import Canary
+from .exposure import expected_exposure_uniform, exposures
+from .extraction import extraction_audit
+from .membership import loss_scores, membership_metrics, roc_curve
+
+__all__ = [
+    "AuditError",
+    "AuditOptions",
+    "CANARIES_FILE",
+    "canaries_payload",
+    "write_canaries",
+    "record_canaries",
+    "read_canaries",
+    "audit_run",
+    "DEFAULT_EXPOSURE_SAMPLES",
+]
+
+CANARIES_FILE = "canaries.json"
+#: Sampled candidates per canary for exposure: with all-MiniLM-L6-v2 on 2 busy CPU cores about
+#: 5 s per canary (20 canaries: under 2 minutes); resolves exposures up to ~log2(10**4/1000) =
+#: 3.3 bits reliably (beyond that the estimate saturates at log2 N).
+DEFAULT_EXPOSURE_SAMPLES = 1000
+
+CANARIES_TABLE = """
+CREATE TABLE IF NOT EXISTS canaries(
+    run_id TEXT NOT NULL, canary_id INTEGER NOT NULL, included INTEGER NOT NULL,
+    device_id INTEGER, repeats INTEGER NOT NULL, label TEXT, secret TEXT, text TEXT,
+    PRIMARY KEY(run_id, canary_id));
+"""
+
+
+class AuditError(ValueError):
+    """The run directory cannot be audited (message says why and what to do)."""
+
+
+# ----------------------------------------------------------------------------- canaries on record
+
+
+def canaries_payload(population) -> dict[str, Any]:
+    """The ``canaries.json`` content for a :class:`partitions.population.Population`."""
+    dev = population.canary_device()
+    uids: dict[int, list[int]] = {}
+    for r in population.canary_records:
+        uids.setdefault(int(r.canary_id), []).append(int(r.uid))
+    entries = []
+    for c in population.canaries:
+        d = c.to_dict()
+        d["label"] = str(c.label)
+        d["device_id"] = dev.get(c.canary_id) if c.included else None
+        d["uids"] = uids.get(c.canary_id, [])
+        entries.append(d)
+    return {
+        "version": 1,
+        "m": len(entries),
+        "included": sum(1 for c in population.canaries if c.included),
+        "repeats": population.canaries[0].repeats if population.canaries else None,
+        "n_digits": population.canaries[0].n_digits if population.canaries else None,
+        "inclusion_prob": 0.5,
+        "note": "Each canary was included independently with probability 1/2; all copies of an "
+        "included canary are on one device (device_id). Excluded canaries are in no device's data.",
+        "canaries": entries,
+    }
+
+
+def write_canaries(run_dir: str | os.PathLike, population, ledger_path: str | os.PathLike | None = None,
+                   run_id: str | None = None) -> Path | None:
+    """Write ``RUN_DIR/canaries.json`` (atomically); nothing when the run has no canaries.
+
+    With ``ledger_path`` (and ``run_id``) also marks the canaries in the ledger
+    (:func:`record_canaries`), so the server needs one call::
+
+        write_canaries(self.rundir.path, self.pop, self.rundir.ledger_path, cfg.run_id)
+
+    Returns
+    -------
+    pathlib.Path or None
+        The file written.
+    """
+    if not getattr(population, "canaries", ()):
+        return None
+    path = Path(run_dir) / CANARIES_FILE
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(canaries_payload(population), indent=1), encoding="utf-8")
+    os.replace(tmp, path)
+    if ledger_path is not None:
+        record_canaries(ledger_path, run_id or "", population)
+    return path
+
+
+def _entries(canaries) -> list[dict[str, Any]]:
+    if hasattr(canaries, "canaries") and hasattr(canaries, "canary_records"):  # a Population
+        return canaries_payload(canaries)["canaries"]
+    if isinstance(canaries, dict):
+        return list(canaries.get("canaries", []))
+    return [c if isinstance(c, dict) else c.to_dict() for c in canaries]
+
+
+def record_canaries(ledger_path: str | os.PathLike, run_id: str, canaries) -> int:
+    """Mark the run's canaries (and which were included) in the ledger's ``canaries`` table.
+
+    Opens the SQLite file itself (its own connection, one transaction); rows already present
+    are kept (``INSERT OR IGNORE``), so calling it again on resume changes nothing.
+
+    Parameters
+    ----------
+    ledger_path : path
+        ``RUN_DIR/ledger.sqlite`` (created if absent).
+    run_id : str
+    canaries : Population, canaries.json dict, or iterable of canary dicts / Canary
+        Entries need ``canary_id``, ``included``, ``repeats`` and optionally ``device_id``,
+        ``label``, ``secret``, ``text``.
+
+    Returns
+    -------
+    int
+        Number of canaries given (0 writes nothing, not even the table).
+    """
+    rows = [
+        (str(run_id), int(e["canary_id"]), int(bool(e["included"])),
+         None if e.get("device_id") is None else int(e["device_id"]), int(e.get("repeats", 1)),
+         None if e.get("label") is None else str(e["label"]), e.get("secret"), e.get("text"))
+        for e in _entries(canaries)
+    ]
+    if not rows:
+        return 0
+    conn = sqlite3.connect(str(ledger_path), timeout=30.0, isolation_level=None)
+    try:
+        conn.execute("PRAGMA busy_timeout=30000")
+        conn.executescript(CANARIES_TABLE)
+        conn.execute("BEGIN IMMEDIATE")
+        conn.executemany("INSERT OR IGNORE INTO canaries VALUES (?,?,?,?,?,?,?,?)", rows)
+        conn.execute("COMMIT")
+    finally:
+        conn.close()
+    return len(rows)
+
+
+def read_canaries(run_dir: str | os.PathLike) -> tuple[list[Canary], dict[int, int | None]] | None:
+    """Canaries of ``RUN_DIR/canaries.json`` and canary_id -> device id; None if absent.
+
+    Raises
+    ------
+    AuditError
+        If the file is not valid JSON of the expected shape.
+    """
+    path = Path(run_dir) / CANARIES_FILE
+    if not path.exists():
+        return None
+    try:
+        payload = json.loads(path.read_text(encoding="utf-8"))
+        entries = payload["canaries"]
+        canaries = [Canary.from_dict(e) for e in entries]
+        devices = {int(e["canary_id"]): e.get("device_id") for e in entries}
+    except (ValueError, KeyError, TypeError) as exc:
+        raise AuditError(f"{path} is not a valid canaries file: {exc}") from exc
+    return canaries, devices
+
+
+# ----------------------------------------------------------------------------- the audit
+
+
+@dataclass
+class AuditOptions:
+    """Settings of :func:`audit_run` (the ``dpfl audit`` flags).
+
+    Attributes
+    ----------
+    exposure_samples : int
+        Sampled candidate secrets per canary for exposure; 0 = all 10**d (exact, ~1 min per
+        canary for MiniLM on 2 cores).
+    extraction_steps, extraction_restarts : int
+        Model-inversion attack settings (:func:`dp.audit.extract_secret`).
+    extraction_canaries : int
+        Canaries attacked (half included, half excluded, lowest ids first); 0 = no extraction,
+        -1 = all.
+    real_samples : int
+        Real training and held-out examples scored for membership (each).
+    confidence : float
+        Overall confidence of the reported epsilon lower bound.
+    batch_size : int
+        Scoring batch size.
+    seed : int
+    threads : int or None
+        torch CPU threads (None: leave as is).
+    """
+
+    exposure_samples: int = DEFAULT_EXPOSURE_SAMPLES
+    extraction_steps: int = 100
+    extraction_restarts: int = 4
+    extraction_canaries: int = 10
+    real_samples: int = 500
+    confidence: float = 0.95
+    batch_size: int = 256
+    seed: int = 0
+    threads: int | None = None
+
+
+class _InversionAdapter(nn.Module):
+    """Give a mean-pooling classifier the ``inputs_embeds`` / ``get_input_embeddings`` interface
+    that the inversion attack needs (same computation as :class:`nlu.pooling.MeanPoolClassifier`)."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def get_input_embeddings(self):
+        return self.inner.encoder.get_input_embeddings()
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, inputs_embeds=None, **_):
+        ref = input_ids if input_ids is not None else inputs_embeds[..., 0]
+        if attention_mask is None:
+            attention_mask = torch.ones(ref.shape[:2], dtype=torch.long, device=ref.device)
+        states = self.inner.encoder(input_ids=input_ids, inputs_embeds=inputs_embeds,
+                                    attention_mask=attention_mask, token_type_ids=token_type_ids).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(states.dtype)
+        pooled = (states * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+        return type("Out", (), {"logits": self.inner.classifier(self.inner.dropout(pooled))})()
+
+
+def _for_inversion(model: nn.Module) -> nn.Module:
+    if hasattr(model, "get_input_embeddings"):
+        return model
+    if hasattr(model, "encoder") and hasattr(model, "classifier"):
+        return _InversionAdapter(model)
+    raise AuditError("the model does not expose its input embeddings; extraction is not possible")
+
+
+def _clean(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    if isinstance(x, (np.floating, np.integer)):
+        x = x.item()
+    if isinstance(x, float):
+        if math.isnan(x):
+            return None
+        if math.isinf(x):
+            return "inf"
+    return x
+
+
+def _trained_devices(run_dir: Path, run_id: str, num_devices: int) -> tuple[list[int], str]:
+    """Devices that trained at least once: from the ledger's example events, else metrics.jsonl."""
+    ledger = run_dir / "ledger.sqlite"
+    if ledger.exists():
+        try:
+            conn = sqlite3.connect(f"{ledger.resolve().as_uri()}?mode=ro", uri=True, timeout=5.0)
+            try:
+                rows = conn.execute(
+                    "SELECT DISTINCT device_id FROM privacy_events WHERE unit='example' AND run_id=?", (run_id,)
+                ).fetchall()
+            finally:
+                conn.close()
+            if rows:
+                return sorted(int(r[0]) for r in rows), "ledger privacy events"
+        except sqlite3.Error:
+            pass
+    seen: set[int] = set()
+    mpath = run_dir / "metrics.jsonl"
+    if mpath.exists():
+        for line in mpath.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            seen |= {int(k) for k in (row.get("device_nodes") or {})}
+    if seen:
+        return sorted(seen), "metrics.jsonl (devices that replied)"
+    return list(range(num_devices)), "all devices (no record of which trained)"
+
+
+def _theoretical(run_dir: Path, dp_on: bool, delta: float, canary_devices: set[int], repeats: int,
+                 warnings: list[str]) -> dict[str, Any]:
+    """Accounted epsilons (recomputed from the ledger as the report does) to set beside the audit."""
+    from dp.report.build import ReportError, read_run, unit_epsilons
+
+    out: dict[str, Any] = {"epsilon_example_max": None, "epsilon_example_canary_devices": None,
+                           "epsilon_device_max": None, "group_size": repeats,
+                           "epsilon_group": None, "delta_group": None}
+    if not dp_on:
+        out.update(epsilon_example_max=math.inf, epsilon_example_canary_devices=math.inf,
+                   epsilon_device_max=math.inf, epsilon_group=math.inf)
+        return out
+    try:
+        data = read_run(run_dir)
+    except ReportError as exc:
+        warnings.append(f"theoretical epsilon not available: {exc}")
+        return out
+    accountant = (data.run_row or {}).get("accountant") or data.config.get("accountant") or "pld"
+    ex = unit_epsilons(data, "example", delta, accountant) if data.events["example"] else {}
+    if ex:
+        out["epsilon_example_max"] = max(ex.values())
+        cd = [ex.get(d, 0.0) for d in canary_devices]
+        out["epsilon_example_canary_devices"] = max(cd) if cd else 0.0
+        e = out["epsilon_example_canary_devices"]
+        if repeats > 1:
+            out["epsilon_group"] = repeats * e
+            out["delta_group"] = min(1.0, repeats * math.exp(min(700.0, (repeats - 1) * e)) * delta)
+        else:
+            out["epsilon_group"], out["delta_group"] = e, delta
+    if data.events["device"]:
+        dv = unit_epsilons(data, "device", delta, accountant)
+        out["epsilon_device_max"] = max(dv.values()) if dv else None
+        if dv and out["epsilon_group"] is not None:
+            out["epsilon_group"] = min(out["epsilon_group"], max(dv.get(d, 0.0) for d in canary_devices) if canary_devices else 0.0)
+    return out
+
+
+def _membership(scores: np.ndarray, labels: np.ndarray) -> tuple[dict | None, dict | None]:
+    y = np.asarray(labels, dtype=bool)
+    if y.size == 0 or y.all() or (~y).all():
+        return None, None
+    m = membership_metrics(scores, y)
+    fpr, tpr, _ = roc_curve(scores, y)
+    return asdict(m), {"fpr": fpr.tolist(), "tpr": tpr.tolist()}
+
+
+def audit_run(run_dir: str | os.PathLike, options: AuditOptions | None = None,
+              log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Audit a finished run's final model; write ``RUN_DIR/audit/audit.json`` and ``roc.json``.
+
+    Parameters
+    ----------
+    run_dir : path
+        A run directory with ``config.toml`` and ``checkpoints/global.pt``.
+    options : AuditOptions, optional
+    log : callable, optional
+        Called with one progress line per stage.
+
+    Returns
+    -------
+    dict
+        The audit as written to ``audit.json`` (module docstring).
+
+    Raises
+    ------
+    AuditError
+        If the run directory lacks its config or checkpoint, the task is not intent
+        classification, or the canaries cannot be read.
+    """
+    from dpfl.config import RunConfig
+    from nlu.model import build_model, load_tokenizer
+    from partitions.population import build_population
+
+    opts = options or AuditOptions()
+    say = log or (lambda s: None)
+    run_dir = Path(run_dir)
+    t_start = time.perf_counter()
+    seconds: dict[str, float] = {}
+    warnings: list[str] = []
+    if not (run_dir / "config.toml").exists():
+        raise AuditError(f"{run_dir} has no config.toml: not a run directory")
+    ckpt = run_dir / "checkpoints" / "global.pt"
+    if not ckpt.exists():
+        raise AuditError(f"{ckpt} is absent: the run has not checkpointed a global model yet")
+    if not 0.0 < opts.confidence < 1.0:
+        raise AuditError(f"--confidence must be in (0, 1), got {opts.confidence}")
+    cfg = RunConfig.from_toml(run_dir / "config.toml")
+    if cfg.task != "intent":
+        raise AuditError(f"the audit supports --task intent only (this run: {cfg.task})")
+    if opts.threads:
+        torch.set_num_threads(int(opts.threads))
+
+    t0 = time.perf_counter()
+    pop = build_population(cfg)
+    names = list(pop.data.label_names)
+    label2id = {n: i for i, n in enumerate(names)}
+    on_record = read_canaries(run_dir)
+    if on_record is not None:
+        canaries, devices = on_record
+        source = CANARIES_FILE
+        rebuilt = {c.canary_id: (c.secret, c.included) for c in pop.canaries}
+        if rebuilt and rebuilt != {c.canary_id: (c.secret, c.included) for c in canaries}:
+            warnings.append("canaries.json differs from the canaries the settings rebuild; canaries.json was used "
+                            "(but the rebuilt population, used for the real-data samples, may not match the run)")
+    else:
+        canaries = list(pop.canaries)
+        devices = {c.canary_id: pop.canary_device().get(c.canary_id) for c in canaries}
+        source = "rebuilt from config.toml (no canaries.json)"
+        if canaries:
+            warnings.append("no canaries.json in the run directory: canaries were rebuilt from the settings "
+                            "(deterministic in the seed, but not the run's own record)")
+    for c in canaries:
+        if str(c.label) not in label2id:
+            raise AuditError(f"canary {c.canary_id}'s label {c.label!r} is not a label of the data set")
+    canaries = [Canary(c.canary_id, c.text, c.prefix, c.secret, str(c.label), c.included, c.repeats, c.suffix)
+                for c in canaries]
+    delta = cfg.target_delta if cfg.target_delta is not None else cfg.resolve_delta(len(pop.data.train))
+    model = build_model(cfg.model, len(names), seed=cfg.seed, pooling=cfg.pooling)
+    try:
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        model.load_state_dict(state)
+    except (RuntimeError, OSError, ValueError) as exc:
+        raise AuditError(f"cannot load {ckpt} into the run's model: {str(exc).splitlines()[0]}") from exc
+    model.eval()
+    tok = load_tokenizer(cfg.model)
+    ck_round = None
+    try:
+        ck_round = json.loads((run_dir / "checkpoints" / "state.json").read_text())["round"]
+    except (OSError, ValueError, KeyError):
+        pass
+    seconds["load"] = time.perf_counter() - t0
+    say(f"loaded the model of round {ck_round} and {len(canaries)} canaries ({source})")
+
+    # ----------------------------------------------------------------- membership inference
+    t0 = time.perf_counter()
+    m = len(canaries)
+    included = np.array([c.included for c in canaries], dtype=bool)
+    c_scores = loss_scores(model, tok, [c.text for c in canaries], [label2id[c.label] for c in canaries],
+                           batch_size=opts.batch_size, max_length=cfg.max_length) if m else np.zeros(0)
+    mi_can, roc_can = _membership(c_scores, included)
+    rng = np.random.default_rng([opts.seed, 17])
+    trained, members_from = _trained_devices(run_dir, cfg.run_id, pop.num_devices)
+    rows = np.concatenate([pop.devices[d] for d in trained if d < pop.num_devices] or [np.zeros(0, np.int64)])
+    if rows.size:
+        rows = rows[pop.uids(rows) >= 0]  # real examples only, not canary copies
+    rows = np.unique(rows)
+    n_tr = min(opts.real_samples, rows.size)
+    n_te = min(opts.real_samples, len(pop.data.test))
+    mi_real = roc_real = None
+    if n_tr and n_te:
+        tr_rows = np.sort(rng.choice(rows, size=n_tr, replace=False))
+        te_rows = np.sort(rng.choice(len(pop.data.test), size=n_te, replace=False))
+        tr = pop.data.train.select(tr_rows.tolist())
+        te = pop.data.test.select(te_rows.tolist())
+        s_tr = loss_scores(model, tok, tr["text"], tr["label"], opts.batch_size, cfg.max_length)
+        s_te = loss_scores(model, tok, te["text"], te["label"], opts.batch_size, cfg.max_length)
+        mi_real, roc_real = _membership(np.r_[s_tr, s_te], np.r_[np.ones(n_tr, bool), np.zeros(n_te, bool)])
+    seconds["membership"] = time.perf_counter() - t0
+    say(f"membership: canaries AUC {mi_can['auc'] if mi_can else None}, real AUC {mi_real['auc'] if mi_real else None}")
+
+    # ----------------------------------------------------------------- epsilon lower bounds
+    per_method = 1.0 - (1.0 - opts.confidence) / 2.0
+    one_run = cp = None
+    if m and mi_can is not None:
+        r1 = one_run_audit_from_scores(c_scores, included, delta, per_method)
+        one_run = asdict(r1)
+        r2 = clopper_pearson_threshold_sweep(c_scores, included, delta, per_method)
+        cp = asdict(r2)
+        # What the one-run audit could show at best with these m canaries (every guess right):
+        # a small m caps the lower bound whatever the leakage.
+        best = one_run_audit_from_scores(included.astype(float), included, delta, per_method)
+        one_run["ceiling"] = best.epsilon_lower_bound
+    values = [x["epsilon_lower_bound"] for x in (one_run, cp) if x is not None]
+    eps_lb = max(values) if values else None
+    canary_devs = {int(d) for c in canaries if c.included and (d := devices.get(c.canary_id)) is not None}
+    repeats = canaries[0].repeats if canaries else 1
+    theo = _theoretical(run_dir, bool(cfg.dp), delta, canary_devs, repeats, warnings)
+
+    # ----------------------------------------------------------------- exposure
+    t0 = time.perf_counter()
+    exp_block = None
+    exp_vals = np.full(m, np.nan)
+    if m:
+        n_cand = 10 ** canaries[0].n_digits
+        samples = opts.exposure_samples if opts.exposure_samples and opts.exposure_samples < n_cand - 1 else None
+        exp_vals = exposures(model, tok, canaries, label2id, batch_size=max(opts.batch_size, 512),
+                             n_samples=samples, seed=opts.seed)
+        exp_block = {
+            "method": "exact" if samples is None else "sampled",
+            "n_candidates": n_cand, "samples": samples,
+            "chance": expected_exposure_uniform(n_cand), "max_possible": math.log2(n_cand),
+            "mean_included": float(exp_vals[included].mean()) if included.any() else None,
+            "mean_excluded": float(exp_vals[~included].mean()) if (~included).any() else None,
+            "max_included": float(exp_vals[included].max()) if included.any() else None,
+        }
+    seconds["exposure"] = time.perf_counter() - t0
+    say(f"exposure ({exp_block['method'] if exp_block else 'no canaries'}): "
+        f"included {exp_block and exp_block['mean_included']}, excluded {exp_block and exp_block['mean_excluded']} "
+        f"({seconds['exposure']:.0f} s)")
+
+    # ----------------------------------------------------------------- extraction
+    t0 = time.perf_counter()
+    ext_block = None
+    recovered: dict[int, str] = {}
+    k = m if opts.extraction_canaries < 0 else min(m, opts.extraction_canaries)
+    if k > 0:
+        inc = [c for c in canaries if c.included]
+        exc = [c for c in canaries if not c.included]
+        n_inc = min(len(inc), max(k - min(len(exc), k // 2), 0))
+        chosen_inc, chosen_exc = inc[:n_inc], exc[: k - n_inc]
+        attack = _for_inversion(model)
+        kw = dict(steps=opts.extraction_steps, restarts=opts.extraction_restarts, seed=opts.seed)
+        parts = {}
+        for name, group in (("included", chosen_inc), ("excluded", chosen_exc)):
+            if not group:
+                parts[name] = None
+                continue
+            rep = extraction_audit(attack, tok, group, label2id, **kw)
+            recovered.update(rep.recovered)
+            parts[name] = {"n": rep.n_canaries, "n_exact": rep.n_exact, "rate": rep.exact_rate,
+                           "digit_accuracy": rep.digit_accuracy}
+        ext_block = {"steps": opts.extraction_steps, "restarts": opts.extraction_restarts,
+                     "chance_rate": 10.0 ** (-canaries[0].n_digits), "chance_digit_accuracy": 0.1, **parts}
+    seconds["extraction"] = time.perf_counter() - t0
+    if ext_block:
+        say(f"extraction: included {ext_block['included']}, excluded {ext_block['excluded']} "
+            f"({seconds['extraction']:.0f} s)")
+    seconds["total"] = time.perf_counter() - t_start
+
+    # ----------------------------------------------------------------- write
+    per_canary = [
+        {"canary_id": c.canary_id, "included": c.included, "device_id": devices.get(c.canary_id),
+         "label": c.label, "secret": c.secret, "text": c.text, "loss": float(-c_scores[i]),
+         "exposure": float(exp_vals[i]) if m else None, "extracted": recovered.get(c.canary_id)}
+        for i, c in enumerate(canaries)
+    ]
+    main_mi = mi_can or mi_real
+    theo_eps = theo.get("epsilon_example_max")
+    audit = {
+        "version": 1, "run_id": cfg.run_id, "run_dir": str(run_dir), "model": cfg.model,
+        "checkpoint_round": ck_round, "dp": bool(cfg.dp), "device_dp": bool(cfg.device_dp),
+        "delta": delta, "confidence": opts.confidence,
+        "canaries": {"m": m, "included": int(included.sum()), "repeats": repeats,
+                     "n_digits": canaries[0].n_digits if m else None, "source": source},
+        "membership": {"canaries": mi_can, "real": mi_real, "real_members": members_from,
+                       "real_nonmembers": "test split"},
+        "epsilon_lower_bound": {
+            "value": eps_lb, "confidence": opts.confidence, "per_method_confidence": per_method,
+            "one_run": one_run, "clopper_pearson": cp,
+            "note": "Empirical LOWER bounds: with the stated confidence the run is not (epsilon, delta)-DP "
+                    "for any epsilon below the value; they never certify privacy. The Clopper-Pearson bound "
+                    "treats the canaries as independent trials (Jagielski et al. use one canary per training "
+                    "run); the one-run bound (Steinke et al.) is the one whose assumptions hold for many "
+                    "canaries in one run.",
+        },
+        "theoretical": theo,
+        "exposure": exp_block,
+        "extraction": ext_block,
+        "per_canary": per_canary,
+        "options": asdict(opts),
+        "seconds": seconds,
+        "warnings": warnings,
+        "summary": {
+            "epsilon_lower_bound": eps_lb,
+            "confidence": opts.confidence,
+            "delta": delta,
+            "membership_target": "canaries" if mi_can else ("real examples" if mi_real else None),
+            "auc": main_mi["auc"] if main_mi else None,
+            "tpr_at_1pct_fpr": main_mi["tpr_at_1pct_fpr"] if main_mi else None,
+            "tpr_at_0_1pct_fpr": main_mi["tpr_at_0_1pct_fpr"] if main_mi else None,
+            "auc_real": mi_real["auc"] if mi_real else None,
+            "mean_exposure": exp_block["mean_included"] if exp_block else None,
+            "mean_exposure_excluded": exp_block["mean_excluded"] if exp_block else None,
+            "chance_exposure": exp_block["chance"] if exp_block else None,
+            "extraction_rate": (ext_block.get("included") or {}).get("rate") if ext_block else None,
+            "extraction_rate_excluded": (ext_block.get("excluded") or {}).get("rate") if ext_block else None,
+            "epsilon_lower_bound_ceiling": one_run["ceiling"] if one_run else None,
+            "epsilon_theoretical": theo_eps,
+            "epsilon_theoretical_group": theo.get("epsilon_group"),
+            "canaries": m, "canary_repeats": repeats,
+        },
+    }
+    out_dir = run_dir / "audit"
+    out_dir.mkdir(exist_ok=True)
+    for name, obj in (("roc.json", {"canaries": roc_can, "real": roc_real}), ("audit.json", audit)):
+        tmp = out_dir / (name + ".tmp")
+        tmp.write_text(json.dumps(_clean(obj), indent=1, allow_nan=False), encoding="utf-8")
+        os.replace(tmp, out_dir / name)
+    return _clean(audit)
