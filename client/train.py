@@ -33,6 +33,7 @@ class LocalTrainConfig:
     optimizer: str
     learning_rate: float
     proximal_mu: float = 0.0
+    head_learning_rate: float | None = None
 
 
 @dataclass(frozen=True)
@@ -50,10 +51,37 @@ class LocalResult:
     seconds: float
 
 
-def _optimizer(cfg: LocalTrainConfig, params) -> torch.optim.Optimizer:
+def encoder_of(model: nn.Module) -> nn.Module | None:
+    """The pretrained encoder inside a classifier (our heads' ``.encoder``, or HF's ``base_model``)."""
+    enc = getattr(model, "encoder", None)
+    if isinstance(enc, nn.Module) and hasattr(enc, "embeddings"):
+        return enc
+    base = getattr(model, "base_model", None)
+    return base if isinstance(base, nn.Module) and base is not model else None
+
+
+def param_groups(model: nn.Module, lr: float, head_lr: float | None) -> list[dict]:
+    """Optimizer groups: the encoder at ``lr``, the freshly initialised head at ``head_lr``.
+
+    Every parameter is in a group and trains; only the step size differs (discriminative
+    learning rates, Howard & Ruder 2018, Sec. 3.2). Without ``head_lr`` there is one group.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    enc = encoder_of(model)
+    if head_lr is None or enc is None:
+        return [{"params": params, "lr": lr}]
+    enc_ids = {id(p) for p in enc.parameters()}
+    return [
+        {"params": [p for p in params if id(p) in enc_ids], "lr": lr},
+        {"params": [p for p in params if id(p) not in enc_ids], "lr": head_lr},
+    ]
+
+
+def _optimizer(cfg: LocalTrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    groups = param_groups(model, cfg.learning_rate, cfg.head_learning_rate)
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.learning_rate)
-    return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
+        return torch.optim.SGD(groups, lr=cfg.learning_rate)
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, weight_decay=0.0)
 
 
 def _add_proximal_grad(model: nn.Module, start: list[torch.Tensor], mu: float) -> None:
@@ -99,7 +127,7 @@ def train_local(model: nn.Module, data: Encoded, cfg: LocalTrainConfig, seed: in
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = _optimizer(cfg, params)
+    opt = _optimizer(cfg, model)
     start = [p.detach().clone() for p in params] if cfg.proximal_mu > 0 else []
     model.train()
     losses_sum, losses_n = 0.0, 0

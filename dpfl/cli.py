@@ -1,4 +1,4 @@
-"""The ``dpfl`` command: ``simulate`` (the main job) and ``report``.
+"""The ``dpfl`` command: ``simulate`` (the main job), ``report`` and ``audit`` (dpfl/audit_cmd.py).
 
 Bad input (settings, data files, model paths, run directories) ends with one line
 ``dpfl: error: ...`` on stderr and exit code 2, before any training starts.
@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import logging
 import os
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any, get_type_hints
 from dpfl.config import RunConfig
 
 EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
 
 HELP = {
     "run_dir": "run directory (default runs/<timestamp>)",
@@ -58,7 +60,11 @@ HELP = {
     "target_epsilon_device": "device-level epsilon budget per device (needs --device-dp)",
     "max_epsilon": "example-level epsilon budget per device: a device is not selected once its next round would exceed it",
     "target_epsilon": "calibrate --noise-multiplier so that no device's example-level epsilon can exceed this",
+    "learning_rate": "local optimizer step size (the encoder's, when --head-learning-rate is set)",
+    "head_learning_rate": "step size of the freshly initialised classification head (default: --learning-rate)",
     "pooling": "mean (mean-pooled token states) | cls (transformers' classification head)",
+    "canaries": "privacy audit: insert M canary utterances (secret digits), each included with probability 1/2",
+    "canary_repeats": "copies of each included canary (all on one device)",
 }
 
 SKIP = {"extra", "run_id", "ray_address", "dp"}
@@ -122,27 +128,32 @@ def _quiet() -> None:
 class _DropFlowerNoise(logging.Filter):
     """Drop Flower's messages that do not concern a dpfl user (deprecations, debug chatter)."""
 
-    NOISE = ("DEPRECATED FEATURE", "fraction_evaluate is set to 0.0", "deprecated feature")
+    NOISE = ("DEPRECATED FEATURE", "fraction_evaluate is set to 0.0", "deprecated feature", "injected fault")
 
     def filter(self, record: logging.LogRecord) -> bool:
         msg = str(record.msg)
         return record.levelno >= logging.INFO and not any(n in msg for n in self.NOISE)
 
 
-def preflight(cfg: RunConfig) -> None:
-    """Check everything that can be checked before Ray starts (data, partition, model, run dir).
+def preflight(cfg: RunConfig, resume: bool = False) -> None:
+    """Check everything that can be checked before Ray starts (data, partition, model, run dir, calibration).
 
     Raises the same errors the run would raise (ConfigError, DataError, ModelError,
     RunDirError, ValueError), so bad input ends before any process is started.
     """
+    import numpy as np
+
     from nlu.model import load_tokenizer, resolve_model_path
     from partitions.population import build_population
+    from server.privacy import calibrate_example_noise
+    from server.rundir import RunDirError
     from server.selection import calibrate_constant
 
-    if (Path(cfg.run_dir) / "config.toml").exists():
-        from server.rundir import RunDirError
-
-        raise RunDirError(f"--run-dir {cfg.run_dir} already holds a run; choose a new --run-dir")
+    if resume:
+        if not (Path(cfg.run_dir) / "config.toml").exists():
+            raise RunDirError(f"--resume {cfg.run_dir}: no run there (config.toml is missing)")
+    elif (Path(cfg.run_dir) / "config.toml").exists():
+        raise RunDirError(f"--run-dir {cfg.run_dir} already holds a run; choose a new --run-dir (or --resume it)")
     resolve_model_path(cfg.model)
     load_tokenizer(cfg.model)
     pop = build_population(cfg)
@@ -154,22 +165,53 @@ def preflight(cfg: RunConfig) -> None:
     alpha = cfg.activity_exponent if cfg.selection == "activity" else 0.0
     if cfg.selection_constant is None:
         calibrate_constant(pop.activity(), alpha, cfg.cohort_size)
+    if cfg.dp and cfg.target_epsilon is not None:
+        every = np.concatenate([pop.activity(t) for t in range(1, cfg.rounds + 1)]) if pop.stream else pop.activity()
+        calibrate_example_noise(cfg, every, cfg.resolve_delta(len(pop.data.train)))
 
 
-def simulate(cfg: RunConfig, progress: bool = True) -> dict:
+def resume_config(run_dir: str) -> RunConfig:
+    """The RunConfig of the run in ``run_dir`` (its ``config.toml``), pointed at ``run_dir``.
+
+    Raises
+    ------
+    RunDirError
+        If ``run_dir`` holds no run.
+    """
+    from server.rundir import RunDirError
+
+    path = Path(run_dir) / "config.toml"
+    if not path.exists():
+        raise RunDirError(f"--resume {run_dir}: no run there (config.toml is missing)")
+    cfg = RunConfig.from_toml(path)
+    cfg.run_dir = str(run_dir)
+    return cfg.validate()
+
+
+class Interrupted(Exception):
+    """Ctrl-C stopped the run; its directory is resumable."""
+
+
+def simulate(cfg: RunConfig, progress: bool = True, resume: bool = False) -> dict:
     """Run the federated simulation of ``cfg`` on a local Ray instance (or ``cfg.ray_address``).
+
+    ``resume`` continues the run in ``cfg.run_dir`` from its last complete round. Ctrl-C
+    (SIGINT, from the main thread) stops the run at the next safe point, shuts Ray down and
+    raises :class:`Interrupted`; the run directory stays resumable. A second Ctrl-C aborts.
 
     Returns
     -------
     dict
         ``run_dir``, ``delta`` and the last round's outcome.
     """
+    import threading
+
     from flwr.simulation import run_simulation
 
     from client.app import app as client_app
-    from server.app import _BOUND, make_server_app
+    from server.app import _BOUND, STOP, make_server_app
 
-    preflight(cfg)
+    preflight(cfg, resume=resume)
     init_args: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.ERROR, "log_to_driver": False}
     if cfg.ray_address:
         init_args["address"] = cfg.ray_address
@@ -178,14 +220,36 @@ def simulate(cfg: RunConfig, progress: bool = True) -> dict:
         "init_args": init_args,
     }
     _BOUND.pop("result", None)
-    run_simulation(
-        server_app=make_server_app(cfg, progress=progress),
-        client_app=client_app,
-        num_supernodes=cfg.num_devices,
-        backend_config=backend_config,
-    )
+    STOP.clear()
+    old_handler = None
+    if threading.current_thread() is threading.main_thread():
+
+        def _on_sigint(signum, frame):
+            if STOP.is_set():  # second Ctrl-C: abort now
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+                raise KeyboardInterrupt
+            print("\ndpfl: stopping after the round in flight is abandoned (Ctrl-C again to abort)", file=sys.stderr)
+            STOP.set()
+
+        old_handler = signal.signal(signal.SIGINT, _on_sigint)
+    try:
+        run_simulation(
+            server_app=make_server_app(cfg, progress=progress, resume=resume),
+            client_app=client_app,
+            num_supernodes=cfg.num_devices,
+            backend_config=backend_config,
+        )
+    except Exception:
+        if STOP.is_set():
+            raise Interrupted(f"interrupted; the run is resumable: dpfl simulate --resume {cfg.run_dir}") from None
+        raise
+    finally:
+        if old_handler is not None:
+            signal.signal(signal.SIGINT, old_handler)
     result = _BOUND.pop("result", None)
     if result is None:
+        if STOP.is_set():
+            raise Interrupted(f"interrupted; the run is resumable: dpfl simulate --resume {cfg.run_dir}")
         raise RuntimeError("the simulation ended without finishing its rounds (see the log above)")
     return result
 
@@ -206,6 +270,10 @@ def main(argv: list[str] | None = None) -> int:
     p_sim = sub.add_parser("simulate", help="run a federated DP simulation (Flower + Ray)")
     _add_config_args(p_sim)
     p_sim.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p_sim.add_argument(
+        "--resume", metavar="RUN_DIR", default=None,
+        help="continue the run in RUN_DIR from its last complete round, with its own settings (config.toml)",
+    )
     p_rep = sub.add_parser("report", help="write the privacy budget report of a run directory")
     p_rep.add_argument("run_dir")
     p_rep.add_argument("--baseline", default=None, help="a non-private run directory to compare utility with")
@@ -214,17 +282,31 @@ def main(argv: list[str] | None = None) -> int:
     from dpfl.partitions_cmd import add_partitions_parser, run_partitions
 
     add_partitions_parser(sub, _add_config_args)
+    from dpfl.audit_cmd import add_audit_parser, run_audit
+
+    add_audit_parser(sub)
     ns = parser.parse_args(argv)
     _quiet()
     if ns.command == "launch":
         return run_launch(ns)
     if ns.command == "partitions":
         return run_partitions(ns)
+    if ns.command == "audit":
+        return run_audit(ns)
     bad = _bad_input_types()
     try:
         if ns.command == "simulate":
-            cfg = config_from_args(ns)
-            result = simulate(cfg, progress=not ns.no_progress)
+            if ns.resume:
+                names = {f.name for f in dataclasses.fields(RunConfig)}
+                given = sorted("--" + k.replace("_", "-") for k, v in vars(ns).items() if k in names and v is not None)
+                if given:
+                    from dpfl.config import ConfigError
+
+                    raise ConfigError(f"--resume continues a run with its own settings (config.toml); drop {', '.join(given)}")
+                cfg = resume_config(ns.resume)
+            else:
+                cfg = config_from_args(ns)
+            result = simulate(cfg, progress=not ns.no_progress, resume=bool(ns.resume))
             final = result.get("final") or {}
             print(
                 f"run directory: {result['run_dir']}\n"
@@ -237,6 +319,9 @@ def main(argv: list[str] | None = None) -> int:
             summary = build_report(Path(ns.run_dir), Path(ns.baseline) if ns.baseline else None)
             print(f"report written to {Path(ns.run_dir) / 'report'}")
             print(f"example-level epsilon max: {summary.get('epsilon', {}).get('example', {}).get('max')}")
+    except Interrupted as exc:
+        print(f"dpfl: {exc}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except bad as exc:
         print(f"dpfl: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

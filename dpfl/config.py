@@ -26,6 +26,7 @@ DP_ENGINES = ("dpfl", "opacus")
 OPTIMIZERS = ("sgd", "adamw")
 TASKS = ("intent", "slots", "joint")
 SETTINGS = ("static", "continual")
+FAULT_KINDS = ("mixed", "raise", "hang", "nan", "shape")
 
 
 class ConfigError(ValueError):
@@ -78,11 +79,12 @@ class RunConfig:
     max_length: int = 32
     pooling: str = "mean"
     # local training
-    local_epochs: int = 1
-    batch_size: int = 16
+    local_epochs: int = 2
+    batch_size: int = 32
     physical_batch_size: int = 64
     optimizer: str = "adamw"
-    learning_rate: float = 5e-4
+    learning_rate: float = 1e-3
+    head_learning_rate: float | None = None
     # example-level DP (DP-SGD on the device)
     dp: bool = True
     dp_engine: str = "dpfl"
@@ -97,6 +99,9 @@ class RunConfig:
     device_noise_multiplier: float = 1.0
     target_epsilon_device: float | None = None
     max_epsilon: float | None = None
+    # privacy audit: canaries inserted into devices' training data (dp.audit, partitions.population)
+    canaries: int = 0
+    canary_repeats: int = 1
     # aggregation
     strategy: str = "fedavg"
     proximal_mu: float = 0.01
@@ -105,6 +110,10 @@ class RunConfig:
     client_cpus: float = 1.0
     client_gpus: float = 0.0
     ray_address: str | None = None
+    # reliability: round deadline and injected device faults (testing)
+    round_timeout: float = 3600.0
+    fault_rate: float = 0.0
+    fault_kind: str = "mixed"
     extra: dict[str, Any] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ validation
@@ -154,6 +163,7 @@ class RunConfig:
         need(self.physical_batch_size >= 1, "physical_batch_size", "must be >= 1")
         need(self.local_epochs >= 0, "local_epochs", "must be >= 0")
         need(self.learning_rate > 0, "learning_rate", "must be > 0")
+        need(self.head_learning_rate is None or self.head_learning_rate > 0, "head_learning_rate", "must be > 0")
         need(self.max_length >= 4, "max_length", "must be >= 4")
         need(self.eval_every >= 1, "eval_every", "must be >= 1")
         need(self.max_examples is None or self.max_examples >= 1, "max_examples", "must be >= 1")
@@ -185,6 +195,11 @@ class RunConfig:
             "target_epsilon_device",
             "a device-level budget needs device-level DP: add --device-dp",
         )
+        need(self.canaries >= 0, "canaries", f"must be >= 0, got {self.canaries}")
+        need(1 <= self.canary_repeats < 1_000_000, "canary_repeats", f"must be in [1, 1000000), got {self.canary_repeats}")
+        need(self.round_timeout > 0, "round_timeout", f"must be > 0 seconds, got {self.round_timeout}")
+        need(0 <= self.fault_rate <= 1, "fault_rate", f"must be in [0, 1], got {self.fault_rate}")
+        need(self.fault_kind in FAULT_KINDS, "fault_kind", f"must be one of {FAULT_KINDS}")
         need(self.client_cpus > 0, "client_cpus", "must be > 0")
         need(self.client_gpus >= 0, "client_gpus", "must be >= 0")
         return self
