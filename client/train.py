@@ -121,7 +121,12 @@ def train_local(model: nn.Module, data: Encoded, cfg: LocalTrainConfig, seed: in
     LocalResult
     """
     t0 = time.perf_counter()
-    collate_fn = task.collate if task is not None else collate
+    base_collate = task.collate if task is not None else collate
+    device = next(model.parameters()).device
+
+    def collate_fn(enc, idx):
+        return {k: v.to(device, non_blocking=True) for k, v in base_collate(enc, idx).items()}
+
     loss_fn = task.per_example_loss if task is not None else per_example_loss
     n = len(data)
     rng = np.random.default_rng(seed)

@@ -79,16 +79,16 @@ class RunConfig:
     max_length: int = 32
     pooling: str = "mean"
     # local training
-    local_epochs: int = 2
+    local_epochs: int = 1
     batch_size: int = 32
     physical_batch_size: int = 64
     optimizer: str = "adamw"
-    learning_rate: float = 1e-3
-    head_learning_rate: float | None = None
+    learning_rate: float = 1e-4
+    head_learning_rate: float | None = 1e-2
     # example-level DP (DP-SGD on the device)
     dp: bool = True
     dp_engine: str = "dpfl"
-    noise_multiplier: float = 0.8
+    noise_multiplier: float = 1.0
     max_grad_norm: float = 1.0
     target_epsilon: float | None = None
     target_delta: float | None = None

@@ -117,16 +117,7 @@ def build_model(name: str, num_labels: int, *, seed: int = 0, pooling: str = "me
     if pooling not in ("mean", "cls"):
         raise ModelError(f"--pooling: must be 'mean' or 'cls', got {pooling!r}")
     if name == TINY_MODEL:
-        tok = load_tokenizer(TINY_MODEL)
-        cfg = BertConfig(
-            vocab_size=tok.vocab_size,
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            intermediate_size=64,
-            max_position_embeddings=128,
-            num_labels=num_labels,
-        )
+        cfg = tiny_config(num_labels)
         if pooling == "cls":
             model = BertForSequenceClassification(cfg)
         else:

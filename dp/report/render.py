@@ -197,7 +197,7 @@ def blocks(summary: dict[str, Any], images: dict[str, Path]) -> list[Block]:
         if dv and dv.get("mechanism"):
             rows.append(["device level: inclusion probability q_k per round", _range(dv["mechanism"]["sample_rate"])])
     rows += [["strategy", _param(cfg, "strategy")], ["model", _param(cfg, "model")],
-             ["dataset", _param(cfg, "dataset") if "dataset" in cfg else _param(cfg, "data_dir")]]
+             ["dataset", _param(cfg, "dataset") if "dataset" in cfg else (_param(cfg, "data_dir") if "data_dir" in cfg else "built-in synthetic home-assistant set (generated)")]]
     out.append(("table", ["parameter", "value"], rows))
 
     sel = summary["selection"]
