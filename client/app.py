@@ -4,11 +4,17 @@ A device is a Flower node; its device id is the node's ``partition-id``. Each Ra
 process keeps one model instance and the tokenised data of the devices it served (built
 once, reused across tasks); every task loads the global weights into that instance.
 
-Per-device privacy state lives in the node's ``context.state`` (a ConfigRecord
-``"privacy"`` holding the DP-SGD events of every round this device trained), so the
-device's accountant composes over every round it joined; the reply carries the new event
-and the device's epsilon so far. Replies carry only arrays, counts, metrics and privacy
-events: no text or token ids.
+Per-device privacy state: the server's ledger is authoritative. The server sends each
+device its past example-level events (``"privacy-history"``, from the ledger) with every
+training message; the device composes them with this round's event and reports the epsilon
+so far. A copy is kept in the node's ``context.state`` (ConfigRecord ``"privacy"``), used only
+when a message carries no history; it can lose a round (a task that raises after training
+loses its state update, a resumed run starts with empty node state), the ledger cannot (the
+server writes every selected device's event before the round's messages leave). Replies
+carry only arrays, counts, metrics and privacy events: no text or token ids.
+
+Fault injection for tests (``--fault-rate``, ``--fault-kind``): :func:`fault_for` decides per
+(seed, round, device) whether the device fails after training, and how.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import os
 import time
 from functools import lru_cache
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -101,6 +108,26 @@ def _privacy_history(context: Context) -> ConfigRecord:
     return context.state["privacy"]
 
 
+def fault_for(seed: int, round_: int, device_id: int, rate: float, kind: str) -> str | None:
+    """The injected fault of ``device_id`` in ``round_`` (None for most), deterministic in the seed.
+
+    ``kind`` "mixed" splits faults half "raise" (the task raises after training), half "hang"
+    (it replies only after ``--round-timeout``).
+    """
+    if rate <= 0:
+        return None
+    rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, 0xFA17, int(round_), int(device_id)])
+    if rng.random() >= rate:
+        return None
+    if kind == "mixed":
+        return "raise" if rng.random() < 0.5 else "hang"
+    return kind
+
+
+class InjectedFault(RuntimeError):
+    """A device failure injected by ``--fault-rate`` (testing)."""
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train the global model on this device's examples with DP-SGD (or plainly with --no-dp)."""
@@ -109,6 +136,9 @@ def train(msg: Message, context: Context) -> Message:
     round_cfg = msg.content["config"]
     device_id = device_id_of(context)
     server_round = int(round_cfg["server-round"])
+    if "deadline" in round_cfg and time.time() > float(round_cfg["deadline"]):
+        # The server stopped waiting for this round before the task started: do not train.
+        raise TimeoutError(f"round {server_round} task started after the round deadline; not trained")
     data = device_examples(cfg, device_id, server_round)
     threads = max(1, int(cfg.client_cpus))
     task = task_of(cfg)
@@ -124,6 +154,7 @@ def train(msg: Message, context: Context) -> Message:
         local_epochs=cfg.local_epochs,
         optimizer=cfg.optimizer,
         learning_rate=cfg.learning_rate,
+        head_learning_rate=cfg.head_learning_rate,
         proximal_mu=float(round_cfg.get("proximal-mu", 0.0)),
     )
     result = train_local(model, data, local, seed=hash((cfg.seed, server_round, device_id)) & 0x7FFFFFFF, task=task)
@@ -132,6 +163,13 @@ def train(msg: Message, context: Context) -> Message:
     privacy = ConfigRecord({"device-id": device_id, "round": server_round})
     if cfg.dp:
         hist = _privacy_history(context)
+        if "privacy-history" in msg.content:  # the ledger's history replaces the node's copy
+            sent = msg.content["privacy-history"]
+            n = len(sent["steps"])
+            hist["noise_multiplier"] = [float(x) for x in sent["noise_multiplier"]]
+            hist["sample_rate"] = [float(x) for x in sent["sample_rate"]]
+            hist["steps"] = [int(x) for x in sent["steps"]]
+            hist["round"] = [0] * n
         for k, v in (
             ("noise_multiplier", cfg.noise_multiplier),
             ("sample_rate", result.sample_rate),
@@ -159,7 +197,23 @@ def train(msg: Message, context: Context) -> Message:
         }
     )
     info = ConfigRecord({"ray-node": _ray_node_id(), "device-id": device_id})
+    state = model.state_dict()
+    fault = fault_for(cfg.seed, server_round, device_id, cfg.fault_rate, cfg.fault_kind)
+    if fault == "raise":
+        raise InjectedFault(f"injected fault: device {device_id} failed after training in round {server_round}")
+    if fault == "hang":
+        # reply just after the server stopped waiting for this round (late: counted as a timeout)
+        deadline = float(round_cfg.get("deadline", time.time() + cfg.round_timeout))
+        time.sleep(max(0.0, deadline - time.time()) + 1.0)
+    elif fault == "nan":
+        key = next(k for k, v in state.items() if v.is_floating_point())
+        state = dict(state)
+        state[key] = torch.full_like(state[key], float("nan"))
+    elif fault == "shape":
+        key = next(k for k, v in state.items() if v.is_floating_point())
+        state = dict(state)
+        state[key] = state[key].flatten()[:-1].clone()
     content = RecordDict(
-        {"arrays": ArrayRecord(model.state_dict()), "metrics": metrics, "privacy": privacy, "info": info}
+        {"arrays": ArrayRecord(state), "metrics": metrics, "privacy": privacy, "info": info}
     )
     return Message(content, reply_to=msg)

@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+import re
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +28,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 from flwr.serverapp import Grid, ServerApp
 
 from dp.accounting import SubsampledGaussianEvent
+from dp.audit.run import write_canaries
 from dpfl.config import RunConfig
 from nlu.model import load_tokenizer
 from nlu.tasks import task_for_data
@@ -37,6 +41,46 @@ from server.selection import ActivitySelector, poisson_cohort
 from server.strategies import CohortGrid, make_strategy
 
 log = logging.getLogger("dpfl.server")
+
+#: Set (e.g. by ``dpfl simulate``'s SIGINT handler) to stop the run at the next safe point:
+#: the round in flight is abandoned (its privacy events are already in the ledger) and the run
+#: stays resumable from its last checkpoint.
+STOP = threading.Event()
+
+
+class Interrupted(Exception):
+    """The run was stopped (Ctrl-C) before its last round; resume with ``dpfl simulate --resume``."""
+
+
+def validate_update(content: RecordDict, expected: dict[str, tuple[tuple[int, ...], str]], dp: bool) -> str | None:
+    """Why a device's training reply cannot be averaged in (None if it can).
+
+    Checks: an ``arrays`` ArrayRecord with exactly the global model's keys, shapes and dtypes,
+    every value finite; a ``metrics`` record with a finite positive ``num-examples``; with DP,
+    a ``privacy`` record.
+    """
+    if "arrays" not in content.array_records:
+        return "no arrays in the reply"
+    arrays = content.array_records["arrays"]
+    keys = set(arrays.keys())
+    if keys != set(expected):
+        missing, extra = sorted(set(expected) - keys), sorted(keys - set(expected))
+        return f"wrong keys (missing {missing[:3]}, unexpected {extra[:3]})"
+    for k, (shape, dtype) in expected.items():
+        a = arrays[k]
+        if tuple(a.shape) != tuple(shape) or str(a.dtype) != dtype:
+            return f"{k}: shape {tuple(a.shape)} {a.dtype}, expected {tuple(shape)} {dtype}"
+        v = a.numpy()
+        if v.dtype.kind in "fc" and not np.isfinite(v).all():
+            return f"{k}: non-finite values (NaN or inf)"
+    if "metrics" not in content.metric_records:
+        return "no metrics in the reply"
+    n = content.metric_records["metrics"].get("num-examples")
+    if not isinstance(n, (int, float)) or not math.isfinite(n) or n <= 0:
+        return f"num-examples {n!r} is not a positive number"
+    if dp and "privacy" not in content.config_records:
+        return "no privacy record in the reply"
+    return None
 
 
 def _quiet_flower() -> None:
@@ -71,6 +115,14 @@ def map_nodes_to_devices(grid: Grid, num_devices: int, timeout: float = 600.0) -
     return mapping
 
 
+def _short_reason(reason: str) -> str:
+    """One line out of a device error (Flower/Ray wrap the exception in a long traceback)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", reason or "")
+    found = re.findall(r"Message: (.+)", text)
+    line = found[-1] if found else next((x for x in text.splitlines() if x.strip()), "unknown error")
+    return line.strip().rstrip("'>").strip()[:300]
+
+
 @dataclass
 class RoundOutcome:
     """What happened in one round (one line of metrics.jsonl)."""
@@ -79,6 +131,8 @@ class RoundOutcome:
     cohort_size: int
     replies: int = 0
     failures: int = 0
+    timeouts: int = 0
+    rejected: int = 0
     skipped: bool = False
     train_loss: float | None = None
     accuracy: float | None = None
@@ -99,9 +153,9 @@ class RoundOutcome:
 class Server:
     """State of one run on the server side (population, selector, ledger, privacy book, model, strategy)."""
 
-    def __init__(self, cfg: RunConfig):
+    def __init__(self, cfg: RunConfig, resume: bool = False):
         self.cfg = cfg
-        self.rundir = RunDir(Path(cfg.run_dir))
+        self.rundir = RunDir(Path(cfg.run_dir), resume=resume)
         self.pop: Population = build_population(cfg)
         self.delta = cfg.resolve_delta(len(self.pop.data.train))
         self.cfg.target_delta = self.delta
@@ -130,6 +184,7 @@ class Server:
         )
         self.ledger.record_devices(self.activity, self.selector.probabilities(self.activity))
         self.rundir.write_config(cfg)
+        write_canaries(self.rundir.path, self.pop, self.rundir.ledger_path, cfg.run_id)
         self.task = task_for_data(cfg.task, self.pop.data, cfg.slot_loss_weight, pooling=cfg.pooling)
         self.model = self.task.build_model(cfg.model, seed=cfg.seed)
         self.test_enc = self.task.encode(self.pop.data.test, load_tokenizer(cfg.model), cfg.max_length)
@@ -143,6 +198,51 @@ class Server:
             max_epsilon=cfg.max_epsilon if cfg.dp else None,
             max_epsilon_device=cfg.target_epsilon_device if cfg.device_dp else None,
         )
+        self.expected = {k: (tuple(v.shape), str(v.dtype).replace("torch.", "")) for k, v in self.model.state_dict().items()}
+        self.attempt = self.ledger.next_attempt()
+        self.start_round = 1
+        self.arrays = ArrayRecord(self.model.state_dict())
+        if resume:
+            self._resume()
+
+    # ------------------------------------------------------------------ resume
+    def _resume(self) -> None:
+        """Continue from the last complete round: model, strategy and rng states, privacy book.
+
+        Every privacy event in the ledger is loaded, including those of a round that crashed
+        after its events were committed (they were spent); that round is re-run as a new attempt.
+        """
+        ck = self.rundir.load_checkpoint()
+        last, last_line = 0, None
+        if ck is not None:
+            last, sd, state, server_state = ck
+            self.arrays = ArrayRecord(sd)
+            self.rng.bit_generator.state = state["selection_rng"]
+            last_line = state.get("metrics")
+            inner = self.strategy.inner if isinstance(self.strategy, DeviceDPStrategy) else self.strategy
+            for k, v in ((server_state or {}).get("strategy") or {}).items():
+                setattr(inner, k, v)
+            if isinstance(self.strategy, DeviceDPStrategy) and (server_state or {}).get("device_dp_rng"):
+                self.strategy.rng.bit_generator.state = server_state["device_dp_rng"]
+            self.ledger.complete_round(last, int(state.get("cohort_size", 0)), int(state.get("attempt", 0)))
+        self.rundir.repair_metrics(last, last_line)
+        for unit in ("example", "device"):
+            self.book.load(unit, self.ledger.events(unit))
+        self.book.exhausted.update(self.ledger.exhausted())
+        self.start_round = last + 1
+        log.warning(
+            "resuming %s after round %d (attempt %d); %d devices' privacy histories loaded from the ledger",
+            self.cfg.run_dir, last, self.attempt, len(self.book.history["example"]) + len(self.book.history["device"]),
+        )
+
+    def server_state(self) -> dict:
+        """Picklable state needed to resume: the strategy's optimizer moments, the device-DP rng."""
+        inner = self.strategy.inner if isinstance(self.strategy, DeviceDPStrategy) else self.strategy
+        strat = {k: getattr(inner, k) for k in ("m_t", "v_t") if getattr(inner, k, None) is not None}
+        out: dict = {"strategy": strat}
+        if isinstance(self.strategy, DeviceDPStrategy):
+            out["device_dp_rng"] = self.strategy.rng.bit_generator.state
+        return out
 
     # ------------------------------------------------------------------ per round
     def probabilities(self) -> tuple[np.ndarray, list[tuple[int, str, float]]]:
@@ -169,6 +269,21 @@ class Server:
         self.model.load_state_dict(arrays.to_torch_state_dict())
         return self.task.evaluate(self.model, self.test_enc)
 
+    def _receive(self, grid: Grid, msgs: list[Message], timeout: float) -> list[Message]:
+        """Send ``msgs``; collect the replies that arrive within ``timeout`` seconds (or until STOP)."""
+        ids = set(grid.push_messages(msgs))
+        end = time.time() + timeout
+        out: list[Message] = []
+        while ids and time.time() < end:
+            got = list(grid.pull_messages(ids))
+            out += got
+            ids -= {m.metadata.reply_to_message_id for m in got}
+            if STOP.is_set():
+                raise Interrupted("interrupted")
+            if ids:
+                time.sleep(0.1)
+        return out
+
     def run_round(self, grid: Grid, t: int, arrays: ArrayRecord, node_of: dict[int, int]) -> tuple[ArrayRecord, RoundOutcome]:
         cfg = self.cfg
         t0 = time.perf_counter()
@@ -184,52 +299,99 @@ class Server:
             dev_events = {int(d): SubsampledGaussianEvent(cfg.device_noise_multiplier, float(q[d]), 1) for d in np.flatnonzero(q > 0)}
             events += [EventRow(d, "device", e.noise_multiplier, e.sample_rate, 1, cfg.update_clip_norm) for d, e in dev_events.items()]
             epsilons.update(self.book.add("device", dev_events))
+        # Example level: the event of every device asked to train, written BEFORE the messages
+        # leave, so a device that trains and then fails, times out, sends a rejected update or
+        # outlives a server crash is still in the ledger (never under-reported).
+        prior: dict[int, list[SubsampledGaussianEvent]] = {}
+        if cfg.dp and len(cohort):
+            ex_events = {}
+            for d in cohort:
+                d = int(d)
+                sr, steps = local_mechanism(int(self.activity[d]), cfg.batch_size, cfg.local_epochs)
+                ex_events[d] = SubsampledGaussianEvent(cfg.noise_multiplier, sr, steps)
+                prior[d] = list(self.book.history["example"].get(d, []))
+                events.append(EventRow(d, "example", cfg.noise_multiplier, sr, steps, cfg.max_grad_norm))
+            epsilons.update(self.book.add("example", ex_events))
+        holdings = []
+        if cfg.dp and self.pop.stream is not None:
+            for d in cohort:
+                holdings += [(int(d), int(u)) for u in self.pop.uids(self.pop.held(int(d), t))]
+        self.ledger.commit_round(
+            t, len(cohort), events, epsilons, self.delta, budget_hits, holdings, attempt=self.attempt, complete=False
+        )
+        lost: list[tuple[int, str, str]] = []
         if len(cohort) == 0:
             log.warning("round %d: the Poisson-sampled cohort is empty; %s", t, "noise-only update" if cfg.device_dp else "round skipped")
             out.skipped = not cfg.device_dp
             if cfg.device_dp:
                 self.strategy.current = {k: v.numpy() for k, v in arrays.items()}
         else:
-            round_cfg = ConfigRecord({"num-labels": self.num_labels, "target-delta": self.delta})
+            round_cfg = ConfigRecord(
+                {"num-labels": self.num_labels, "target-delta": self.delta, "deadline": time.time() + cfg.round_timeout}
+            )
             run_record = ConfigRecord(cfg.to_dict_flat())
             msgs = list(
                 self.strategy.configure_train(t, arrays, round_cfg, CohortGrid(grid, [node_of[int(k)] for k in cohort]))
             )
-            for m in msgs:
-                m.content["run"] = run_record
-            replies = list(grid.send_and_receive(msgs, timeout=3600))
-            ok = [r for r in replies if not r.has_error()]
+            device_of = {n: d for d, n in node_of.items()}
+            personal = []
+            for m in msgs:  # the strategy's messages share one RecordDict: give each its own
+                hist = prior.get(device_of.get(m.metadata.dst_node_id, -1), [])
+                content = RecordDict(dict(m.content.items()))
+                content["run"] = run_record
+                # The device's past example-level events (the ledger's): its accountant composes
+                # them with this round's, also after a resume, when its own node state is empty.
+                content["privacy-history"] = ConfigRecord(
+                    {
+                        "noise_multiplier": [float(e.noise_multiplier) for e in hist],
+                        "sample_rate": [float(e.sample_rate) for e in hist],
+                        "steps": [int(e.steps) for e in hist],
+                    }
+                )
+                personal.append(Message(content, dst_node_id=m.metadata.dst_node_id, message_type=m.metadata.message_type))
+            msgs = personal
+            replies = self._receive(grid, msgs, cfg.round_timeout)
+            answered = set()
             for r in replies:
+                d = device_of.get(r.metadata.src_node_id)
+                if d is None or d in answered:
+                    continue
+                answered.add(d)
                 if r.has_error():
-                    log.warning("round %d: a device failed: %s", t, r.error.reason.splitlines()[0][:300])
-            out.replies, out.failures = len(ok), len(replies) - len(ok)
+                    out.failures += 1
+                    reason = _short_reason(r.error.reason)
+                    lost.append((d, "error", reason))
+                    log.warning("round %d: device %d failed: %s", t, d, reason)
+                    continue
+                why = validate_update(r.content, self.expected, cfg.dp)
+                if why is None and "info" in r.content and int(r.content["info"].get("device-id", d)) != d:
+                    why = "device id in the reply does not match the node"
+                if why is not None:
+                    out.rejected += 1
+                    lost.append((d, "rejected", why))
+                    log.warning("round %d: update of device %d rejected: %s", t, d, why)
+                    continue
+                ok.append(r)
+            for d in sorted(set(int(k) for k in cohort) - answered):
+                out.timeouts += 1
+                lost.append((d, "timeout", f"no reply within --round-timeout {cfg.round_timeout:g}s"))
+            if out.timeouts:
+                log.warning("round %d: %d devices did not reply within %gs", t, out.timeouts, cfg.round_timeout)
+            out.replies = len(ok)
             nodes = {str(r.content["info"]["ray-node"]) for r in ok if "info" in r.content}
             out.extra["ray_nodes"] = len(nodes - {""})
             out.extra["device_nodes"] = {
                 int(r.content["info"]["device-id"]): str(r.content["info"]["ray-node"]) for r in ok if "info" in r.content
             }
-            if cfg.dp:
-                ex_events = {}
-                for r in ok:
-                    p = r.content["privacy"]
-                    d = int(p["device-id"])
-                    ev = SubsampledGaussianEvent(float(p["noise_multiplier"]), float(p["sample_rate"]), int(p["steps"]))
-                    ex_events[d] = ev
-                    events.append(EventRow(d, "example", ev.noise_multiplier, ev.sample_rate, ev.steps, float(p["max_grad_norm"])))
-                epsilons.update(self.book.add("example", ex_events))
             losses = [float(r.content["metrics"]["train_loss"]) for r in ok]
             weights = [float(r.content["metrics"]["num-examples"]) for r in ok]
+            good = [(l, w) for l, w in zip(losses, weights) if math.isfinite(l)]
+            if good:
+                out.train_loss = float(np.average([l for l, _ in good], weights=[w for _, w in good]))
             if ok:
-                out.train_loss = float(np.average(losses, weights=weights))
                 out.train_seconds_mean = float(np.mean([float(r.content["metrics"]["train_seconds"]) for r in ok]))
-        holdings = []
-        if cfg.dp and self.pop.stream is not None:
-            for r in ok:
-                d = int(r.content["privacy"]["device-id"])
-                holdings += [(d, int(u)) for u in self.pop.uids(self.pop.held(d, t))]
-        # The round's privacy events are durable before its model is released.
-        self.ledger.commit_round(t, len(cohort), events, epsilons, self.delta, budget_hits, holdings)
-        if ok or (cfg.device_dp and len(cohort) == 0):
+        self.ledger.record_lost(t, self.attempt, lost)
+        if ok or cfg.device_dp:
             new_arrays, _ = self.strategy.aggregate_train(t, ok)
             if new_arrays is not None:
                 arrays = new_arrays
@@ -244,51 +406,70 @@ class Server:
             for k in ("slot_f1", "sentence_accuracy"):
                 if k in m:
                     out.extra[k] = m[k]
-        self.rundir.save_checkpoint(arrays, t)
         out.seconds = time.perf_counter() - t0
-        self.rundir.append_metrics(out.to_json())
+        line = out.to_json()
+        # Order: ledger (above) -> checkpoint -> rounds row -> metrics line.
+        self.rundir.save_checkpoint(
+            arrays,
+            t,
+            {"selection_rng": self.rng.bit_generator.state, "attempt": self.attempt, "cohort_size": len(cohort), "metrics": line},
+            self.server_state(),
+        )
+        self.ledger.complete_round(t, len(cohort), self.attempt)
+        self.rundir.append_metrics(line)
         return arrays, out
 
 
-def run_server(grid: Grid, cfg: RunConfig, progress: bool = True) -> dict:
+def run_server(grid: Grid, cfg: RunConfig, progress: bool = True, resume: bool = False) -> dict:
     """Run every round of ``cfg`` on ``grid``; return a small summary dict.
 
     Raises
     ------
     dpfl.config.ConfigError, partitions.errors.DataError, nlu.model.ModelError
         On bad settings or data (before any round runs).
+    Interrupted
+        When :data:`STOP` is set (Ctrl-C); the run directory stays resumable.
     """
     from tqdm.auto import tqdm
 
     _quiet_flower()
-    server = Server(cfg)
-    node_of = map_nodes_to_devices(grid, cfg.num_devices)
-    arrays = ArrayRecord(server.model.state_dict())
-    bar = tqdm(range(1, cfg.rounds + 1), desc="rounds", unit="round", disable=not progress, dynamic_ncols=True)
-    last = None
-    for t in bar:
-        arrays, last = server.run_round(grid, t, arrays, node_of)
-        post = {"cohort": last.cohort_size}
-        if last.accuracy is not None:
-            post["acc"] = f"{last.accuracy:.3f}"
-        post["eps"] = f"{last.epsilon_example_max:.2f}"
-        if last.epsilon_device_max is not None:
-            post["eps_dev"] = f"{last.epsilon_device_max:.2f}"
-        bar.set_postfix(post)
-    server.ledger.close()
+    server = Server(cfg, resume=resume)
+    try:
+        node_of = map_nodes_to_devices(grid, cfg.num_devices)
+        arrays = server.arrays
+        bar = tqdm(
+            range(server.start_round, cfg.rounds + 1), desc="rounds", unit="round", disable=not progress,
+            dynamic_ncols=True, initial=server.start_round - 1, total=cfg.rounds,
+        )
+        last = None
+        for t in bar:
+            if STOP.is_set():
+                raise Interrupted(f"interrupted before round {t}")
+            arrays, last = server.run_round(grid, t, arrays, node_of)
+            post = {"cohort": last.cohort_size}
+            if last.accuracy is not None:
+                post["acc"] = f"{last.accuracy:.3f}"
+            post["eps"] = f"{last.epsilon_example_max:.2f}"
+            if last.epsilon_device_max is not None:
+                post["eps_dev"] = f"{last.epsilon_device_max:.2f}"
+            if last.failures or last.timeouts or last.rejected:
+                post["lost"] = last.failures + last.timeouts + last.rejected
+            bar.set_postfix(post)
+    finally:
+        server.ledger.close()
     return {"run_dir": str(server.rundir.path), "final": last.__dict__ if last else None, "delta": server.delta}
 
 
 _BOUND: dict[str, RunConfig] = {}
 
 
-def make_server_app(cfg: RunConfig, progress: bool = True) -> ServerApp:
-    """A ServerApp bound to ``cfg`` (used by ``dpfl simulate``)."""
+def make_server_app(cfg: RunConfig, progress: bool = True, resume: bool = False) -> ServerApp:
+    """A ServerApp bound to ``cfg`` (used by ``dpfl simulate``; ``resume`` continues its run directory)."""
     server_app = ServerApp()
 
     @server_app.main()
     def _main(grid: Grid, context: Context) -> None:
-        result = run_server(grid, cfg, progress=progress)
+        result = run_server(grid, cfg, progress=progress, resume=resume)
         _BOUND["result"] = result  # type: ignore[assignment]
 
     return server_app

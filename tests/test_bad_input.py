@@ -81,3 +81,71 @@ def test_run_dir_that_holds_a_run_is_refused(capsys, tmp_path):
     code, err = run(capsys, ["--run-dir", str(rd)])
     assert code == 2 and "already holds a run" in err
     assert (rd / "config.toml").read_text() == 'run_id = "other"\n'  # nothing lost
+
+
+def _no_run_left(rd):
+    """Nothing that looks like a run (config.toml, ledger, metrics) is left behind."""
+    return not any((rd / f).exists() for f in ("config.toml", "ledger.sqlite", "metrics.jsonl"))
+
+
+def test_missing_text_field(capsys, good_dir, tmp_path):
+    with open(good_dir / "train.jsonl", "a") as fh:
+        fh.write('{"label": "on"}\n')
+    code, err = run(capsys, ["--data-dir", str(good_dir), "--run-dir", str(tmp_path / "r")])
+    assert code == 2 and "train.jsonl:13" in err and "text" in err
+    assert _no_run_left(tmp_path / "r")
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--target-epsilon", "0.001", "--rounds", "50"], "--target-epsilon"),
+        (["--fault-rate", "1.5"], "--fault-rate"),
+        (["--fault-kind", "bogus"], "--fault-kind"),
+        (["--round-timeout", "0"], "--round-timeout"),
+        (["--dirichlet-alpha", "-1"], "--dirichlet-alpha"),
+    ],
+)
+def test_more_invalid_settings_fail_before_ray(capsys, tmp_path, monkeypatch, args, needle):
+    import flwr.simulation
+
+    def no_ray(*a, **k):  # preflight must reject these before any process starts
+        raise AssertionError("the simulation was started")
+
+    monkeypatch.setattr(flwr.simulation, "run_simulation", no_ray)
+    code, err = run(capsys, [*args, "--run-dir", str(tmp_path / "r")])
+    assert code == 2, err
+    assert needle in err and err.startswith("dpfl: error:")
+    assert _no_run_left(tmp_path / "r")
+
+
+def test_device_with_no_examples_is_a_warning_not_an_error(tmp_path):
+    from dpfl.cli import preflight
+    from dpfl.config import RunConfig
+
+    d = tmp_path / "data"
+    d.mkdir()
+    _write(d / "train.jsonl", [{"text": "turn on", "label": "on"}, {"text": "turn off", "label": "off"}, {"text": "lights on", "label": "on"}])
+    _write(d / "test.jsonl", [{"text": "on", "label": "on"}, {"text": "off", "label": "off"}])
+    cfg = RunConfig(
+        model="tiny", num_devices=4, cohort_size=2, rounds=1, data_dir=str(d), run_dir=str(tmp_path / "r"), partitioner="quantity"
+    ).validate()
+    from partitions.population import build_population
+
+    assert (build_population(cfg).activity() == 0).any()
+    preflight(cfg)  # 3 examples over 4 devices: one device is empty, the run can go on (the server warns)
+
+
+def test_resume_of_a_directory_without_a_run(capsys, tmp_path):
+    code = main(["simulate", "--resume", str(tmp_path / "nothing")])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and "--resume" in err and "config.toml" in err
+
+
+def test_resume_refuses_new_settings(capsys, tmp_path):
+    rd = tmp_path / "r"
+    rd.mkdir()
+    (rd / "config.toml").write_text('run_id = "x"\nmodel = "tiny"\n')
+    code = main(["simulate", "--resume", str(rd), "--rounds", "9"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and "--rounds" in err and "--resume" in err

@@ -32,7 +32,7 @@ def test_ledger_has_a_row_for_every_device_that_trained(run_dir):
         assert len(trained) == m["replies"] == m["cohort_size"]
         assert len({r[1] for r in trained}) == len(trained)
     for _, _, unit, sigma, q, steps, c in rows:
-        assert unit == "example" and sigma == pytest.approx(0.8) and 0 < q <= 1 and steps >= 1 and c == 1.0
+        assert unit == "example" and sigma == pytest.approx(1.0) and 0 < q <= 1 and steps >= 1 and c == 1.0
     assert con.execute("SELECT COUNT(*) FROM rounds").fetchone()[0] == 2
 
 

@@ -1,0 +1,447 @@
+"""Reliability: device failures (raise, timeout, bad update), crash and resume, Ctrl-C, privacy hygiene.
+
+Fast tests drive the server's round loop on an in-process grid that calls the ClientApp's train
+handler directly (no Ray); one end-to-end test runs ``dpfl simulate`` in a subprocess with
+injected faults, kills it (SIGKILL) mid-run, resumes it, stops it with Ctrl-C (SIGINT), and
+resumes it again to the end.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+
+import client.app as capp
+from dpfl.config import RunConfig
+from server import app as sapp
+
+REPO = Path(__file__).resolve().parents[1]
+DPFL = str(Path(sys.executable).with_name("dpfl"))
+
+TEXTS_ON = [f"zorblax please switch the quintarian lamp number {i} on" for i in range(12)]
+TEXTS_OFF = [f"vexmoor kindly turn the heliograph unit {i} off" for i in range(12)]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("reldata")
+    with open(d / "train.jsonl", "w") as fh:
+        for t in TEXTS_ON:
+            fh.write(json.dumps({"text": t, "label": "on"}) + "\n")
+        for t in TEXTS_OFF:
+            fh.write(json.dumps({"text": t, "label": "off"}) + "\n")
+    with open(d / "test.jsonl", "w") as fh:
+        fh.write(json.dumps({"text": "lamp on", "label": "on"}) + "\n")
+        fh.write(json.dumps({"text": "lamp off", "label": "off"}) + "\n")
+    return d
+
+
+def _cfg(tmp_path, data_dir, **kw) -> RunConfig:
+    base = dict(
+        model="tiny", num_devices=4, cohort_size=3, rounds=2, max_length=16, run_id="rel", run_dir=str(tmp_path / "run"),
+        data_dir=str(data_dir), batch_size=4, local_epochs=1, selection="uniform", round_timeout=30.0,
+    )
+    base.update(kw)
+    return RunConfig(**base).validate()
+
+
+# ---------------------------------------------------------------------------------- validation
+def _expected(sd):
+    return {k: (tuple(v.shape), str(v.dtype).replace("torch.", "")) for k, v in sd.items()}
+
+
+def _reply(arrays: dict, n=5.0, privacy=True) -> RecordDict:
+    rd = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}), "metrics": MetricRecord({"num-examples": n, "train_loss": 1.0})})
+    if privacy:
+        rd["privacy"] = ConfigRecord({"device-id": 0})
+    return rd
+
+
+@pytest.mark.parametrize(
+    "mutate, needle",
+    [
+        (lambda a: {**a, "w": np.full_like(a["w"], np.nan)}, "non-finite"),
+        (lambda a: {**a, "b": np.array([np.inf, 0.0], dtype=np.float32)}, "non-finite"),
+        (lambda a: {"w": a["w"]}, "wrong keys"),
+        (lambda a: {**a, "extra": np.zeros(1, dtype=np.float32)}, "wrong keys"),
+        (lambda a: {**a, "w": a["w"].reshape(-1)}, "shape"),
+        (lambda a: {**a, "w": a["w"].astype(np.float64)}, "float64"),
+    ],
+)
+def test_bad_updates_are_rejected(mutate, needle):
+    good = {"w": np.ones((2, 3), dtype=np.float32), "b": np.zeros(2, dtype=np.float32), "ids": np.arange(3, dtype=np.int64)}
+    exp = {k: (v.shape, str(v.dtype)) for k, v in good.items()}
+    assert sapp.validate_update(_reply(good), exp, dp=True) is None
+    why = sapp.validate_update(_reply(mutate(good)), exp, dp=True)
+    assert why is not None and needle in why
+
+
+def test_missing_metrics_or_privacy_rejected():
+    good = {"w": np.ones((2,), dtype=np.float32)}
+    exp = {"w": ((2,), "float32")}
+    assert "num-examples" in sapp.validate_update(_reply(good, n=float("nan")), exp, dp=True)
+    assert "num-examples" in sapp.validate_update(_reply(good, n=0), exp, dp=True)
+    assert "privacy" in sapp.validate_update(_reply(good, privacy=False), exp, dp=True)
+    assert sapp.validate_update(_reply(good, privacy=False), exp, dp=False) is None
+
+
+def test_fault_decisions_are_deterministic_and_mixed():
+    draws = [capp.fault_for(3, t, d, 0.5, "mixed") for t in range(1, 41) for d in range(20)]
+    assert draws == [capp.fault_for(3, t, d, 0.5, "mixed") for t in range(1, 41) for d in range(20)]
+    n = len(draws)
+    assert 0.4 < sum(x is not None for x in draws) / n < 0.6
+    assert {x for x in draws if x} == {"raise", "hang"}
+    assert abs(draws.count("raise") - draws.count("hang")) < 0.2 * n
+    assert all(capp.fault_for(3, t, 0, 0.0, "mixed") is None for t in range(50))
+    assert capp.fault_for(3, 1, 0, 1.0, "nan") == "nan"
+
+
+# ---------------------------------------------------------------------------------- in-process grid
+class LocalGrid:
+    """A Grid that runs the ClientApp's train handler in this process, one Context per device.
+
+    A task whose handler sleeps (the injected "hang") never delivers its reply: it would arrive
+    after the server's round deadline.
+    """
+
+    def __init__(self, num_devices: int):
+        self.nodes = {100 + d: d for d in range(num_devices)}
+        self.contexts = {
+            n: Context(run_id=1, node_id=n, node_config={"partition-id": d, "num-partitions": num_devices}, state=RecordDict(), run_config={})
+            for n, d in self.nodes.items()
+        }
+        self.replies: dict[str, Message] = {}
+        self.sent: list[Message] = []
+        self.outgoing: list[RecordDict] = []  # every reply a device built (delivered or not)
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+    def push_messages(self, messages):
+        ids = []
+        for m in messages:
+            mid = uuid.uuid4().hex
+            m.metadata.__dict__["_message_id"] = mid
+            m.metadata.__dict__["_src_node_id"] = 1
+            self.sent.append(m)
+            # tasks run synchronously here, before the server starts waiting: the harness keeps
+            # them from tripping the device's "started after the deadline" check
+            m.content["config"]["deadline"] = time.time() + 3600.0
+            slept = []
+            orig = capp.time.sleep
+            capp.time.sleep = lambda s: slept.append(s)
+            try:
+                reply = capp.train(m, self.contexts[m.metadata.dst_node_id])
+                self.outgoing.append(reply.content)
+            except Exception as exc:  # the ClientApp raised: Flower replies with an Error
+                reply = Message(Error(code=0, reason=f"{type(exc).__name__}: {exc}"), reply_to=m)
+            finally:
+                capp.time.sleep = orig
+            ids.append(mid)
+            if not slept:
+                self.replies[mid] = reply
+        return ids
+
+    def pull_messages(self, ids):
+        return [self.replies.pop(i) for i in list(ids) if i in self.replies]
+
+
+@pytest.fixture(autouse=True)
+def _task_identity():
+    """Flower's Message() reads the run id and node id of the current task; set them for in-process tests."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    old = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = 1, 1, 1
+    yield
+    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = old
+
+
+def _run(cfg, rounds=None, resume=False):
+    server = sapp.Server(cfg, resume=resume)
+    grid = LocalGrid(cfg.num_devices)
+    node_of = {d: n for n, d in grid.nodes.items()}
+    arrays = server.arrays
+    outs = []
+    for t in range(server.start_round, (rounds or cfg.rounds) + 1):
+        arrays, out = server.run_round(grid, t, arrays, node_of)
+        outs.append(out)
+    server.ledger.close()
+    return server, grid, arrays, outs
+
+
+@pytest.mark.parametrize("kind", ["raise", "hang", "nan", "shape"])
+def test_faulty_devices_are_counted_and_their_privacy_is_kept(tmp_path, data_dir, kind):
+    cfg = _cfg(tmp_path, data_dir, fault_rate=0.5, fault_kind=kind, rounds=3, cohort_size=4, round_timeout=1.0)
+    server, grid, arrays, outs = _run(cfg)
+    con = sqlite3.connect(Path(cfg.run_dir) / "ledger.sqlite")
+    faulty = 0
+    for out in outs:
+        t = out.round
+        cohort = sorted(grid.nodes[m.metadata.dst_node_id] for m in grid.sent if int(m.content["config"]["server-round"]) == t)
+        expect = [d for d in cohort if capp.fault_for(cfg.seed, t, d, cfg.fault_rate, kind)]
+        faulty += len(expect)
+        field = {"raise": "failures", "hang": "timeouts", "nan": "rejected", "shape": "rejected"}[kind]
+        assert getattr(out, field) == len(expect)
+        assert out.replies == len(cohort) - len(expect)
+        assert out.failures + out.timeouts + out.rejected == len(expect)
+        # every device asked to train is in the ledger, replied or not
+        assert sorted(d for (d,) in con.execute("SELECT device_id FROM privacy_events WHERE round=? AND unit='example'", (t,))) == cohort
+        lost = con.execute("SELECT device_id, reason, detail FROM lost_updates WHERE round=?", (t,)).fetchall()
+        reason = {"raise": "error", "hang": "timeout", "nan": "rejected", "shape": "rejected"}[kind]
+        assert sorted(d for d, _, _ in lost) == expect and all(r == reason for _, r, _ in lost)
+        if kind == "raise":
+            assert all("injected fault" in det for _, _, det in lost)
+    assert faulty > 0, "the seed injected no fault; pick another"
+    # a rejected or lost update is never averaged in
+    assert all(torch.isfinite(v).all() for v in arrays.to_torch_state_dict().values() if v.is_floating_point())
+    lines = [json.loads(x) for x in (Path(cfg.run_dir) / "metrics.jsonl").read_text().splitlines()]
+    assert [m["round"] for m in lines] == [1, 2, 3]
+    assert all(k in lines[0] for k in ("failures", "timeouts", "rejected"))
+    # epsilons from the ledger = composition of every recorded event (lost ones included)
+    from dp.accounting import SubsampledGaussianEvent, compute_epsilon
+
+    for d, eps in con.execute("SELECT device_id, epsilon FROM device_epsilon WHERE unit='example'"):
+        evs = con.execute("SELECT noise_multiplier, sample_rate, steps FROM privacy_events WHERE device_id=? AND unit='example'", (d,)).fetchall()
+        assert eps == pytest.approx(compute_epsilon([SubsampledGaussianEvent(*e) for e in evs], server.delta, cfg.accountant), rel=1e-6)
+
+
+def test_device_epsilon_uses_the_ledger_history(tmp_path, data_dir):
+    """A device whose update was lost still composes that round: its next reported epsilon includes it."""
+    cfg = _cfg(tmp_path, data_dir, rounds=3, cohort_size=4, num_devices=4, fault_rate=0.5, fault_kind="raise")
+    server, grid, _, _ = _run(cfg)
+    con = sqlite3.connect(Path(cfg.run_dir) / "ledger.sqlite")
+    for content in grid.outgoing:
+        d = int(content["privacy"]["device-id"])
+        t = int(content["privacy"]["round"])
+        from dp.accounting import SubsampledGaussianEvent, compute_epsilon
+
+        evs = con.execute(
+            "SELECT noise_multiplier, sample_rate, steps FROM privacy_events WHERE device_id=? AND unit='example' AND round<=?", (d, t)
+        ).fetchall()
+        assert float(content["metrics"]["epsilon"]) == pytest.approx(
+            compute_epsilon([SubsampledGaussianEvent(*e) for e in evs], server.delta, cfg.accountant), rel=1e-6
+        )
+
+
+def test_resume_in_process_restores_strategy_rng_and_book(tmp_path, data_dir):
+    """Rounds 1-2, then a 'crash' after round 3's events were committed; resume re-runs round 3 as attempt 1."""
+    cfg = _cfg(tmp_path, data_dir, rounds=4, strategy="fedadam", cohort_size=3)
+    server, grid, _, _ = _run(cfg, rounds=2)
+    st = json.loads((Path(cfg.run_dir) / "checkpoints" / "state.json").read_text())
+    assert st["round"] == 2 and "selection_rng" in st
+    # crash in round 3 after the ledger commit: simulate by committing round 3's events only
+    crashed = sapp.Server(cfg.replace(), resume=True)
+    q, _ = crashed.probabilities()
+    crashed.ledger.commit_round(3, 1, [sapp.EventRow(0, "example", 0.8, 0.5, 3, 1.0)], {}, crashed.delta, attempt=crashed.attempt, complete=False)
+    crashed.ledger.close()
+    con = sqlite3.connect(Path(cfg.run_dir) / "ledger.sqlite")
+    before = dict(con.execute("SELECT device_id, epsilon FROM device_epsilon WHERE unit='example'"))
+    resumed = sapp.Server(cfg.replace(), resume=True)
+    assert resumed.start_round == 3 and resumed.attempt == 2
+    assert resumed.strategy.m_t is not None and resumed.strategy.v_t is not None
+    assert len(resumed.book.history["example"][0]) >= 1
+    resumed.ledger.close()
+    _run(cfg, resume=True)
+    lines = [json.loads(x)["round"] for x in (Path(cfg.run_dir) / "metrics.jsonl").read_text().splitlines()]
+    assert lines == [1, 2, 3, 4]
+    assert [r for (r,) in con.execute("SELECT round FROM rounds ORDER BY round")] == [1, 2, 3, 4]
+    assert con.execute("SELECT COUNT(*) FROM privacy_events WHERE round=3 AND attempt=1").fetchone()[0] == 1
+    after = dict(con.execute("SELECT device_id, epsilon FROM device_epsilon WHERE unit='example'"))
+    assert all(after[d] >= e - 1e-9 for d, e in before.items())
+
+
+# ---------------------------------------------------------------------------------- privacy hygiene
+def _walk(rd: RecordDict):
+    for name, rec in rd.items():
+        yield name, rec
+
+
+def test_device_replies_carry_no_text_or_token_ids(tmp_path, data_dir):
+    cfg = _cfg(tmp_path, data_dir, rounds=2, cohort_size=4)
+    server, grid, _, _ = _run(cfg)
+    global_sd = server.model.state_dict()
+    words = {w for t in TEXTS_ON + TEXTS_OFF for w in t.split() if len(w) > 4 and not w.isdigit()}
+    assert grid.outgoing
+    for content in grid.outgoing:
+        assert set(content.keys()) <= {"arrays", "metrics", "privacy", "info"}
+        assert set(content.array_records) == {"arrays"}
+        for name, rec in content.metric_records.items():
+            for k, v in rec.items():
+                assert isinstance(v, (int, float)), (name, k, v)
+        for name, rec in content.config_records.items():
+            for k, v in rec.items():
+                assert not isinstance(v, (list, bytes)), (name, k)
+                assert isinstance(v, (int, float, bool)) or (isinstance(v, str) and len(v) <= 64), (name, k, v)
+                if isinstance(v, str):
+                    assert not any(w in v for w in words), (name, k, v)
+        # the arrays are the model's parameters; integer arrays (buffers) are the model's own, not data
+        for k, a in content["arrays"].items():
+            v = a.numpy()
+            assert k in global_sd and tuple(v.shape) == tuple(global_sd[k].shape)
+            if v.dtype.kind in "iub":
+                assert np.array_equal(v, global_sd[k].numpy()), k
+
+
+def test_training_texts_never_in_run_files_or_log(tmp_path, data_dir, caplog):
+    cfg = _cfg(tmp_path, data_dir, rounds=2, cohort_size=4, fault_rate=0.5, fault_kind="mixed", canaries=8, canary_repeats=2, round_timeout=1.0)
+    with caplog.at_level("DEBUG"):
+        _run(cfg)
+    from partitions.population import build_population
+
+    texts = [str(t) for t in build_population(cfg).data.train[cfg.text_column]]
+    assert any(t in TEXTS_ON for t in texts) and len(texts) > len(TEXTS_ON) + len(TEXTS_OFF)  # canaries included
+    rd = Path(cfg.run_dir)
+    blobs = {p.name: p.read_text(errors="replace") for p in (rd / "metrics.jsonl", rd / "config.toml")}
+    blobs["log"] = caplog.text
+    con = sqlite3.connect(rd / "ledger.sqlite")
+    blobs["ledger"] = json.dumps([list(r) for t in ("lost_updates", "runs", "rounds") for r in con.execute(f"SELECT * FROM {t}")])
+    for name, blob in blobs.items():
+        for t in texts:
+            assert t not in blob, (name, t)
+
+
+# ---------------------------------------------------------------------------------- end to end
+def _session_pids(sid: int) -> list[int]:
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                st = Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(st[3]) == sid:
+                out.append(int(d))
+    return out
+
+
+def _rounds(rd: Path) -> list[int]:
+    mp = rd / "metrics.jsonl"
+    if not mp.exists():
+        return []
+    out = []
+    for line in mp.read_text().splitlines():
+        try:
+            out.append(json.loads(line)["round"])
+        except ValueError:
+            pass
+    return out
+
+
+def _epsilons(rd: Path) -> dict[int, float]:
+    con = sqlite3.connect(rd / "ledger.sqlite", timeout=30)
+    try:
+        return dict(con.execute("SELECT device_id, epsilon FROM device_epsilon WHERE unit='example'"))
+    finally:
+        con.close()
+
+
+def _start(args, log):
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    return subprocess.Popen(
+        [DPFL, "simulate", *args, "--no-progress"], start_new_session=True, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO
+    )
+
+
+def _wait_rounds(p, rd, n, limit=300):
+    t0 = time.time()
+    while len(_rounds(rd)) < n:
+        assert p.poll() is None, f"the run ended early ({p.returncode})"
+        assert time.time() - t0 < limit, "the run made no progress"
+        time.sleep(0.2)
+
+
+def _ensure_gone(pids, limit=30):
+    t0 = time.time()
+    while time.time() - t0 < limit:
+        left = [x for x in pids if Path(f"/proc/{x}").exists() and "Z" not in Path(f"/proc/{x}/stat").read_text().rsplit(")", 1)[1][:3]]
+        if not left:
+            return []
+        time.sleep(0.5)
+    return left
+
+
+def test_kill_resume_interrupt_resume(tmp_path, data_dir):
+    rd = tmp_path / "run"
+    log_path = tmp_path / "log.txt"
+    args = [
+        "--model", "tiny", "--num-devices", "4", "--cohort-size", "3", "--rounds", "6", "--max-length", "16",
+        "--data-dir", str(data_dir), "--batch-size", "4", "--local-epochs", "1", "--strategy", "fedadam",
+        "--fault-rate", "0.3", "--fault-kind", "raise", "--run-dir", str(rd), "--seed", "1",
+    ]
+    with open(log_path, "ab") as log:
+        # 1. SIGKILL the whole process group in the middle of round 3
+        p = _start(args, log)
+        try:
+            _wait_rounds(p, rd, 2)
+            time.sleep(0.5)
+            pids = _session_pids(p.pid)
+            before = _epsilons(rd)
+        finally:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+        assert _ensure_gone(pids) == [], "processes of the killed run are left"
+        assert before
+        done = _rounds(rd)
+        assert done == list(range(1, len(done) + 1)) and len(done) < 6
+
+        # 2. resume; stop it with Ctrl-C (SIGINT) after one more round
+        p = _start(["--resume", str(rd)], log)
+        try:
+            _wait_rounds(p, rd, len(done) + 1)
+            pids = _session_pids(p.pid)
+            mid = _epsilons(rd)
+            os.kill(p.pid, signal.SIGINT)
+            code = p.wait(timeout=120)
+        finally:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+        assert code == 130, log_path.read_text()[-3000:]
+        assert _ensure_gone(pids) == [], "Ctrl-C left Ray processes behind"
+        assert all(mid.get(d, 0) >= e - 1e-9 for d, e in before.items())
+
+        # 3. resume to the end
+        p = _start(["--resume", str(rd)], log)
+        try:
+            code = p.wait(timeout=400)
+        finally:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+    text = log_path.read_text()
+    assert code == 0, text[-3000:]
+    assert _rounds(rd) == [1, 2, 3, 4, 5, 6]
+    con = sqlite3.connect(rd / "ledger.sqlite")
+    assert [r for (r,) in con.execute("SELECT round FROM rounds ORDER BY round")] == [1, 2, 3, 4, 5, 6]
+    after = _epsilons(rd)
+    for d, e in {**before, **mid}.items():
+        assert after[d] >= e - 1e-9, (d, e, after[d])
+    # injected faults were counted, and their devices' events are in the ledger
+    lines = [json.loads(x) for x in (rd / "metrics.jsonl").read_text().splitlines()]
+    counted = con.execute(
+        "SELECT COUNT(*) FROM lost_updates l JOIN rounds r ON l.round = r.round AND l.attempt = r.attempt WHERE l.reason = 'error'"
+    ).fetchone()[0]
+    assert sum(m["failures"] for m in lines) == counted > 0
+    missing = con.execute(
+        "SELECT COUNT(*) FROM lost_updates l LEFT JOIN privacy_events e ON l.round = e.round AND l.attempt = e.attempt"
+        " AND l.device_id = e.device_id AND e.unit = 'example' WHERE e.id IS NULL"
+    ).fetchone()[0]
+    assert missing == 0
+    assert "resumable" in text
+    # no training text in the log of three processes
+    for t in TEXTS_ON + TEXTS_OFF:
+        assert t not in text
