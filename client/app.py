@@ -57,9 +57,13 @@ def task_of(cfg: RunConfig) -> Task:
 
 
 @lru_cache(maxsize=1)
-def _model(task: Task, name: str, seed: int, threads: int):
+def _model(task: Task, name: str, seed: int, threads: int, use_gpu: bool = False):
+    """One model instance per process, on the GPU Ray assigned this actor when asked for one."""
     torch.set_num_threads(threads)
-    return task.build_model(name, seed=seed)
+    model = task.build_model(name, seed=seed)
+    if use_gpu and torch.cuda.is_available():
+        model = model.to("cuda")
+    return model
 
 
 @lru_cache(maxsize=256)
@@ -142,7 +146,7 @@ def train(msg: Message, context: Context) -> Message:
     data = device_examples(cfg, device_id, server_round)
     threads = max(1, int(cfg.client_cpus))
     task = task_of(cfg)
-    model = _model(task, cfg.model, cfg.seed, threads)
+    model = _model(task, cfg.model, cfg.seed, threads, cfg.client_gpus > 0)
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     local = LocalTrainConfig(
         dp=cfg.dp,
