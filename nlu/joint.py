@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from nlu.model import TINY_MODEL, ModelError, resolve_model_path, tiny_config
+from nlu.pooling import masked_mean
 
 POOLINGS = ("mean", "cls")
 
@@ -94,8 +95,7 @@ class JointModel(nn.Module):
         intent_logits = None
         if self.intent_head is not None:
             if self.pooling == "mean":
-                mask = attention_mask.unsqueeze(-1).to(states.dtype)
-                pooled = (states * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+                pooled = masked_mean(states, attention_mask)
             else:
                 pooled = getattr(out, "pooler_output", None)
                 if pooled is None:

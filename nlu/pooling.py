@@ -15,6 +15,23 @@ import torch
 from torch import nn
 
 
+def masked_mean(states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Mean of the token states over the attention mask.
+
+    Parameters
+    ----------
+    states : torch.Tensor, shape [B, L, H]
+    attention_mask : torch.Tensor, shape [B, L] (1 = token, 0 = padding)
+
+    Returns
+    -------
+    torch.Tensor, shape [B, H]
+        Rows with no tokens give zeros.
+    """
+    mask = attention_mask.unsqueeze(-1).to(states.dtype)
+    return (states * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+
+
 class MeanPoolClassifier(nn.Module):
     """encoder -> masked mean over tokens -> dropout -> Linear(hidden, num_labels).
 
@@ -45,6 +62,4 @@ class MeanPoolClassifier(nn.Module):
             token_type_ids=token_type_ids,
             position_ids=position_ids,
         ).last_hidden_state
-        mask = attention_mask.unsqueeze(-1).to(states.dtype)
-        pooled = (states * mask).sum(1) / mask.sum(1).clamp_min(1.0)
-        return SimpleNamespace(logits=self.classifier(self.dropout(pooled)))
+        return SimpleNamespace(logits=self.classifier(self.dropout(masked_mean(states, attention_mask))))

@@ -58,6 +58,7 @@ def minilm_embed(texts: Sequence[str], *, batch_size: int = 256, max_length: int
     from transformers import AutoModel, AutoTokenizer
 
     from nlu.model import minilm_path
+    from nlu.pooling import masked_mean
 
     path = str(minilm_path())
     tok = AutoTokenizer.from_pretrained(path)
@@ -71,8 +72,7 @@ def minilm_embed(texts: Sequence[str], *, batch_size: int = 256, max_length: int
             enc = tok([texts[i] for i in idx], padding=True, truncation=True, max_length=max_length,
                       return_tensors="pt")
             hidden = model(**enc).last_hidden_state  # [b, L, H]
-            mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+            pooled = masked_mean(hidden, enc["attention_mask"])
             out[idx] = pooled.float().numpy()
     return out
 

@@ -67,6 +67,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from nlu.pooling import masked_mean
+
 from .bounds import clopper_pearson_threshold_sweep, one_run_audit_from_scores
 from .canaries import Canary
 from .exposure import expected_exposure_uniform, exposures
@@ -282,8 +284,7 @@ class _InversionAdapter(nn.Module):
             attention_mask = torch.ones(ref.shape[:2], dtype=torch.long, device=ref.device)
         states = self.inner.encoder(input_ids=input_ids, inputs_embeds=inputs_embeds,
                                     attention_mask=attention_mask, token_type_ids=token_type_ids).last_hidden_state
-        mask = attention_mask.unsqueeze(-1).to(states.dtype)
-        pooled = (states * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+        pooled = masked_mean(states, attention_mask)
         return type("Out", (), {"logits": self.inner.classifier(self.inner.dropout(pooled))})()
 
 
