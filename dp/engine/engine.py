@@ -31,6 +31,7 @@ import torch
 import torch.nn as nn
 
 from .rules import Capture, registered_types, rule_for
+from .rules.base import REMAINING, release
 
 
 class UnsupportedModuleError(TypeError):
@@ -214,7 +215,10 @@ class DPSGDEngine:
                 count[id(p)] += 1
 
         norm_sq = torch.zeros(B, dtype=torch.promote_types(dtype, self._params[0].dtype), device=self._params[0].device)
-        cache: Dict[Any, torch.Tensor] = {}
+        readers: Dict[int, int] = defaultdict(int)  # captured calls reading each activation
+        for r in records:
+            readers[id(r.activation)] += 1
+        cache: Dict[Any, Any] = {REMAINING: dict(readers)}
         states: List[Any] = [None] * len(records)
         multi: Dict[int, torch.Tensor] = {}  # id(param) -> summed per-example grads [B, *shape]
         for k, r in enumerate(records):
@@ -227,6 +231,7 @@ class DPSGDEngine:
             if single:
                 ns, states[k] = rule.norm_sq(r, G, single, cache)
                 norm_sq = norm_sq + ns.to(norm_sq.dtype)
+            release(cache, r.activation)  # frees e.g. an activation gram after its last reader
             if shared:
                 pe = rule.per_example_grads(r, G, shared)
                 for n, p in own:
@@ -238,19 +243,11 @@ class DPSGDEngine:
         norms = norm_sq.clamp_min(0).sqrt()
         if not accumulate:
             return norms
-        # Rules scale the output gradients in place below; autograd may hand the same
-        # tensor to several outputs (e.g. both operands of an add), so un-alias them first.
-        seen = set()
-        for k, G in enumerate(grads):
-            if G is None:
-                continue
-            ptr = G.untyped_storage().data_ptr()
-            if ptr in seen:
-                grads[k] = G.clone()
-            else:
-                seen.add(ptr)
         C = self.max_grad_norm
-        clip = C / norms.clamp_min(C)  # min(1, C / ||g_i||), exact at ||g_i|| = 0
+        # min(1, C / ||g_i||), exact at ||g_i|| = 0, with 1 / expected_batch_size folded in, so that
+        # the running sum is already the averaged clipped sum and finalize() needs no extra pass.
+        clip = (C / norms.clamp_min(C)) / self.expected_batch_size
+        cache = {REMAINING: dict(readers)}
 
         for k, r in enumerate(records):
             G = grads[k]
@@ -261,11 +258,13 @@ class DPSGDEngine:
             single = [n for n, p in own if count[id(p)] == 1]
             if single:
                 sums = {n: self._sums.get(id(p)) for n, p in own if n in single}
-                rule.add_clipped(r, G, clip, states[k], single, sums)
+                rule.add_clipped(r, G, clip, states[k], single, sums, cache)
                 for n, p in own:
                     if n in single and sums.get(n) is not None:
                         self._sums[id(p)] = sums[n]
             states[k] = None
+            release(cache, r.activation)
+        cache.clear()
         for pid, g in multi.items():
             p = next(q for q in self._params if id(q) == pid)
             self._sum_for(p).add_(torch.tensordot(clip.to(g.dtype), g, dims=1))
@@ -321,15 +320,16 @@ class DPSGDEngine:
         nothing accumulated, so an empty logical batch gives a noise-only step),
         then resets the running sum. Any previous ``p.grad`` is replaced.
         """
-        std = self.noise_multiplier * self.max_grad_norm
+        # The running sums already carry the 1 / expected_batch_size factor (folded into the clip
+        # factors), so the noise is drawn at std sigma C / expected_batch_size and added in place.
+        std = self.noise_multiplier * self.max_grad_norm / self.expected_batch_size
         for p in self._params:
             s = self._sums.get(id(p))
-            if std > 0:
-                g = torch.empty_like(p, memory_format=torch.contiguous_format).normal_(0.0, std, generator=self.generator)
-                if s is not None:
-                    g.add_(s)
-            else:
-                g = s if s is not None else torch.zeros_like(p, memory_format=torch.contiguous_format)
-            g.div_(self.expected_batch_size)
-            p.grad = g
+            if s is None:
+                s = torch.zeros_like(p, memory_format=torch.contiguous_format)
+                if std > 0:
+                    s.normal_(0.0, std, generator=self.generator)
+            elif std > 0:
+                s.add_(torch.empty_like(s).normal_(0.0, std, generator=self.generator))
+            p.grad = s
         self._sums = {}

@@ -95,13 +95,17 @@ class Rule:
         state: Any,
         names: Sequence[str],
         sums: Dict[str, torch.Tensor],
+        cache: Dict[Any, Any] | None = None,
     ) -> None:
         """Add ``sum_i clip_i * grad_i`` of each parameter in ``names`` to ``sums[name]``.
 
-        ``clip`` has shape ``[B]``. ``sums[name]`` is a tensor of the parameter's
-        shape to add into in place, or None (nothing accumulated yet): the rule
-        then stores a new tensor there. ``grad_out`` is owned by the engine and
-        may be overwritten (e.g. scaled in place by the clip factors).
+        ``clip`` has shape ``[B]`` (the engine folds ``1 / expected_batch_size``
+        into it). ``sums[name]`` is a tensor of the parameter's shape to add into
+        in place, or None (nothing accumulated yet): the rule then stores a new
+        tensor there. ``grad_out`` and the captured activation must not be
+        modified (autograd may hand one gradient tensor to several outputs, and
+        an activation may be the caller's tensor). ``cache`` is shared by all
+        rules for this phase of the step, as in :meth:`norm_sq`.
         """
         raise NotImplementedError
 
@@ -123,3 +127,42 @@ def _add(sums: Dict[str, Any], name: str, value: torch.Tensor) -> None:
         sums[name] = value
     else:
         sums[name].add_(value)
+
+
+# ---------------------------------------------------------------- per-step cache
+# The engine passes each rule call a dict shared by all rules for one phase of one step (norms,
+# then clipped sums). Entries derived from one input tensor (an activation gram, a clip-scaled
+# activation) are keyed ``(tag, id(tensor))`` and shared by every layer reading that tensor (the
+# query, key and value projections). The engine stores in ``cache[REMAINING]`` how many captured
+# calls read each activation; :func:`release` drops a tensor's entries after its last reader, so
+# the grams of all layers are never alive at once.
+
+REMAINING = "_remaining"
+
+
+def readers(cache: Dict[Any, Any], act: Any) -> int:
+    """How many captured calls (this one included) still read ``act`` in this phase (1 if unknown)."""
+    rem = cache.get(REMAINING)
+    return max(1, rem.get(id(act), 1)) if rem is not None else 1
+
+
+def shared(cache: Dict[Any, Any], act: Any, tag: str, build) -> Any:
+    """``cache[(tag, id(act))]``, built with ``build()`` on first use."""
+    key = (tag, id(act))
+    val = cache.get(key)
+    if val is None:
+        val = build()
+        cache[key] = val
+    return val
+
+
+def release(cache: Dict[Any, Any], act: Any) -> None:
+    """Mark one read of ``act`` done; drop its cache entries after the last one."""
+    rem = cache.get(REMAINING)
+    if rem is None:
+        return
+    k = id(act)
+    rem[k] = rem.get(k, 1) - 1
+    if rem[k] <= 0:
+        for key in [key for key in cache if isinstance(key, tuple) and len(key) == 2 and key[1] == k]:
+            del cache[key]

@@ -49,7 +49,7 @@ class LayerNormRule(Rule):
             total = total + g.pow(2).flatten(1).sum(1)
         return total, pe
 
-    def add_clipped(self, cap, grad_out, clip, state, names, sums) -> None:
+    def add_clipped(self, cap, grad_out, clip, state, names, sums, cache=None) -> None:
         pe = state if state is not None else self.per_example_grads(cap, grad_out, names)
         for name in names:
             g = pe[name]
