@@ -1,8 +1,13 @@
 """The ClientApp: one simulated device's training and its privacy state across rounds.
 
-A device is a Flower node; its device id is the node's ``partition-id``. Each Ray actor
-process keeps one model instance and the tokenised data of the devices it served (built
-once, reused across tasks); every task loads the global weights into that instance.
+A device is a Flower node. The server tells each training message which device it is for
+(``"device"`` record, ``device-id``; it assigns devices to nodes once, in node-id order, see
+server/app.map_nodes_to_devices); without that record the device id is the node's
+``partition-id``. Each Ray actor process keeps one model instance and the tokenised data of
+the devices it served (built once, reused across tasks); every task copies the global weights
+straight into that instance and replies with its weights in one copy (client/arrays.py).
+With ``--local-epochs 0`` a device loads the weights and returns them untrained (zero
+DP-SGD steps, a zero-step privacy event): the cost of a round without its training.
 
 Per-device privacy state: the server's ledger is authoritative. The server sends each
 device its past example-level events (``"privacy-history"``, from the ledger) with every
@@ -26,11 +31,13 @@ from functools import lru_cache
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.train import LocalTrainConfig, train_local
+from client.arrays import load_into, record_from_state
+from client.train import LocalResult, LocalTrainConfig, train_local
 from dp.accounting import SubsampledGaussianEvent, compute_epsilon
+from dp.sampling import sample_rate_for
 from dpfl.config import RunConfig
 from nlu.data import Encoded
 from nlu.model import load_tokenizer
@@ -90,8 +97,10 @@ def _ray_node_id() -> str:
         return ""
 
 
-def device_id_of(context: Context) -> int:
-    """This node's device id (``partition-id`` in its node config)."""
+def device_id_of(context: Context, msg: Message | None = None) -> int:
+    """The device a message is for: the server's ``"device"`` record, else the node's ``partition-id``."""
+    if msg is not None and "device" in msg.content.config_records:
+        return int(msg.content.config_records["device"]["device-id"])
     return int(context.node_config["partition-id"])
 
 
@@ -138,7 +147,7 @@ def train(msg: Message, context: Context) -> Message:
     t0 = time.perf_counter()
     cfg = run_config_from(msg.content["run"])
     round_cfg = msg.content["config"]
-    device_id = device_id_of(context)
+    device_id = device_id_of(context, msg)
     server_round = int(round_cfg["server-round"])
     if "deadline" in round_cfg and time.time() > float(round_cfg["deadline"]):
         # The server stopped waiting for this round before the task started: do not train.
@@ -147,7 +156,7 @@ def train(msg: Message, context: Context) -> Message:
     threads = max(1, int(cfg.client_cpus))
     task = task_of(cfg)
     model = _model(task, cfg.model, cfg.seed, threads, cfg.client_gpus > 0)
-    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    load_into(model, msg.content["arrays"])
     local = LocalTrainConfig(
         dp=cfg.dp,
         dp_engine=cfg.dp_engine,
@@ -161,7 +170,11 @@ def train(msg: Message, context: Context) -> Message:
         head_learning_rate=cfg.head_learning_rate,
         proximal_mu=float(round_cfg.get("proximal-mu", 0.0)),
     )
-    result = train_local(model, data, local, seed=hash((cfg.seed, server_round, device_id)) & 0x7FFFFFFF, task=task)
+    if cfg.local_epochs == 0:  # no training: the weights go back as they came (zero DP-SGD steps)
+        q = sample_rate_for(len(data), cfg.batch_size) if cfg.dp else 0.0
+        result = LocalResult(len(data), 0, q, float("nan"), 0.0)
+    else:
+        result = train_local(model, data, local, seed=hash((cfg.seed, server_round, device_id)) & 0x7FFFFFFF, task=task)
 
     epsilon = 0.0
     privacy = ConfigRecord({"device-id": device_id, "round": server_round})
@@ -218,6 +231,6 @@ def train(msg: Message, context: Context) -> Message:
         state = dict(state)
         state[key] = state[key].flatten()[:-1].clone()
     content = RecordDict(
-        {"arrays": ArrayRecord(state), "metrics": metrics, "privacy": privacy, "info": info}
+        {"arrays": record_from_state(state), "metrics": metrics, "privacy": privacy, "info": info}
     )
     return Message(content, reply_to=msg)

@@ -6,6 +6,13 @@ replies, write the round's privacy events to the ledger in one transaction, aggr
 the strategy, evaluate the global model on the test split, append the round to
 ``metrics.jsonl`` and checkpoint the model.
 
+Costs kept off the round (see benchmarks/round_overhead.py): devices are assigned to nodes
+without a query round-trip (:func:`map_nodes_to_devices`); replies are validated on views of
+their bytes and, for FedAvg, FedProx and FedAdam without device-level DP, folded into a running
+weighted sum as they arrive (:class:`RunningMean`) and their arrays dropped, so the server holds
+about two copies of the model whatever the cohort size; the strategy then receives that mean as
+one reply. Each round's ``phase_seconds`` in metrics.jsonl says where its time went.
+
 ``dpfl simulate`` runs :func:`make_server_app` bound to its RunConfig; ``flwr run .`` runs
 the module-level ``app``, which reads the same settings from the Flower run config.
 """
@@ -21,12 +28,15 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedAvg, FedProx
 
+from client.arrays import array_view, load_into, record_from_numpy, record_from_state
 from dp.accounting import SubsampledGaussianEvent
 from dp.audit.run import write_canaries
 from dpfl.config import RunConfig
@@ -35,7 +45,7 @@ from nlu.tasks import task_for_data
 from partitions.population import Population, build_population
 from server.ledger import EventRow, Ledger
 from server.rundir import RunDir
-from server.device_dp import DeviceDPStrategy
+from server.device_dp import DeviceDPStrategy, _AsReply
 from server.privacy import PrivacyBook, calibrate_example_noise, local_mechanism
 from server.selection import ActivitySelector, poisson_cohort
 from server.strategies import CohortGrid, make_strategy
@@ -70,7 +80,7 @@ def validate_update(content: RecordDict, expected: dict[str, tuple[tuple[int, ..
         a = arrays[k]
         if tuple(a.shape) != tuple(shape) or str(a.dtype) != dtype:
             return f"{k}: shape {tuple(a.shape)} {a.dtype}, expected {tuple(shape)} {dtype}"
-        v = a.numpy()
+        v = array_view(a)
         if v.dtype.kind in "fc" and not np.isfinite(v).all():
             return f"{k}: non-finite values (NaN or inf)"
     if "metrics" not in content.metric_records:
@@ -88,8 +98,14 @@ def _quiet_flower() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def map_nodes_to_devices(grid: Grid, num_devices: int, timeout: float = 600.0) -> dict[int, int]:
-    """Ask every node which device it is; return device id -> node id.
+def map_nodes_to_devices(grid: Grid, num_devices: int, timeout: float = 600.0, query: bool = False) -> dict[int, int]:
+    """Device id -> node id.
+
+    Default: device k is the k-th node in node-id order, and every training message names its
+    device (``"device"`` record), so no message needs to travel before round 1. (Asking each
+    node costs a round-trip per node, and Flower's in-memory link state scans every stored
+    message for every node, which grows with the square of the population.)
+    ``query=True``: ask every node which device it is (its ``partition-id``).
 
     Raises
     ------
@@ -101,6 +117,8 @@ def map_nodes_to_devices(grid: Grid, num_devices: int, timeout: float = 600.0) -
         if time.time() - t0 > timeout:
             raise RuntimeError(f"only {len(node_ids)} of {num_devices} device nodes connected")
         time.sleep(0.5)
+    if not query:
+        return {d: int(n) for d, n in enumerate(sorted(node_ids)[:num_devices])}
     msgs = [
         Message(RecordDict(), message_type=MessageType.QUERY, dst_node_id=nid) for nid in node_ids
     ]
@@ -121,6 +139,47 @@ def _short_reason(reason: str) -> str:
     found = re.findall(r"Message: (.+)", text)
     line = found[-1] if found else next((x for x in text.splitlines() if x.strip()), "unknown error")
     return line.strip().rstrip("'>").strip()[:300]
+
+
+class RunningMean:
+    """The example-weighted mean of the replies' arrays, folded in one reply at a time.
+
+    FedAvg's average (weights ``num-examples``), accumulated in place as replies arrive, so the
+    server never holds more than the running sum and one reply. Floating arrays are averaged
+    (float32 sums of ``n_k * w_k``, divided by ``sum n_k`` at the end); other arrays (integer
+    buffers such as position ids) keep the global model's values.
+    """
+
+    def __init__(self, current: ArrayRecord):
+        self.current = current
+        self.sums: dict[str, np.ndarray] = {}
+        self.total = 0.0
+
+    def add(self, arrays: ArrayRecord, weight: float) -> None:
+        w = float(weight)
+        for k, a in arrays.items():
+            v = array_view(a)
+            if v.dtype.kind != "f":
+                continue
+            if k not in self.sums:
+                self.sums[k] = np.multiply(v, w, dtype=v.dtype)
+            else:
+                self.sums[k] += np.multiply(v, w, dtype=v.dtype)
+        self.total += w
+
+    def result(self) -> ArrayRecord | None:
+        """The mean as an ArrayRecord (None before any reply)."""
+        if self.total <= 0:
+            return None
+        out = {}
+        for k, a in self.current.items():
+            if k in self.sums:
+                acc = self.sums.pop(k)
+                acc /= self.total
+                out[k] = acc
+            else:
+                out[k] = np.asarray(array_view(a))
+        return record_from_numpy(out)
 
 
 @dataclass
@@ -198,10 +257,13 @@ class Server:
             max_epsilon=cfg.max_epsilon if cfg.dp else None,
             max_epsilon_device=cfg.target_epsilon_device if cfg.device_dp else None,
         )
+        # Replies are averaged as they arrive when the strategy's aggregate is FedAvg's weighted
+        # mean (FedAvg, FedProx; FedAdam then steps on that mean); device-level DP needs them all.
+        self.streaming = not cfg.device_dp and isinstance(self.strategy, FedAvg)
         self.expected = {k: (tuple(v.shape), str(v.dtype).replace("torch.", "")) for k, v in self.model.state_dict().items()}
         self.attempt = self.ledger.next_attempt()
         self.start_round = 1
-        self.arrays = ArrayRecord(self.model.state_dict())
+        self.arrays = record_from_state(self.model.state_dict())
         if resume:
             self._resume()
 
@@ -216,7 +278,7 @@ class Server:
         last, last_line = 0, None
         if ck is not None:
             last, sd, state, server_state = ck
-            self.arrays = ArrayRecord(sd)
+            self.arrays = record_from_state(sd)
             self.rng.bit_generator.state = state["selection_rng"]
             last_line = state.get("metrics")
             inner = self.strategy.inner if isinstance(self.strategy, DeviceDPStrategy) else self.strategy
@@ -266,18 +328,25 @@ class Server:
         return q, hits
 
     def evaluate(self, arrays: ArrayRecord) -> dict[str, float]:
-        self.model.load_state_dict(arrays.to_torch_state_dict())
+        load_into(self.model, arrays)
         return self.task.evaluate(self.model, self.test_enc)
 
-    def _receive(self, grid: Grid, msgs: list[Message], timeout: float) -> list[Message]:
-        """Send ``msgs``; collect the replies that arrive within ``timeout`` seconds (or until STOP)."""
+    def _receive(self, grid: Grid, msgs: list[Message], timeout: float, on_reply=None) -> list[Message]:
+        """Send ``msgs``; collect the replies that arrive within ``timeout`` seconds (or until STOP).
+
+        ``on_reply(message)``, if given, is called on each reply as soon as it is pulled.
+        """
         ids = set(grid.push_messages(msgs))
+        del msgs
         end = time.time() + timeout
         out: list[Message] = []
         while ids and time.time() < end:
             got = list(grid.pull_messages(ids))
             out += got
             ids -= {m.metadata.reply_to_message_id for m in got}
+            if on_reply is not None:
+                for m in got:
+                    on_reply(m)
             if STOP.is_set():
                 raise Interrupted("interrupted")
             if ids:
@@ -287,10 +356,19 @@ class Server:
     def run_round(self, grid: Grid, t: int, arrays: ArrayRecord, node_of: dict[int, int]) -> tuple[ArrayRecord, RoundOutcome]:
         cfg = self.cfg
         t0 = time.perf_counter()
+        phase: dict[str, float] = {}
+        mark = [t0]
+
+        def lap(name: str) -> None:
+            now = time.perf_counter()
+            phase[name] = phase.get(name, 0.0) + now - mark[0]
+            mark[0] = now
+
         self.activity = self.pop.activity(t)
         q, budget_hits = self.probabilities()
         cohort = poisson_cohort(q, self.rng)
         out = RoundOutcome(round=t, cohort_size=len(cohort))
+        lap("select")
         events: list[EventRow] = []
         epsilons: dict[tuple[int, str], float] = {}
         ok: list[Message] = []
@@ -319,7 +397,9 @@ class Server:
         self.ledger.commit_round(
             t, len(cohort), events, epsilons, self.delta, budget_hits, holdings, attempt=self.attempt, complete=False
         )
+        lap("ledger")
         lost: list[tuple[int, str, str]] = []
+        mean = RunningMean(arrays) if self.streaming else None
         if len(cohort) == 0:
             log.warning("round %d: the Poisson-sampled cohort is empty; %s", t, "noise-only update" if cfg.device_dp else "round skipped")
             out.skipped = not cfg.device_dp
@@ -339,6 +419,7 @@ class Server:
                 hist = prior.get(device_of.get(m.metadata.dst_node_id, -1), [])
                 content = RecordDict(dict(m.content.items()))
                 content["run"] = run_record
+                content["device"] = ConfigRecord({"device-id": device_of[m.metadata.dst_node_id]})
                 # The device's past example-level events (the ledger's): its accountant composes
                 # them with this round's, also after a resume, when its own node state is empty.
                 content["privacy-history"] = ConfigRecord(
@@ -350,19 +431,20 @@ class Server:
                 )
                 personal.append(Message(content, dst_node_id=m.metadata.dst_node_id, message_type=m.metadata.message_type))
             msgs = personal
-            replies = self._receive(grid, msgs, cfg.round_timeout)
+            lap("messages")
             answered = set()
-            for r in replies:
+
+            def handle(r: Message) -> None:
                 d = device_of.get(r.metadata.src_node_id)
                 if d is None or d in answered:
-                    continue
+                    return
                 answered.add(d)
                 if r.has_error():
                     out.failures += 1
                     reason = _short_reason(r.error.reason)
                     lost.append((d, "error", reason))
                     log.warning("round %d: device %d failed: %s", t, d, reason)
-                    continue
+                    return
                 why = validate_update(r.content, self.expected, cfg.dp)
                 if why is None and "info" in r.content and int(r.content["info"].get("device-id", d)) != d:
                     why = "device id in the reply does not match the node"
@@ -370,8 +452,15 @@ class Server:
                     out.rejected += 1
                     lost.append((d, "rejected", why))
                     log.warning("round %d: update of device %d rejected: %s", t, d, why)
-                    continue
+                    return
+                if mean is not None:  # fold in now; keep the reply without its arrays
+                    mean.add(r.content["arrays"], float(r.content["metrics"]["num-examples"]))
+                    rest = RecordDict({k: v for k, v in r.content.items() if k != "arrays"})
+                    r = _AsReply(SimpleNamespace(content=rest, metadata=r.metadata))
                 ok.append(r)
+
+            self._receive(grid, msgs, cfg.round_timeout, on_reply=handle)
+            lap("send_receive")
             for d in sorted(set(int(k) for k in cohort) - answered):
                 out.timeouts += 1
                 lost.append((d, "timeout", f"no reply within --round-timeout {cfg.round_timeout:g}s"))
@@ -390,23 +479,39 @@ class Server:
                 out.train_loss = float(np.average([l for l, _ in good], weights=[w for _, w in good]))
             if ok:
                 out.train_seconds_mean = float(np.mean([float(r.content["metrics"]["train_seconds"]) for r in ok]))
+                out.extra["task_seconds_mean"] = float(np.mean([float(r.content["metrics"].get("task_seconds", 0.0)) for r in ok]))
+            lap("validate")
         self.ledger.record_lost(t, self.attempt, lost)
-        if ok or cfg.device_dp:
+        if mean is not None:
+            new_arrays = mean.result()
+            if new_arrays is not None and type(self.strategy) not in (FedAvg, FedProx):
+                # e.g. FedAdam: its server step on the mean, handed over as one reply
+                synthetic = RecordDict({"arrays": new_arrays, "metrics": MetricRecord({"num-examples": 1})})
+                new_arrays, _ = self.strategy.aggregate_train(t, [_AsReply(Message(synthetic, dst_node_id=0, message_type="train"))])
+            if new_arrays is not None:
+                arrays = new_arrays
+        elif ok or cfg.device_dp:
             new_arrays, _ = self.strategy.aggregate_train(t, ok)
             if new_arrays is not None:
                 arrays = new_arrays
+        lap("aggregate")
         out.epsilon_example_max = self.book.max_epsilon("example") if cfg.dp else float("inf")
         out.epsilon_device_max = self.book.max_epsilon("device") if cfg.device_dp else None
         out.extra["devices_over_budget"] = len(self.book.exhausted)
         if self.pop.stream is not None:
             out.extra["activity_total"] = int(self.activity.sum())
         if t % cfg.eval_every == 0 or t == cfg.rounds:
+            lap("accounting")
             m = self.evaluate(arrays)
             out.accuracy, out.macro_f1, out.test_loss = m["accuracy"], m["macro_f1"], m["test_loss"]
             for k in ("slot_f1", "sentence_accuracy"):
                 if k in m:
                     out.extra[k] = m[k]
+            lap("evaluate")
+            out.extra["eval_seconds"] = phase["evaluate"]
+        lap("accounting")
         out.seconds = time.perf_counter() - t0
+        out.extra["phase_seconds"] = {k: round(v, 4) for k, v in phase.items()}
         line = out.to_json()
         # Order: ledger (above) -> checkpoint -> rounds row -> metrics line.
         self.rundir.save_checkpoint(
@@ -433,9 +538,13 @@ def run_server(grid: Grid, cfg: RunConfig, progress: bool = True, resume: bool =
     from tqdm.auto import tqdm
 
     _quiet_flower()
+    t0 = time.perf_counter()
     server = Server(cfg, resume=resume)
+    timings: dict = {"server_init": time.perf_counter() - t0, "rounds": []}
     try:
+        t0 = time.perf_counter()
         node_of = map_nodes_to_devices(grid, cfg.num_devices)
+        timings["node_mapping"] = time.perf_counter() - t0
         arrays = server.arrays
         bar = tqdm(
             range(server.start_round, cfg.rounds + 1), desc="rounds", unit="round", disable=not progress,
@@ -445,7 +554,9 @@ def run_server(grid: Grid, cfg: RunConfig, progress: bool = True, resume: bool =
         for t in bar:
             if STOP.is_set():
                 raise Interrupted(f"interrupted before round {t}")
+            t0 = time.perf_counter()
             arrays, last = server.run_round(grid, t, arrays, node_of)
+            timings["rounds"].append(time.perf_counter() - t0)  # with checkpoint and ledger completion
             post = {"cohort": last.cohort_size}
             if last.accuracy is not None:
                 post["acc"] = f"{last.accuracy:.3f}"
@@ -457,7 +568,7 @@ def run_server(grid: Grid, cfg: RunConfig, progress: bool = True, resume: bool =
             bar.set_postfix(post)
     finally:
         server.ledger.close()
-    return {"run_dir": str(server.rundir.path), "final": last.__dict__ if last else None, "delta": server.delta}
+    return {"run_dir": str(server.rundir.path), "final": last.__dict__ if last else None, "delta": server.delta, "timings": timings}
 
 
 _BOUND: dict[str, RunConfig] = {}

@@ -18,8 +18,8 @@ def test_minilm_on_banking77_learns_above_chance(banking77, tmp_path):
         partitioner="iid",
         cohort_size=4,  # every device, every round
         rounds=3,
-        local_epochs=2,
-        noise_multiplier=0.5,
+        local_epochs=3,
+        noise_multiplier=0.3,
         run_dir=str(tmp_path / "run"),
         run_id="banking77-smoke",
     ).validate()

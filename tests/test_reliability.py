@@ -445,3 +445,21 @@ def test_kill_resume_interrupt_resume(tmp_path, data_dir):
     # no training text in the log of three processes
     for t in TEXTS_ON + TEXTS_OFF:
         assert t not in text
+
+
+def test_local_epochs_zero_returns_the_weights_untrained(tmp_path, data_dir):
+    """--local-epochs 0: every device loads the global weights and sends them back; zero-step privacy events."""
+    cfg = _cfg(tmp_path, data_dir, rounds=2, cohort_size=3, local_epochs=0)
+    server, grid, arrays, outs = _run(cfg)
+    init = server.task.build_model(cfg.model, seed=cfg.seed).state_dict()
+    assert sum(o.replies for o in outs) > 0 and all(o.failures + o.rejected + o.timeouts == 0 for o in outs)
+    final = arrays.to_torch_state_dict()
+    assert final.keys() == init.keys()
+    for k, v in init.items():
+        assert torch.allclose(final[k].to(v.dtype), v, rtol=0, atol=1e-6), k
+    assert all(o.train_loss is None for o in outs)
+    con = sqlite3.connect(Path(cfg.run_dir) / "ledger.sqlite")
+    steps = [s for (s,) in con.execute("SELECT steps FROM privacy_events WHERE unit='example'")]
+    assert steps and all(s == 0 for s in steps)
+    assert all(e == 0.0 for (e,) in con.execute("SELECT epsilon FROM device_epsilon WHERE unit='example'"))
+    assert all(float(c["metrics"]["epsilon"]) == 0.0 and int(c["privacy"]["steps"]) == 0 for c in grid.outgoing)

@@ -1,0 +1,113 @@
+"""Round overhead and population scale: correctness only (timings live in benchmarks/round_overhead.py).
+
+Selection over a million devices, the one-copy weight conversions (client/arrays.py), the
+running mean the server folds replies into, and the device -> node assignment.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
+from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+
+from client.arrays import array_view, load_into, record_from_numpy, record_from_state
+from server.app import RunningMean, map_nodes_to_devices
+from server.selection import ActivitySelector, poisson_cohort
+
+
+def test_selection_over_a_million_devices():
+    k, m = 1_000_000, 100.0
+    rng = np.random.default_rng(0)
+    a = rng.lognormal(3.0, 1.2, k).astype(np.int64)
+    a[:1000] = 0
+    sel = ActivitySelector(a, 1.0, m)
+    q = sel.probabilities(a, excluded=np.arange(1000, 1010))
+    assert q.shape == (k,) and q.dtype == np.float64
+    assert (q[:1010] == 0).all() and (q >= 0).all() and (q <= 1).all()
+    assert q.sum() == pytest.approx(m, rel=1e-3)  # ten excluded devices barely move it
+    sizes = []
+    for _ in range(20):
+        c = poisson_cohort(q, rng)
+        assert c.dtype == np.int64 and (np.diff(c) > 0).all()
+        assert (c >= 1010).all() and (c < k).all()
+        sizes.append(len(c))
+    # Poisson-binomial: mean sum q, sd <= sqrt(sum q)
+    assert abs(np.mean(sizes) - q.sum()) < 5 * np.sqrt(q.sum() / len(sizes))
+
+
+def _state(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "w": torch.randn(7, 5, generator=g),
+        "b": torch.randn(5, generator=g).double(),
+        "ids": torch.arange(9).reshape(1, 9),
+        "scalar": torch.tensor(3.5),
+        "empty": torch.zeros(0, 4),
+    }
+
+
+def test_record_from_state_writes_what_flower_writes():
+    sd = _state()
+    ours, theirs = record_from_state(sd), ArrayRecord(sd)
+    assert list(ours.keys()) == list(theirs.keys())
+    for k in sd:
+        assert ours[k].data == theirs[k].data and ours[k].shape == theirs[k].shape and ours[k].dtype == theirs[k].dtype
+        v = array_view(theirs[k])
+        assert np.array_equal(v, sd[k].numpy()) and v.dtype == sd[k].numpy().dtype
+
+
+def test_load_into_copies_into_the_parameters():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
+    src = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
+    for p in src.parameters():
+        torch.nn.init.normal_(p)
+    ptr = model[0].weight.data_ptr()
+    load_into(model, ArrayRecord(src.state_dict()))
+    assert model[0].weight.data_ptr() == ptr  # same storage, values copied in
+    for a, b in zip(model.state_dict().values(), src.state_dict().values()):
+        assert torch.equal(a, b)
+    bad = dict(src.state_dict())
+    bad.pop("1.bias")
+    with pytest.raises(RuntimeError):
+        load_into(model, ArrayRecord(bad))
+
+
+def test_running_mean_is_fedavg():
+    current = record_from_state(_state(0))
+    replies = [record_from_state(_state(s)) for s in (1, 2, 3)]
+    weights = [3.0, 1.0, 6.0]
+    mean = RunningMean(current)
+    for r, w in zip(replies, weights):
+        mean.add(r, w)
+    got = mean.result()
+    ref = aggregate_arrayrecords(
+        [RecordDict({"arrays": r, "metrics": MetricRecord({"num-examples": w})}) for r, w in zip(replies, weights)],
+        "num-examples",
+    )
+    for k in current.keys():
+        g, want = got[k].numpy(), ref[k].numpy()
+        if g.dtype.kind == "f":
+            assert g.dtype == current[k].numpy().dtype
+            np.testing.assert_allclose(g, want, rtol=1e-5, atol=1e-6)
+        else:  # integer buffers keep the global model's values
+            assert np.array_equal(g, current[k].numpy())
+    assert RunningMean(current).result() is None
+
+
+class _Grid:
+    def __init__(self, ids):
+        self.ids = ids
+
+    def get_node_ids(self):
+        return set(self.ids)
+
+
+def test_devices_are_assigned_to_nodes_in_node_id_order():
+    ids = [907, 12, 5501, 44]
+    assert map_nodes_to_devices(_Grid(ids), 4) == {0: 12, 1: 44, 2: 907, 3: 5501}
+    with pytest.raises(RuntimeError):
+        map_nodes_to_devices(_Grid(ids), 5, timeout=0.0)
