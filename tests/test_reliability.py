@@ -463,3 +463,30 @@ def test_local_epochs_zero_returns_the_weights_untrained(tmp_path, data_dir):
     assert steps and all(s == 0 for s in steps)
     assert all(e == 0.0 for (e,) in con.execute("SELECT epsilon FROM device_epsilon WHERE unit='example'"))
     assert all(float(c["metrics"]["epsilon"]) == 0.0 and int(c["privacy"]["steps"]) == 0 for c in grid.outgoing)
+
+
+@pytest.mark.parametrize("unit", ["example", "device"])
+def test_budget_filter_a_device_never_trains_past_its_budget(tmp_path, data_dir, unit):
+    """With a per-device budget, no device's epsilon in the ledger ever exceeds it, and devices
+    that would exceed it are recorded in budget_events and never selected afterwards."""
+    budget = 6.0
+    kw = {"max_epsilon": budget} if unit == "example" else {"device_dp": True, "target_epsilon_device": budget}
+    cfg = _cfg(tmp_path, data_dir, rounds=6, cohort_size=3, num_devices=4, **kw)
+    server, grid, _, outs = _run(cfg)
+    con = sqlite3.connect(Path(cfg.run_dir) / "ledger.sqlite")
+    from dp.accounting import SubsampledGaussianEvent, compute_epsilon
+
+    for (d,) in con.execute("SELECT DISTINCT device_id FROM privacy_events WHERE unit=?", (unit,)).fetchall():
+        evs = con.execute(
+            "SELECT noise_multiplier, sample_rate, steps FROM privacy_events WHERE device_id=? AND unit=? ORDER BY round",
+            (d, unit),
+        ).fetchall()
+        eps = compute_epsilon([SubsampledGaussianEvent(*e) for e in evs], server.delta, cfg.accountant)
+        assert eps <= budget + 1e-9, (d, eps)
+    hits = con.execute("SELECT device_id, round FROM budget_events WHERE unit=?", (unit,)).fetchall()
+    assert hits, "the budget was never reached; lower it so the test exercises the filter"
+    for d, r in hits:
+        later = con.execute(
+            "SELECT COUNT(*) FROM privacy_events WHERE device_id=? AND round>=? AND unit='example'", (d, r)
+        ).fetchone()[0]
+        assert later == 0, f"device {d} trained after reaching its budget in round {r}"
