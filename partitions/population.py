@@ -15,7 +15,7 @@ deterministic in the settings, so every process builds the same population.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 
 import numpy as np
 
@@ -73,10 +73,13 @@ class Population:
             return self.devices[device_id]
         return held_at(self.stream, list(self.devices), device_id, round_)
 
+    @cached_property
+    def _uid_column(self) -> np.ndarray:
+        return np.asarray(self.data.train.select_columns(["uid"]).with_format("numpy")[:]["uid"])
+
     def uids(self, rows: np.ndarray) -> np.ndarray:
-        """Stable example ids (``uid`` column) of train rows."""
-        col = self.data.train.select_columns(["uid"]).with_format("numpy")[:]["uid"]
-        return np.asarray(col)[np.asarray(rows, dtype=np.int64)]
+        """Stable example ids (``uid`` column) of train rows (the column is read once per process)."""
+        return self._uid_column[np.asarray(rows, dtype=np.int64)]
 
 
 def population_key(cfg) -> tuple:

@@ -9,7 +9,8 @@
                              (strategy state, e.g. FedAdam's m_t/v_t, and the device-DP noise rng),
                              state.json (round T, selection rng state, attempt, the round's
                              metrics line; written last, atomically: it names the checkpoint),
-                             global.pt (a copy of the latest global model, for readers)
+                             global.pt (the latest global model under a fixed name, for readers: a hard
+                             link to global-r<T>.pt)
 
 A round is complete when ``state.json`` names it; ``--resume`` continues from there.
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import pickle
 from pathlib import Path
 
@@ -80,8 +82,13 @@ class RunDir:
             os.fsync(fh.fileno())
         os.replace(tmp, ck / model_name)
         _atomic_write(ck / "state.json", json.dumps({**(state or {}), "round": round_, "model": model_name, "server": server_name}).encode())
+        # global.pt: a second name for the same file (a hard link), not a second serialisation.
         tmp = ck / "global.pt.tmp"
-        torch.save(sd, tmp)
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(ck / model_name, tmp)
+        except OSError:  # file systems without hard links
+            shutil.copyfile(ck / model_name, tmp)
         os.replace(tmp, ck / "global.pt")
         for old in list(ck.glob("global-r*.pt")) + list(ck.glob("server-r*.pkl")):
             if old.name not in (model_name, server_name):
