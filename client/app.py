@@ -40,7 +40,7 @@ from dp.accounting import SubsampledGaussianEvent, compute_epsilon
 from dp.sampling import sample_rate_for
 from dpfl.config import RunConfig
 from nlu.data import Encoded
-from nlu.model import load_tokenizer
+from nlu.model import load_tokenizer, set_trainable
 from nlu.tasks import Task, task_for_data
 from partitions.population import population_for_key, population_key
 
@@ -64,10 +64,10 @@ def task_of(cfg: RunConfig) -> Task:
 
 
 @lru_cache(maxsize=1)
-def _model(task: Task, name: str, seed: int, threads: int, use_gpu: bool = False):
-    """One model instance per process, on the GPU Ray assigned this actor when asked for one."""
+def _model(task: Task, name: str, seed: int, threads: int, use_gpu: bool = False, trainable: str = "all"):
+    """One model instance per process (``--trainable`` applied), on the GPU Ray assigned this actor when asked for one."""
     torch.set_num_threads(threads)
-    model = task.build_model(name, seed=seed)
+    model = set_trainable(task.build_model(name, seed=seed), trainable)
     if use_gpu and torch.cuda.is_available():
         model = model.to("cuda")
     return model
@@ -155,7 +155,7 @@ def train(msg: Message, context: Context) -> Message:
     data = device_examples(cfg, device_id, server_round)
     threads = max(1, int(cfg.client_cpus))
     task = task_of(cfg)
-    model = _model(task, cfg.model, cfg.seed, threads, cfg.client_gpus > 0)
+    model = _model(task, cfg.model, cfg.seed, threads, cfg.client_gpus > 0, cfg.trainable)
     load_into(model, msg.content["arrays"])
     local = LocalTrainConfig(
         dp=cfg.dp,

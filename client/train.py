@@ -16,6 +16,7 @@ from torch import nn
 from dp.engines import make_engine
 from dp.sampling import poisson_batches, sample_rate_for, steps_for
 from nlu.data import Encoded, collate, per_example_loss
+from nlu.model import encoder_of
 from nlu.tasks import Task
 
 
@@ -51,15 +52,6 @@ class LocalResult:
     seconds: float
 
 
-def encoder_of(model: nn.Module) -> nn.Module | None:
-    """The pretrained encoder inside a classifier (our heads' ``.encoder``, or HF's ``base_model``)."""
-    enc = getattr(model, "encoder", None)
-    if isinstance(enc, nn.Module) and hasattr(enc, "embeddings"):
-        return enc
-    base = getattr(model, "base_model", None)
-    return base if isinstance(base, nn.Module) and base is not model else None
-
-
 def param_groups(model: nn.Module, lr: float, head_lr: float | None) -> list[dict]:
     """Optimizer groups: the encoder at ``lr``, the freshly initialised head at ``head_lr``.
 
@@ -71,10 +63,11 @@ def param_groups(model: nn.Module, lr: float, head_lr: float | None) -> list[dic
     if head_lr is None or enc is None:
         return [{"params": params, "lr": lr}]
     enc_ids = {id(p) for p in enc.parameters()}
-    return [
+    groups = [
         {"params": [p for p in params if id(p) in enc_ids], "lr": lr},
         {"params": [p for p in params if id(p) not in enc_ids], "lr": head_lr},
     ]
+    return [g for g in groups if g["params"]]
 
 
 def _optimizer(cfg: LocalTrainConfig, model: nn.Module) -> torch.optim.Optimizer:

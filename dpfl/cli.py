@@ -62,6 +62,7 @@ HELP = {
     "target_epsilon": "calibrate --noise-multiplier so that no device's example-level epsilon can exceed this",
     "learning_rate": "local optimizer step size (the encoder's, when --head-learning-rate is set)",
     "head_learning_rate": "step size of the freshly initialised classification head (default: --learning-rate)",
+    "trainable": "which parameters train: all (embeddings included) | head (frozen encoder) | topN (head + last N layers)",
     "pooling": "mean (mean-pooled token states) | cls (transformers' classification head)",
     "canaries": "privacy audit: insert M canary utterances (secret digits), each included with probability 1/2",
     "canary_repeats": "copies of each included canary (all on one device)",

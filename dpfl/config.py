@@ -78,6 +78,7 @@ class RunConfig:
     model: str = "minilm"
     max_length: int = 32
     pooling: str = "mean"
+    trainable: str = "all"
     # local training
     local_epochs: int = 1
     batch_size: int = 32
@@ -157,6 +158,12 @@ class RunConfig:
         )
         need(self.num_clusters >= 1, "num_clusters", "must be >= 1")
         need(self.pooling in ("mean", "cls"), "pooling", "must be 'mean' or 'cls'")
+        try:
+            from nlu.model import parse_trainable
+
+            parse_trainable(self.trainable)
+        except ValueError as exc:
+            need(False, "trainable", str(exc))
         need(self.noise_multiplier >= 0, "noise_multiplier", f"must be >= 0, got {self.noise_multiplier}")
         need(self.max_grad_norm > 0, "max_grad_norm", f"must be > 0, got {self.max_grad_norm}")
         need(self.batch_size >= 1, "batch_size", "must be >= 1")

@@ -156,3 +156,70 @@ def tiny_config(num_labels: int = 2):
         max_position_embeddings=128,
         num_labels=num_labels,
     )
+
+
+def encoder_of(model: nn.Module) -> nn.Module | None:
+    """The pretrained encoder inside a model (our heads' ``.encoder``, or HF's ``base_model``); None if absent."""
+    enc = getattr(model, "encoder", None)
+    if isinstance(enc, nn.Module) and hasattr(enc, "embeddings"):
+        return enc
+    base = getattr(model, "base_model", None)
+    return base if isinstance(base, nn.Module) and base is not model else None
+
+
+def parse_trainable(spec: str) -> int | None:
+    """Parse a ``--trainable`` setting into the number of top encoder layers that train.
+
+    Returns ``None`` for ``"all"`` (every parameter, embeddings included), ``0`` for ``"head"``
+    (task heads only, the encoder frozen: a private linear probe on the pretrained features),
+    and ``N`` for ``"topN"`` (the heads and the last N transformer layers).
+
+    Raises
+    ------
+    ValueError
+        If ``spec`` is none of these.
+    """
+    s = str(spec).strip().lower()
+    if s == "all":
+        return None
+    if s == "head":
+        return 0
+    if s.startswith("top") and s[3:].isdigit() and int(s[3:]) >= 1:
+        return int(s[3:])
+    raise ValueError(f"must be 'all', 'head' or 'topN' (N >= 1 top encoder layers), got {spec!r}")
+
+
+def set_trainable(model: nn.Module, spec: str = "all") -> nn.Module:
+    """Choose which parameters train: ``"all"``, ``"head"`` or ``"topN"`` (see :func:`parse_trainable`).
+
+    The model must hold its pretrained encoder as ``.encoder`` (our mean-pool and joint models)
+    or ``.base_model`` (transformers' ``*ForSequenceClassification``); everything outside the
+    encoder is "head" (classifier, pooler-free heads, transformers' pooler is inside the encoder
+    and trains only with ``"all"``). Frozen parameters get ``requires_grad = False``: DP-SGD
+    clips and noises only the trainable ones (the privacy analysis is unchanged: the released
+    update is still the noisy sum of clipped per-example gradients).
+
+    Raises
+    ------
+    ValueError
+        If ``spec`` is invalid, or asks for more top layers than the encoder has.
+    """
+    top = parse_trainable(spec)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    if top is None:
+        return model
+    enc = encoder_of(model)
+    if enc is None:
+        raise ValueError(f"--trainable {spec}: the model has no recognisable encoder to freeze")
+    for p in enc.parameters():
+        p.requires_grad_(False)
+    if top:
+        layers = getattr(getattr(enc, "encoder", None), "layer", None)
+        if layers is None or top > len(layers):
+            n = 0 if layers is None else len(layers)
+            raise ValueError(f"--trainable {spec}: the encoder has {n} transformer layers")
+        for layer in list(layers)[-top:]:
+            for p in layer.parameters():
+                p.requires_grad_(True)
+    return model

@@ -237,3 +237,71 @@ def test_noiseless_device_level_is_infinite(tmp_path):
     assert math.isfinite(summary["epsilon"]["example"]["max"])
     json.loads((run / "report" / "summary.json").read_text())  # strict JSON (no Infinity)
     assert "∞" in (run / "report" / "report.md").read_text()
+
+
+def _weighted_median(pairs):
+    """Median of a distribution given as (value, count) pairs (the lower median)."""
+    pairs = sorted(pairs)
+    total, seen = sum(n for _, n in pairs), 0
+    for v, n in pairs:
+        seen += n
+        if seen >= total / 2:
+            return v
+
+
+def test_example_epsilon_over_examples_static(tmp_path):
+    """Static data: every example inherits its device's epsilon; the distribution is weighted by activity."""
+    run = make_run(tmp_path)
+    summary = json.loads(json.dumps(build_report(run)["epsilon"]["example"]["over_examples"]))
+    ex = _hand_epsilons("example")
+    pairs = [(ex.get(d, 0.0), a) for d, a in enumerate(ACTIVITY) if a]
+    assert summary["source"] == "device activity"
+    assert summary["examples"] == sum(ACTIVITY)
+    assert summary["examples_trained"] == sum(a for d, a in enumerate(ACTIVITY) if d in ex)
+    assert summary["max"] == pytest.approx(max(ex.values()), rel=1e-9)
+    assert summary["median"] == pytest.approx(_weighted_median(pairs), rel=1e-9)
+    assert summary["mean"] == pytest.approx(sum(e * n for e, n in pairs) / sum(ACTIVITY), rel=1e-9)
+    assert "Over examples instead of devices" in (run / "report" / "report.md").read_text()
+
+
+def test_example_epsilon_over_examples_uses_holdings(tmp_path):
+    """Continual data: an example composes only the rounds its device trained while holding it."""
+    run = make_run(tmp_path)
+    conn = sqlite3.connect(run / "ledger.sqlite")
+    conn.execute("CREATE TABLE example_holdings(run_id TEXT, round INTEGER, device_id INTEGER, uid INTEGER,"
+                 " PRIMARY KEY(run_id, round, device_id, uid))")
+    # device 3 trained in rounds 1-4: uid 100 held throughout, uid 101 arrived in round 3,
+    # uid 102 deleted after round 1; device 0 trained in rounds 1 and 4: uid 200 held in both.
+    held = {100: (3, [1, 2, 3, 4]), 101: (3, [3, 4]), 102: (3, [1]), 200: (0, [1, 4])}
+    conn.executemany("INSERT INTO example_holdings VALUES (?,?,?,?)",
+                     [("synthetic-run", t, d, u) for u, (d, ts) in held.items() for t in ts])
+    conn.commit()
+    conn.close()
+    over = build_report(run)["epsilon"]["example"]["over_examples"]
+
+    def eps(d, ts):
+        return compute_epsilon([SubsampledGaussianEvent(*_example_event(d)) for _ in ts], DELTA, "pld")
+
+    expected = sorted(eps(d, ts) for d, ts in held.values())
+    assert over["source"] == "holdings"
+    assert over["examples"] == 4
+    assert over["max"] == pytest.approx(expected[-1], rel=1e-9)
+    assert over["max"] == pytest.approx(max(_hand_epsilons("example")[d] for d in (0, 3)), rel=1e-9)
+    assert over["median"] == pytest.approx(expected[1], rel=1e-9)
+    assert over["mean"] == pytest.approx(sum(expected) / 4, rel=1e-9)
+    assert eps(3, [1]) < eps(3, [3, 4]) < eps(3, [1, 2, 3, 4])  # fewer rounds held, less privacy spent
+
+
+def test_report_shows_slot_metrics(tmp_path):
+    run = make_run(tmp_path, half_line=False)
+    path = run / "metrics.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    for r in rows:
+        r.update(slot_f1=0.1 * r["round"], sentence_accuracy=0.05 * r["round"])
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summary = build_report(run)
+    assert summary["final_slot_f1"] == pytest.approx(0.4)
+    assert summary["final_sentence_accuracy"] == pytest.approx(0.2)
+    md = (run / "report" / "report.md").read_text()
+    assert "slot F1 0.4" in md and "sentence accuracy 0.2" in md
+    assert "| slot F1 | sentence accuracy |" in md

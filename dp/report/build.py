@@ -14,13 +14,17 @@ written as the string ``"inf"`` because JSON has no infinity)::
       "num_devices": int, "num_examples": int | null,
       "epsilon": {
         "example": {"max", "median", "median_all_devices", "p90", "min", "mean",
-                    "devices_accounted", "tier", "max_device", "ledger_max"},
+                    "devices_accounted", "tier", "max_device", "ledger_max",
+                    "over_examples": {"max", "median", "p90", "mean", "examples",
+                                      "examples_trained", "source"}},
         "device":  {... same keys ...} | null      # null when device-level DP is off
       },
       "devices_over_budget": int,
       "budget_events": [{"device_id", "unit", "round", "epsilon"}],
       "final_accuracy": float | null, "final_macro_f1": float | null,
-      "baseline": {"final_accuracy", "final_macro_f1", "run_dir"} | null,
+      "final_slot_f1": float | null, "final_sentence_accuracy": float | null,   # slots/joint tasks
+      "baseline": {"final_accuracy", "final_macro_f1", "final_slot_f1",
+                   "final_sentence_accuracy", "run_dir"} | null,
       "metrics_lines_skipped": int, "warnings": [str],
       "audit": {"epsilon_lower_bound", "confidence", "delta", "auc", "tpr_at_1pct_fpr",
                 "tpr_at_0_1pct_fpr", "mean_exposure", "extraction_rate", ...} | null
@@ -81,6 +85,8 @@ class RunData:
     ledger_epsilon: dict[str, dict[int, float]]
     budget_events: list[dict[str, Any]]
     warnings: list[str] = field(default_factory=list)
+    # continual setting: (round, device_id, uid) for every example a training device held
+    holdings: list[tuple[int, int, int]] = field(default_factory=list)
     audit: dict[str, Any] | None = None  # RUN_DIR/audit/audit.json when present
 
 
@@ -235,6 +241,15 @@ def read_run(run_dir: Path) -> RunData:
                 params,
             )
         ]
+        has_holdings = conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE type='table' AND name='example_holdings'"
+        ).fetchone()
+        data.holdings = [
+            (int(t), int(d), int(u))
+            for t, d, u in conn.execute(
+                "SELECT round, device_id, uid FROM example_holdings WHERE run_id=?", params
+            )
+        ] if has_holdings else []
     except sqlite3.Error as exc:
         raise ReportError(f"cannot read {ledger}: {exc}") from exc
     finally:
@@ -287,6 +302,75 @@ def unit_epsilons(data: RunData, unit: str, delta: float, accountant: str,
     """Each device's epsilon for ``unit`` composed over its events up to ``last_round``."""
     histories = {d: _events_upto(rows, last_round) for d, rows in data.events[unit].items()}
     return compute_epsilons(histories, delta, accountant, value_discretization_interval=interval)
+
+
+def example_epsilons_over_examples(
+    data: RunData, delta: float, accountant: str, device_eps: dict[int, float]
+) -> dict[str, Any]:
+    """Example-level epsilon of each training example (not each device), at ``delta``.
+
+    An example's privacy loss composes only the device events of the rounds in which its device
+    trained *while holding it*: in the static setting that is every event of its device (so
+    each example inherits its device's epsilon, and the distribution is the per-device one
+    weighted by activity); in the continual setting the ledger's ``example_holdings`` say which
+    examples (by stable uid) each device held in each round, so an example that arrived late or
+    was deleted early composes fewer events. Examples with identical (device, rounds) histories
+    are accounted once.
+
+    Returns
+    -------
+    dict
+        ``{"max", "median", "p90", "mean", "examples", "examples_trained", "source"}``;
+        ``examples`` counts the examples the statistics are over (static: every example on a
+        device; continual: every example some training device held), ``examples_trained`` those
+        with at least one event; ``source`` is ``"holdings"`` or ``"device activity"``.
+    """
+    events = data.events["example"]
+    values: list[tuple[float, int]] = []  # (epsilon, number of examples with it)
+    if data.holdings:
+        rounds_of: dict[tuple[int, int], list[int]] = {}
+        for t, d, u in data.holdings:
+            rounds_of.setdefault((d, u), []).append(t)
+        groups: dict[tuple, int] = {}
+        for (d, _u), ts in rounds_of.items():
+            key = (d, tuple(sorted(set(ts))))
+            groups[key] = groups.get(key, 0) + 1
+        histories = {}
+        for i, (d, ts) in enumerate(groups):
+            held = set(ts)
+            histories[i] = [SubsampledGaussianEvent(s, q, n) for t, s, q, n, _ in events.get(d, []) if t in held]
+        eps = compute_epsilons(histories, delta, accountant)
+        values = [(eps[i], n) for i, n in enumerate(groups.values())]
+        source = "holdings"
+    else:
+        for d, info in data.devices.items():
+            n = int(info.get("activity") or 0)
+            if n:
+                values.append((float(device_eps.get(d, 0.0)), n))
+        source = "device activity"
+    total = sum(n for _, n in values)
+    if not total:
+        return {"max": 0.0, "median": 0.0, "p90": 0.0, "mean": 0.0, "examples": 0,
+                "examples_trained": 0, "source": source}
+    values.sort()
+
+    def weighted_quantile(p: float) -> float:
+        need, seen = p * total, 0
+        for e, n in values:
+            seen += n
+            if seen >= need:
+                return e
+        return values[-1][0]
+
+    return {
+        "max": values[-1][0],
+        "median": weighted_quantile(0.5),
+        "p90": weighted_quantile(0.9),
+        "mean": sum(e * n for e, n in values) / total,
+        "examples": total,
+        "examples_trained": sum(n for e, n in values if e > 0),
+        "source": source,
+    }
 
 
 def _curve_rounds(rounds: list[int], max_points: int) -> list[int]:
@@ -429,6 +513,8 @@ def compute_summary(data: RunData, baseline: RunData | None = None,
                     f"{unit}-level: the ledger's cached epsilon ({ledger_max:.4g}) exceeds the value "
                     f"recomputed from its events ({stats['max']:.4g}); the larger is the safe one."
                 )
+            if unit == "example":
+                stats["over_examples"] = example_epsilons_over_examples(data, delta, accountant, eps)
             summary["epsilon"][unit] = stats
             summary["curves"][unit] = epsilon_curve(data, unit, delta, accountant, max_curve_points)
 
@@ -442,6 +528,9 @@ def compute_summary(data: RunData, baseline: RunData | None = None,
     }
     summary["final_accuracy"] = _final(data.metrics, "accuracy")
     summary["final_macro_f1"] = _final(data.metrics, "macro_f1")
+    # slot filling (--task slots | joint): span-level F1 and sentence accuracy, when evaluated
+    summary["final_slot_f1"] = _final(data.metrics, "slot_f1")
+    summary["final_sentence_accuracy"] = _final(data.metrics, "sentence_accuracy")
     summary["metrics"] = data.metrics
     summary["skipped_rounds"] = [m["round"] for m in data.metrics if m.get("skipped")]
     if delta is not None:
@@ -455,6 +544,8 @@ def compute_summary(data: RunData, baseline: RunData | None = None,
             "dp": bool(baseline.config.get("dp", False)),
             "final_accuracy": _final(baseline.metrics, "accuracy"),
             "final_macro_f1": _final(baseline.metrics, "macro_f1"),
+            "final_slot_f1": _final(baseline.metrics, "slot_f1"),
+            "final_sentence_accuracy": _final(baseline.metrics, "sentence_accuracy"),
             "metrics": baseline.metrics,
         }
         if summary["baseline"]["dp"]:

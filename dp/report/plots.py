@@ -96,14 +96,14 @@ def epsilon_histogram(summary: dict[str, Any], path: Path) -> Path | None:
 
 
 def accuracy_vs_round(summary: dict[str, Any], path: Path) -> Path | None:
-    """Accuracy and macro-F1 per round, with the non-private baseline when given."""
+    """Accuracy and macro-F1 (and slot F1, sentence accuracy for slot tasks) per round, with the non-private baseline when given."""
     rows = [m for m in summary.get("metrics", []) if m.get("accuracy") is not None or m.get("macro_f1") is not None]
     base = (summary.get("baseline") or {}).get("metrics") or []
     base = [m for m in base if m.get("accuracy") is not None or m.get("macro_f1") is not None]
     if not rows and not base:
         return None
     fig, ax = plt.subplots(figsize=(6.4, 3.6))
-    for key, style in (("accuracy", "o-"), ("macro_f1", "s-")):
+    for key, style in (("accuracy", "o-"), ("macro_f1", "s-"), ("slot_f1", "^-"), ("sentence_accuracy", "d-")):
         pts = [(m["round"], m[key]) for m in rows if m.get(key) is not None]
         if pts:
             ax.plot(*zip(*pts), style, label=f"{key} (this run)")

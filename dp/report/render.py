@@ -92,9 +92,7 @@ def blocks(summary: dict[str, Any], images: dict[str, Path]) -> list[Block]:
         items.append(f"Accountant: {acc.upper()} ({'privacy loss distributions, tight' if acc == 'pld' else 'Renyi DP, an upper bound'}); "
                      "adjacency: add or remove one unit; sampling: Poisson.")
         items.append(f"Devices removed from selection because of their budget: {summary['devices_over_budget']}.")
-        items.append(f"Final accuracy {fmt(summary['final_accuracy'])}, macro-F1 {fmt(summary['final_macro_f1'])}"
-                     + (f" (non-private baseline: {fmt(summary['baseline']['final_accuracy'])}, "
-                        f"{fmt(summary['baseline']['final_macro_f1'])})" if summary.get("baseline") else "") + ".")
+        items.append(_task_metrics_text(summary))
         out.append(("ul", items))
     for w in summary.get("warnings", []):
         out.append(("p", f"Note: {w}"))
@@ -233,6 +231,16 @@ def blocks(summary: dict[str, Any], images: dict[str, Path]) -> list[Block]:
                          "devices: " + ", ".join(
                              f"{u} {fmt(eps[u]['median_all_devices'])}" for u in ("example", "device") if eps.get(u))
                          + "). Strength tiers: <= 1 strong, <= 10 reasonable, > 10 weak."))
+        oe = (eps.get("example") or {}).get("over_examples")
+        if oe and oe.get("examples"):
+            how = ("the rounds in which its device trained while holding it (the ledger's example holdings: "
+                   "examples that arrived late or were deleted early compose fewer rounds)"
+                   if oe["source"] == "holdings" else "every round its device trained (static data: an example "
+                   "inherits its device's epsilon)")
+            out.append(("p", f"Over examples instead of devices: each example's epsilon composes {how}. Over "
+                             f"{oe['examples']} examples ({oe['examples_trained']} touched by training): max "
+                             f"{fmt(oe['max'])}, median {fmt(oe['median'])}, p90 {fmt(oe['p90'])}, mean "
+                             f"{fmt(oe['mean'])}, at delta = {fmt(delta)}."))
         if "epsilon_vs_round" in images:
             out.append(("img", "epsilon_vs_round", "Epsilon against round (max and median over devices), "
                         "recomputed from the ledger by composing each device's events up to that round."))
@@ -272,23 +280,42 @@ def blocks(summary: dict[str, Any], images: dict[str, Path]) -> list[Block]:
               if summary["final_accuracy"] is not None and base["final_accuracy"] is not None else None)
         out.append(("p", f"Final accuracy {fmt(summary['final_accuracy'])} against {fmt(base['final_accuracy'])} "
                          f"for the non-private baseline ({base['run_dir']}); difference {fmt(da)}. "
-                         f"Final macro-F1 {fmt(summary['final_macro_f1'])} against {fmt(base['final_macro_f1'])}."))
+                         f"Final macro-F1 {fmt(summary['final_macro_f1'])} against {fmt(base['final_macro_f1'])}."
+                         + (f" Final slot F1 {fmt(summary.get('final_slot_f1'))} against {fmt(base.get('final_slot_f1'))}; "
+                            f"sentence accuracy {fmt(summary.get('final_sentence_accuracy'))} against "
+                            f"{fmt(base.get('final_sentence_accuracy'))}." if summary.get("final_slot_f1") is not None else "")))
     if "accuracy_vs_round" in images:
         out.append(("img", "accuracy_vs_round", "Accuracy and macro-F1 against round."))
     mrows = []
+    slots = any("slot_f1" in m for m in summary.get("metrics", []))
     for m in summary.get("metrics", []):
         mrows.append([str(m["round"]), fmt(m.get("cohort_size")), "yes" if m.get("skipped") else "",
-                      fmt(m.get("train_loss")), fmt(m.get("accuracy")), fmt(m.get("macro_f1")),
-                      fmt(m.get("epsilon_example_max")), fmt(m.get("epsilon_device_max"))])
+                      fmt(m.get("train_loss")), fmt(m.get("accuracy")), fmt(m.get("macro_f1"))]
+                     + ([fmt(m.get("slot_f1")), fmt(m.get("sentence_accuracy"))] if slots else [])
+                     + [fmt(m.get("epsilon_example_max")), fmt(m.get("epsilon_device_max"))])
     if mrows:
-        out.append(("table", ["round", "cohort", "skipped", "train loss", "accuracy", "macro-F1",
-                              "example eps (server, max)", "device eps (server, max)"], mrows))
+        out.append(("table", ["round", "cohort", "skipped", "train loss", "accuracy", "macro-F1"]
+                    + (["slot F1", "sentence accuracy"] if slots else [])
+                    + ["example eps (server, max)", "device eps (server, max)"], mrows))
     else:
         out.append(("p", "No metrics recorded yet."))
     out.append(("p", "Sources: Mironov 2017 (Renyi DP); Koskela, Jalko & Honkela 2020 and Google's dp-accounting "
                      "(privacy loss distributions); Balle et al. 2020 (RDP to (epsilon, delta)); Abadi et al. 2016 "
                      "(DP-SGD); McMahan et al. 2018 (DP-FedAvg)."))
     return out
+
+
+def _task_metrics_text(summary: dict[str, Any]) -> str:
+    """The headline's utility sentence: accuracy and macro-F1, plus slot F1 and sentence accuracy for slot tasks."""
+    base = summary.get("baseline") or None
+
+    def part(d: dict[str, Any]) -> str:
+        text = f"accuracy {fmt(d.get('final_accuracy'))}, macro-F1 {fmt(d.get('final_macro_f1'))}"
+        if d.get("final_slot_f1") is not None:
+            text += f", slot F1 {fmt(d.get('final_slot_f1'))}, sentence accuracy {fmt(d.get('final_sentence_accuracy'))}"
+        return text
+
+    return "Final " + part(summary) + (f" (non-private baseline: {part(base)})" if base else "") + "."
 
 
 def _eps_text(x: Any) -> str:
