@@ -29,7 +29,7 @@ HELP = {
     "dataset": "Hugging Face hub dataset name (needs network)",
     "max_examples": "cap the training set at K examples (quick runs)",
     "num_devices": "number of simulated devices",
-    "partitioner": "auto (natural device column if present, else iid) | iid | dirichlet | quantity | natural",
+    "partitioner": "auto (natural device column if present, else iid) | iid | dirichlet (label skew) | quantity (power-law sizes) | quantity-label (both) | cluster (feature skew) | natural",
     "dirichlet_alpha": "Dirichlet concentration for label skew (smaller = more skew)",
     "cohort_size": "expected number of devices per round",
     "selection": "uniform | activity (Poisson with q_k = min(1, c a_k^alpha))",

@@ -20,7 +20,7 @@ import tomli_w
 
 SELECTIONS = ("uniform", "activity")
 STRATEGIES = ("fedavg", "fedprox", "fedadam")
-PARTITIONERS = ("auto", "iid", "dirichlet", "quantity", "cluster", "natural")
+PARTITIONERS = ("auto", "iid", "dirichlet", "quantity", "quantity-label", "cluster", "natural")
 ACCOUNTANTS = ("pld", "rdp")
 DP_ENGINES = ("dpfl", "opacus")
 OPTIMIZERS = ("sgd", "adamw")

@@ -25,6 +25,12 @@ Partitioners (flwr-datasets does the assignment wherever it has one):
     (largest-remainder rounding, so they sum to ``len(train)``), and
     ``flwr_datasets.partitioner.SizePartitioner`` assigns the seeded-shuffled rows. Labels
     are i.i.d. within a device.
+``"quantity-label"``
+    Quantity and label skew together: the ``"quantity"`` power-law sizes, and within each
+    device labels drawn from its own Dirichlet(``dirichlet_alpha``) over the labels:
+    ``flwr_datasets.partitioner.InnerDirichletPartitioner(partition_sizes=sizes,
+    partition_by="label", alpha=dirichlet_alpha, seed=seed)`` (Acar et al. 2021, FedDyn's
+    split). A few heavy devices with many examples of few intents, many light ones.
 ``"cluster"``
     Feature skew: every training text is embedded (mean-pooled all-MiniLM-L6-v2 sentence
     embeddings by default, cached on disk, see :mod:`partitions.embeddings`; tests inject an
@@ -57,7 +63,7 @@ import numpy as np
 
 __all__ = ["PARTITIONERS", "cluster_ids", "natural_ids", "partition", "pareto_sizes"]
 
-PARTITIONERS: tuple[str, ...] = ("iid", "dirichlet", "quantity", "cluster", "natural")
+PARTITIONERS: tuple[str, ...] = ("iid", "dirichlet", "quantity", "quantity-label", "cluster", "natural")
 
 #: Old names still accepted by :func:`partition` (not listed in PARTITIONERS).
 ALIASES: dict[str, str] = {"synthetic-natural": "natural"}
@@ -232,15 +238,15 @@ def partition(
         ``device_column`` for ``"natural"``).
     num_devices : int
         Number of devices (>= 1).
-    partitioner : {"iid", "dirichlet", "quantity", "cluster", "natural"}
+    partitioner : {"iid", "dirichlet", "quantity", "quantity-label", "cluster", "natural"}
         See the module docstring (``"synthetic-natural"`` is an old name of ``"natural"``).
     seed : int
         Same seed, same partition.
     dirichlet_alpha : float
-        Dirichlet concentration for ``"dirichlet"`` (over labels) and ``"cluster"`` (over
-        clusters); > 0, smaller = more skew.
+        Dirichlet concentration for ``"dirichlet"`` and ``"quantity-label"`` (over labels) and
+        ``"cluster"`` (over clusters); > 0, smaller = more skew.
     quantity_beta : float
-        Pareto tail index for ``"quantity"`` (> 0; smaller = heavier tail).
+        Pareto tail index for ``"quantity"`` and ``"quantity-label"`` (> 0; smaller = heavier tail).
     min_partition_size : int
         Minimum examples per device for ``"iid"`` (checked), ``"dirichlet"``/``"cluster"``
         (resampled up to 10 times by flwr-datasets) and ``"quantity"`` (guaranteed). 0 allows
@@ -313,6 +319,21 @@ def partition(
         nonempty = np.flatnonzero(sizes > 0)
         p = SizePartitioner([int(s) for s in sizes[nonempty]])  # it rejects zero sizes
         got = _indices_from(p, _index_dataset(train, order=order), len(nonempty), "partition_id_to_indices")
+        parts = [np.empty(0, dtype=np.int64)] * num_devices
+        for dev, rows in zip(nonempty, got):
+            parts[dev] = rows
+    elif partitioner == "quantity-label":
+        from flwr_datasets.partitioner import InnerDirichletPartitioner
+
+        if not dirichlet_alpha > 0:
+            raise ValueError(f"dirichlet_alpha must be > 0, got {dirichlet_alpha}")
+        if "label" not in train.column_names:
+            raise ValueError("the 'quantity-label' partitioner needs a 'label' column")
+        sizes = pareto_sizes(n, num_devices, quantity_beta, rng, min_partition_size)
+        nonempty = np.flatnonzero(sizes > 0)
+        p = InnerDirichletPartitioner(partition_sizes=[int(s) for s in sizes[nonempty]], partition_by="label",
+                                      alpha=float(dirichlet_alpha), shuffle=True, seed=seed)
+        got = _indices_from(p, _index_dataset(train, ("label",)), len(nonempty), "_partition_id_to_indices")
         parts = [np.empty(0, dtype=np.int64)] * num_devices
         for dev, rows in zip(nonempty, got):
             parts[dev] = rows

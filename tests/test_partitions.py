@@ -40,7 +40,7 @@ def _check_cover(parts, n, num_devices):
     assert np.array_equal(np.sort(allrows), np.arange(n))  # every row on exactly one device
 
 
-@pytest.mark.parametrize("name", ["iid", "dirichlet", "quantity"])
+@pytest.mark.parametrize("name", ["iid", "dirichlet", "quantity", "quantity-label"])
 def test_cover_and_determinism(small, name):
     a = partition(small, 50, name, seed=1)
     _check_cover(a, len(small), 50)
@@ -88,6 +88,18 @@ def test_dirichlet_min_partition_size(small):
         partition(small, 200, "dirichlet", dirichlet_alpha=0.01, min_partition_size=14)
 
 
+def test_quantity_label_has_both_skews(small):
+    """quantity-label: the quantity partitioner's heavy-tailed sizes, with per-device label skew."""
+    labels = np.asarray(small["label"])
+    both = partition(small, 60, "quantity-label", seed=3, dirichlet_alpha=0.1)
+    sizes_only = partition(small, 60, "quantity", seed=3)
+    _check_cover(both, len(small), 60)
+    assert [len(p) for p in both] == [len(p) for p in sizes_only]  # same power-law sizes
+    assert _mean_label_entropy(both, labels) < _mean_label_entropy(sizes_only, labels) - 1.0
+    mild = partition(small, 60, "quantity-label", seed=3, dirichlet_alpha=10.0)
+    assert _mean_label_entropy(both, labels) < _mean_label_entropy(mild, labels) - 1.0
+
+
 def test_quantity_heavy_tailed(small):
     parts = partition(small, 100, "quantity", seed=0)
     _check_cover(parts, len(small), 100)
@@ -107,7 +119,7 @@ def test_quantity_allows_more_devices_than_rows(small):
 
 
 def test_errors(small):
-    with pytest.raises(ValueError, match="iid, dirichlet, quantity, cluster, natural"):
+    with pytest.raises(ValueError, match="iid, dirichlet, quantity, quantity-label, cluster, natural"):
         partition(small, 10, "shards")
     with pytest.raises(ValueError, match="num_devices"):
         partition(small, 3001, "iid")
@@ -119,7 +131,7 @@ def test_errors(small):
         partition(small, 1000, "iid", min_partition_size=4)
     with pytest.raises(ValueError, match="--device-column"):
         partition(small, 10, "natural")
-    assert set(PARTITIONERS) == {"iid", "dirichlet", "quantity", "cluster", "natural"}
+    assert set(PARTITIONERS) == {"iid", "dirichlet", "quantity", "quantity-label", "cluster", "natural"}
 
 
 def test_synthetic_natural(synthetic):
