@@ -102,7 +102,29 @@ def summarize(run_dir: Path) -> dict:
         "epsilon_max_example": over.get("max"),
         "epsilon_median_example": over.get("median"),
         "mean_cohort": statistics.mean(r["cohort_size"] for r in _metrics(run_dir)),
+        "cohort_examples_per_round": cohort_examples_per_round(run_dir),
     }
+
+
+def cohort_examples_per_round(run_dir: Path) -> float | None:
+    """Mean over rounds of the examples the cohort held (the local-training work of a round).
+
+    From the ledger: the devices with an example-level event in round t, weighted by their
+    activity (static) or by the examples they held then (continual: ``example_holdings``).
+    """
+    import sqlite3
+
+    conn = sqlite3.connect(f"file:{run_dir / 'ledger.sqlite'}?mode=ro", uri=True)
+    try:
+        held = conn.execute("SELECT round, COUNT(*) FROM example_holdings GROUP BY round").fetchall()
+        if not held:
+            held = conn.execute(
+                "SELECT e.round, SUM(d.activity) FROM privacy_events e JOIN devices d"
+                " ON d.run_id = e.run_id AND d.device_id = e.device_id WHERE e.unit = 'example' GROUP BY e.round"
+            ).fetchall()
+    finally:
+        conn.close()
+    return statistics.mean(n for _, n in held) if held else None
 
 
 def _mean_sd(values: list[float]) -> tuple[float, float]:
@@ -146,8 +168,8 @@ def fmt(x) -> str:
 
 def write_tables(results: dict[str, list[dict]], commands: dict[str, list[str]], out: Path) -> str:
     lines = ["| setting | selection | runs | final accuracy | final macro-F1 | example eps, max over devices "
-             "| example eps over examples: max / median | mean cohort |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| example eps over examples: max / median | mean cohort | examples held by the cohort per round |",
+             "|---|---|---|---|---|---|---|---|---|"]
     means: dict[str, float] = {}
     for arm, runs in results.items():
         setting, selection = arm.split("-")
@@ -160,7 +182,8 @@ def write_tables(results: dict[str, list[dict]], commands: dict[str, list[str]],
             f"| {fmt(max(r['epsilon_max_device'] for r in runs))} "
             f"| {fmt(max(r['epsilon_max_example'] for r in runs))} / "
             f"{fmt(statistics.median(r['epsilon_median_example'] for r in runs))} "
-            f"| {fmt(statistics.mean(r['mean_cohort'] for r in runs))} |"
+            f"| {fmt(statistics.mean(r['mean_cohort'] for r in runs))} "
+            f"| {fmt(statistics.mean(r['cohort_examples_per_round'] or 0 for r in runs))} |"
         )
     delta = next(iter(results.values()))[0]["delta"]
     lines.append("")
