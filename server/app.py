@@ -223,21 +223,30 @@ class Server:
         empty = int((self.activity == 0).sum())
         if empty:
             log.warning("%d devices hold no examples after partitioning; they are never selected", empty)
+        # every planned round's activities [T, K] (continual), or the static ones [K]
+        planned = np.stack([self.pop.activity(t) for t in range(1, cfg.rounds + 1)]) if self.pop.stream else self.activity
         if cfg.dp and cfg.target_epsilon is not None:
-            every = np.concatenate([self.pop.activity(t) for t in range(1, cfg.rounds + 1)]) if self.pop.stream else self.activity
-            cfg.noise_multiplier = calibrate_example_noise(cfg, every, self.delta)
+            cfg.noise_multiplier = calibrate_example_noise(cfg, planned.ravel(), self.delta)
             log.warning("--target-epsilon %g: noise multiplier calibrated to %.4f", cfg.target_epsilon, cfg.noise_multiplier)
         alpha = cfg.activity_exponent if cfg.selection == "activity" else 0.0
-        self.selector = ActivitySelector(self.activity, alpha, cfg.cohort_size, cfg.selection_constant)
+        self.selector = ActivitySelector(planned, alpha, cfg.cohort_size, cfg.selection_constant)
         self.rng = np.random.default_rng([cfg.seed, 1])
         self.ledger = Ledger(self.rundir.ledger_path, cfg.run_id)
-        note = (
-            "c was calibrated once, before round 1, from the devices' starting activities "
-            f"(sum of a_k^alpha) so that the expected cohort size is {cfg.cohort_size:g}; "
-            "this one calibration read the activity total, which the guarantee does not cover."
-            if self.selector.calibrated
-            else "c was set directly by the user (--selection-constant)."
-        )
+        if not self.selector.calibrated:
+            note = "c was set directly by the user (--selection-constant)."
+        elif self.pop.stream is None:
+            note = (
+                "c was calibrated once, before round 1, from the devices' starting activities "
+                f"(sum of a_k^alpha) so that the expected cohort size is {cfg.cohort_size:g}; "
+                "this one calibration read the activity total, which the guarantee does not cover."
+            )
+        else:
+            note = (
+                "c was calibrated once, before round 1, from every planned round's activities "
+                f"(the arrival schedule) so that the expected cohort size averaged over the {cfg.rounds} "
+                f"rounds is {cfg.cohort_size:g} (early rounds, when devices hold less, select fewer); "
+                "this one calibration read the activity totals, which the guarantee does not cover."
+            )
         self.ledger.start_run(
             target_delta=self.delta, accountant=cfg.accountant, selection_constant=self.selector.c, calibration_note=note
         )

@@ -4,8 +4,9 @@ Device k is included in round t independently with probability
 ``q_k = min(1, c * a_k ** alpha)`` where a_k is its activity (training examples held) and
 alpha the activity exponent (alpha = 0: uniform). The constant c is fixed once, before the
 first round, either given or calibrated so that the expected cohort size
-``sum_k q_k`` equals the requested cohort size (that single calibration reads the activity
-total; afterwards q_k depends only on device k's own activity, so removing one device
+``sum_k q_k`` equals the requested cohort size (in the continual setting: on average over the
+planned rounds, from the arrival schedule; that single calibration reads the activity
+totals; afterwards q_k depends only on device k's own activity, so removing one device
 changes no other device's selection, which keeps per-device accounting exact).
 """
 
@@ -40,30 +41,40 @@ def inclusion_probabilities(activity: np.ndarray, alpha: float, c: float) -> np.
 def calibrate_constant(activity: np.ndarray, alpha: float, expected_cohort: float) -> float:
     """The c with ``sum_k min(1, c a_k^alpha) = expected_cohort`` (bisection on log c).
 
+    ``activity`` of shape [K] calibrates on one round's activities. Shape [T, K] (the
+    continual setting: row t is a_k(t), known in advance from the arrival schedule) calibrates
+    on the average over the T rounds, ``(1/T) sum_t sum_k min(1, c a_k(t)^alpha) =
+    expected_cohort``, so that the run's expected number of device-rounds is ``T *
+    expected_cohort`` as in the static setting, while c stays one constant.
+
     Raises
     ------
     ValueError
-        If fewer devices have examples than ``expected_cohort`` (then no c reaches it;
-        lower --cohort-size).
+        If fewer devices have examples (on average over rounds) than ``expected_cohort`` (then
+        no c reaches it; lower --cohort-size).
     """
     a = np.asarray(activity, dtype=np.float64)
-    active = int((a > 0).sum())
+    rounds = a.shape[0] if a.ndim == 2 else 1
+    a = a.ravel()
     if expected_cohort <= 0:
         raise ValueError("--cohort-size must be > 0")
-    if expected_cohort > active:
+    active = int((a > 0).sum())
+    target = expected_cohort * rounds
+    if target > active:
+        per_round = active / rounds
         raise ValueError(
-            f"--cohort-size {expected_cohort:g} exceeds the {active} devices that hold examples; "
-            "lower --cohort-size or raise --num-devices"
+            f"--cohort-size {expected_cohort:g} exceeds the {per_round:g} devices that hold examples"
+            + (" (on average over the rounds)" if rounds > 1 else "")
+            + "; lower --cohort-size or raise --num-devices"
         )
-    if expected_cohort == active:
-        w = np.power(a[a > 0], alpha)
-        return float(1.0 / w.min())
     w = np.power(a[a > 0], alpha)
-    lo, hi = np.log(1e-300 + expected_cohort / w.sum() / 2), np.log(1.0 / w.min())
+    if target == active:
+        return float(1.0 / w.min())
+    lo, hi = np.log(1e-300 + target / w.sum() / 2), np.log(1.0 / w.min())
     for _ in range(200):
         mid = 0.5 * (lo + hi)
         s = np.minimum(1.0, np.exp(mid) * w).sum()
-        if s < expected_cohort:
+        if s < target:
             lo = mid
         else:
             hi = mid
@@ -80,8 +91,9 @@ class ActivitySelector:
 
     Parameters
     ----------
-    activity : numpy.ndarray, shape [K]
-        Starting activities (used once, for the calibration of c when ``c`` is None).
+    activity : numpy.ndarray, shape [K] or [T, K]
+        Starting activities, or every planned round's activities (continual setting); used
+        once, for the calibration of c when ``c`` is None (see :func:`calibrate_constant`).
     alpha : float
         Activity exponent; ``selection="uniform"`` is alpha = 0.
     expected_cohort : float

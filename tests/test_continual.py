@@ -197,3 +197,22 @@ def test_run_partitions_default_out_is_run_dir_and_bad_input(tmp_path, capsys):
     assert run_partitions(_parse(["--data-dir", str(data), "--num-devices", "10", "--partitioner", "natural",
                                   "--out", str(tmp_path / "x")])) == 2
     assert "dpfl: error:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("alpha", [0.0, 1.0])
+def test_continual_selection_keeps_the_expected_cohort_on_average(heavy, alpha):
+    """c calibrated on every round's activities: mean_t sum_k q_k(t) is the requested cohort size
+    (calibrating on round 1 alone, when devices hold little, would select far more later on)."""
+    from server.selection import ActivitySelector, calibrate_constant
+
+    rounds, cohort = 20, 12
+    s = make_stream(heavy, rounds, seed=0, storage_cap=50)
+    planned = np.stack([activity_at(s, heavy, t) for t in range(1, rounds + 1)])
+    sel = ActivitySelector(planned, alpha, cohort)
+    per_round = [sel.probabilities(planned[t]).sum() for t in range(rounds)]
+    assert np.mean(per_round) == pytest.approx(cohort, rel=1e-6)
+    if alpha > 0:
+        first_only = ActivitySelector(planned[0], alpha, cohort)
+        assert np.mean([first_only.probabilities(a).sum() for a in planned]) > 1.5 * cohort
+    with pytest.raises(ValueError, match="on average over the rounds"):
+        calibrate_constant(planned, alpha, planned.shape[1])
