@@ -9,7 +9,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("DPFL_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+def _shared_data() -> Path:
+    """The shared real data: $DPFL_SHARED_DATA, else ../shared/data beside the checkout, else /work/shared/data."""
+    if os.environ.get("DPFL_SHARED_DATA"):
+        return Path(os.environ["DPFL_SHARED_DATA"])
+    for candidate in (REPO.parent / "shared" / "data", Path("/work/shared/data")):
+        if candidate.is_dir():
+            return candidate
+    return REPO.parent / "shared" / "data"
+
+
+SHARED_DATA = _shared_data()
 BANKING77 = SHARED_DATA / "banking77"
 SNIPS = SHARED_DATA / "snips"
 

@@ -14,7 +14,7 @@ from partitions import DataError, NLUData, load_data
 from partitions.loading import stratified_subset
 from partitions.synthetic import INTENTS, generate
 
-SHARED = Path("/work/shared/data")
+from conftest import SHARED_DATA as SHARED
 BANKING77 = SHARED / "banking77"
 SNIPS = SHARED / "snips"
 needs_banking = pytest.mark.skipif(not (BANKING77 / "train.jsonl").is_file(), reason="BANKING77 files not present")

@@ -12,7 +12,7 @@ from flwr_datasets.partitioner import IidPartitioner, NaturalIdPartitioner
 
 from partitions import PARTITIONERS, load_data, partition
 
-BANKING77 = Path("/work/shared/data/banking77")
+from conftest import BANKING77
 needs_banking = pytest.mark.skipif(not (BANKING77 / "train.jsonl").is_file(), reason="BANKING77 files not present")
 
 
