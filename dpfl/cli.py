@@ -144,7 +144,8 @@ def preflight(cfg: RunConfig, resume: bool = False) -> None:
     """
     import numpy as np
 
-    from nlu.model import load_tokenizer, resolve_model_path
+    from dpfl.config import ConfigError
+    from nlu.model import load_tokenizer, num_encoder_layers, parse_trainable, resolve_model_path
     from partitions.population import build_population
     from server.privacy import calibrate_example_noise
     from server.rundir import RunDirError
@@ -163,12 +164,17 @@ def preflight(cfg: RunConfig, resume: bool = False) -> None:
     task_for_data(cfg.task, pop.data, cfg.slot_loss_weight)
     if pop.num_devices != cfg.num_devices:
         raise ValueError(f"--num-devices: the partition has {pop.num_devices} devices, expected {cfg.num_devices}")
+    top = parse_trainable(cfg.trainable)
+    if top and top > num_encoder_layers(cfg.model):
+        raise ConfigError(f"--trainable {cfg.trainable}: {cfg.model} has {num_encoder_layers(cfg.model)} "
+                          "transformer layers; choose a smaller N")
     alpha = cfg.activity_exponent if cfg.selection == "activity" else 0.0
+    # the same planned activities the server calibrates on: [T, K] (continual) or [K]
+    planned = np.stack([pop.activity(t) for t in range(1, cfg.rounds + 1)]) if pop.stream else pop.activity()
     if cfg.selection_constant is None:
-        calibrate_constant(pop.activity(), alpha, cfg.cohort_size)
+        calibrate_constant(planned, alpha, cfg.cohort_size)
     if cfg.dp and cfg.target_epsilon is not None:
-        every = np.concatenate([pop.activity(t) for t in range(1, cfg.rounds + 1)]) if pop.stream else pop.activity()
-        calibrate_example_noise(cfg, every, cfg.resolve_delta(len(pop.data.train)))
+        calibrate_example_noise(cfg, planned.ravel(), cfg.resolve_delta(len(pop.data.train)))
 
 
 def resume_config(run_dir: str) -> RunConfig:

@@ -167,6 +167,24 @@ def encoder_of(model: nn.Module) -> nn.Module | None:
     return base if isinstance(base, nn.Module) and base is not model else None
 
 
+def num_encoder_layers(name: str) -> int:
+    """Transformer layers of model ``name`` ("tiny", "minilm" or a HF path), read from its config only.
+
+    Raises
+    ------
+    ModelError
+        If the model's config cannot be loaded.
+    """
+    from transformers import AutoConfig
+
+    if name == TINY_MODEL:
+        return int(tiny_config().num_hidden_layers)
+    try:
+        return int(AutoConfig.from_pretrained(resolve_model_path(name)).num_hidden_layers)
+    except (OSError, ValueError, AttributeError) as exc:
+        raise ModelError(f"--model: cannot read the config of {name!r}: {exc}".splitlines()[0]) from exc
+
+
 def parse_trainable(spec: str) -> int | None:
     """Parse a ``--trainable`` setting into the number of top encoder layers that train.
 

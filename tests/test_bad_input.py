@@ -104,6 +104,8 @@ def test_missing_text_field(capsys, good_dir, tmp_path):
         (["--fault-kind", "bogus"], "--fault-kind"),
         (["--round-timeout", "0"], "--round-timeout"),
         (["--dirichlet-alpha", "-1"], "--dirichlet-alpha"),
+        (["--trainable", "top3"], "--trainable top3: tiny has 2 transformer layers"),
+        (["--trainable", "encoder"], "--trainable"),
     ],
 )
 def test_more_invalid_settings_fail_before_ray(capsys, tmp_path, monkeypatch, args, needle):
