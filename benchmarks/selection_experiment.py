@@ -39,16 +39,10 @@ ARMS = [("static", "uniform"), ("static", "activity"), ("continual", "uniform"),
 
 
 def _metrics(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            pass
-    return rows
+    """The run's metrics.jsonl rows (the report's reader: incomplete lines skipped)."""
+    from dp.report.build import read_metrics
+
+    return read_metrics(run_dir)[0]
 
 
 def _finished(run_dir: Path, rounds: int | None) -> bool:
@@ -87,8 +81,9 @@ def summarize(run_dir: Path) -> dict:
     """Accuracy curve, final metrics and example-level epsilons of one finished run."""
     from dp.report import build_report
 
-    rows = [r for r in _metrics(run_dir) if r.get("accuracy") is not None]
     summary = build_report(run_dir)
+    metrics = _metrics(run_dir)
+    rows = [r for r in metrics if r.get("accuracy") is not None]
     ex = summary["epsilon"]["example"] or {}
     over = ex.get("over_examples") or {}
     return {
@@ -101,7 +96,7 @@ def summarize(run_dir: Path) -> dict:
         "epsilon_median_device": ex.get("median"),
         "epsilon_max_example": over.get("max"),
         "epsilon_median_example": over.get("median"),
-        "mean_cohort": statistics.mean(r["cohort_size"] for r in _metrics(run_dir)),
+        "mean_cohort": statistics.mean(r["cohort_size"] for r in metrics),
         "cohort_examples_per_round": cohort_examples_per_round(run_dir),
     }
 

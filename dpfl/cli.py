@@ -142,8 +142,6 @@ def preflight(cfg: RunConfig, resume: bool = False) -> None:
     Raises the same errors the run would raise (ConfigError, DataError, ModelError,
     RunDirError, ValueError), so bad input ends before any process is started.
     """
-    import numpy as np
-
     from dpfl.config import ConfigError
     from nlu.model import load_tokenizer, num_encoder_layers, parse_trainable, resolve_model_path
     from partitions.population import build_population
@@ -170,7 +168,7 @@ def preflight(cfg: RunConfig, resume: bool = False) -> None:
                           "transformer layers; choose a smaller N")
     alpha = cfg.activity_exponent if cfg.selection == "activity" else 0.0
     # the same planned activities the server calibrates on: [T, K] (continual) or [K]
-    planned = np.stack([pop.activity(t) for t in range(1, cfg.rounds + 1)]) if pop.stream else pop.activity()
+    planned = pop.planned_activity(cfg.rounds)
     if cfg.selection_constant is None:
         calibrate_constant(planned, alpha, cfg.cohort_size)
     if cfg.dp and cfg.target_epsilon is not None:

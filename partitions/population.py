@@ -67,6 +67,13 @@ class Population:
             return np.array([len(d) for d in self.devices], dtype=np.int64)
         return activity_at(self.stream, list(self.devices), round_)
 
+    def planned_activity(self, rounds: int) -> np.ndarray:
+        """Activities the selection constant is calibrated on: [rounds, K] a_k(t) for t = 1..rounds
+        in the continual setting (the arrival schedule), the static activities [K] otherwise."""
+        if self.stream is None:
+            return self.activity()
+        return np.stack([self.activity(t) for t in range(1, rounds + 1)])
+
     def held(self, device_id: int, round_: int = 1) -> np.ndarray:
         """Train row indices device ``device_id`` holds at round ``round_`` (all of them when static)."""
         if self.stream is None:

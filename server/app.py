@@ -224,7 +224,7 @@ class Server:
         if empty:
             log.warning("%d devices hold no examples after partitioning; they are never selected", empty)
         # every planned round's activities [T, K] (continual), or the static ones [K]
-        planned = np.stack([self.pop.activity(t) for t in range(1, cfg.rounds + 1)]) if self.pop.stream else self.activity
+        planned = self.pop.planned_activity(cfg.rounds)
         if cfg.dp and cfg.target_epsilon is not None:
             cfg.noise_multiplier = calibrate_example_noise(cfg, planned.ravel(), self.delta)
             log.warning("--target-epsilon %g: noise multiplier calibrated to %.4f", cfg.target_epsilon, cfg.noise_multiplier)
