@@ -332,3 +332,77 @@ def test_linear_route_choice_is_cached_per_shape(route, monkeypatch):
     assert lin._ROUTE[(12, 32, 32)] is (route == "ghost")
     assert lin.use_ghost_norm(2, 512, 512) is True  # flops far apart: decided without timing
     assert lin.use_ghost_norm(4096, 8, 8) is False
+
+
+def test_parameter_used_outside_its_module_raises():
+    """Issue 15 item 5: a weight also used outside its module's forward would escape clipping."""
+    from dp.engine import GradientEscapeError
+
+    class Leaky(nn.Module):
+        def __init__(self, how):
+            super().__init__()
+            self.how = how
+            self.emb = nn.Embedding(11, 6)
+            self.lin = nn.Linear(6, 6)
+            self.unused = nn.Linear(6, 6)
+            self.head = nn.Linear(6, 3)
+
+        def forward(self, ids):
+            h = self.emb(ids)
+            out = self.lin(h)
+            if self.how == "linear":
+                out = out + F.linear(h, self.lin.weight)  # the weight outside lin's call
+            elif self.how == "embedding":
+                out = out + F.embedding(ids, self.emb.weight)
+            elif self.how == "never_called":
+                out = out + h @ self.unused.weight.t()
+            return self.head(torch.tanh(out)).mean(1)
+
+    ids = torch.randint(0, 11, (4, 5))
+    y = torch.randint(0, 3, (4,))
+    expect = {"linear": r"'lin\.weight' of module 'lin' \(Linear\)",
+              "embedding": r"'emb\.weight' of module 'emb' \(Embedding\)",
+              "never_called": r"'unused\.weight' of module 'unused' \(Linear\)"}
+    for how, pattern in expect.items():
+        torch.manual_seed(0)
+        model = Leaky(how).double()
+        eng = DPSGDEngine(model, noise_multiplier=0.0, max_grad_norm=1.0, expected_batch_size=1.0)
+        with pytest.raises(GradientEscapeError, match=pattern):
+            eng.accumulate(F.cross_entropy(model(ids), y, reduction="none"))
+        with pytest.raises(GradientEscapeError, match=pattern):
+            eng.per_example_norms(F.cross_entropy(model(ids), y, reduction="none"))
+        # freezing the leaking parameter is the documented way out
+        {"linear": model.lin, "embedding": model.emb, "never_called": model.unused}[how].weight.requires_grad_(False)
+        eng.detach()
+        eng = DPSGDEngine(model, noise_multiplier=0.0, max_grad_norm=1.0, expected_batch_size=1.0)
+        assert eng.accumulate(F.cross_entropy(model(ids), y, reduction="none")).shape == (4,)
+        eng.detach()
+    # the same model without the leak: no error, exact (the tied and reused cases are in
+    # test_tied_parameter_and_reused_module; the BERT tests cover a real encoder)
+    torch.manual_seed(0)
+    model = Leaky("none").double()
+    model.unused.requires_grad_(False)
+    eng = DPSGDEngine(model, noise_multiplier=0.0, max_grad_norm=1.0, expected_batch_size=1.0)
+    eng.accumulate(F.cross_entropy(model(ids), y, reduction="none"))
+    eng.detach()
+
+
+def test_escape_check_allows_tied_weights_and_bert():
+    """Tied embedding/output weights used through hooked modules, a reused module, HF BERT: no error."""
+    model = tiny_bert()
+    batch, y = make_batch(3)
+    eng = DPSGDEngine(model, noise_multiplier=0.0, max_grad_norm=1.0, expected_batch_size=1.0)
+    eng.accumulate(per_example_loss(model, batch, y))
+    eng.per_example_norms(per_example_loss(model, batch, y))
+    eng.detach()
+
+    emb = nn.Embedding(9, 4)
+    lin = nn.Linear(4, 4)
+    out = nn.Linear(4, 9, bias=False)
+    out.weight = emb.weight
+    model = nn.Sequential(emb, lin, nn.Tanh(), lin, out).double()
+    eng = DPSGDEngine(model, noise_multiplier=0.0, max_grad_norm=1.0, expected_batch_size=1.0)
+    assert eng.tied_parameters
+    ids = torch.randint(0, 9, (3, 4))
+    eng.accumulate(model(ids).logsumexp(-1).mean(1))
+    eng.detach()

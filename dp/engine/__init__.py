@@ -3,7 +3,7 @@
 See :class:`DPSGDEngine`.
 """
 
-from .engine import DPSGDEngine, UnsupportedModuleError
+from .engine import DPSGDEngine, GradientEscapeError, UnsupportedModuleError
 from .rules import Rule, register_rule
 
-__all__ = ["DPSGDEngine", "UnsupportedModuleError", "Rule", "register_rule"]
+__all__ = ["DPSGDEngine", "GradientEscapeError", "UnsupportedModuleError", "Rule", "register_rule"]
