@@ -1,6 +1,6 @@
 """A simulation over a large population: wall time and the server process' peak resident memory.
 
-Runs ``dpfl.cli.simulate`` (default: 10,000 devices of the built-in data, expected cohort 100,
+Runs ``dpfl.commands.simulate.simulate`` (default: 10,000 devices of the built-in data, expected cohort 100,
 3 rounds, ``--model tiny``) and samples, every 0.5 s in a thread, the resident set size of this
 (server/driver) process and of the ClientApp actor processes under it. Reports the driver's peak
 RSS (also ``ru_maxrss``), the actors' peak RSS, start-up (server init, device -> node
@@ -73,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
 
-    from dpfl.cli import _quiet, simulate
+    from dpfl.commands.logs import quiet as _quiet
+    from dpfl.commands.simulate import simulate
     from dpfl.config import RunConfig
 
     _quiet()
@@ -102,7 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     total = time.perf_counter() - t0
     stop.set()
     th.join()
-    lines = [json.loads(x) for x in open(f"{run_dir}/metrics.jsonl")]
+    from rundir import read_metric_lines
+
+    lines = read_metric_lines(run_dir)
     out = {
         "settings": {"model": a.model, "num_devices": a.num_devices, "cohort_size": a.cohort_size, "rounds": a.rounds},
         "total_seconds": total,

@@ -1,6 +1,6 @@
 """Orchestration overhead of a federated round: the same short simulation with and without training.
 
-Runs ``dpfl.cli.simulate`` twice in ONE process (so machine load hits both alike), with the same
+Runs ``dpfl.commands.simulate.simulate`` twice in ONE process (so machine load hits both alike), with the same
 settings and seed (hence the same cohorts), once with local training (``--local-epochs`` as
 given, default 1) and once with ``local_epochs=0`` (each device loads the global weights and
 returns them: everything a round costs except training). Reports:
@@ -35,7 +35,6 @@ import statistics
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -43,12 +42,14 @@ import numpy as np
 
 
 def run_once(cfg) -> dict:
-    from dpfl.cli import simulate
+    from dpfl.commands.simulate import simulate
 
     t0 = time.perf_counter()
     result = simulate(cfg, progress=False)
     total = time.perf_counter() - t0
-    lines = [json.loads(x) for x in (Path(cfg.run_dir) / "metrics.jsonl").read_text().splitlines()]
+    from rundir import read_metric_lines
+
+    lines = read_metric_lines(cfg.run_dir)
     timings = result.get("timings") or {}
     # wall time of each round with its checkpoint (server-side); older servers: metrics' seconds
     rounds = sum(timings["rounds"]) if timings.get("rounds") else sum(m["seconds"] for m in lines)
@@ -122,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
 
     out: dict = {}
     if not a.selection_only:
-        from dpfl.cli import _quiet
+        from dpfl.commands.logs import quiet as _quiet
         from dpfl.config import RunConfig
 
         _quiet()

@@ -40,7 +40,7 @@ ARMS = [("static", "uniform"), ("static", "activity"), ("continual", "uniform"),
 
 def _metrics(run_dir: Path) -> list[dict]:
     """The run's metrics.jsonl rows (the report's reader: incomplete lines skipped)."""
-    from dp.report.build import read_metrics
+    from rundir import read_metrics
 
     return read_metrics(run_dir)[0]
 
@@ -107,18 +107,19 @@ def cohort_examples_per_round(run_dir: Path) -> float | None:
     From the ledger: the devices with an example-level event in round t, weighted by their
     activity (static) or by the examples they held then (continual: ``example_holdings``).
     """
-    import sqlite3
+    from collections import Counter
 
-    conn = sqlite3.connect(f"file:{run_dir / 'ledger.sqlite'}?mode=ro", uri=True)
-    try:
-        held = conn.execute("SELECT round, COUNT(*) FROM example_holdings GROUP BY round").fetchall()
+    from rundir import LedgerReader
+
+    with LedgerReader(run_dir) as reader:
+        held = sorted(Counter(h.round for h in reader.holdings()).items())
         if not held:
-            held = conn.execute(
-                "SELECT e.round, SUM(d.activity) FROM privacy_events e JOIN devices d"
-                " ON d.run_id = e.run_id AND d.device_id = e.device_id WHERE e.unit = 'example' GROUP BY e.round"
-            ).fetchall()
-    finally:
-        conn.close()
+            activity = {d: row.activity for d, row in reader.devices().items()}
+            per_round: dict[int, int] = {}
+            for e in reader.events("example"):
+                if e.device_id in activity:
+                    per_round[e.round] = per_round.get(e.round, 0) + (activity[e.device_id] or 0)
+            held = sorted(per_round.items())
     return statistics.mean(n for _, n in held) if held else None
 
 

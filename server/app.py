@@ -43,8 +43,7 @@ from dpfl.config import RunConfig
 from nlu.model import load_tokenizer
 from nlu.tasks import task_for_data
 from partitions.population import Population, build_population
-from server.ledger import EventRow, Ledger
-from server.rundir import RunDir
+from rundir import EventRow, Ledger, RunDir
 from server.device_dp import DeviceDPStrategy, _AsReply
 from server.privacy import PrivacyBook, calibrate_example_noise, local_mechanism
 from server.selection import ActivitySelector, poisson_cohort
@@ -524,7 +523,7 @@ class Server:
         line = out.to_json()
         # Order: ledger (above) -> checkpoint -> rounds row -> metrics line.
         self.rundir.save_checkpoint(
-            arrays,
+            arrays.to_torch_state_dict(),
             t,
             {"selection_rng": self.rng.bit_generator.state, "attempt": self.attempt, "cohort_size": len(cohort), "metrics": line},
             self.server_state(),

@@ -126,7 +126,7 @@ def _train_tiny(pop, steps: int = 150, seed: int = 0):
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """A run directory as the server leaves it (config, ledger with one round, canaries, checkpoint)."""
-    from server.ledger import EventRow, Ledger
+    from rundir import EventRow, Ledger
 
     n = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -216,7 +216,7 @@ def test_dpfl_audit_bad_input(tmp_path, capsys):
 @pytest.mark.skipif("write_canaries" not in (REPO / "server" / "app.py").read_text(),
                     reason="server/app.py does not write canaries.json yet")
 def test_simulation_writes_canaries(tmp_path):
-    from dpfl.cli import simulate
+    from dpfl.commands.simulate import simulate
 
     cfg = _cfg(tmp_path / "sim", max_examples=None, target_delta=None)
     simulate(cfg, progress=False)

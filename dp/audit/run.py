@@ -26,7 +26,7 @@ epsilon, never that it is private. Canaries inserted R times audit a group of R 
 one device; the guarantee that applies to such a group is the group-privacy bound R * epsilon
 (at delta_R = R e^{(R-1) epsilon} delta), or the device-level epsilon when device-level DP is on.
 
-``audit.json``::
+``audit.json`` (the record is :class:`rundir.records.Audit`)::
 
     {"version": 1, "run_id", "run_dir", "model", "checkpoint_round", "dp", "device_dp",
      "delta", "confidence",
@@ -54,10 +54,8 @@ Infinite numbers are written as the string ``"inf"`` (JSON has no infinity).
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import sqlite3
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -68,6 +66,12 @@ import torch
 from torch import nn
 
 from nlu.pooling import masked_mean
+from rundir import (
+    LedgerError, LedgerReader, RecordError, canaries_path, config_path, global_model_path, ledger_path,
+    read_canaries_file, read_checkpoint_state, read_metric_lines, write_audit, write_canaries_file,
+)
+from rundir.layout import CANARIES_FILE
+from rundir.ledger import record_canaries as ledger_record_canaries
 
 from .bounds import clopper_pearson_threshold_sweep, one_run_audit_from_scores
 from .canaries import Canary
@@ -87,19 +91,10 @@ __all__ = [
     "DEFAULT_EXPOSURE_SAMPLES",
 ]
 
-CANARIES_FILE = "canaries.json"
 #: Sampled candidates per canary for exposure: with all-MiniLM-L6-v2 on 2 busy CPU cores about
 #: 5 s per canary (20 canaries: under 2 minutes); resolves exposures up to ~log2(10**4/1000) =
 #: 3.3 bits reliably (beyond that the estimate saturates at log2 N).
 DEFAULT_EXPOSURE_SAMPLES = 1000
-
-CANARIES_TABLE = """
-CREATE TABLE IF NOT EXISTS canaries(
-    run_id TEXT NOT NULL, canary_id INTEGER NOT NULL, included INTEGER NOT NULL,
-    device_id INTEGER, repeats INTEGER NOT NULL, label TEXT, secret TEXT, text TEXT,
-    PRIMARY KEY(run_id, canary_id));
-"""
-
 
 class AuditError(ValueError):
     """The run directory cannot be audited (message says why and what to do)."""
@@ -150,10 +145,7 @@ def write_canaries(run_dir: str | os.PathLike, population, ledger_path: str | os
     """
     if not getattr(population, "canaries", ()):
         return None
-    path = Path(run_dir) / CANARIES_FILE
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(canaries_payload(population), indent=1), encoding="utf-8")
-    os.replace(tmp, path)
+    path = write_canaries_file(run_dir, canaries_payload(population))
     if ledger_path is not None:
         record_canaries(ledger_path, run_id or "", population)
     return path
@@ -170,8 +162,9 @@ def _entries(canaries) -> list[dict[str, Any]]:
 def record_canaries(ledger_path: str | os.PathLike, run_id: str, canaries) -> int:
     """Mark the run's canaries (and which were included) in the ledger's ``canaries`` table.
 
-    Opens the SQLite file itself (its own connection, one transaction); rows already present
-    are kept (``INSERT OR IGNORE``), so calling it again on resume changes nothing.
+    Converts ``canaries`` to entries and writes them with :func:`rundir.ledger.record_canaries`
+    (its own connection, one transaction); rows already present are kept (``INSERT OR IGNORE``),
+    so calling it again on resume changes nothing.
 
     Parameters
     ----------
@@ -187,24 +180,7 @@ def record_canaries(ledger_path: str | os.PathLike, run_id: str, canaries) -> in
     int
         Number of canaries given (0 writes nothing, not even the table).
     """
-    rows = [
-        (str(run_id), int(e["canary_id"]), int(bool(e["included"])),
-         None if e.get("device_id") is None else int(e["device_id"]), int(e.get("repeats", 1)),
-         None if e.get("label") is None else str(e["label"]), e.get("secret"), e.get("text"))
-        for e in _entries(canaries)
-    ]
-    if not rows:
-        return 0
-    conn = sqlite3.connect(str(ledger_path), timeout=30.0, isolation_level=None)
-    try:
-        conn.execute("PRAGMA busy_timeout=30000")
-        conn.executescript(CANARIES_TABLE)
-        conn.execute("BEGIN IMMEDIATE")
-        conn.executemany("INSERT OR IGNORE INTO canaries VALUES (?,?,?,?,?,?,?,?)", rows)
-        conn.execute("COMMIT")
-    finally:
-        conn.close()
-    return len(rows)
+    return ledger_record_canaries(ledger_path, run_id, _entries(canaries))
 
 
 def read_canaries(run_dir: str | os.PathLike) -> tuple[list[Canary], dict[int, int | None]] | None:
@@ -215,15 +191,15 @@ def read_canaries(run_dir: str | os.PathLike) -> tuple[list[Canary], dict[int, i
     AuditError
         If the file is not valid JSON of the expected shape.
     """
-    path = Path(run_dir) / CANARIES_FILE
-    if not path.exists():
-        return None
+    path = canaries_path(run_dir)
     try:
-        payload = json.loads(path.read_text(encoding="utf-8"))
+        payload = read_canaries_file(run_dir)
+        if payload is None:
+            return None
         entries = payload["canaries"]
         canaries = [Canary.from_dict(e) for e in entries]
         devices = {int(e["canary_id"]): e.get("device_id") for e in entries}
-    except (ValueError, KeyError, TypeError) as exc:
+    except (RecordError, ValueError, KeyError, TypeError) as exc:
         raise AuditError(f"{path} is not a valid canaries file: {exc}") from exc
     return canaries, devices
 
@@ -313,29 +289,18 @@ def _clean(x: Any) -> Any:
 
 def _trained_devices(run_dir: Path, run_id: str, num_devices: int) -> tuple[list[int], str]:
     """Devices that trained at least once: from the ledger's example events, else metrics.jsonl."""
-    ledger = run_dir / "ledger.sqlite"
+    ledger = ledger_path(run_dir)
     if ledger.exists():
         try:
-            conn = sqlite3.connect(f"{ledger.resolve().as_uri()}?mode=ro", uri=True, timeout=5.0)
-            try:
-                rows = conn.execute(
-                    "SELECT DISTINCT device_id FROM privacy_events WHERE unit='example' AND run_id=?", (run_id,)
-                ).fetchall()
-            finally:
-                conn.close()
-            if rows:
-                return sorted(int(r[0]) for r in rows), "ledger privacy events"
-        except sqlite3.Error:
+            with LedgerReader(ledger, run_id) as reader:
+                trained = reader.trained_devices("example")
+            if trained:
+                return trained, "ledger privacy events"
+        except LedgerError:
             pass
     seen: set[int] = set()
-    mpath = run_dir / "metrics.jsonl"
-    if mpath.exists():
-        for line in mpath.read_text(encoding="utf-8", errors="replace").splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            seen |= {int(k) for k in (row.get("device_nodes") or {})}
+    for row in read_metric_lines(run_dir, strict=False):
+        seen |= {int(k) for k in (row.get("device_nodes") or {})}
     if seen:
         return sorted(seen), "metrics.jsonl (devices that replied)"
     return list(range(num_devices)), "all devices (no record of which trained)"
@@ -420,14 +385,14 @@ def audit_run(run_dir: str | os.PathLike, options: AuditOptions | None = None,
     t_start = time.perf_counter()
     seconds: dict[str, float] = {}
     warnings: list[str] = []
-    if not (run_dir / "config.toml").exists():
+    if not config_path(run_dir).exists():
         raise AuditError(f"{run_dir} has no config.toml: not a run directory")
-    ckpt = run_dir / "checkpoints" / "global.pt"
+    ckpt = global_model_path(run_dir)
     if not ckpt.exists():
         raise AuditError(f"{ckpt} is absent: the run has not checkpointed a global model yet")
     if not 0.0 < opts.confidence < 1.0:
         raise AuditError(f"--confidence must be in (0, 1), got {opts.confidence}")
-    cfg = RunConfig.from_toml(run_dir / "config.toml")
+    cfg = RunConfig.from_toml(config_path(run_dir))
     if cfg.task != "intent":
         raise AuditError(f"the audit supports --task intent only (this run: {cfg.task})")
     if opts.threads:
@@ -466,11 +431,7 @@ def audit_run(run_dir: str | os.PathLike, options: AuditOptions | None = None,
         raise AuditError(f"cannot load {ckpt} into the run's model: {str(exc).splitlines()[0]}") from exc
     model.eval()
     tok = load_tokenizer(cfg.model)
-    ck_round = None
-    try:
-        ck_round = json.loads((run_dir / "checkpoints" / "state.json").read_text())["round"]
-    except (OSError, ValueError, KeyError):
-        pass
+    ck_round = (read_checkpoint_state(run_dir) or {}).get("round")
     seconds["load"] = time.perf_counter() - t0
     say(f"loaded the model of round {ck_round} and {len(canaries)} canaries ({source})")
 
@@ -623,10 +584,5 @@ def audit_run(run_dir: str | os.PathLike, options: AuditOptions | None = None,
             "canaries": m, "canary_repeats": repeats,
         },
     }
-    out_dir = run_dir / "audit"
-    out_dir.mkdir(exist_ok=True)
-    for name, obj in (("roc.json", {"canaries": roc_can, "real": roc_real}), ("audit.json", audit)):
-        tmp = out_dir / (name + ".tmp")
-        tmp.write_text(json.dumps(_clean(obj), indent=1, allow_nan=False), encoding="utf-8")
-        os.replace(tmp, out_dir / name)
+    write_audit(run_dir, _clean(audit), _clean({"canaries": roc_can, "real": roc_real}))
     return _clean(audit)

@@ -4,7 +4,7 @@ The numbers are recomputed from the ledger's privacy events with the run's accou
 (:mod:`dp.accounting`), not copied from the ledger's cached ``device_epsilon`` table;
 the cached values are shown beside them as a cross-check.
 
-``summary.json`` schema (all epsilons in nats, at ``delta``; an infinite epsilon is
+``summary.json`` schema (the record is :class:`rundir.records.Summary`; all epsilons in nats, at ``delta``; an infinite epsilon is
 written as the string ``"inf"`` because JSON has no infinity)::
 
     {
@@ -38,9 +38,8 @@ never trained contributed nothing); ``median_all_devices`` includes the others a
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import math
-import sqlite3
 import statistics
 import tomllib
 from dataclasses import dataclass, field
@@ -54,6 +53,9 @@ from dp.accounting import (
     compute_epsilons,
     privacy_tier,
 )
+from rundir import LedgerError, LedgerReader, RecordError, config_path, is_run_dir, ledger_path, read_metrics, write_summary
+from rundir import read_audit as read_audit_record
+from rundir.records import audit_path
 
 UNITS = ("example", "device")
 MAX_CURVE_POINTS = 8
@@ -92,7 +94,7 @@ class RunData:
 
 def read_config(run_dir: Path) -> dict[str, Any]:
     """Parse ``config.toml``; an absent file gives ``{}``. Raises ReportError if unparsable."""
-    path = run_dir / "config.toml"
+    path = config_path(run_dir)
     if not path.exists():
         return {}
     try:
@@ -101,58 +103,13 @@ def read_config(run_dir: Path) -> dict[str, Any]:
         raise ReportError(f"{path} is not valid TOML: {exc}") from exc
 
 
-def read_metrics(run_dir: Path) -> tuple[list[dict[str, Any]], int]:
-    """Parse ``metrics.jsonl``, skipping lines that are not complete JSON objects.
-
-    A run still being written may have a half-written last line; it is skipped (and
-    counted) rather than failing the report.
-
-    Returns
-    -------
-    (rows, skipped) : list of dict sorted by round, int
-    """
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return [], 0
-    rows: list[dict[str, Any]] = []
-    skipped = 0
-    with open(path, encoding="utf-8", errors="replace") as fh:
-        for line in fh:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                skipped += 1
-                continue
-            if not isinstance(row, dict) or not isinstance(row.get("round"), int):
-                skipped += 1
-                continue
-            rows.append(row)
-    # A resumed run may repeat a round: keep the last line written for it.
-    by_round = {r["round"]: r for r in rows}
-    return [by_round[k] for k in sorted(by_round)], skipped
-
-
 def read_audit(run_dir: Path) -> tuple[dict[str, Any] | None, str | None]:
     """``RUN_DIR/audit/audit.json`` written by ``dpfl audit`` (None if absent), and a warning if unreadable."""
-    path = run_dir / "audit" / "audit.json"
-    if not path.exists():
-        return None, None
     try:
-        audit = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(audit, dict) or not isinstance(audit.get("summary"), dict):
-            raise ValueError("no summary object")
-    except (OSError, ValueError) as exc:
-        return None, f"{path} could not be read ({exc}); the audit section is left out."
-    return audit, None
-
-
-def _connect_read_only(path: Path) -> sqlite3.Connection:
-    conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=5.0)
-    conn.execute("PRAGMA busy_timeout=5000")
-    return conn
+        audit = read_audit_record(run_dir)
+    except RecordError as exc:
+        return None, f"{audit_path(run_dir)} could not be read ({exc}); the audit section is left out."
+    return (audit.to_dict() if audit is not None else None), None
 
 
 def read_run(run_dir: Path) -> RunData:
@@ -167,8 +124,8 @@ def read_run(run_dir: Path) -> RunData:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ReportError(f"run directory {run_dir} does not exist")
-    ledger = run_dir / "ledger.sqlite"
-    if not any((run_dir / n).exists() for n in ("config.toml", "metrics.jsonl", "ledger.sqlite")):
+    ledger = ledger_path(run_dir)
+    if not is_run_dir(run_dir):
         raise ReportError(
             f"{run_dir} holds no config.toml, metrics.jsonl or ledger.sqlite: not a run directory"
         )
@@ -191,69 +148,39 @@ def read_run(run_dir: Path) -> RunData:
         data.warnings.append("ledger.sqlite is absent: no privacy events recorded yet.")
         return data
     try:
-        conn = _connect_read_only(ledger)
-    except sqlite3.Error as exc:
-        raise ReportError(f"cannot open {ledger} read-only: {exc}") from exc
+        reader = LedgerReader(ledger)
+    except LedgerError as exc:
+        raise ReportError(str(exc)) from exc
     try:
         run_id = config.get("run_id")
-        runs = conn.execute(
-            "SELECT run_id, created, target_delta, accountant, selection_constant, calibration_note FROM runs"
-        ).fetchall()
+        runs = reader.runs()
         if run_id is None and len(runs) == 1:
-            run_id = runs[0][0]
-        match = [r for r in runs if r[0] == run_id] or runs[:1]
+            run_id = runs[0].run_id
+        match = [r for r in runs if r.run_id == run_id] or runs[:1]
         if match:
-            r = match[0]
-            run_id = r[0]
-            data.run_row = dict(zip(
-                ("run_id", "created", "target_delta", "accountant", "selection_constant", "calibration_note"), r
-            ))
-        params = (run_id,)
-        for d, a, q in conn.execute(
-            "SELECT device_id, activity, sample_rate FROM devices WHERE run_id=? ORDER BY device_id", params
-        ):
-            data.devices[int(d)] = {"activity": a, "sample_rate": q}
-        data.rounds = [
-            {"round": int(t), "completed": c, "cohort_size": n}
-            for t, c, n in conn.execute(
-                "SELECT round, completed, cohort_size FROM rounds WHERE run_id=? ORDER BY round", params
-            )
-        ]
-        # Only events of committed rounds (a round's events and its rounds row share
-        # one transaction, so this is a no-op for a well-formed ledger).
-        for t, d, unit, s, q, n, c in conn.execute(
-            "SELECT round, device_id, unit, noise_multiplier, sample_rate, steps, max_grad_norm"
-            " FROM privacy_events WHERE run_id=? ORDER BY round, id", params
-        ):
-            if unit not in UNITS:
-                data.warnings.append(f"ignored privacy event with unknown unit {unit!r}")
+            run_id = match[0].run_id
+            data.run_row = dataclasses.asdict(match[0])
+        if run_id is None:  # no run on record: nothing of the ledger belongs to this run
+            return data
+        reader.run_id = run_id
+        for d, row in reader.devices().items():
+            data.devices[d] = {"activity": row.activity, "sample_rate": row.sample_rate}
+        data.rounds = [{"round": r.round, "completed": r.completed, "cohort_size": r.cohort_size}
+                       for r in reader.rounds()]
+        for e in reader.events():
+            if e.unit not in UNITS:
+                data.warnings.append(f"ignored privacy event with unknown unit {e.unit!r}")
                 continue
-            data.events[unit].setdefault(int(d), []).append((int(t), float(s), float(q), int(n), c))
-        for d, unit, eps in conn.execute(
-            "SELECT device_id, unit, epsilon FROM device_epsilon WHERE run_id=?", params
-        ):
-            if unit in UNITS and eps is not None:
-                data.ledger_epsilon[unit][int(d)] = float(eps)
-        data.budget_events = [
-            {"device_id": int(d), "unit": u, "round": int(t), "epsilon": e}
-            for d, u, t, e in conn.execute(
-                "SELECT device_id, unit, round, epsilon FROM budget_events WHERE run_id=? ORDER BY round, device_id",
-                params,
-            )
-        ]
-        has_holdings = conn.execute(
-            "SELECT 1 FROM sqlite_master WHERE type='table' AND name='example_holdings'"
-        ).fetchone()
-        data.holdings = [
-            (int(t), int(d), int(u))
-            for t, d, u in conn.execute(
-                "SELECT round, device_id, uid FROM example_holdings WHERE run_id=?", params
-            )
-        ] if has_holdings else []
-    except sqlite3.Error as exc:
-        raise ReportError(f"cannot read {ledger}: {exc}") from exc
+            data.events[e.unit].setdefault(e.device_id, []).append(
+                (e.round, e.noise_multiplier, e.sample_rate, e.steps, e.max_grad_norm))
+        for unit in UNITS:
+            data.ledger_epsilon[unit] = reader.device_epsilons(unit)
+        data.budget_events = [dataclasses.asdict(b) for b in reader.budget_events()]
+        data.holdings = [(h.round, h.device_id, h.uid) for h in reader.holdings()]
+    except LedgerError as exc:
+        raise ReportError(str(exc)) from exc
     finally:
-        conn.close()
+        reader.close()
     return data
 
 
@@ -626,7 +553,5 @@ def build_report(run_dir: Path, baseline_dir: Path | None = None, *,
     js["plots"] = {k: p.name for k, p in images.items()}
     (out_dir / "report.md").write_text(render.markdown(summary, images), encoding="utf-8")
     (out_dir / "report.html").write_text(render.html(summary, images), encoding="utf-8")
-    tmp = out_dir / "summary.json.tmp"
-    tmp.write_text(json.dumps(js, indent=2, allow_nan=False), encoding="utf-8")
-    tmp.replace(out_dir / "summary.json")
+    write_summary(run_dir, js)
     return js

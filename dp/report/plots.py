@@ -121,14 +121,12 @@ def accuracy_vs_round(summary: dict[str, Any], path: Path) -> Path | None:
 
 def audit_roc(summary: dict[str, Any], data, path: Path) -> Path | None:
     """ROC curves of the membership attacks (RUN_DIR/audit/roc.json), linear and log-log."""
-    import json
+    from rundir import read_roc
 
     if not summary.get("audit"):
         return None
-    roc_path = Path(data.run_dir) / "audit" / "roc.json"
-    try:
-        roc = json.loads(roc_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    roc = read_roc(data.run_dir)
+    if roc is None:
         return None
     curves = [(k, roc.get(k)) for k in ("canaries", "real") if roc.get(k)]
     if not curves:

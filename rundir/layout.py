@@ -1,0 +1,216 @@
+"""The run directory: where each file lives, the resolved config, checkpoints.
+
+::
+
+    RUN_DIR/config.toml      the resolved RunConfig
+    RUN_DIR/metrics.jsonl    one JSON line per round (rundir/metrics.py)
+    RUN_DIR/ledger.sqlite    the privacy ledger (rundir/ledger.py)
+    RUN_DIR/canaries.json    the audit canaries of a ``--canaries M`` run (rundir/records.py)
+    RUN_DIR/checkpoints/     the last complete round: global-r<T>.pt (global model), server-r<T>.pkl
+                             (strategy state, e.g. FedAdam's m_t/v_t, and the device-DP noise rng),
+                             state.json (round T, selection rng state, attempt, the round's
+                             metrics line; written last, atomically: it names the checkpoint),
+                             global.pt (the latest global model under a fixed name, for readers: a hard
+                             link to global-r<T>.pt)
+    RUN_DIR/report/          report.md, report.html, *.png, summary.json (rundir/records.py)
+    RUN_DIR/audit/           audit.json, roc.json (rundir/records.py)
+
+A round is complete when ``state.json`` names it; ``--resume`` continues from there.
+
+This module imports nothing of the project: it is the bottom layer, beside the config.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from ._files import (
+    AUDIT_DIR, AUDIT_FILE, CANARIES_FILE, CHECKPOINTS_DIR, CONFIG_FILE, GLOBAL_MODEL_FILE, LEDGER_FILE,
+    METRICS_FILE, REPORT_DIR, ROC_FILE, STATE_FILE, SUMMARY_FILE, atomic_write,
+)
+from . import metrics as _metrics
+
+__all__ = [
+    "RunDir", "RunDirError", "atomic_write", "config_path", "ledger_path", "metrics_path", "canaries_path",
+    "global_model_path", "report_dir", "audit_dir", "is_run_dir", "read_checkpoint_state",
+    "CONFIG_FILE", "METRICS_FILE", "LEDGER_FILE", "CANARIES_FILE", "CHECKPOINTS_DIR", "STATE_FILE",
+    "GLOBAL_MODEL_FILE", "REPORT_DIR", "SUMMARY_FILE", "AUDIT_DIR", "AUDIT_FILE", "ROC_FILE",
+]
+
+
+class RunDirError(ValueError):
+    """The run directory cannot be used (message says why and what to do)."""
+
+
+def config_path(run_dir: str | os.PathLike) -> Path:
+    """``RUN_DIR/config.toml`` (the resolved RunConfig; may not exist yet)."""
+    return Path(run_dir) / CONFIG_FILE
+
+
+def ledger_path(run_dir: str | os.PathLike) -> Path:
+    """``RUN_DIR/ledger.sqlite`` (may not exist yet)."""
+    return Path(run_dir) / LEDGER_FILE
+
+
+def metrics_path(run_dir: str | os.PathLike) -> Path:
+    """``RUN_DIR/metrics.jsonl`` (may not exist yet)."""
+    return Path(run_dir) / METRICS_FILE
+
+
+def canaries_path(run_dir: str | os.PathLike) -> Path:
+    """``RUN_DIR/canaries.json`` (only runs made with ``--canaries M`` have it)."""
+    return Path(run_dir) / CANARIES_FILE
+
+
+def global_model_path(run_dir: str | os.PathLike) -> Path:
+    """``RUN_DIR/checkpoints/global.pt``: the last checkpointed global model (torch state dict)."""
+    return Path(run_dir) / CHECKPOINTS_DIR / GLOBAL_MODEL_FILE
+
+
+def report_dir(run_dir: str | os.PathLike) -> Path:
+    """``RUN_DIR/report/`` (written by ``dpfl report``; may not exist yet)."""
+    return Path(run_dir) / REPORT_DIR
+
+
+def audit_dir(run_dir: str | os.PathLike) -> Path:
+    """``RUN_DIR/audit/`` (written by ``dpfl audit``; may not exist yet)."""
+    return Path(run_dir) / AUDIT_DIR
+
+
+def is_run_dir(run_dir: str | os.PathLike) -> bool:
+    """True when ``run_dir`` holds any of config.toml, metrics.jsonl or ledger.sqlite."""
+    p = Path(run_dir)
+    return any((p / n).exists() for n in (CONFIG_FILE, METRICS_FILE, LEDGER_FILE))
+
+
+def read_checkpoint_state(run_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """``checkpoints/state.json`` of ``run_dir`` (``round``, ``model``, ``server``, rng states...).
+
+    Returns None when absent or unreadable (a reader's question "which round is checkpointed?"
+    then has no answer); never raises for a missing or torn file.
+    """
+    path = Path(run_dir) / CHECKPOINTS_DIR / STATE_FILE
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return state if isinstance(state, dict) else None
+
+
+class RunDir:
+    """Files of one run (the server's writer). Creating it on a directory that already holds a run is refused.
+
+    Parameters
+    ----------
+    path : pathlib.Path
+        The run directory (created with its ``checkpoints/`` folder if absent).
+    resume : bool
+        Continue a run already there (its ``config.toml`` is expected).
+
+    Raises
+    ------
+    RunDirError
+        If ``path`` already holds another run's ``config.toml`` and ``resume`` is False.
+    """
+
+    def __init__(self, path: Path, resume: bool = False):
+        self.path = Path(path)
+        if config_path(self.path).exists() and not resume:
+            raise RunDirError(f"--run-dir {self.path} already holds a run; choose a new --run-dir")
+        self.path.mkdir(parents=True, exist_ok=True)
+        (self.path / CHECKPOINTS_DIR).mkdir(exist_ok=True)
+
+    @property
+    def ledger_path(self) -> Path:
+        """``RUN_DIR/ledger.sqlite``."""
+        return ledger_path(self.path)
+
+    @property
+    def metrics_path(self) -> Path:
+        """``RUN_DIR/metrics.jsonl``."""
+        return metrics_path(self.path)
+
+    def write_config(self, cfg) -> None:
+        """Write ``config.toml`` atomically from ``cfg.to_toml()`` (any object with that method)."""
+        atomic_write(config_path(self.path), cfg.to_toml().encode())
+
+    def append_metrics(self, line: str) -> None:
+        """Append one round's JSON line to ``metrics.jsonl`` and fsync it (see :func:`rundir.metrics.append_line`)."""
+        _metrics.append_line(self.metrics_path, line)
+
+    def save_checkpoint(self, state_dict: Mapping[str, Any], round_: int, state: dict | None = None,
+                        server_state: object = None) -> None:
+        """Write round ``round_``'s checkpoint; ``state.json`` is replaced last and names it.
+
+        Parameters
+        ----------
+        state_dict : mapping of str to torch.Tensor or numpy.ndarray
+            The global model's parameters (a torch state dict; numpy arrays are converted to
+            tensors, so ``global-r<T>.pt`` is always a torch state dict).
+        round_ : int
+            The round just completed.
+        state : dict, optional
+            JSON-able (rng states, attempt, metrics line); goes into ``state.json``.
+        server_state : object, optional
+            Any picklable object (strategy moments, rngs); goes into ``server-r<T>.pkl``.
+
+        A crash at any point leaves either the previous complete checkpoint or this one.
+        """
+        ck = self.path / CHECKPOINTS_DIR
+        model_name, server_name = f"global-r{round_}.pt", f"server-r{round_}.pkl"
+        sd = {k: (torch.from_numpy(np.ascontiguousarray(v)) if isinstance(v, np.ndarray) else v)
+              for k, v in state_dict.items()}
+        atomic_write(ck / server_name, pickle.dumps(server_state))
+        tmp = ck / (model_name + ".tmp")
+        with open(tmp, "wb") as fh:
+            torch.save(sd, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, ck / model_name)
+        atomic_write(ck / STATE_FILE, json.dumps({**(state or {}), "round": round_, "model": model_name, "server": server_name}).encode())
+        # global.pt: a second name for the same file (a hard link), not a second serialisation.
+        tmp = ck / (GLOBAL_MODEL_FILE + ".tmp")
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(ck / model_name, tmp)
+        except OSError:  # file systems without hard links
+            shutil.copyfile(ck / model_name, tmp)
+        os.replace(tmp, ck / GLOBAL_MODEL_FILE)
+        for old in list(ck.glob("global-r*.pt")) + list(ck.glob("server-r*.pkl")):
+            if old.name not in (model_name, server_name):
+                old.unlink(missing_ok=True)
+
+    def load_checkpoint(self) -> tuple[int, dict, dict, object] | None:
+        """The last complete round's (round, model state dict, state.json, server state), or None.
+
+        Raises
+        ------
+        RunDirError
+            If ``state.json`` names files that are missing (written by an older dpfl, not resumable).
+        """
+        ck = self.path / CHECKPOINTS_DIR
+        if not (ck / STATE_FILE).exists():
+            return None
+        state = json.loads((ck / STATE_FILE).read_text())
+        if "model" not in state or not (ck / state["model"]).exists():
+            raise RunDirError(f"{ck / STATE_FILE}: the checkpoint of round {state.get('round')} is incomplete; the run cannot be resumed")
+        sd = torch.load(ck / state["model"], weights_only=True)
+        server_state = pickle.loads((ck / state["server"]).read_bytes()) if (ck / state["server"]).exists() else None
+        return int(state["round"]), sd, state, server_state
+
+    def repair_metrics(self, last_round: int, last_line: str | None) -> None:
+        """Make ``metrics.jsonl`` hold rounds 1..``last_round`` once each (for a resume).
+
+        Drops torn or duplicate lines and lines of rounds after the checkpoint; re-appends the
+        checkpointed round's line (kept in ``state.json``) if the crash came before it was written.
+        See :func:`rundir.metrics.repair`.
+        """
+        _metrics.repair(self.metrics_path, last_round, last_line)
