@@ -406,3 +406,49 @@ def test_escape_check_allows_tied_weights_and_bert():
     ids = torch.randint(0, 9, (3, 4))
     eng.accumulate(model(ids).logsumexp(-1).mean(1))
     eng.detach()
+
+
+def lora_bert(seed: int = 0, rank: int = 4) -> nn.Module:
+    """tiny_bert with peft LoRA adapters on query/value (random B, so every adapter gradient is nonzero)."""
+    pytest.importorskip("peft")
+    from nlu.model import set_trainable
+
+    model = set_trainable(tiny_bert(seed), "lora", lora_rank=rank, lora_alpha=8, seed=seed).double()
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if ".lora_B." in n:  # peft initialises B = 0, which would make every A-gradient 0
+                p.copy_(0.1 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return model
+
+
+@pytest.mark.parametrize("route", ["auto", "ghost", "instantiate"])
+def test_lora_matches_brute_force_float64(route, monkeypatch):
+    """Issue 18 item 3 (cf. Opacus issue #820): the clipped sum of a peft-LoRA model is exact and
+    nothing reaches the frozen weights."""
+    import dp.engine.rules.linear as lin
+
+    if route != "auto":
+        monkeypatch.setattr(lin, "use_ghost_norm", lambda T, i, o: route == "ghost")
+    model = lora_bert()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_A.default." in n or ".lora_B.default." in n or n.startswith("classifier.")
+                             for n in trainable), trainable
+    assert sum(".lora_" in n for n in trainable) == 2 * 2 * 2  # 2 layers x (query, value) x (A, B)
+    batch, y = make_batch(6)
+    ref_norms, ref = brute_force(model, batch, y, 1.0)
+    C = ref_norms.median().item()  # some examples clipped, some not
+    ref_norms, ref = brute_force(model, batch, y, C)
+    norms, grads = engine_grads(model, [(batch, y)], C)  # also runs the gradient-escape check
+    assert (norms - ref_norms).abs().max().item() <= 1e-8 * ref_norms.abs().max().item()
+    assert set(grads) == set(ref) == trainable
+    for n in ref:
+        assert ref[n].abs().max() > 0, n
+        assert (grads[n] - ref[n]).abs().max().item() <= 1e-8 * ref[n].abs().max().item(), n
+    # frozen parameters (base layers, embeddings, LayerNorms, pooler) get no gradient at all
+    eng = DPSGDEngine(model, noise_multiplier=1.0, max_grad_norm=C, expected_batch_size=6.0)
+    eng.accumulate(per_example_loss(model, batch, y))
+    eng.finalize()
+    eng.detach()
+    for n, p in model.named_parameters():
+        assert (p.grad is not None) == (n in trainable), n

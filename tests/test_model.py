@@ -66,3 +66,67 @@ def test_head_only_dp_step_changes_only_the_head():
     for n, p in model.named_parameters():
         moved = not torch.equal(p.detach(), before[n])
         assert moved == n.startswith("classifier"), n
+
+
+def test_set_trainable_lora_and_trainable_state_keys():
+    pytest.importorskip("peft")
+    from nlu.model import has_lora, lora_settings, trainable_state_keys
+
+    model = build_model("tiny", 5, seed=0).eval()  # no dropout, to compare outputs
+    ids = torch.randint(1000, 2000, (3, 7))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    set_trainable(model, "lora", seed=0)
+    assert has_lora(model)
+    assert lora_settings(model) == {"rank": 8, "alpha": 16.0, "targets": ["query", "value"], "dropout": 0.0}
+    names = _trainable_names(model)
+    lora = {n for n in names if ".lora_" in n}
+    assert names - lora == {"classifier.weight", "classifier.bias"}
+    assert len(lora) == 2 * 2 * 2 and all(".attention.self.query." in n or ".attention.self.value." in n for n in lora)
+    q = model.encoder.encoder.layer[0].attention.self.query
+    assert q.lora_A["default"].weight.shape == (8, 32) and q.lora_B["default"].weight.shape == (32, 8)
+    with torch.no_grad():  # B starts at 0: the function is unchanged
+        assert torch.allclose(model(input_ids=ids).logits, before)
+    keys = trainable_state_keys(model)
+    assert set(keys) == names and set(keys) <= set(model.state_dict())
+    # the same build on another process gives the same adapters (seeded) and the same frozen weights
+    twin = set_trainable(build_model("tiny", 5, seed=0), "lora", seed=0)
+    assert all(torch.equal(model.state_dict()[k], twin.state_dict()[k]) for k in model.state_dict())
+    # calling again with the same settings is fine; other settings are refused
+    set_trainable(model, "lora")
+    with pytest.raises(ValueError, match="already has adapters"):
+        set_trainable(model, "lora", lora_rank=4)
+    set_trainable(model, "head")
+    assert trainable_state_keys(model) == ["classifier.weight", "classifier.bias"]
+    set_trainable(model, "all")
+    assert set(trainable_state_keys(model)) == {n for n, _ in model.named_parameters()}
+    with pytest.raises(ValueError, match="lora-rank"):
+        set_trainable(build_model("tiny", 5), "lora", lora_rank=0)
+    with pytest.raises(ValueError, match="lora-targets"):
+        set_trainable(build_model("tiny", 5), "lora", lora_targets=["no_such_module"])
+
+
+def test_lora_dp_step_changes_only_adapters_and_head():
+    pytest.importorskip("peft")
+    from dp.engines import make_engine
+
+    from nlu.data import per_example_loss
+
+    torch.manual_seed(0)
+    model = set_trainable(build_model("tiny", 3, seed=0), "lora")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    engine = make_engine("dpfl", model, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=4)
+    ids = torch.randint(1000, 2000, (4, 6))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids),
+             "position_ids": torch.arange(6).unsqueeze(0).expand(4, 6), "labels": torch.tensor([0, 1, 2, 0])}
+    try:
+        norms = engine.accumulate(per_example_loss(model, batch))
+        engine.finalize()
+    finally:
+        engine.detach()
+    assert norms.shape == (4,) and bool((norms > 0).all())
+    opt.step()
+    for n, p in model.named_parameters():
+        moved = not torch.equal(p.detach(), before[n])
+        assert moved == (n.startswith("classifier") or ".lora_" in n), n
