@@ -17,7 +17,11 @@ users' load on a shared machine, but OpenMP spin-waits count in it):
                    DPOptimizerFastGradientClipping + DPLossFastGradientClipping); reported as crashed
                    if it raises.
 
-Every parameter is trainable, the model is in training mode (dropout on), SGD optimizer, float32.
+``--trainable`` chooses the parameters that train, as the runs' ``--trainable`` does
+(:func:`nlu.model.set_trainable`): ``all`` (default: every parameter, embeddings included) or
+``lora`` (peft LoRA adapters, rank 8, alpha 16, on every layer's attention query and value, plus
+the head; the encoder frozen), or ``head`` / ``topN``. Every method then trains exactly those.
+The model is in training mode (dropout on), SGD optimizer over the trainable parameters, float32.
 Ratios (``*_over_nondp``) are only meaningful within one run (same process, same load).
 
 Memory: for each method a FRESH subprocess builds the model and runs warm-up + 2 steps; it reports
@@ -31,6 +35,7 @@ Usage::
     HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.dp_step                  # both shapes
     HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.dp_step --shapes 32x32 --repeats 3 --json
     HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.dp_step --threads 1      # less load-sensitive
+    HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.dp_step --trainable lora --json  # LoRA step
 """
 
 from __future__ import annotations
@@ -56,16 +61,27 @@ SIGMA, C = 1.0, 1.0
 
 
 POOLING = "mean"
+TRAINABLE = "all"
 
 
 def build_model(seed: int = 0) -> nn.Module:
-    """The runs' model (every parameter trainable, train mode, float32)."""
+    """The runs' model (train mode, float32) with :data:`TRAINABLE` applied (``nlu.model.set_trainable``)."""
     from nlu.model import build_model as nlu_build_model
+    from nlu.model import set_trainable
 
-    return nlu_build_model("minilm", NUM_LABELS, seed=seed, pooling=POOLING)
+    return set_trainable(nlu_build_model("minilm", NUM_LABELS, seed=seed, pooling=POOLING), TRAINABLE, seed=seed)
+
+
+def trainable_parameters(model: nn.Module) -> list:
+    """The parameters the optimizer steps (``requires_grad=True``)."""
+    return [p for p in model.parameters() if p.requires_grad]
 
 
 def make_batch(B: int, L: int, vocab: int, seed: int = 0):
+    """A random padded batch: ``({"input_ids", "attention_mask"} [B, L], position ids [B, L], labels [B])``.
+
+    Lengths are uniform in ``[L // 2, L]``; token ids in ``[1000, vocab)``, padding id 0.
+    """
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(1000, vocab, (B, L), generator=g)
     mask = torch.ones(B, L, dtype=torch.long)
@@ -83,8 +99,9 @@ def make_stepper(method: str, B: int, L: int):
     model = build_model()
     batch, pos, y = make_batch(B, L, model.config.vocab_size)
     lr = 1e-4
+    params = trainable_parameters(model)
     if method == "nondp":
-        opt = torch.optim.SGD(model.parameters(), lr=lr)
+        opt = torch.optim.SGD(params, lr=lr)
 
         def step():
             loss = F.cross_entropy(model(**batch).logits, y)
@@ -95,7 +112,7 @@ def make_stepper(method: str, B: int, L: int):
     elif method == "engine":
         from dp.engine import DPSGDEngine
 
-        opt = torch.optim.SGD(model.parameters(), lr=lr)
+        opt = torch.optim.SGD(params, lr=lr)
         eng = DPSGDEngine(model, noise_multiplier=SIGMA, max_grad_norm=C, expected_batch_size=B)
 
         def step():
@@ -110,7 +127,7 @@ def make_stepper(method: str, B: int, L: int):
         from opacus.optimizers import DPOptimizer
 
         gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean")
-        opt = DPOptimizer(torch.optim.SGD(model.parameters(), lr=lr), noise_multiplier=SIGMA,
+        opt = DPOptimizer(torch.optim.SGD(params, lr=lr), noise_multiplier=SIGMA,
                           max_grad_norm=C, expected_batch_size=B)
 
         def step():
@@ -126,7 +143,7 @@ def make_stepper(method: str, B: int, L: int):
 
         gsm = GradSampleModuleFastGradientClipping(model, batch_first=True, loss_reduction="mean",
                                                    max_grad_norm=C, use_ghost_clipping=True)
-        opt = DPOptimizerFastGradientClipping(torch.optim.SGD(model.parameters(), lr=lr), noise_multiplier=SIGMA,
+        opt = DPOptimizerFastGradientClipping(torch.optim.SGD(params, lr=lr), noise_multiplier=SIGMA,
                                               max_grad_norm=C, expected_batch_size=B, loss_reduction="mean")
         crit = DPLossFastGradientClipping(gsm, opt, nn.CrossEntropyLoss(reduction="mean"), loss_reduction="mean")
 
@@ -142,6 +159,7 @@ def make_stepper(method: str, B: int, L: int):
 
 
 def rss_mb() -> float:
+    """This process' resident set size now, in MiB (``/proc/self/statm``)."""
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
@@ -157,6 +175,7 @@ def vm_hwm_mb() -> float:
 
 
 def mem_child(method: str, B: int, L: int) -> dict:
+    """In a fresh process: build ``method``'s step, run 3 steps; ``{"peak_mb", "base_mb", "step_mb"}`` (MiB) or ``{"error"}``."""
     try:
         step = make_stepper(method, B, L)
         base = rss_mb()
@@ -169,8 +188,9 @@ def mem_child(method: str, B: int, L: int) -> dict:
 
 
 def measure_memory(method: str, B: int, L: int) -> dict:
+    """Run :func:`mem_child` for ``method`` in a subprocess (same pooling, trainable, threads); its dict."""
     cmd = [sys.executable, "-m", "benchmarks.dp_step", "--mem-child", method, "--shapes", f"{B}x{L}",
-           "--pooling", POOLING, "--threads", str(torch.get_num_threads())]
+           "--pooling", POOLING, "--trainable", TRAINABLE, "--threads", str(torch.get_num_threads())]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     for line in r.stdout.splitlines()[::-1]:
         if line.startswith("{"):
@@ -179,6 +199,7 @@ def measure_memory(method: str, B: int, L: int) -> dict:
 
 
 def time_methods(methods, B, L, warmup, repeats) -> dict:
+    """Interleaved timing of one step per method; ``(median wall s, median CPU s, errors)``, each keyed by method."""
     steppers, errors = {}, {}
     for m in methods:
         try:
@@ -209,6 +230,7 @@ def time_methods(methods, B, L, warmup, repeats) -> dict:
 
 
 def main(argv=None):
+    """Command line (see the module docstring); prints a table, or one JSON object per shape with ``--json``."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default="32x32,64x128", help="comma-separated BxL (default 32x32,64x128)")
     ap.add_argument("--repeats", type=int, default=5, help="timed steps per method (median reported)")
@@ -217,12 +239,16 @@ def main(argv=None):
     ap.add_argument("--no-memory", action="store_true", help="skip the per-method memory subprocesses")
     ap.add_argument("--json", action="store_true", help="print one JSON object per shape")
     ap.add_argument("--pooling", choices=("mean", "cls"), default="mean", help="model head (default: mean, the runs' default)")
+    ap.add_argument("--trainable", default="all",
+                    help="parameters that train: all (default) | lora (peft LoRA r=8, alpha=16 on query/value + head) "
+                         "| head | topN, as the runs' --trainable")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
     ap.add_argument("--mem-child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
-    global POOLING
+    global POOLING, TRAINABLE
     POOLING = args.pooling
+    TRAINABLE = args.trainable
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.mem_child:
@@ -234,7 +260,7 @@ def main(argv=None):
     for B, L in shapes:
         med, med_cpu, errors = time_methods(methods, B, L, args.warmup, args.repeats)
         mem = {} if args.no_memory else {m: measure_memory(m, B, L) for m in methods}
-        row = {"shape": [B, L], "pooling": POOLING, "threads": torch.get_num_threads(), "repeats": args.repeats,
+        row = {"shape": [B, L], "pooling": POOLING, "trainable": TRAINABLE, "threads": torch.get_num_threads(), "repeats": args.repeats,
                "loadavg": float(open("/proc/loadavg").read().split()[0])}
         for m in methods:
             row[f"{m}_s"] = med.get(m)
@@ -258,7 +284,7 @@ def main(argv=None):
         if args.json:
             print(json.dumps(row), flush=True)
     if not args.json:
-        print(f"model=minilm pooling={POOLING}, torch threads={torch.get_num_threads()}, repeats={args.repeats} (median), "
+        print(f"model=minilm pooling={POOLING} trainable={TRAINABLE}, torch threads={torch.get_num_threads()}, repeats={args.repeats} (median), "
               f"warmup={args.warmup}, loadavg at end={rows[-1]['loadavg']}")
         print("wall/cpu = median wall / process CPU seconds per step; peak = peak RSS of a fresh process (VmHWM); "
               "step = peak minus RSS before the first step")
