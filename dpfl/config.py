@@ -2,8 +2,14 @@
 
 Every way of starting a run maps into :class:`RunConfig`: the ``dpfl`` CLI (``dpfl simulate``),
 Flower's own runner (``flwr run .`` reads ``[tool.flwr.app.config]`` from pyproject.toml, whose
-keys are the field names with dashes), and a resumed run (``config.toml`` in the run
-directory). Nothing else holds run settings.
+keys are the field names with dashes and whose values are RunConfig's defaults, checked by
+tests/test_config.py), and a resumed run (``config.toml`` in the run directory). Nothing else
+holds run settings.
+
+Each field carries its help text in its metadata (``field(..., metadata={"help": ...})``); the
+CLI flags are generated from the fields (:func:`dpfl.commands.flags.add_config_args`).
+
+This is the bottom layer: it imports nothing of the project.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ DP_ENGINES = ("dpfl", "opacus")
 OPTIMIZERS = ("sgd", "adamw")
 TASKS = ("intent", "slots", "joint")
 SETTINGS = ("static", "continual")
+NOISE_PLACEMENTS = ("device", "aggregate")
 FAULT_KINDS = ("mixed", "raise", "hang", "nan", "shape")
 
 
@@ -35,6 +42,29 @@ class ConfigError(ValueError):
 
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
+
+
+def parse_trainable(spec: str) -> int | None:
+    """Parse a ``--trainable`` setting into the number of top encoder layers that train.
+
+    Returns ``None`` for ``"all"`` (every parameter, embeddings included), ``0`` for ``"head"``
+    (task heads only, the encoder frozen: a private linear probe on the pretrained features),
+    and ``N`` for ``"topN"`` (the heads and the last N transformer layers). Whether the model
+    has N layers is checked where the model is known (``dpfl simulate``'s preflight).
+
+    Raises
+    ------
+    ValueError
+        If ``spec`` is none of these.
+    """
+    s = str(spec).strip().lower()
+    if s == "all":
+        return None
+    if s == "head":
+        return 0
+    if s.startswith("top") and s[3:].isdigit() and int(s[3:]) >= 1:
+        return int(s[3:])
+    raise ValueError(f"must be 'all', 'head' or 'topN' (N >= 1 top encoder layers), got {spec!r}")
 
 
 @dataclass
@@ -48,74 +78,211 @@ class RunConfig:
     """
 
     # run
-    run_id: str = ""
-    run_dir: str = ""
-    seed: int = 0
-    rounds: int = 5
-    eval_every: int = 1
+    run_id: str = field(default="", metadata={"help": "name of the run (default: a timestamp)"})
+    run_dir: str = field(default="", metadata={"help": "run directory (default runs/<timestamp>)"})
+    seed: int = field(
+        default=0,
+        metadata={"help": "seed of partitioning, initialization and splits (never of the noise or the sampling)"},
+    )
+    rounds: int = field(default=5, metadata={"help": "number of federated rounds"})
+    eval_every: int = field(
+        default=1,
+        metadata={"help": "evaluate the global model every N rounds (and after the last)"},
+    )
     # data and devices
-    data_dir: str | None = None
-    dataset: str | None = None
-    text_column: str = "text"
-    label_column: str = "label"
-    max_examples: int | None = None
-    num_devices: int = 20
-    partitioner: str = "auto"  # natural (device column) when the data has one, else iid
-    dirichlet_alpha: float = 0.5
-    quantity_beta: float = 1.5
-    device_column: str = "device"
-    num_clusters: int = 10
-    setting: str = "static"
-    storage_cap: int | None = None
+    data_dir: str | None = field(
+        default=None,
+        metadata={"help": "folder with train.jsonl and test.jsonl of {text, label}"},
+    )
+    dataset: str | None = field(default=None, metadata={"help": "Hugging Face hub dataset name (needs network)"})
+    text_column: str = field(default="text", metadata={"help": "column holding the utterance text"})
+    label_column: str = field(default="label", metadata={"help": "column holding the intent label"})
+    max_examples: int | None = field(
+        default=None,
+        metadata={"help": "cap the training set at K examples (quick runs)"},
+    )
+    num_devices: int = field(default=20, metadata={"help": "number of simulated devices"})
+    partitioner: str = field(
+        default="auto",
+        metadata={"help": "auto (natural device column if present, else iid) | iid | dirichlet (label skew) | "
+                          "quantity (power-law sizes) | quantity-label (both) | cluster (feature skew) | natural"},
+    )
+    dirichlet_alpha: float = field(
+        default=0.5,
+        metadata={"help": "Dirichlet concentration for label skew (smaller = more skew)"},
+    )
+    quantity_beta: float = field(
+        default=1.5,
+        metadata={"help": "Pareto tail index of device sizes for --partitioner quantity / quantity-label (smaller = "
+                          "heavier tail)"},
+    )
+    device_column: str = field(
+        default="device",
+        metadata={"help": "column holding the device/user id for --partitioner natural"},
+    )
+    num_clusters: int = field(
+        default=10,
+        metadata={"help": "k-means clusters of sentence embeddings for --partitioner cluster"},
+    )
+    setting: str = field(
+        default="static",
+        metadata={"help": "static (all data at once) | continual (examples arrive over rounds)"},
+    )
+    storage_cap: int | None = field(
+        default=None,
+        metadata={"help": "continual: a device keeps at most this many examples, deleting its oldest first"},
+    )
     # selection
-    cohort_size: float = 5.0
-    selection: str = "activity"
-    activity_exponent: float = 1.0
-    selection_constant: float | None = None
+    cohort_size: float = field(default=5.0, metadata={"help": "expected number of devices per round"})
+    selection: str = field(
+        default="activity",
+        metadata={"help": "uniform | activity (Poisson with q_k = min(1, c a_k^alpha))"},
+    )
+    activity_exponent: float = field(default=1.0, metadata={"help": "alpha in q_k = min(1, c a_k^alpha)"})
+    selection_constant: float | None = field(
+        default=None,
+        metadata={"help": "set c directly instead of calibrating it from --cohort-size"},
+    )
     # model
-    task: str = "intent"
-    slot_loss_weight: float = 1.0
-    model: str = "minilm"
-    max_length: int = 32
-    pooling: str = "mean"
-    trainable: str = "all"
+    task: str = field(
+        default="intent",
+        metadata={"help": "intent | slots (BIO slot filling) | joint (intent + slots, one encoder)"},
+    )
+    slot_loss_weight: float = field(default=1.0, metadata={"help": "joint loss = intent loss + w * slot loss"})
+    model: str = field(
+        default="minilm",
+        metadata={"help": "'minilm' (all-MiniLM-L6-v2, offline), 'tiny' (random small BERT) or a HF name/path"},
+    )
+    max_length: int = field(default=32, metadata={"help": "maximum tokens per utterance"})
+    pooling: str = field(
+        default="mean",
+        metadata={"help": "mean (mean-pooled token states) | cls (transformers' classification head)"},
+    )
+    trainable: str = field(
+        default="all",
+        metadata={"help": "which parameters train: all (embeddings included) | head (frozen encoder) | topN (head + "
+                          "last N layers) | lora (LoRA adapters + head, through peft)"},
+    )
+    lora_rank: int = field(default=8, metadata={"help": "--trainable lora: rank r of each adapter"})
+    lora_alpha: float = field(default=16.0, metadata={"help": "--trainable lora: scaling alpha (the update is alpha/r * B A)"})
+    lora_targets: str = field(
+        default="",
+        metadata={"help": "--trainable lora: comma-separated module names to adapt (default: the attention query and value)"},
+    )
+    lora_dropout: float = field(default=0.0, metadata={"help": "--trainable lora: dropout on the adapter input"})
     # local training
-    local_epochs: int = 1
-    batch_size: int = 32
-    physical_batch_size: int = 64
-    optimizer: str = "adamw"
-    learning_rate: float = 1e-4
-    head_learning_rate: float | None = 1e-2
-    # example-level DP (DP-SGD on the device)
-    dp: bool = True
-    dp_engine: str = "dpfl"
-    noise_multiplier: float = 1.0
-    max_grad_norm: float = 1.0
-    target_epsilon: float | None = None
-    target_delta: float | None = None
-    accountant: str = "pld"
+    local_epochs: int = field(
+        default=1,
+        metadata={"help": "local epochs per round (expected passes under Poisson sampling)"},
+    )
+    batch_size: int = field(default=32, metadata={"help": "expected (Poisson) batch size"})
+    physical_batch_size: int = field(default=64, metadata={"help": "largest micro-batch held in memory at once"})
+    optimizer: str = field(default="adamw", metadata={"help": "local optimizer: sgd | adamw"})
+    learning_rate: float = field(
+        default=1e-4,
+        metadata={"help": "local optimizer step size (the encoder's, when --head-learning-rate is set)"},
+    )
+    head_learning_rate: float | None = field(
+        default=1e-2,
+        metadata={"help": "step size of the freshly initialised classification head (default: --learning-rate)"},
+    )
+    # example-level DP (DP-SGD on the device, or noise on the aggregate)
+    dp: bool = field(
+        default=True,
+        metadata={"help": "example-level DP (--no-dp trains without it: the non-private baseline)"},
+    )
+    noise_at: str = field(
+        default="device",
+        metadata={"help": "where the example-level noise is added: device (local DP-SGD at every step; trusts nobody) | "
+                          "aggregate (each device sends its clipped gradient sum, the server adds the noise once per "
+                          "round to the cohort's sum; trusts the aggregator)"},
+    )
+    sample_rate: float = field(
+        default=1.0,
+        metadata={"help": "--noise-at aggregate: probability p with which a selected device includes each of its "
+                          "examples in the round's clipped sum (Poisson)"},
+    )
+    reproducible_noise: bool = field(
+        default=False,
+        metadata={"help": "derive the noise and the secret sampling from --seed (tests and debugging): the run is "
+                          "NOT private and its report says so"},
+    )
+    dp_engine: str = field(default="dpfl", metadata={"help": "opacus | dpfl"})
+    noise_multiplier: float = field(default=1.0, metadata={"help": "sigma: DP-SGD noise std / max_grad_norm"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "C: per-example clipping norm"})
+    target_epsilon: float | None = field(
+        default=None,
+        metadata={"help": "calibrate --noise-multiplier so that no device's example-level epsilon can exceed this"},
+    )
+    target_delta: float | None = field(
+        default=None,
+        metadata={"help": "delta for every epsilon (default: power of ten <= 1/(10 N))"},
+    )
+    accountant: str = field(default="pld", metadata={"help": "pld (tight) | rdp"})
     # device-level DP (DP-FedAvg on the server) and budgets
-    device_dp: bool = False
-    update_clip_norm: float = 1.0
-    device_noise_multiplier: float = 1.0
-    target_epsilon_device: float | None = None
-    max_epsilon: float | None = None
+    device_dp: bool = field(
+        default=False,
+        metadata={"help": "device-level DP: clip each device's update and add noise on the server (DP-FedAvg)"},
+    )
+    update_clip_norm: float = field(
+        default=1.0,
+        metadata={"help": "S: L2 bound on each device's update (device-level DP)"},
+    )
+    device_noise_multiplier: float = field(
+        default=1.0,
+        metadata={"help": "sigma_u: server noise std / S (device-level DP)"},
+    )
+    target_epsilon_device: float | None = field(
+        default=None,
+        metadata={"help": "device-level epsilon budget per device (needs --device-dp)"},
+    )
+    max_epsilon: float | None = field(
+        default=None,
+        metadata={"help": "example-level epsilon budget per device: a device is not selected once its next round "
+                          "would exceed it"},
+    )
     # privacy audit: canaries inserted into devices' training data (dp.audit, partitions.population)
-    canaries: int = 0
-    canary_repeats: int = 1
+    canaries: int = field(
+        default=0,
+        metadata={"help": "privacy audit: insert M canary utterances (secret digits), each included with probability "
+                          "1/2"},
+    )
+    canary_repeats: int = field(default=1, metadata={"help": "copies of each included canary (all on one device)"})
     # aggregation
-    strategy: str = "fedavg"
-    proximal_mu: float = 0.01
-    server_learning_rate: float = 0.01
+    strategy: str = field(default="fedavg", metadata={"help": "fedavg | fedprox | fedadam"})
+    proximal_mu: float = field(
+        default=0.01,
+        metadata={"help": "mu of FedProx's proximal term (mu/2 ||w - w_global||^2 in the local loss)"},
+    )
+    server_learning_rate: float = field(default=0.01, metadata={"help": "FedAdam's server step size"})
     # simulation resources
-    client_cpus: float = 1.0
-    client_gpus: float = 0.0
-    ray_address: str | None = None
+    client_cpus: float = field(
+        default=1.0,
+        metadata={"help": "CPUs per simulated device (Ray resources; fractions allowed)"},
+    )
+    client_gpus: float = field(default=0.0, metadata={"help": "GPUs per simulated device (fractions allowed)"})
+    ray_address: str | None = field(
+        default=None,
+        metadata={"help": "address of an existing Ray cluster to run on (set by dpfl launch --address)"},
+    )
     # reliability: round deadline and injected device faults (testing)
-    round_timeout: float = 3600.0
-    fault_rate: float = 0.0
-    fault_kind: str = "mixed"
-    extra: dict[str, Any] = field(default_factory=dict)
+    round_timeout: float = field(
+        default=3600.0,
+        metadata={"help": "seconds a round waits for the cohort's replies before it goes on without the "
+                          "missing ones"},
+    )
+    fault_rate: float = field(
+        default=0.0,
+        metadata={"help": "testing: probability that a selected device fails its round with an injected fault"},
+    )
+    fault_kind: str = field(
+        default="mixed",
+        metadata={"help": "testing: the injected fault: mixed | raise | hang | nan | shape"},
+    )
+    extra: dict[str, Any] = field(
+        default_factory=dict,
+        metadata={"help": "settings of extensions (not a CLI flag)"},
+    )
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> "RunConfig":
@@ -158,12 +325,11 @@ class RunConfig:
         )
         need(self.num_clusters >= 1, "num_clusters", "must be >= 1")
         need(self.pooling in ("mean", "cls"), "pooling", "must be 'mean' or 'cls'")
-        try:
-            from nlu.model import parse_trainable
-
-            parse_trainable(self.trainable)
-        except ValueError as exc:
-            need(False, "trainable", str(exc))
+        if self.trainable.strip().lower() != "lora":
+            try:
+                parse_trainable(self.trainable)
+            except ValueError as exc:
+                need(False, "trainable", str(exc).replace("or 'topN'", "'topN'") + " (or 'lora')")
         need(self.noise_multiplier >= 0, "noise_multiplier", f"must be >= 0, got {self.noise_multiplier}")
         need(self.max_grad_norm > 0, "max_grad_norm", f"must be > 0, got {self.max_grad_norm}")
         need(self.batch_size >= 1, "batch_size", "must be >= 1")
@@ -189,6 +355,16 @@ class RunConfig:
             "data_dir",
             "give either --data-dir or --dataset, not both",
         )
+        need(self.noise_at in NOISE_PLACEMENTS, "noise_at", f"must be one of {NOISE_PLACEMENTS}")
+        need(0 < self.sample_rate <= 1, "sample_rate", f"must be in (0, 1], got {self.sample_rate}")
+        need(
+            not (self.noise_at == "aggregate" and self.device_dp),
+            "noise_at",
+            "--noise-at aggregate and --device-dp are two different releases; choose one",
+        )
+        need(self.lora_rank >= 1, "lora_rank", f"must be >= 1, got {self.lora_rank}")
+        need(self.lora_alpha > 0, "lora_alpha", f"must be > 0, got {self.lora_alpha}")
+        need(0 <= self.lora_dropout < 1, "lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")
         need(self.update_clip_norm > 0, "update_clip_norm", "must be > 0")
         need(self.device_noise_multiplier >= 0, "device_noise_multiplier", "must be >= 0")
         need(
@@ -210,6 +386,12 @@ class RunConfig:
         need(self.client_cpus > 0, "client_cpus", "must be > 0")
         need(self.client_gpus >= 0, "client_gpus", "must be >= 0")
         return self
+
+    def lora_options(self) -> dict[str, Any]:
+        """Keyword arguments of :func:`nlu.model.set_trainable` for the LoRA settings (and the seed)."""
+        targets = tuple(t.strip() for t in self.lora_targets.split(",") if t.strip()) or None
+        return {"lora_rank": self.lora_rank, "lora_alpha": self.lora_alpha, "lora_targets": targets,
+                "lora_dropout": self.lora_dropout, "seed": self.seed}
 
     # ------------------------------------------------------------------ derived values
     def resolve_delta(self, num_units: int) -> float:

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from dpfl.config import parse_trainable  # the --trainable syntax is a setting; re-exported here
 from nlu.pooling import MeanPoolClassifier
 
 DEFAULT_MODEL = "minilm"
@@ -188,28 +189,6 @@ def num_encoder_layers(name: str) -> int:
         return int(AutoConfig.from_pretrained(resolve_model_path(name)).num_hidden_layers)
     except (OSError, ValueError, AttributeError) as exc:
         raise ModelError(f"--model: cannot read the config of {name!r}: {exc}".splitlines()[0]) from exc
-
-
-def parse_trainable(spec: str) -> int | None:
-    """Parse a ``--trainable`` setting into the number of top encoder layers that train.
-
-    Returns ``None`` for ``"all"`` (every parameter, embeddings included), ``0`` for ``"head"``
-    (task heads only, the encoder frozen: a private linear probe on the pretrained features),
-    and ``N`` for ``"topN"`` (the heads and the last N transformer layers).
-
-    Raises
-    ------
-    ValueError
-        If ``spec`` is none of these.
-    """
-    s = str(spec).strip().lower()
-    if s == "all":
-        return None
-    if s == "head":
-        return 0
-    if s.startswith("top") and s[3:].isdigit() and int(s[3:]) >= 1:
-        return int(s[3:])
-    raise ValueError(f"must be 'all', 'head' or 'topN' (N >= 1 top encoder layers), got {spec!r}")
 
 
 #: ``--trainable lora`` defaults: rank r, scaling numerator alpha (the update is ``(alpha / r) B A x``),

@@ -142,12 +142,11 @@ def test_activity_at_fast_for_10k_devices():
 
 
 def _parse(argv):
-    from dpfl.cli import _add_config_args
-    from dpfl.partitions_cmd import add_partitions_parser
+    from dpfl.commands.partitions import add_parser as add_partitions_parser
 
     p = argparse.ArgumentParser(prog="dpfl")
     sub = p.add_subparsers(dest="command", required=True)
-    add_partitions_parser(sub, _add_config_args)
+    add_partitions_parser(sub)
     return p.parse_args(["partitions", *argv])
 
 
@@ -163,7 +162,7 @@ def _tiny_data(tmp_path):
 
 
 def test_run_partitions_writes_plots_and_prints_stats(tmp_path, capsys):
-    from dpfl.partitions_cmd import run_partitions
+    from dpfl.commands.partitions import run as run_partitions
 
     data = _tiny_data(tmp_path)
     out = tmp_path / "out"
@@ -185,7 +184,7 @@ def test_run_partitions_writes_plots_and_prints_stats(tmp_path, capsys):
 
 
 def test_run_partitions_default_out_is_run_dir_and_bad_input(tmp_path, capsys):
-    from dpfl.partitions_cmd import run_partitions
+    from dpfl.commands.partitions import run as run_partitions
 
     data = _tiny_data(tmp_path)
     run_dir = tmp_path / "run"

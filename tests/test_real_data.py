@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from dpfl.cli import simulate
+from dpfl.commands.simulate import simulate
 from dpfl.config import RunConfig
 
 

@@ -7,7 +7,7 @@ import sqlite3
 import pytest
 import torch
 
-from dpfl.cli import simulate
+from dpfl.commands.simulate import simulate
 from dpfl.config import RunConfig
 
 

@@ -24,7 +24,6 @@ supported.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import re
@@ -32,7 +31,16 @@ import socket
 import sys
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+
+from dpfl.commands.errors import exits
+from dpfl.commands.flags import add_config_args, config_from_args
+from dpfl.commands.simulate import preflight, print_result, simulate
+
+__all__ = [
+    "ClusterError", "NodeCheckError", "absolutize_paths", "add_parser", "check_address", "check_cluster",
+    "node_capacity", "nodes_used", "required_paths", "run",
+]
 
 NODE_CHECK_TIMEOUT_S = 120.0
 
@@ -49,8 +57,8 @@ class ClusterError(ValueError):
 
 
 # ---------------------------------------------------------------------------------- parser
-def add_launch_parser(subparsers: Any, add_config_args: Callable[[argparse.ArgumentParser], None]) -> argparse.ArgumentParser:
-    """Register ``dpfl launch`` on ``subparsers`` (``add_config_args`` adds the simulate flags)."""
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``dpfl launch`` on ``subparsers`` (the simulate flags and its own); return its parser."""
     p = subparsers.add_parser(
         "launch",
         help="run the federated DP simulation on an existing Ray cluster (multi-node; see deploy/README.md)",
@@ -309,15 +317,11 @@ def _probe_nodes(cfg: Any, nodes: dict[str, dict], out) -> None:
 # ---------------------------------------------------------------------------------- run
 def nodes_used(run_dir: str | Path) -> tuple[Counter, list[int]]:
     """From metrics.jsonl: trainings per Ray node id over the run, and ``ray_nodes`` per round."""
+    from rundir import read_metric_lines
+
     per_node: Counter = Counter()
     per_round: list[int] = []
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        return per_node, per_round
-    for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
-        m = json.loads(line)
+    for m in read_metric_lines(run_dir):
         per_round.append(int(m.get("ray_nodes", 0) or 0))
         for node in (m.get("device_nodes") or {}).values():
             if node:
@@ -325,33 +329,23 @@ def nodes_used(run_dir: str | Path) -> tuple[Counter, list[int]]:
     return per_node, per_round
 
 
-def run_launch(ns: argparse.Namespace) -> int:
+@exits
+def run(ns: argparse.Namespace) -> int:
     """``dpfl launch``: check the cluster and every node, then run the simulation on it.
 
-    Returns the exit code: 0 on success, 2 on bad input (one ``dpfl: error: ...`` line).
+    Returns the exit code: 0 on success, 2 on bad input (one ``dpfl: error: ...`` line), 130 on
+    Ctrl-C (the run directory stays resumable).
     """
-    from dpfl import cli
-
-    bad = cli._bad_input_types()
-    try:
-        address = check_address(ns.address)
-        cfg = cli.config_from_args(ns)
-        cfg = absolutize_paths(cfg.replace(ray_address=address))
-        cli.preflight(cfg)  # local checks first: a typo fails before the cluster is touched
-        nodes = check_cluster(cfg, run_probe=not ns.skip_node_check)
-        result = cli.simulate(cfg, progress=not ns.no_progress)
-    except bad as exc:
-        print(f"dpfl: error: {exc}", file=sys.stderr)
-        return cli.EXIT_BAD_INPUT
-    final = result.get("final") or {}
+    address = check_address(ns.address)
+    cfg = config_from_args(ns)
+    cfg = absolutize_paths(cfg.replace(ray_address=address))
+    preflight(cfg)  # local checks first: a typo fails before the cluster is touched
+    nodes = check_cluster(cfg, run_probe=not ns.skip_node_check)
+    result = simulate(cfg, progress=not ns.no_progress)
     per_node, per_round = nodes_used(result["run_dir"])
     print(f"devices trained on {len(per_node)} of {len(nodes)} Ray node(s) (distinct nodes per round: {per_round})")
     for nid, count in per_node.most_common():
         info = nodes.get(nid, {})
         print(f"  node {info.get('ip', '?')} ({info.get('host', '?')}, id {nid[:12]}): {count} device trainings")
-    print(
-        f"run directory: {result['run_dir']}\n"
-        f"final accuracy: {final.get('accuracy')}  macro-F1: {final.get('macro_f1')}\n"
-        f"example-level epsilon (max over devices): {final.get('epsilon_example_max')} at delta={result['delta']:g}"
-    )
+    print_result(result)
     return 0

@@ -27,30 +27,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
 
+from dpfl.commands.errors import exits
+from dpfl.commands.flags import add_config_args, config_from_args
+
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # plot_label_distributions posts telemetry otherwise
 
-__all__ = ["add_partitions_parser", "run_partitions", "partition_stats"]
-
-#: Settings this command needs that may not (yet) be RunConfig fields: name -> (default, type, help).
-_OWN_SETTINGS = {
-    "setting": ("static", str, "static | continual (examples arrive over the rounds)"),
-    "storage_cap": (None, int, "continual setting: most examples a device holds; oldest deleted first"),
-    "device_column": ("device", str, "device/user id column of the natural partitioner"),
-    "num_clusters": (10, int, "k-means clusters of the cluster (feature-skew) partitioner"),
-    "min_partition_size": (0, int, "minimum examples per device (iid, dirichlet, cluster, quantity)"),
-}
+__all__ = ["add_parser", "run", "partition_stats"]
 
 
-def add_partitions_parser(subparsers, add_config_args) -> argparse.ArgumentParser:
-    """Add the ``partitions`` subcommand to ``subparsers``; return its parser.
-
-    ``add_config_args(parser)`` adds one flag per RunConfig field (``dpfl.cli._add_config_args``).
-    """
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Add the ``partitions`` subcommand to ``subparsers`` (every RunConfig flag and its own); return its parser."""
     p = subparsers.add_parser(
         "partitions",
         help="show a device partition: sizes, label skew, plots (no training)",
@@ -58,24 +48,13 @@ def add_partitions_parser(subparsers, add_config_args) -> argparse.ArgumentParse
         "(with --setting continual) activity over the rounds; write plots to --out.",
     )
     add_config_args(p)
-    known = {a.dest for a in p._actions}
-    for name, (default, typ, help_) in _OWN_SETTINGS.items():
-        if name not in known:  # until RunConfig has the field
-            p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None,
-                           help=f"{help_} (default: {default})")
+    p.add_argument("--min-partition-size", type=int, default=0,
+                   help="minimum examples per device (iid, dirichlet, cluster, quantity) (default: 0)")
     p.add_argument("--out", default=None,
                    help="folder for the plots and partition_stats.json (default: RUN_DIR/partitions with "
                    "--run-dir, else the current directory)")
     p.add_argument("--top", type=int, default=10, help="rows in the table of largest devices (default 10)")
     return p
-
-
-def _setting(cfg, ns, name: str):
-    """A setting from the RunConfig when it has the field, else from the parsed flags, else the default."""
-    if hasattr(cfg, name):
-        return getattr(cfg, name)
-    v = getattr(ns, name, None)
-    return _OWN_SETTINGS[name][0] if v is None else v
 
 
 def _entropy(p: np.ndarray) -> np.ndarray:
@@ -195,45 +174,33 @@ def _plot_activity(sizes: np.ndarray, per_round: dict[int, np.ndarray] | None, t
     plt.close(fig)
 
 
-def _build(cfg, ns):
+def _build(cfg, min_partition_size: int = 0):
     """Load the data and partition it as the run would (same auto rule as the population)."""
     import inspect
 
     from partitions import load_data, partition
 
-    device_column = _setting(cfg, ns, "device_column")
     kw = dict(data_dir=cfg.data_dir, dataset=cfg.dataset, text_column=cfg.text_column,
               label_column=cfg.label_column, max_examples=cfg.max_examples, seed=cfg.seed,
               synthetic_devices=cfg.num_devices)
     if "device_column" in inspect.signature(load_data).parameters:
-        kw["device_column"] = device_column
+        kw["device_column"] = cfg.device_column
     data = load_data(**kw)
     name = cfg.partitioner
     if name == "auto":
-        name = "natural" if device_column in data.train.column_names else "iid"
+        name = "natural" if cfg.device_column in data.train.column_names else "iid"
     devices = partition(data.train, cfg.num_devices, name, seed=cfg.seed, dirichlet_alpha=cfg.dirichlet_alpha,
-                        quantity_beta=cfg.quantity_beta, min_partition_size=_setting(cfg, ns, "min_partition_size"),
-                        device_column=device_column, num_clusters=_setting(cfg, ns, "num_clusters"))
+                        quantity_beta=cfg.quantity_beta, min_partition_size=min_partition_size,
+                        device_column=cfg.device_column, num_clusters=cfg.num_clusters)
     return data, name, devices
 
 
-def run_partitions(ns: argparse.Namespace) -> int:
+@exits
+def run(ns: argparse.Namespace) -> int:
     """Run ``dpfl partitions`` for parsed arguments; return the exit code (2 for bad input)."""
-    from dpfl.cli import _bad_input_types, config_from_args
-
-    bad = _bad_input_types()
-    try:
-        cfg = config_from_args(ns)
-        setting = _setting(cfg, ns, "setting")
-        cap = _setting(cfg, ns, "storage_cap")
-        if setting not in ("static", "continual"):
-            raise ValueError(f"--setting must be static or continual, got {setting!r}")
-        if cap is not None and cap < 1:
-            raise ValueError(f"--storage-cap must be >= 1, got {cap}")
-        data, name, devices = _build(cfg, ns)
-    except bad as exc:
-        print(f"dpfl: error: {exc}", file=sys.stderr)
-        return 2
+    cfg = config_from_args(ns)  # validates --setting and --storage-cap too
+    setting, cap = cfg.setting, cfg.storage_cap
+    data, name, devices = _build(cfg, getattr(ns, "min_partition_size", 0) or 0)
     out = _out_dir(ns)
     out.mkdir(parents=True, exist_ok=True)
     labels = np.asarray(data.train.select_columns(["label"]).with_format("numpy")[:]["label"], dtype=np.int64)
@@ -257,7 +224,7 @@ def run_partitions(ns: argparse.Namespace) -> int:
     if name == "cluster":
         from partitions.partitioners import cluster_ids
 
-        k = _setting(cfg, ns, "num_clusters")
+        k = cfg.num_clusters
         stats["cluster_skew"] = partition_stats(devices, cluster_ids(data.train, k, seed=cfg.seed), k)
         cs = stats["cluster_skew"]
         print(f"feature (cluster) skew: mean per-device cluster entropy {cs['mean_entropy']:.3f} nats "

@@ -1,0 +1,57 @@
+"""Errors and exit codes of every ``dpfl`` command, in one place.
+
+A command's ``run(ns) -> int`` is wrapped in :func:`exits`, which maps:
+
+- bad input to one line ``dpfl: error: <message>`` on stderr and exit code 2
+  (:data:`EXIT_BAD_INPUT`). Bad input is any :data:`BAD_INPUT` exception: every error type the
+  project raises for bad settings, data, models, run directories, clusters or audits
+  (``ConfigError``, ``DataError``, ``ModelError``, ``RunDirError``, ``ClusterError``,
+  ``NodeCheckError``, ``AuditError``, ``ReportError``) is a ``ValueError``, and a missing file is
+  a ``FileNotFoundError``;
+- Ctrl-C (:class:`dpfl.interrupt.Interrupted`, or a second Ctrl-C's ``KeyboardInterrupt``) to
+  one line ``dpfl: <message>`` and exit code 130 (:data:`EXIT_INTERRUPTED`, 128 + SIGINT).
+
+Anything else is a bug and ends in a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from dpfl.interrupt import Interrupted
+
+__all__ = ["BAD_INPUT", "EXIT_BAD_INPUT", "EXIT_INTERRUPTED", "EXIT_OK", "Interrupted", "exits"]
+
+EXIT_OK = 0
+EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
+
+#: The exceptions that mean bad input (exit code 2); see the module docstring.
+BAD_INPUT: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError)
+
+
+def exits(run: Callable[..., int]) -> Callable[..., int]:
+    """Wrap a command's ``run(ns) -> int`` so bad input returns 2 and Ctrl-C returns 130.
+
+    The message goes to stderr as ``dpfl: error: <message>`` (bad input) or ``dpfl: <message>``
+    (interrupted); the wrapped function's own return value passes through unchanged.
+    """
+
+    @functools.wraps(run)
+    def wrapper(*args: Any, **kwargs: Any) -> int:
+        try:
+            return run(*args, **kwargs)
+        except Interrupted as exc:
+            print(f"dpfl: {exc}", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        except KeyboardInterrupt:
+            print("dpfl: interrupted", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        except BAD_INPUT as exc:
+            print(f"dpfl: error: {exc}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+
+    return wrapper

@@ -1,0 +1,43 @@
+"""Quiet process setup for every ``dpfl`` command: offline hub, no telemetry, only useful log lines."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+
+__all__ = ["DropFlowerNoise", "quiet"]
+
+
+def quiet() -> None:
+    """Set the environment and loggers so a run prints only what concerns a dpfl user.
+
+    Sets (unless already set) offline Hugging Face hub, no progress bars or telemetry, no
+    tokenizer threads, Ray log de-duplication; silences Opacus and deprecation warnings; logs
+    WARNING and above, and drops Flower's own noise (:class:`DropFlowerNoise`).
+    """
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    warnings.filterwarnings("ignore", module="opacus")
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for name in ("flwr", "flower", "ray", "opacus", "transformers", "datasets"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    flwr_log = logging.getLogger("flwr")
+    flwr_log.propagate = False  # Flower has its own console handler
+    flwr_log.addFilter(DropFlowerNoise())
+
+
+class DropFlowerNoise(logging.Filter):
+    """Drop Flower's messages that do not concern a dpfl user (deprecations, debug chatter)."""
+
+    NOISE = ("DEPRECATED FEATURE", "fraction_evaluate is set to 0.0", "deprecated feature", "injected fault")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Keep INFO and above unless the message is one of :attr:`NOISE`."""
+        msg = str(record.msg)
+        return record.levelno >= logging.INFO and not any(n in msg for n in self.NOISE)

@@ -1,0 +1,175 @@
+"""``dpfl simulate``: the federated DP run on one machine (a local Ray instance).
+
+Bad input (settings, data files, model paths, run directories) ends with one line
+``dpfl: error: ...`` on stderr and exit code 2, before any training starts (:func:`preflight`);
+Ctrl-C stops the run at a safe point with exit code 130, its run directory resumable
+(``dpfl simulate --resume RUN_DIR``). See :mod:`dpfl.commands.errors`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from typing import Any
+
+from dpfl.commands.errors import exits
+from dpfl.commands.flags import add_config_args, config_from_args, reject_settings_on_resume
+from dpfl.config import ConfigError, RunConfig, parse_trainable
+from dpfl.interrupt import Interrupted
+
+__all__ = ["add_parser", "preflight", "print_result", "resume_config", "run", "simulate"]
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``dpfl simulate`` on ``subparsers``; return its parser."""
+    p = subparsers.add_parser("simulate", help="run a federated DP simulation (Flower + Ray)")
+    add_config_args(p)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--resume", metavar="RUN_DIR", default=None,
+        help="continue the run in RUN_DIR from its last complete round, with its own settings (config.toml)",
+    )
+    return p
+
+
+def preflight(cfg: RunConfig, resume: bool = False) -> None:
+    """Check everything that can be checked before Ray starts (data, partition, model, run dir, calibration).
+
+    Raises the same errors the run would raise (ConfigError, DataError, ModelError,
+    RunDirError, ValueError), so bad input ends before any process is started.
+    """
+    from nlu.model import load_tokenizer, num_encoder_layers, resolve_model_path
+    from nlu.tasks import task_for_data
+    from partitions.population import build_population
+    from rundir import RunDirError, config_path
+    from server.privacy import calibrate_example_noise
+    from server.selection import calibrate_constant
+
+    if resume:
+        if not config_path(cfg.run_dir).exists():
+            raise RunDirError(f"--resume {cfg.run_dir}: no run there (config.toml is missing)")
+    elif config_path(cfg.run_dir).exists():
+        raise RunDirError(f"--run-dir {cfg.run_dir} already holds a run; choose a new --run-dir (or --resume it)")
+    resolve_model_path(cfg.model)
+    load_tokenizer(cfg.model)
+    pop = build_population(cfg)
+    task_for_data(cfg.task, pop.data, cfg.slot_loss_weight)
+    if pop.num_devices != cfg.num_devices:
+        raise ValueError(f"--num-devices: the partition has {pop.num_devices} devices, expected {cfg.num_devices}")
+    top = parse_trainable(cfg.trainable)
+    if top and top > num_encoder_layers(cfg.model):
+        raise ConfigError(f"--trainable {cfg.trainable}: {cfg.model} has {num_encoder_layers(cfg.model)} "
+                          "transformer layers; choose a smaller N")
+    alpha = cfg.activity_exponent if cfg.selection == "activity" else 0.0
+    # the same planned activities the server calibrates on: [T, K] (continual) or [K]
+    planned = pop.planned_activity(cfg.rounds)
+    if cfg.selection_constant is None:
+        calibrate_constant(planned, alpha, cfg.cohort_size)
+    if cfg.dp and cfg.target_epsilon is not None:
+        calibrate_example_noise(cfg, planned.ravel(), cfg.resolve_delta(len(pop.data.train)))
+
+
+def resume_config(run_dir: str) -> RunConfig:
+    """The RunConfig of the run in ``run_dir`` (its ``config.toml``), pointed at ``run_dir``.
+
+    Raises
+    ------
+    RunDirError
+        If ``run_dir`` holds no run.
+    """
+    from rundir import RunDirError, config_path
+
+    path = config_path(run_dir)
+    if not path.exists():
+        raise RunDirError(f"--resume {run_dir}: no run there (config.toml is missing)")
+    cfg = RunConfig.from_toml(path)
+    cfg.run_dir = str(run_dir)
+    return cfg.validate()
+
+
+def simulate(cfg: RunConfig, progress: bool = True, resume: bool = False) -> dict:
+    """Run the federated simulation of ``cfg`` on a local Ray instance (or ``cfg.ray_address``).
+
+    ``resume`` continues the run in ``cfg.run_dir`` from its last complete round. Ctrl-C
+    (SIGINT, from the main thread) stops the run at the next safe point, shuts Ray down and
+    raises :class:`~dpfl.interrupt.Interrupted`; the run directory stays resumable. A second
+    Ctrl-C aborts.
+
+    Returns
+    -------
+    dict
+        ``run_dir``, ``delta`` and the last round's outcome.
+    """
+    preflight(cfg, resume=resume)  # before the heavy imports: bad input fails fast
+
+    from flwr.simulation import run_simulation
+
+    from client.app import app as client_app
+    from server.app import _BOUND, STOP, make_server_app
+
+    init_args: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.ERROR, "log_to_driver": False}
+    if cfg.ray_address:
+        init_args["address"] = cfg.ray_address
+    backend_config = {
+        "client_resources": {"num_cpus": cfg.client_cpus, "num_gpus": cfg.client_gpus},
+        "init_args": init_args,
+    }
+    _BOUND.pop("result", None)
+    STOP.clear()
+    old_handler = None
+    if threading.current_thread() is threading.main_thread():
+
+        def _on_sigint(signum, frame):
+            if STOP.is_set():  # second Ctrl-C: abort now
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+                raise KeyboardInterrupt
+            print("\ndpfl: stopping after the round in flight is abandoned (Ctrl-C again to abort)", file=sys.stderr)
+            STOP.set()
+
+        old_handler = signal.signal(signal.SIGINT, _on_sigint)
+    try:
+        run_simulation(
+            server_app=make_server_app(cfg, progress=progress, resume=resume),
+            client_app=client_app,
+            num_supernodes=cfg.num_devices,
+            backend_config=backend_config,
+        )
+    except Exception:
+        if STOP.is_set():
+            raise Interrupted(f"interrupted; the run is resumable: dpfl simulate --resume {cfg.run_dir}") from None
+        raise
+    finally:
+        if old_handler is not None:
+            signal.signal(signal.SIGINT, old_handler)
+    result = _BOUND.pop("result", None)
+    if result is None:
+        if STOP.is_set():
+            raise Interrupted(f"interrupted; the run is resumable: dpfl simulate --resume {cfg.run_dir}")
+        raise RuntimeError("the simulation ended without finishing its rounds (see the log above)")
+    return result
+
+
+def print_result(result: dict) -> None:
+    """Print a finished run's directory, final utility and example-level epsilon (stdout)."""
+    final = result.get("final") or {}
+    print(
+        f"run directory: {result['run_dir']}\n"
+        f"final accuracy: {final.get('accuracy')}  macro-F1: {final.get('macro_f1')}\n"
+        f"example-level epsilon (max over devices): {final.get('epsilon_example_max')} at delta={result['delta']:g}"
+    )
+
+
+@exits
+def run(ns: argparse.Namespace) -> int:
+    """``dpfl simulate``: a new run from the flags, or ``--resume RUN_DIR``; return the exit code."""
+    if ns.resume:
+        reject_settings_on_resume(ns)
+        cfg = resume_config(ns.resume)
+    else:
+        cfg = config_from_args(ns)
+    result = simulate(cfg, progress=not ns.no_progress, resume=bool(ns.resume))
+    print_result(result)
+    return 0

@@ -1,0 +1,14 @@
+"""The one ``Interrupted`` exception: Ctrl-C stopped a run, and its run directory is resumable.
+
+It sits at the bottom layer (beside :mod:`dpfl.config`) so that every layer may raise it: the
+server's round loop when the stop event is set, ``dpfl simulate`` and ``dpfl launch`` when the
+simulation ended because of Ctrl-C. :mod:`dpfl.commands.errors` turns it into exit code 130.
+"""
+
+from __future__ import annotations
+
+__all__ = ["Interrupted"]
+
+
+class Interrupted(Exception):
+    """Ctrl-C stopped the run; its directory is resumable (the message says how)."""
