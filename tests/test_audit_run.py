@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sqlite3
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +13,7 @@ from dp.audit import canary_uid
 from dp.audit.run import read_canaries, record_canaries, write_canaries
 from dpfl.config import ConfigError, RunConfig
 from partitions.population import build_population, population_for_key, population_key
+from rundir import LedgerReader, read_audit, read_canaries_file, read_roc, read_summary
 
 REPO = Path(__file__).resolve().parents[1]
 SUMMARY_KEYS = {"epsilon_lower_bound", "confidence", "auc", "tpr_at_1pct_fpr", "mean_exposure", "extraction_rate"}
@@ -77,7 +77,7 @@ def test_write_and_record_canaries(tmp_path):
     cfg = _cfg(tmp_path)
     pop = build_population(cfg)
     path = write_canaries(tmp_path, pop)
-    payload = json.loads(path.read_text())
+    payload = read_canaries_file(path.parent)
     assert payload["m"] == 8 and len(payload["canaries"]) == 8
     dev = pop.canary_device()
     for e, c in zip(payload["canaries"], pop.canaries):
@@ -90,8 +90,8 @@ def test_write_and_record_canaries(tmp_path):
     ledger = tmp_path / "ledger.sqlite"
     assert record_canaries(ledger, "r1", pop) == 8
     record_canaries(ledger, "r1", payload)  # idempotent (resume)
-    rows = sqlite3.connect(ledger).execute(
-        "SELECT canary_id, included, device_id FROM canaries WHERE run_id='r1' ORDER BY canary_id").fetchall()
+    with LedgerReader(ledger, "r1") as reader:
+        rows = [(c.canary_id, c.included, c.device_id) for c in reader.canaries()]
     assert [(i, bool(inc)) for i, inc, _ in rows] == [(c.canary_id, c.included) for c in pop.canaries]
     assert all((d is None) == (not inc) for _, inc, d in rows)
     assert write_canaries(tmp_path / "none", build_population(cfg.replace(canaries=0))) is None
@@ -171,14 +171,15 @@ def test_dpfl_audit_writes_audit_and_report(tiny_run, capsys):
     rc = main(["audit", str(tiny_run), "--exposure-samples", "300", "--extraction-canaries", "2",
                "--extraction-steps", "5", "--extraction-restarts", "2", "--real-samples", "60", "--threads", "1"])
     assert rc == 0, capsys.readouterr().err
-    audit = json.loads((tiny_run / "audit" / "audit.json").read_text())
+    audit = read_audit(tiny_run).to_dict()
     s = audit["summary"]
     assert SUMMARY_KEYS <= set(s)
     assert s["confidence"] == 0.95 and 0.0 <= s["auc"] <= 1.0
     assert s["epsilon_lower_bound"] == max(audit["epsilon_lower_bound"]["one_run"]["epsilon_lower_bound"],
                                            audit["epsilon_lower_bound"]["clopper_pearson"]["epsilon_lower_bound"])
     assert audit["canaries"]["m"] == 16 and audit["canaries"]["source"] == "canaries.json"
-    n_rows = sqlite3.connect(tiny_run / "ledger.sqlite").execute("SELECT count(*) FROM canaries").fetchone()[0]
+    with LedgerReader(tiny_run / "ledger.sqlite") as reader:
+        n_rows = len(reader.canaries())
     assert n_rows == 16
     assert len(audit["per_canary"]) == 16 and audit["membership"]["real"] is not None
     assert audit["extraction"]["included"]["n"] + audit["extraction"]["excluded"]["n"] == 2
@@ -186,10 +187,10 @@ def test_dpfl_audit_writes_audit_and_report(tiny_run, capsys):
     assert audit["exposure"]["mean_included"] > audit["exposure"]["mean_excluded"]
     # a DP run with a ledger: the accounted epsilon sits beside the lower bound
     assert isinstance(s["epsilon_theoretical"], float) and s["epsilon_theoretical"] > 0
-    roc = json.loads((tiny_run / "audit" / "roc.json").read_text())
+    roc = read_roc(tiny_run)
     assert roc["canaries"]["fpr"][0] == 0.0 and roc["canaries"]["tpr"][-1] == 1.0
     # dpfl audit rebuilt the report: summary.json has the audit object, the report its section
-    summary = json.loads((tiny_run / "report" / "summary.json").read_text())
+    summary = read_summary(tiny_run).to_dict()
     assert SUMMARY_KEYS <= set(summary["audit"])
     assert summary["audit"]["epsilon_lower_bound"] == s["epsilon_lower_bound"]
     md = (tiny_run / "report" / "report.md").read_text()
@@ -198,7 +199,7 @@ def test_dpfl_audit_writes_audit_and_report(tiny_run, capsys):
     assert "audit_roc.png" in md and (tiny_run / "report" / "audit_roc.png").exists()
     # dpfl report picks the audit up on its own too
     assert main(["report", str(tiny_run)]) == 0
-    assert json.loads((tiny_run / "report" / "summary.json").read_text())["audit"]["auc"] == s["auc"]
+    assert read_summary(tiny_run).audit["auc"] == s["auc"]
 
 
 def test_dpfl_audit_bad_input(tmp_path, capsys):
@@ -222,6 +223,7 @@ def test_simulation_writes_canaries(tmp_path):
     simulate(cfg, progress=False)
     canaries, devices = read_canaries(cfg.run_dir)
     assert len(canaries) == 8
-    rows = sqlite3.connect(Path(cfg.run_dir) / "ledger.sqlite").execute(
-        "SELECT count(*), sum(included) FROM canaries").fetchone()
+    with LedgerReader(Path(cfg.run_dir) / "ledger.sqlite") as reader:
+        on_record = reader.canaries()
+    rows = (len(on_record), sum(c.included for c in on_record))
     assert rows == (8, sum(c.included for c in canaries))

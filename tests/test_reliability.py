@@ -8,11 +8,11 @@ resumes it again to the end.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -25,6 +25,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 
 import client.app as capp
+from rundir import LedgerReader, config_path, metrics_path, read_checkpoint_state, read_metric_lines
 from dpfl.config import RunConfig
 from server import app as sapp
 
@@ -187,7 +188,7 @@ def _run(cfg, rounds=None, resume=False):
 def test_faulty_devices_are_counted_and_their_privacy_is_kept(tmp_path, data_dir, kind):
     cfg = _cfg(tmp_path, data_dir, fault_rate=0.5, fault_kind=kind, rounds=3, cohort_size=4, round_timeout=1.0)
     server, grid, arrays, outs = _run(cfg)
-    con = sqlite3.connect(Path(cfg.run_dir) / "ledger.sqlite")
+    ledger = LedgerReader(Path(cfg.run_dir) / "ledger.sqlite")
     faulty = 0
     for out in outs:
         t = out.round
@@ -199,8 +200,8 @@ def test_faulty_devices_are_counted_and_their_privacy_is_kept(tmp_path, data_dir
         assert out.replies == len(cohort) - len(expect)
         assert out.failures + out.timeouts + out.rejected == len(expect)
         # every device asked to train is in the ledger, replied or not
-        assert sorted(d for (d,) in con.execute("SELECT device_id FROM privacy_events WHERE round=? AND unit='example'", (t,))) == cohort
-        lost = con.execute("SELECT device_id, reason, detail FROM lost_updates WHERE round=?", (t,)).fetchall()
+        assert sorted(e.device_id for e in ledger.events("example", round=t)) == cohort
+        lost = [(x.device_id, x.reason, x.detail) for x in ledger.lost_updates(round=t)]
         reason = {"raise": "error", "hang": "timeout", "nan": "rejected", "shape": "rejected"}[kind]
         assert sorted(d for d, _, _ in lost) == expect and all(r == reason for _, r, _ in lost)
         if kind == "raise":
@@ -208,14 +209,14 @@ def test_faulty_devices_are_counted_and_their_privacy_is_kept(tmp_path, data_dir
     assert faulty > 0, "the seed injected no fault; pick another"
     # a rejected or lost update is never averaged in
     assert all(torch.isfinite(v).all() for v in arrays.to_torch_state_dict().values() if v.is_floating_point())
-    lines = [json.loads(x) for x in (Path(cfg.run_dir) / "metrics.jsonl").read_text().splitlines()]
+    lines = read_metric_lines(cfg.run_dir)
     assert [m["round"] for m in lines] == [1, 2, 3]
     assert all(k in lines[0] for k in ("failures", "timeouts", "rejected"))
     # epsilons from the ledger = composition of every recorded event (lost ones included)
     from dp.accounting import SubsampledGaussianEvent, compute_epsilon
 
-    for d, eps in con.execute("SELECT device_id, epsilon FROM device_epsilon WHERE unit='example'"):
-        evs = con.execute("SELECT noise_multiplier, sample_rate, steps FROM privacy_events WHERE device_id=? AND unit='example'", (d,)).fetchall()
+    for d, eps in ledger.device_epsilons("example").items():
+        evs = [e.mechanism for e in ledger.events("example", device_id=d)]
         assert eps == pytest.approx(compute_epsilon([SubsampledGaussianEvent(*e) for e in evs], server.delta, cfg.accountant), rel=1e-6)
 
 
@@ -223,15 +224,13 @@ def test_device_epsilon_uses_the_ledger_history(tmp_path, data_dir):
     """A device whose update was lost still composes that round: its next reported epsilon includes it."""
     cfg = _cfg(tmp_path, data_dir, rounds=3, cohort_size=4, num_devices=4, fault_rate=0.5, fault_kind="raise")
     server, grid, _, _ = _run(cfg)
-    con = sqlite3.connect(Path(cfg.run_dir) / "ledger.sqlite")
+    ledger = LedgerReader(Path(cfg.run_dir) / "ledger.sqlite")
     for content in grid.outgoing:
         d = int(content["privacy"]["device-id"])
         t = int(content["privacy"]["round"])
         from dp.accounting import SubsampledGaussianEvent, compute_epsilon
 
-        evs = con.execute(
-            "SELECT noise_multiplier, sample_rate, steps FROM privacy_events WHERE device_id=? AND unit='example' AND round<=?", (d, t)
-        ).fetchall()
+        evs = [e.mechanism for e in ledger.events("example", device_id=d) if e.round <= t]
         assert float(content["metrics"]["epsilon"]) == pytest.approx(
             compute_epsilon([SubsampledGaussianEvent(*e) for e in evs], server.delta, cfg.accountant), rel=1e-6
         )
@@ -241,26 +240,26 @@ def test_resume_in_process_restores_strategy_rng_and_book(tmp_path, data_dir):
     """Rounds 1-2, then a 'crash' after round 3's events were committed; resume re-runs round 3 as attempt 1."""
     cfg = _cfg(tmp_path, data_dir, rounds=4, strategy="fedadam", cohort_size=3)
     server, grid, _, _ = _run(cfg, rounds=2)
-    st = json.loads((Path(cfg.run_dir) / "checkpoints" / "state.json").read_text())
+    st = read_checkpoint_state(cfg.run_dir)
     assert st["round"] == 2 and "selection_rng" in st
     # crash in round 3 after the ledger commit: simulate by committing round 3's events only
     crashed = sapp.Server(cfg.replace(), resume=True)
     q, _ = crashed.probabilities()
     crashed.ledger.commit_round(3, 1, [sapp.EventRow(0, "example", 0.8, 0.5, 3, 1.0)], {}, crashed.delta, attempt=crashed.attempt, complete=False)
     crashed.ledger.close()
-    con = sqlite3.connect(Path(cfg.run_dir) / "ledger.sqlite")
-    before = dict(con.execute("SELECT device_id, epsilon FROM device_epsilon WHERE unit='example'"))
+    ledger = LedgerReader(Path(cfg.run_dir) / "ledger.sqlite")
+    before = ledger.device_epsilons("example")
     resumed = sapp.Server(cfg.replace(), resume=True)
     assert resumed.start_round == 3 and resumed.attempt == 2
     assert resumed.strategy.m_t is not None and resumed.strategy.v_t is not None
     assert len(resumed.book.history["example"][0]) >= 1
     resumed.ledger.close()
     _run(cfg, resume=True)
-    lines = [json.loads(x)["round"] for x in (Path(cfg.run_dir) / "metrics.jsonl").read_text().splitlines()]
+    lines = [m["round"] for m in read_metric_lines(cfg.run_dir)]
     assert lines == [1, 2, 3, 4]
-    assert [r for (r,) in con.execute("SELECT round FROM rounds ORDER BY round")] == [1, 2, 3, 4]
-    assert con.execute("SELECT COUNT(*) FROM privacy_events WHERE round=3 AND attempt=1").fetchone()[0] == 1
-    after = dict(con.execute("SELECT device_id, epsilon FROM device_epsilon WHERE unit='example'"))
+    assert [r.round for r in ledger.rounds()] == [1, 2, 3, 4]
+    assert len(ledger.events(round=3, attempt=1)) == 1
+    after = ledger.device_epsilons("example")
     assert all(after[d] >= e - 1e-9 for d, e in before.items())
 
 
@@ -305,10 +304,11 @@ def test_training_texts_never_in_run_files_or_log(tmp_path, data_dir, caplog):
     texts = [str(t) for t in build_population(cfg).data.train[cfg.text_column]]
     assert any(t in TEXTS_ON for t in texts) and len(texts) > len(TEXTS_ON) + len(TEXTS_OFF)  # canaries included
     rd = Path(cfg.run_dir)
-    blobs = {p.name: p.read_text(errors="replace") for p in (rd / "metrics.jsonl", rd / "config.toml")}
+    blobs = {p.name: p.read_text(errors="replace") for p in (metrics_path(rd), config_path(rd))}  # the raw bytes
     blobs["log"] = caplog.text
-    con = sqlite3.connect(rd / "ledger.sqlite")
-    blobs["ledger"] = json.dumps([list(r) for t in ("lost_updates", "runs", "rounds") for r in con.execute(f"SELECT * FROM {t}")])
+    with LedgerReader(rd / "ledger.sqlite") as ledger:
+        rows = [*ledger.lost_updates(), *ledger.runs(), *ledger.rounds()]
+    blobs["ledger"] = json.dumps([list(dataclasses.astuple(r)) for r in rows])
     for name, blob in blobs.items():
         for t in texts:
             assert t not in blob, (name, t)
@@ -329,24 +329,12 @@ def _session_pids(sid: int) -> list[int]:
 
 
 def _rounds(rd: Path) -> list[int]:
-    mp = rd / "metrics.jsonl"
-    if not mp.exists():
-        return []
-    out = []
-    for line in mp.read_text().splitlines():
-        try:
-            out.append(json.loads(line)["round"])
-        except ValueError:
-            pass
-    return out
+    return [m["round"] for m in read_metric_lines(rd, strict=False)]
 
 
 def _epsilons(rd: Path) -> dict[int, float]:
-    con = sqlite3.connect(rd / "ledger.sqlite", timeout=30)
-    try:
-        return dict(con.execute("SELECT device_id, epsilon FROM device_epsilon WHERE unit='example'"))
-    finally:
-        con.close()
+    with LedgerReader(rd / "ledger.sqlite") as ledger:
+        return ledger.device_epsilons("example")
 
 
 def _start(args, log):
@@ -425,21 +413,18 @@ def test_kill_resume_interrupt_resume(tmp_path, data_dir):
     text = log_path.read_text()
     assert code == 0, text[-3000:]
     assert _rounds(rd) == [1, 2, 3, 4, 5, 6]
-    con = sqlite3.connect(rd / "ledger.sqlite")
-    assert [r for (r,) in con.execute("SELECT round FROM rounds ORDER BY round")] == [1, 2, 3, 4, 5, 6]
+    ledger = LedgerReader(rd / "ledger.sqlite")
+    assert [r.round for r in ledger.rounds()] == [1, 2, 3, 4, 5, 6]
     after = _epsilons(rd)
     for d, e in {**before, **mid}.items():
         assert after[d] >= e - 1e-9, (d, e, after[d])
     # injected faults were counted, and their devices' events are in the ledger
-    lines = [json.loads(x) for x in (rd / "metrics.jsonl").read_text().splitlines()]
-    counted = con.execute(
-        "SELECT COUNT(*) FROM lost_updates l JOIN rounds r ON l.round = r.round AND l.attempt = r.attempt WHERE l.reason = 'error'"
-    ).fetchone()[0]
+    lines = read_metric_lines(rd)
+    finished = {(r.round, r.attempt) for r in ledger.rounds()}
+    counted = sum(1 for x in ledger.lost_updates() if x.reason == "error" and (x.round, x.attempt) in finished)
     assert sum(m["failures"] for m in lines) == counted > 0
-    missing = con.execute(
-        "SELECT COUNT(*) FROM lost_updates l LEFT JOIN privacy_events e ON l.round = e.round AND l.attempt = e.attempt"
-        " AND l.device_id = e.device_id AND e.unit = 'example' WHERE e.id IS NULL"
-    ).fetchone()[0]
+    recorded = {(e.round, e.attempt, e.device_id) for e in ledger.events("example")}
+    missing = sum(1 for x in ledger.lost_updates() if (x.round, x.attempt, x.device_id) not in recorded)
     assert missing == 0
     assert "resumable" in text
     # no training text in the log of three processes
@@ -458,10 +443,10 @@ def test_local_epochs_zero_returns_the_weights_untrained(tmp_path, data_dir):
     for k, v in init.items():
         assert torch.allclose(final[k].to(v.dtype), v, rtol=0, atol=1e-6), k
     assert all(o.train_loss is None for o in outs)
-    con = sqlite3.connect(Path(cfg.run_dir) / "ledger.sqlite")
-    steps = [s for (s,) in con.execute("SELECT steps FROM privacy_events WHERE unit='example'")]
+    ledger = LedgerReader(Path(cfg.run_dir) / "ledger.sqlite")
+    steps = [e.steps for e in ledger.events("example")]
     assert steps and all(s == 0 for s in steps)
-    assert all(e == 0.0 for (e,) in con.execute("SELECT epsilon FROM device_epsilon WHERE unit='example'"))
+    assert all(e == 0.0 for e in ledger.device_epsilons("example").values())
     assert all(float(c["metrics"]["epsilon"]) == 0.0 and int(c["privacy"]["steps"]) == 0 for c in grid.outgoing)
 
 
@@ -473,20 +458,15 @@ def test_budget_filter_a_device_never_trains_past_its_budget(tmp_path, data_dir,
     kw = {"max_epsilon": budget} if unit == "example" else {"device_dp": True, "target_epsilon_device": budget}
     cfg = _cfg(tmp_path, data_dir, rounds=6, cohort_size=3, num_devices=4, **kw)
     server, grid, _, outs = _run(cfg)
-    con = sqlite3.connect(Path(cfg.run_dir) / "ledger.sqlite")
+    ledger = LedgerReader(Path(cfg.run_dir) / "ledger.sqlite")
     from dp.accounting import SubsampledGaussianEvent, compute_epsilon
 
-    for (d,) in con.execute("SELECT DISTINCT device_id FROM privacy_events WHERE unit=?", (unit,)).fetchall():
-        evs = con.execute(
-            "SELECT noise_multiplier, sample_rate, steps FROM privacy_events WHERE device_id=? AND unit=? ORDER BY round",
-            (d, unit),
-        ).fetchall()
+    for d in ledger.trained_devices(unit):
+        evs = [e.mechanism for e in ledger.events(unit, device_id=d)]
         eps = compute_epsilon([SubsampledGaussianEvent(*e) for e in evs], server.delta, cfg.accountant)
         assert eps <= budget + 1e-9, (d, eps)
-    hits = con.execute("SELECT device_id, round FROM budget_events WHERE unit=?", (unit,)).fetchall()
+    hits = [(b.device_id, b.round) for b in ledger.budget_events(unit)]
     assert hits, "the budget was never reached; lower it so the test exercises the filter"
     for d, r in hits:
-        later = con.execute(
-            "SELECT COUNT(*) FROM privacy_events WHERE device_id=? AND round>=? AND unit='example'", (d, r)
-        ).fetchone()[0]
+        later = sum(1 for e in ledger.events("example", device_id=d) if e.round >= r)
         assert later == 0, f"device {d} trained after reaching its budget in round {r}"

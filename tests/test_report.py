@@ -11,6 +11,7 @@ import pytest
 
 from dp.accounting import SubsampledGaussianEvent, compute_epsilon
 from dp.report import ReportError, build_report
+from rundir import read_metric_lines, read_summary
 
 DELTA = 1e-5
 SCHEMA = """
@@ -128,7 +129,7 @@ def test_report_on_finished_run(tmp_path):
     for name in ("report.md", "report.html", "summary.json", "epsilon_vs_round.png",
                  "epsilon_vs_activity.png", "accuracy_vs_round.png"):
         assert (out / name).exists() and (out / name).stat().st_size > 0, name
-    on_disk = json.loads((out / "summary.json").read_text())
+    on_disk = read_summary(run).to_dict()
     assert on_disk["epsilon"]["example"]["max"] == summary["epsilon"]["example"]["max"]
 
     ex = _hand_epsilons("example")
@@ -235,7 +236,7 @@ def test_noiseless_device_level_is_infinite(tmp_path):
     assert summary["epsilon"]["device"]["max"] == "inf"
     assert summary["epsilon"]["device"]["tier"] == "weak"
     assert math.isfinite(summary["epsilon"]["example"]["max"])
-    json.loads((run / "report" / "summary.json").read_text())  # strict JSON (no Infinity)
+    read_summary(run)  # strict JSON (no Infinity)
     assert "∞" in (run / "report" / "report.md").read_text()
 
 
@@ -295,7 +296,7 @@ def test_example_epsilon_over_examples_uses_holdings(tmp_path):
 def test_report_shows_slot_metrics(tmp_path):
     run = make_run(tmp_path, half_line=False)
     path = run / "metrics.jsonl"
-    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    rows = read_metric_lines(path)
     for r in rows:
         r.update(slot_f1=0.1 * r["round"], sentence_accuracy=0.05 * r["round"])
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
