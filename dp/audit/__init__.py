@@ -12,7 +12,8 @@ bounds
 membership
     Membership inference metrics (AUC, ROC, TPR at low FPR) and loss scores.
 canaries
-    Canary generation and the records to insert (negative uids).
+    Label index and secret token layout of a canary; re-exports the canaries themselves,
+    which are data generation (:mod:`partitions.canaries`).
 exposure
     Exposure of canary secrets (Carlini et al. 2019).
 extraction
