@@ -4,8 +4,9 @@ A device is a Flower node. The server tells each training message which device i
 (``"device"`` record, ``device-id``; it assigns devices to nodes once, in node-id order, see
 server/app.map_nodes_to_devices); without that record the device id is the node's
 ``partition-id``. Each Ray actor process keeps one model instance and the tokenised data of
-the devices it served (built once, reused across tasks); every task copies the global weights
-straight into that instance and replies with its weights in one copy (client/arrays.py).
+the devices it served (built once, reused across tasks; with a frozen encoder also their
+features, nlu/features.py); every task copies the global trainable weights straight into that
+instance and replies in one copy (protocol/arrays.py). Only trainable parameters travel.
 With ``--local-epochs 0`` a device loads the weights and returns them untrained (zero
 DP-SGD steps, a zero-step privacy event): the cost of a round without its training.
 
@@ -16,7 +17,10 @@ so far. A copy is kept in the node's ``context.state`` (ConfigRecord ``"privacy"
 when a message carries no history; it can lose a round (a task that raises after training
 loses its state update, a resumed run starts with empty node state), the ledger cannot (the
 server writes every selected device's event before the round's messages leave). Replies
-carry only arrays, counts, metrics and privacy events: no text or token ids.
+carry only what protocol/messages.py lists: no text or token ids, and in a private run no
+loss, timing or other statistic of the device's data (noise on the aggregate: the clipped
+gradient sum alone). The task's random draws come from a secret NoiseSource
+(dp/secure_random.py), never from the run seed (except with ``--reproducible-noise``).
 
 Fault injection for tests (``--fault-rate``, ``--fault-kind``): :func:`fault_for` decides per
 (seed, round, device) whether the device fails after training, and how.
@@ -34,8 +38,10 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.arrays import load_into, record_from_state
-from client.train import LocalResult, LocalTrainConfig, train_local
+from client.train import LocalResult, LocalTrainConfig, clipped_gradient_sum, train_local
+from dp.secure_random import NoiseSource
+from nlu.features import cache_frozen_encoder
+from protocol.arrays import load_into, record_from_state, trainable_state
 from dp.accounting import SubsampledGaussianEvent, compute_epsilon
 from dp.sampling import sample_rate_for
 from dpfl.config import RunConfig
@@ -64,10 +70,15 @@ def task_of(cfg: RunConfig) -> Task:
 
 
 @lru_cache(maxsize=1)
-def _model(task: Task, name: str, seed: int, threads: int, use_gpu: bool = False, trainable: str = "all"):
-    """One model instance per process (``--trainable`` applied), on the GPU Ray assigned this actor when asked for one."""
+def _model(task: Task, name: str, seed: int, threads: int, use_gpu: bool = False, trainable: str = "all", lora: tuple = ()):
+    """One model instance per process (``--trainable`` applied), on the GPU Ray assigned this actor when asked for one.
+
+    A frozen encoder (``--trainable head``) gets a feature cache (nlu/features.py): each of the
+    device's utterances is encoded once, in this process, and reused in later rounds.
+    """
     torch.set_num_threads(threads)
-    model = set_trainable(task.build_model(name, seed=seed), trainable)
+    model = set_trainable(task.build_model(name, seed=seed), trainable, **dict(lora))
+    cache_frozen_encoder(model)
     if use_gpu and torch.cuda.is_available():
         model = model.to("cuda")
     return model
@@ -141,23 +152,15 @@ class InjectedFault(RuntimeError):
     """A device failure injected by ``--fault-rate`` (testing)."""
 
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
-    """Train the global model on this device's examples with DP-SGD (or plainly with --no-dp)."""
-    t0 = time.perf_counter()
-    cfg = run_config_from(msg.content["run"])
-    round_cfg = msg.content["config"]
-    device_id = device_id_of(context, msg)
-    server_round = int(round_cfg["server-round"])
-    if "deadline" in round_cfg and time.time() > float(round_cfg["deadline"]):
-        # The server stopped waiting for this round before the task started: do not train.
-        raise TimeoutError(f"round {server_round} task started after the round deadline; not trained")
-    data = device_examples(cfg, device_id, server_round)
-    threads = max(1, int(cfg.client_cpus))
-    task = task_of(cfg)
-    model = _model(task, cfg.model, cfg.seed, threads, cfg.client_gpus > 0, cfg.trainable)
-    load_into(model, msg.content["arrays"])
-    local = LocalTrainConfig(
+def _noise_source(cfg: RunConfig, server_round: int, device_id: int) -> NoiseSource:
+    """The task's secret randomness (batches, example sampling, noise); seeded only with --reproducible-noise."""
+    if cfg.reproducible_noise:
+        return NoiseSource(hash((cfg.seed, server_round, device_id)) & 0x7FFFFFFFFFFF)
+    return NoiseSource()
+
+
+def _local_config(cfg: RunConfig, round_cfg) -> LocalTrainConfig:
+    return LocalTrainConfig(
         dp=cfg.dp,
         dp_engine=cfg.dp_engine,
         noise_multiplier=cfg.noise_multiplier,
@@ -170,52 +173,45 @@ def train(msg: Message, context: Context) -> Message:
         head_learning_rate=cfg.head_learning_rate,
         proximal_mu=float(round_cfg.get("proximal-mu", 0.0)),
     )
-    if cfg.local_epochs == 0:  # no training: the weights go back as they came (zero DP-SGD steps)
-        q = sample_rate_for(len(data), cfg.batch_size) if cfg.dp else 0.0
-        result = LocalResult(len(data), 0, q, float("nan"), 0.0)
-    else:
-        result = train_local(model, data, local, seed=hash((cfg.seed, server_round, device_id)) & 0x7FFFFFFF, task=task)
 
-    epsilon = 0.0
-    privacy = ConfigRecord({"device-id": device_id, "round": server_round})
-    if cfg.dp:
-        hist = _privacy_history(context)
-        if "privacy-history" in msg.content:  # the ledger's history replaces the node's copy
-            sent = msg.content["privacy-history"]
-            n = len(sent["steps"])
-            hist["noise_multiplier"] = [float(x) for x in sent["noise_multiplier"]]
-            hist["sample_rate"] = [float(x) for x in sent["sample_rate"]]
-            hist["steps"] = [int(x) for x in sent["steps"]]
-            hist["round"] = [0] * n
-        for k, v in (
-            ("noise_multiplier", cfg.noise_multiplier),
-            ("sample_rate", result.sample_rate),
-            ("steps", result.steps),
-            ("round", server_round),
-        ):
-            hist[k] = list(hist[k]) + [v]
-        events = [
-            SubsampledGaussianEvent(float(s), float(q), int(n))
-            for s, q, n in zip(hist["noise_multiplier"], hist["sample_rate"], hist["steps"])
-        ]
-        epsilon = compute_epsilon(events, float(round_cfg["target-delta"]), cfg.accountant)
-        privacy["noise_multiplier"] = cfg.noise_multiplier
-        privacy["sample_rate"] = result.sample_rate
-        privacy["steps"] = result.steps
-        privacy["max_grad_norm"] = cfg.max_grad_norm
-    metrics = MetricRecord(
+
+def _privacy_record(cfg: RunConfig, context: Context, msg: Message, result: LocalResult, device_id: int, server_round: int) -> tuple[ConfigRecord, float]:
+    """The round's DP-SGD event and the device's epsilon so far (from the ledger's history + this round)."""
+    hist = _privacy_history(context)
+    if "privacy-history" in msg.content:  # the ledger's history replaces the node's copy
+        sent = msg.content["privacy-history"]
+        n = len(sent["steps"])
+        hist["noise_multiplier"] = [float(x) for x in sent["noise_multiplier"]]
+        hist["sample_rate"] = [float(x) for x in sent["sample_rate"]]
+        hist["steps"] = [int(x) for x in sent["steps"]]
+        hist["round"] = [0] * n
+    for k, v in (
+        ("noise_multiplier", cfg.noise_multiplier),
+        ("sample_rate", result.sample_rate),
+        ("steps", result.steps),
+        ("round", server_round),
+    ):
+        hist[k] = list(hist[k]) + [v]
+    events = [
+        SubsampledGaussianEvent(float(s), float(q), int(n))
+        for s, q, n in zip(hist["noise_multiplier"], hist["sample_rate"], hist["steps"])
+    ]
+    epsilon = compute_epsilon(events, float(msg.content["config"]["target-delta"]), cfg.accountant)
+    privacy = ConfigRecord(
         {
-            "num-examples": result.num_examples,
-            "train_loss": result.train_loss,
-            "epsilon": float(epsilon),
-            "train_seconds": result.seconds,
-            "task_seconds": time.perf_counter() - t0,
-            "pid": os.getpid(),
+            "device-id": device_id,
+            "round": server_round,
+            "noise_multiplier": cfg.noise_multiplier,
+            "sample_rate": result.sample_rate,
+            "steps": result.steps,
+            "max_grad_norm": cfg.max_grad_norm,
         }
     )
-    info = ConfigRecord({"ray-node": _ray_node_id(), "device-id": device_id})
-    state = model.state_dict()
-    fault = fault_for(cfg.seed, server_round, device_id, cfg.fault_rate, cfg.fault_kind)
+    return privacy, float(epsilon)
+
+
+def _inject(fault: str | None, state: dict, cfg: RunConfig, round_cfg, device_id: int, server_round: int) -> dict:
+    """Apply an injected fault (testing) to the reply's arrays, or raise / hang."""
     if fault == "raise":
         raise InjectedFault(f"injected fault: device {device_id} failed after training in round {server_round}")
     if fault == "hang":
@@ -230,7 +226,53 @@ def train(msg: Message, context: Context) -> Message:
         key = next(k for k, v in state.items() if v.is_floating_point())
         state = dict(state)
         state[key] = state[key].flatten()[:-1].clone()
-    content = RecordDict(
-        {"arrays": record_from_state(state), "metrics": metrics, "privacy": privacy, "info": info}
-    )
+    return state
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """One device's round: DP-SGD (noise on the device), plain training (--no-dp), or the
+    clipped gradient sum (noise on the aggregate).
+
+    The reply holds the trainable parameters only (see protocol/messages.py for every record).
+    A private run's reply carries no loss, timing or other statistic of the device's data.
+    """
+    t0 = time.perf_counter()
+    cfg = run_config_from(msg.content["run"])
+    round_cfg = msg.content["config"]
+    device_id = device_id_of(context, msg)
+    server_round = int(round_cfg["server-round"])
+    if "deadline" in round_cfg and time.time() > float(round_cfg["deadline"]):
+        # The server stopped waiting for this round before the task started: do not train.
+        raise TimeoutError(f"round {server_round} task started after the round deadline; not trained")
+    data = device_examples(cfg, device_id, server_round)
+    task = task_of(cfg)
+    model = _model(task, cfg.model, cfg.seed, max(1, int(cfg.client_cpus)), cfg.client_gpus > 0, cfg.trainable,
+                   tuple(sorted(cfg.lora_options().items())))
+    load_into(model, msg.content["arrays"], partial=True)
+    noise = _noise_source(cfg, server_round, device_id)
+    fault = fault_for(cfg.seed, server_round, device_id, cfg.fault_rate, cfg.fault_kind)
+    if cfg.dp and cfg.noise_at == "aggregate":  # noise on the aggregate: the clipped sum and nothing else
+        sums = clipped_gradient_sum(
+            model, data, sample_rate=float(round_cfg["sample-rate"]), max_grad_norm=cfg.max_grad_norm,
+            physical_batch_size=cfg.physical_batch_size, noise=noise, dp_engine=cfg.dp_engine, task=task,
+        )
+        sums = _inject(fault, sums, cfg, round_cfg, device_id, server_round)
+        return Message(RecordDict({"arrays": record_from_state(sums)}), reply_to=msg)
+    local = _local_config(cfg, round_cfg)
+    if cfg.local_epochs == 0:  # no training: the weights go back as they came (zero DP-SGD steps)
+        q = sample_rate_for(len(data), cfg.batch_size) if cfg.dp else 0.0
+        result = LocalResult(len(data), 0, q, float("nan"), 0.0)
+    else:
+        result = train_local(model, data, local, noise=noise, task=task)
+    metrics = {"num-examples": result.num_examples}
+    content = RecordDict({"info": ConfigRecord({"ray-node": _ray_node_id(), "device-id": device_id})})
+    if cfg.dp:
+        content["privacy"], metrics["epsilon"] = _privacy_record(cfg, context, msg, result, device_id, server_round)
+    else:  # a non-private run may report its loss and timings
+        metrics.update(train_loss=result.train_loss, train_seconds=result.seconds,
+                       task_seconds=time.perf_counter() - t0, pid=os.getpid())
+    state = _inject(fault, trainable_state(model), cfg, round_cfg, device_id, server_round)
+    content["arrays"] = record_from_state(state)
+    content["metrics"] = MetricRecord(metrics)
     return Message(content, reply_to=msg)

@@ -1,7 +1,10 @@
-"""A device's local training: DP-SGD with Poisson-sampled batches, or plain minibatch training.
+"""A device's local work: DP-SGD with Poisson-sampled batches, plain minibatch training, or
+the clipped gradient sum that the aggregate placement sends.
 
-No Flower here: the ClientApp (client/app.py) calls :func:`train_local` with the device's
-encoded examples and the global model loaded into ``model``.
+No Flower here: the ClientApp (client/app.py) calls :func:`train_local` (noise on the device,
+or no DP) or :func:`clipped_gradient_sum` (noise on the aggregate) with the device's encoded
+examples and the global model loaded into ``model``. Every random decision (batches, example
+sampling, noise) comes from the :class:`dp.secure_random.NoiseSource` it is given.
 """
 
 from __future__ import annotations
@@ -14,9 +17,10 @@ import torch
 from torch import nn
 
 from dp.engines import make_engine
+from dp.secure_random import NoiseSource
 from dp.sampling import poisson_batches, sample_rate_for, steps_for
 from nlu.data import Encoded, collate, per_example_loss
-from nlu.model import encoder_of
+from nlu.model import encoder_of, trainable_state_keys
 from nlu.tasks import Task
 
 
@@ -42,7 +46,8 @@ class LocalResult:
     """What local training did.
 
     ``sample_rate`` and ``steps`` describe the DP-SGD mechanism (Poisson rate q = B/n and the
-    number of noisy steps); both are 0 for a non-private run.
+    number of noisy steps); both are 0 for a non-private run. ``train_loss`` is the mean loss
+    of the examples seen: a statistic of the device's data, sent only by non-private runs.
     """
 
     num_examples: int
@@ -87,7 +92,7 @@ def _add_proximal_grad(model: nn.Module, start: list[torch.Tensor], mu: float) -
             p.grad.add_(p.detach() - p0, alpha=mu)
 
 
-def train_local(model: nn.Module, data: Encoded, cfg: LocalTrainConfig, seed: int, task: Task | None = None) -> LocalResult:
+def train_local(model: nn.Module, data: Encoded, cfg: LocalTrainConfig, noise: NoiseSource, task: Task | None = None) -> LocalResult:
     """Train ``model`` in place on one device's examples.
 
     With ``cfg.dp``: ``steps = ceil(E * n / B)`` DP-SGD steps, each on a Poisson batch
@@ -104,8 +109,8 @@ def train_local(model: nn.Module, data: Encoded, cfg: LocalTrainConfig, seed: in
     data : nlu.data.Encoded
         The device's examples (n = len(data) >= 1).
     cfg : LocalTrainConfig
-    seed : int
-        Seeds batch sampling and the DP noise.
+    noise : dp.secure_random.NoiseSource
+        Source of the Poisson batches, the DP noise and (without DP) the shuffling.
     task : nlu.tasks.Task, optional
         Collation and per-example (per-utterance) loss; default: intent classification.
 
@@ -122,8 +127,6 @@ def train_local(model: nn.Module, data: Encoded, cfg: LocalTrainConfig, seed: in
 
     loss_fn = task.per_example_loss if task is not None else per_example_loss
     n = len(data)
-    rng = np.random.default_rng(seed)
-    gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = _optimizer(cfg, model)
     start = [p.detach().clone() for p in params] if cfg.proximal_mu > 0 else []
@@ -133,7 +136,7 @@ def train_local(model: nn.Module, data: Encoded, cfg: LocalTrainConfig, seed: in
     if not cfg.dp:
         steps = 0
         for _ in range(cfg.local_epochs):
-            order = rng.permutation(n)
+            order = np.argsort(noise.uniform(n), kind="stable")
             for s in range(0, n, cfg.batch_size):
                 batch = collate_fn(data, order[s : s + cfg.batch_size])
                 loss = loss_fn(model, batch)
@@ -155,10 +158,10 @@ def train_local(model: nn.Module, data: Encoded, cfg: LocalTrainConfig, seed: in
         noise_multiplier=cfg.noise_multiplier,
         max_grad_norm=cfg.max_grad_norm,
         expected_batch_size=q * n,
-        generator=gen,
+        generator=noise,
     )
     try:
-        for idx in poisson_batches(n, q, steps, rng):
+        for idx in poisson_batches(n, q, steps, noise):
             opt.zero_grad(set_to_none=True)
             for s in range(0, len(idx), cfg.physical_batch_size):
                 batch = collate_fn(data, idx[s : s + cfg.physical_batch_size])
@@ -174,3 +177,70 @@ def train_local(model: nn.Module, data: Encoded, cfg: LocalTrainConfig, seed: in
         engine.detach()
         opt.zero_grad(set_to_none=True)
     return LocalResult(n, steps, q, losses_sum / max(losses_n, 1), time.perf_counter() - t0)
+
+
+def clipped_gradient_sum(
+    model: nn.Module,
+    data: Encoded,
+    *,
+    sample_rate: float,
+    max_grad_norm: float,
+    physical_batch_size: int,
+    noise: NoiseSource,
+    dp_engine: str = "dpfl",
+    task: Task | None = None,
+) -> dict[str, torch.Tensor]:
+    """The device's contribution in the aggregate placement: sum_i clip_C(grad l_i(w)), no noise.
+
+    Each of the device's n examples is included independently with probability
+    ``sample_rate`` p (Poisson, from ``noise``); each included example's gradient over all
+    trainable parameters is clipped to L2 norm ``max_grad_norm`` C by the DP-SGD engine
+    (batched, in physical micro-batches) and the clipped gradients are summed. The server adds
+    N(0, (sigma C)^2) once to the cohort's sum (server/aggregation.py); this function adds none.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The global model, trainable parameters as they should train; left unchanged
+        (its ``.grad`` fields are cleared afterwards).
+    data : nlu.data.Encoded or nlu.slots.SlotEncoded
+        The device's examples.
+    sample_rate : float
+        p in [0, 1].
+    max_grad_norm : float
+        C > 0.
+    physical_batch_size : int
+        Examples per forward/backward pass.
+    noise : dp.secure_random.NoiseSource
+    dp_engine : str
+        "dpfl" (ours) or "opacus".
+    task : nlu.tasks.Task, optional
+
+    Returns
+    -------
+    dict of str to torch.Tensor
+        State-dict key of each trainable parameter -> the clipped sum, same shape (zeros when
+        no example was sampled). The realised number of sampled examples is not returned: it
+        must not leave the device.
+    """
+    base_collate = task.collate if task is not None else collate
+    loss_fn = task.per_example_loss if task is not None else per_example_loss
+    device = next(model.parameters()).device
+    idx = np.flatnonzero(noise.bernoulli(len(data), sample_rate)).astype(np.int64)
+    by_name = dict(model.named_parameters(remove_duplicate=False))
+    keys = trainable_state_keys(model)
+    model.train()
+    if len(idx) == 0:
+        return {k: torch.zeros_like(by_name[k]) for k in keys}
+    engine = make_engine(dp_engine, model, noise_multiplier=0.0, max_grad_norm=max_grad_norm, expected_batch_size=1.0)
+    try:
+        for s in range(0, len(idx), physical_batch_size):
+            batch = {k: v.to(device, non_blocking=True) for k, v in base_collate(data, idx[s : s + physical_batch_size]).items()}
+            engine.accumulate(loss_fn(model, batch))
+        engine.finalize()
+        out = {k: by_name[k].grad.detach().clone() for k in keys}
+    finally:
+        engine.detach()
+        for p in model.parameters():
+            p.grad = None
+    return out

@@ -15,9 +15,13 @@ def make_engine(
     noise_multiplier: float,
     max_grad_norm: float,
     expected_batch_size: float,
-    generator: torch.Generator | None = None,
+    generator=None,
 ):
     """Build the DP-SGD engine ``name`` ("dpfl": our batched engine; "opacus": the reference).
+
+    ``generator`` is the noise source: a :class:`dp.secure_random.NoiseSource` (what runs pass)
+    or a torch.Generator. The Opacus reference takes a torch.Generator, so a NoiseSource is
+    turned into one seeded with 63 secret bits from it (never recorded).
 
     Both expose ``accumulate(per_example_loss[B]) -> norms[B]``, ``finalize()`` and ``detach()``,
     and both implement the same mechanism, so the privacy events they produce are identical.
@@ -35,6 +39,10 @@ def make_engine(
     )
     if name == "opacus":
         from dp.opacus_engine import OpacusEngine
+
+        if hasattr(generator, "bytes"):  # a NoiseSource: Opacus takes a torch.Generator, seeded from it
+            seed = int.from_bytes(generator.bytes(8), "little") >> 1
+            kwargs["generator"] = torch.Generator().manual_seed(seed)
 
         return OpacusEngine(model, **kwargs)
     if name == "dpfl":

@@ -8,7 +8,8 @@ again into the parameters. The helpers here produce and read the same ``.npy`` b
 
 * :func:`array_view`: a read-only numpy view of an Array's bytes (no copy);
 * :func:`record_from_state`: an ArrayRecord built with one copy of each tensor;
-* :func:`load_into`: copy an ArrayRecord straight into a model's parameters and buffers.
+* :func:`load_into`: copy an ArrayRecord straight into a model's parameters and buffers;
+* :func:`trainable_state`: the entries that travel (trainable parameters only).
 
 Anything unusual (Fortran order, object dtypes, another serialisation type, bfloat16) falls
 back to Flower's own conversion.
@@ -22,6 +23,8 @@ import math
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
+
+from nlu.model import trainable_state_keys
 
 _NUMPY = "numpy.ndarray"  # flwr.common.constant.SType.NUMPY
 
@@ -75,17 +78,27 @@ def record_from_numpy(arrays: dict[str, np.ndarray]) -> ArrayRecord:
     return ArrayRecord(array_dict={k: array_from_numpy(v) for k, v in arrays.items()}, keep_input=True)
 
 
-def load_into(model: torch.nn.Module, record: ArrayRecord) -> None:
+def load_into(model: torch.nn.Module, record: ArrayRecord, partial: bool = False) -> None:
     """``model.load_state_dict(record.to_torch_state_dict())`` with one copy of the weights.
+
+    ``partial=True`` loads the record's entries only (they must all be entries of the model's
+    state dict): the messages of a run carry the trainable parameters alone
+    (:func:`trainable_state`), the frozen ones never travel.
 
     Raises
     ------
     RuntimeError
-        If keys or shapes differ from the model's state dict (as ``load_state_dict`` does).
+        If keys or shapes differ from the model's state dict (as ``load_state_dict`` does);
+        with ``partial``, if the record holds a key the model does not have.
     """
     state = model.state_dict()
     keys = set(record.keys())
-    if keys != set(state):
+    if partial:
+        extra = sorted(keys - set(state))
+        if extra:
+            raise RuntimeError(f"weights do not fit the model: unexpected {extra[:3]}")
+        state = {k: v for k, v in state.items() if k in keys}
+    elif keys != set(state):
         missing, extra = sorted(set(state) - keys), sorted(keys - set(state))
         raise RuntimeError(f"weights do not fit the model: missing {missing[:3]}, unexpected {extra[:3]}")
     with torch.no_grad():
@@ -97,3 +110,9 @@ def load_into(model: torch.nn.Module, record: ArrayRecord) -> None:
                 np.copyto(dst.numpy(), src, casting="unsafe")
             else:
                 dst.copy_(torch.from_numpy(np.array(src)))
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``{key: tensor}`` of :func:`nlu.model.trainable_state_keys`: what travels (live tensors, no copy)."""
+    state = model.state_dict()
+    return {k: state[k] for k in trainable_state_keys(model)}

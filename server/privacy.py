@@ -21,11 +21,38 @@ def local_mechanism(num_examples: int, batch_size: int, local_epochs: int) -> tu
     return sample_rate_for(num_examples, batch_size), steps_for(num_examples, batch_size, local_epochs)
 
 
+def example_event(cfg, num_examples: int) -> SubsampledGaussianEvent:
+    """The example-level mechanism one round applies to an example of a device holding ``num_examples``.
+
+    * noise on the device (``cfg.noise_at == "device"``): ``steps = ceil(E n / B)`` DP-SGD steps,
+      each a Poisson-subsampled Gaussian at rate q = min(1, B / n) with noise multiplier sigma
+      (Abadi et al. 2016, Algorithm 1).
+    * noise on the aggregate (``"aggregate"``): ONE Poisson-subsampled Gaussian at the example
+      sampling rate p (``cfg.sample_rate``): the device includes each example with probability
+      p, clips its gradient to C, and the server adds N(0, (sigma C)^2) once to the cohort's sum.
+      The example's presence changes that sum by at most C (add/remove one example), so the
+      round is the subsampled Gaussian mechanism with rate p whatever the rest of the cohort
+      holds. Device selection is NOT counted as amplification: an example's inclusion is
+      correlated with its device's other examples, which can reveal that the device took part.
+
+    Parameters
+    ----------
+    cfg : dpfl.config.RunConfig
+    num_examples : int
+        n_k, the device's example count this round (public metadata).
+    """
+    if cfg.noise_at == "aggregate":
+        return SubsampledGaussianEvent(cfg.noise_multiplier, float(cfg.sample_rate), 1)
+    q, steps = local_mechanism(num_examples, cfg.batch_size, cfg.local_epochs)
+    return SubsampledGaussianEvent(cfg.noise_multiplier, q, steps)
+
+
 def calibrate_example_noise(cfg, activity: np.ndarray, delta: float) -> float:
     """The smallest noise multiplier that keeps every device's example-level epsilon <= target.
 
     Worst case per device: it trains in every one of ``cfg.rounds`` rounds (a device that joins
-    fewer rounds spends less). ``activity`` holds every activity a device can have (in the
+    fewer rounds spends less). Either placement (:func:`example_event`). The server also uses
+    the target as every device's budget, so resumed and re-run rounds never pass it. ``activity`` holds every activity a device can have (in the
     continual setting, the activities of all rounds); each distinct local mechanism (q, steps)
     is repeated ``cfg.rounds`` times and the answer is the largest sigma any of them needs. In
     the continual setting this assumes the round mechanisms are ordered by privacy loss (a
@@ -37,7 +64,10 @@ def calibrate_example_noise(cfg, activity: np.ndarray, delta: float) -> float:
     ValueError
         If the target cannot be met (the message names the settings to change).
     """
-    profiles = {local_mechanism(int(a), cfg.batch_size, cfg.local_epochs) for a in activity if a > 0}
+    if cfg.noise_at == "aggregate":  # one event per round joined, the same for every device
+        profiles = {(float(cfg.sample_rate), 1)}
+    else:
+        profiles = {local_mechanism(int(a), cfg.batch_size, cfg.local_epochs) for a in activity if a > 0}
     sigma = 0.0
     for q, steps in sorted(profiles):
         if steps == 0:
@@ -50,7 +80,9 @@ def calibrate_example_noise(cfg, activity: np.ndarray, delta: float) -> float:
             raise ValueError(
                 f"--target-epsilon {cfg.target_epsilon:g} is unreachable for a device with sample rate {q:.3g} "
                 f"and {steps} local steps over {cfg.rounds} rounds at delta {delta:g}: raise --target-epsilon, "
-                f"lower --rounds or --local-epochs, or raise --batch-size ({exc})"
+                f"lower --rounds"
+                + (" or --sample-rate" if cfg.noise_at == "aggregate" else " or --local-epochs, or raise --batch-size")
+                + f" ({exc})"
             ) from exc
         sigma = max(sigma, s)
     return sigma

@@ -98,8 +98,9 @@ class DPSGDEngine:
     expected_batch_size : float
         The divisor of the noisy sum (> 0); with Poisson sampling at rate ``q``
         over ``N`` examples this is ``q * N``, not the realised batch size.
-    generator : torch.Generator, optional
-        Source of the Gaussian noise (must live on the parameters' device).
+    generator : dp.secure_random.NoiseSource or torch.Generator, optional
+        Source of the Gaussian noise: a NoiseSource (secure, what the platform passes) or a
+        torch.Generator on the parameters' device (benchmarks and tests).
 
     Raises
     ------
@@ -433,9 +434,10 @@ class DPSGDEngine:
             s = self._sums.get(id(p))
             if s is None:
                 s = torch.zeros_like(p, memory_format=torch.contiguous_format)
-                if std > 0:
-                    s.normal_(0.0, std, generator=self.generator)
-            elif std > 0:
-                s.add_(torch.empty_like(s).normal_(0.0, std, generator=self.generator))
+            if std > 0:
+                if hasattr(self.generator, "add_normal_"):  # a dp.secure_random.NoiseSource
+                    self.generator.add_normal_(s, std)
+                else:
+                    s.add_(torch.empty_like(s).normal_(0.0, std, generator=self.generator))
             p.grad = s
         self._sums = {}

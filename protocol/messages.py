@@ -1,0 +1,106 @@
+"""The records of a training message and of its reply, and the server's check of a reply.
+
+A training message (server -> device) holds:
+
+==================  ============  =====================================================
+record              type          content
+==================  ============  =====================================================
+``arrays``          ArrayRecord   the global model's trainable parameters
+``config``          ConfigRecord  the round (``server-round``, ``deadline``, ``num-labels``,
+                                  ``target-delta``, and in the aggregate placement
+                                  ``sample-rate``: the example sampling rate p_k)
+``run``             ConfigRecord  the run's settings (``RunConfig.to_dict_flat``)
+``device``          ConfigRecord  ``device-id``: the simulated device the task is for
+``privacy-history`` ConfigRecord  the device's past example-level events (the ledger's)
+==================  ============  =====================================================
+
+A reply (device -> server) depends on where the example-level noise is added
+(``--noise-at``):
+
+* ``device`` (local DP-SGD, and non-private runs): ``arrays`` (the locally trained trainable
+  parameters, noised on the device), ``metrics`` (``num-examples`` and timings; a
+  non-private run also sends ``train_loss``), ``privacy`` (the round's DP-SGD event, computed
+  from public counts only) and ``info`` (the Ray node it ran on).
+* ``aggregate`` (noise on the aggregate): ``arrays`` only, the sum over the device's
+  Poisson-sampled examples of their clipped gradients. Nothing else derived from its data
+  leaves the device: no loss, no realised sample count, no timing.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from flwr.app import RecordDict
+
+from protocol.arrays import array_view
+
+ARRAYS = "arrays"
+CONFIG = "config"
+RUN = "run"
+DEVICE = "device"
+HISTORY = "privacy-history"
+METRICS = "metrics"
+PRIVACY = "privacy"
+INFO = "info"
+
+#: What a reply in each placement may hold (anything else is rejected, see :func:`validate_update`).
+REPLY_RECORDS = {
+    "weights": {ARRAYS, METRICS, PRIVACY, INFO},
+    "clipped-sum": {ARRAYS},
+}
+
+
+def validate_update(
+    content: RecordDict,
+    expected: dict[str, tuple[tuple[int, ...], str]],
+    dp: bool,
+    kind: str = "weights",
+) -> str | None:
+    """Why a device's training reply cannot be aggregated (None if it can).
+
+    Parameters
+    ----------
+    content : flwr.app.RecordDict
+        The reply's content.
+    expected : dict
+        ``{key: (shape, dtype name)}`` of the arrays that travel (the trainable parameters).
+    dp : bool
+        Example-level DP on the device: the reply must carry its ``privacy`` record.
+    kind : str
+        ``"weights"`` (trained parameters, with ``metrics``; the device placement and
+        non-private runs) or ``"clipped-sum"`` (the aggregate placement: ``arrays`` only).
+
+    Checks: an ``arrays`` ArrayRecord with exactly ``expected``'s keys, shapes and dtypes, every
+    value finite; for ``"weights"`` a ``metrics`` record with a finite positive
+    ``num-examples`` and, with ``dp``, a ``privacy`` record; for ``"clipped-sum"`` no record
+    but ``arrays``.
+    """
+    if ARRAYS not in content.array_records:
+        return "no arrays in the reply"
+    if kind == "clipped-sum":
+        extra = sorted(set(content.keys()) - REPLY_RECORDS[kind])
+        if extra:
+            return f"a clipped-sum reply holds only its arrays; it also carries {extra}"
+    arrays = content.array_records[ARRAYS]
+    keys = set(arrays.keys())
+    if keys != set(expected):
+        missing, extra = sorted(set(expected) - keys), sorted(keys - set(expected))
+        return f"wrong keys (missing {missing[:3]}, unexpected {extra[:3]})"
+    for k, (shape, dtype) in expected.items():
+        a = arrays[k]
+        if tuple(a.shape) != tuple(shape) or str(a.dtype) != dtype:
+            return f"{k}: shape {tuple(a.shape)} {a.dtype}, expected {tuple(shape)} {dtype}"
+        v = array_view(a)
+        if v.dtype.kind in "fc" and not np.isfinite(v).all():
+            return f"{k}: non-finite values (NaN or inf)"
+    if kind == "clipped-sum":
+        return None
+    if METRICS not in content.metric_records:
+        return "no metrics in the reply"
+    n = content.metric_records[METRICS].get("num-examples")
+    if not isinstance(n, (int, float)) or not math.isfinite(n) or n <= 0:
+        return f"num-examples {n!r} is not a positive number"
+    if dp and PRIVACY not in content.config_records:
+        return "no privacy record in the reply"
+    return None

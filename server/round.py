@@ -1,0 +1,345 @@
+"""One federated round as a short sequence of named stages.
+
+::
+
+    sel   = select(server, t)                          # q_k(t), budgets, Poisson cohort (secret draws)
+    prior = commit_events(server, sel)                 # the round's privacy events -> ledger, BEFORE anything leaves
+    msgs  = dispatch(server, grid, sel, arrays, prior) # one training message per cohort member
+    collect(server, grid, msgs, sel, out)              # replies validated and folded into the aggregator as they arrive
+    arrays = aggregate(server, sel)                    # aggregator result -> strategy's server step -> new global arrays
+    for hook in server.hooks: hook(server, t, arrays, out)   # evaluate, checkpoint, metrics line
+
+:func:`run_round` is exactly that. What a stage needs of the run lives on the
+:class:`server.state.Server` it receives (population, selector, ledger, privacy book, noise
+source, strategy, aggregator); hooks are in :mod:`server.hooks`; the aggregators in
+:mod:`server.aggregation`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
+
+from dpfl.interrupt import Interrupted
+from protocol import messages as rec
+from protocol.messages import validate_update
+from rundir import EventRow
+from server.aggregation import RoundPlan
+from server.selection import poisson_cohort
+from server.strategies import CohortGrid
+
+log = logging.getLogger("dpfl.server")
+
+#: Set (e.g. by ``dpfl simulate``'s SIGINT handler) to stop the run at the next safe point:
+#: the round in flight is abandoned (its privacy events are already in the ledger) and the run
+#: stays resumable from its last checkpoint.
+STOP = threading.Event()
+
+
+@dataclass
+class RoundOutcome:
+    """What happened in one round (one line of metrics.jsonl).
+
+    ``train_loss`` is set only by non-private runs: a private run's devices never send an
+    un-noised statistic of their data. Evaluation metrics are on the test split.
+    """
+
+    round: int
+    cohort_size: int
+    replies: int = 0
+    failures: int = 0
+    timeouts: int = 0
+    rejected: int = 0
+    skipped: bool = False
+    train_loss: float | None = None
+    accuracy: float | None = None
+    macro_f1: float | None = None
+    test_loss: float | None = None
+    epsilon_example_max: float | None = 0.0
+    epsilon_device_max: float | None = None
+    seconds: float = 0.0
+    train_seconds_mean: float | None = None
+    extra: dict = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        """One metrics.jsonl line (strict JSON: an infinite or NaN value is written as null)."""
+        d = {k: v for k, v in self.__dict__.items() if k != "extra"}
+        d.update(self.extra)
+        return json.dumps(_finite(d), allow_nan=False)
+
+
+def _finite(x):
+    if isinstance(x, float) and not np.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return x
+
+
+@dataclass
+class Selection:
+    """The round's selection: inclusion probabilities q [K], the cohort (device ids), budget hits."""
+
+    round: int
+    q: np.ndarray
+    cohort: np.ndarray
+    budget_hits: list[tuple[int, str, float]]
+
+
+class _Clock:
+    """Seconds spent in each named phase of a round (``phase_seconds`` in metrics.jsonl)."""
+
+    def __init__(self):
+        self.t0 = self.mark = time.perf_counter()
+        self.phase: dict[str, float] = {}
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.phase[name] = self.phase.get(name, 0.0) + now - self.mark
+        self.mark = now
+
+
+# ---------------------------------------------------------------------------------- stages
+def select(server, t: int) -> Selection:
+    """q_k(t) from each device's own activity, minus devices over a budget; Poisson cohort.
+
+    The cohort is drawn from the run's secret :class:`dp.secure_random.NoiseSource`.
+    """
+    server.activity = server.pop.activity(t)
+    q, hits = server.probabilities()
+    return Selection(t, q, poisson_cohort(q, server.noise), hits)
+
+
+def commit_events(server, sel: Selection) -> dict[int, list]:
+    """Write the round's privacy events to the ledger in one transaction; return prior histories.
+
+    Example level: the event of every device asked to train, written before the messages leave,
+    so a device that trains and then fails, times out, sends a rejected update or outlives a
+    server crash is still in the ledger (never under-reported). Device level: every device
+    that could have been selected (q_k > 0) took part in the round's mechanism.
+
+    Returns
+    -------
+    dict
+        device id -> its example-level events before this round (sent to the device in the
+        device placement, whose accountant composes them).
+    """
+    cfg, book, t = server.cfg, server.book, sel.round
+    events: list[EventRow] = []
+    epsilons: dict[tuple[int, str], float] = {}
+    if cfg.device_dp:
+        dev = {int(d): server.device_event(float(sel.q[d])) for d in np.flatnonzero(sel.q > 0)}
+        events += [EventRow(d, "device", e.noise_multiplier, e.sample_rate, e.steps, cfg.update_clip_norm) for d, e in dev.items()]
+        epsilons.update(book.add("device", dev))
+    prior: dict[int, list] = {}
+    if cfg.dp and len(sel.cohort):
+        ex = {}
+        for d in map(int, sel.cohort):
+            ex[d] = server.example_event(int(server.activity[d]))
+            prior[d] = list(book.history["example"].get(d, []))
+            events.append(EventRow(d, "example", ex[d].noise_multiplier, ex[d].sample_rate, ex[d].steps, cfg.max_grad_norm))
+        epsilons.update(book.add("example", ex))
+    holdings = []
+    if cfg.dp and server.pop.stream is not None:
+        for d in map(int, sel.cohort):
+            holdings += [(d, int(u)) for u in server.pop.uids(server.pop.held(d, t))]
+    server.ledger.commit_round(
+        t, len(sel.cohort), events, epsilons, server.delta, sel.budget_hits, holdings, attempt=server.attempt, complete=False
+    )
+    return prior
+
+
+def plan_of(server, sel: Selection) -> RoundPlan:
+    """The round's public expectations: m (expected cohort) and sum_k p_k n_k over the cohort."""
+    p = server.cfg.sample_rate
+    return RoundPlan(
+        round=sel.round,
+        expected_cohort=float(server.cfg.cohort_size),
+        expected_examples=float(sum(p * int(server.activity[d]) for d in sel.cohort)),
+    )
+
+
+def dispatch(server, grid: Grid, sel: Selection, arrays: ArrayRecord, prior: dict[int, list], node_of: dict[int, int]) -> list[Message]:
+    """One training message per cohort member (built by the Flower strategy, then personalised).
+
+    Each carries the trainable arrays, the round config (deadline, delta, and the example
+    sampling rate in the aggregate placement), the run's settings, its device id and, in the
+    device placement, the device's past example-level events.
+    """
+    cfg = server.cfg
+    round_cfg = {"num-labels": server.num_labels, "target-delta": server.delta, "deadline": time.time() + cfg.round_timeout}
+    if server.placement == "aggregate":
+        round_cfg["sample-rate"] = float(cfg.sample_rate)
+    run_record = ConfigRecord(cfg.to_dict_flat())
+    cohort_grid = CohortGrid(grid, [node_of[int(k)] for k in sel.cohort])
+    msgs = list(server.strategy.configure_train(sel.round, arrays, ConfigRecord(round_cfg), cohort_grid))
+    device_of = {n: d for d, n in node_of.items()}
+    out = []
+    for m in msgs:  # the strategy's messages share one RecordDict: give each its own
+        d = device_of[m.metadata.dst_node_id]
+        content = RecordDict(dict(m.content.items()))
+        content[rec.RUN] = run_record
+        content[rec.DEVICE] = ConfigRecord({"device-id": d})
+        if server.placement == "device":
+            hist = prior.get(d, [])
+            content[rec.HISTORY] = ConfigRecord(
+                {
+                    "noise_multiplier": [float(e.noise_multiplier) for e in hist],
+                    "sample_rate": [float(e.sample_rate) for e in hist],
+                    "steps": [int(e.steps) for e in hist],
+                }
+            )
+        out.append(Message(content, dst_node_id=m.metadata.dst_node_id, message_type=m.metadata.message_type))
+    return out
+
+
+def _short_reason(reason: str) -> str:
+    """One line out of a device error (Flower/Ray wrap the exception in a long traceback)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", reason or "")
+    found = re.findall(r"Message: (.+)", text)
+    line = found[-1] if found else next((x for x in text.splitlines() if x.strip()), "unknown error")
+    return line.strip().rstrip("'>").strip()[:300]
+
+
+def _receive(grid: Grid, msgs: list[Message], timeout: float, on_reply) -> None:
+    """Push ``msgs``; call ``on_reply`` on each reply as it is pulled, for ``timeout`` seconds or until STOP."""
+    ids = set(grid.push_messages(msgs))
+    del msgs
+    end = time.time() + timeout
+    while ids and time.time() < end:
+        got = list(grid.pull_messages(ids))
+        ids -= {m.metadata.reply_to_message_id for m in got}
+        for m in got:
+            on_reply(m)
+        if STOP.is_set():
+            raise Interrupted("interrupted")
+        if ids:
+            time.sleep(0.1)
+
+
+def collect(server, grid: Grid, msgs: list[Message], sel: Selection, out: RoundOutcome, node_of: dict[int, int]) -> list[tuple[int, str, str]]:
+    """Send the messages; validate each reply and fold it into the aggregator as it arrives.
+
+    A failed, rejected or late device is counted in ``out`` and returned as a lost update
+    ``(device, reason, detail)`` (its privacy event is already in the ledger). Only the
+    replies' small records are kept (for timings and the Ray nodes), never their arrays.
+    """
+    cfg, t = server.cfg, sel.round
+    device_of = {n: d for d, n in node_of.items()}
+    answered: set[int] = set()
+    lost: list[tuple[int, str, str]] = []
+    kept: list[RecordDict] = []
+    kind = "clipped-sum" if server.placement == "aggregate" else "weights"
+
+    def handle(r: Message) -> None:
+        d = device_of.get(r.metadata.src_node_id)
+        if d is None or d in answered:
+            return
+        answered.add(d)
+        if r.has_error():
+            out.failures += 1
+            reason = _short_reason(r.error.reason)
+            lost.append((d, "error", reason))
+            log.warning("round %d: device %d failed: %s", t, d, reason)
+            return
+        why = validate_update(r.content, server.expected, cfg.dp and server.placement == "device", kind=kind)
+        if why is None and rec.INFO in r.content and int(r.content[rec.INFO].get("device-id", d)) != d:
+            why = "device id in the reply does not match the node"
+        if why is not None:
+            out.rejected += 1
+            lost.append((d, "rejected", why))
+            log.warning("round %d: update of device %d rejected: %s", t, d, why)
+            return
+        weight = float(r.content[rec.METRICS]["num-examples"]) if rec.METRICS in r.content else 1.0
+        server.aggregator.add(r.content[rec.ARRAYS], weight)
+        kept.append(RecordDict({k: v for k, v in r.content.items() if k != rec.ARRAYS}))
+
+    sent = time.perf_counter()
+    latencies: list[float] = []
+
+    def timed(r: Message) -> None:
+        latencies.append(time.perf_counter() - sent)
+        handle(r)
+
+    _receive(grid, msgs, cfg.round_timeout, timed)
+    if latencies:  # measured by the server (a private run's devices send no timings)
+        out.extra["reply_seconds_mean"] = float(np.mean(latencies))
+    for d in sorted(set(map(int, sel.cohort)) - answered):
+        out.timeouts += 1
+        lost.append((d, "timeout", f"no reply within --round-timeout {cfg.round_timeout:g}s"))
+    if out.timeouts:
+        log.warning("round %d: %d devices did not reply within %gs", t, out.timeouts, cfg.round_timeout)
+    out.replies = len(kept)
+    _reply_stats(kept, out)
+    return lost
+
+
+def _reply_stats(kept: list[RecordDict], out: RoundOutcome) -> None:
+    """Ray nodes, timings and (non-private runs only) the training loss of the accepted replies."""
+    infos = [c[rec.INFO] for c in kept if rec.INFO in c]
+    out.extra["ray_nodes"] = len({str(i["ray-node"]) for i in infos} - {""})
+    out.extra["device_nodes"] = {int(i["device-id"]): str(i["ray-node"]) for i in infos}
+    metrics = [c[rec.METRICS] for c in kept if rec.METRICS in c]
+    losses = [(float(m["train_loss"]), float(m["num-examples"])) for m in metrics if "train_loss" in m]
+    good = [(l, w) for l, w in losses if np.isfinite(l)]
+    if good:
+        out.train_loss = float(np.average([l for l, _ in good], weights=[w for _, w in good]))
+    timed = [m for m in metrics if "train_seconds" in m]  # non-private runs only
+    if timed:
+        out.train_seconds_mean = float(np.mean([float(m["train_seconds"]) for m in timed]))
+        out.extra["task_seconds_mean"] = float(np.mean([float(m.get("task_seconds", 0.0)) for m in timed]))
+
+
+def aggregate(server, sel: Selection, arrays: ArrayRecord) -> ArrayRecord:
+    """The aggregator's proposal through the strategy's server step; ``arrays`` if there is none."""
+    proposal = server.aggregator.result()
+    if proposal is None:
+        return arrays
+    return server.server_step.apply(sel.round, proposal)
+
+
+# ---------------------------------------------------------------------------------- the round
+def run_round(server, grid: Grid, t: int, arrays: ArrayRecord, node_of: dict[int, int]) -> tuple[ArrayRecord, RoundOutcome]:
+    """Run round ``t`` from the global (trainable) ``arrays``; return the new arrays and the outcome.
+
+    Order of what is written: ledger (events, before any message leaves) -> lost updates ->
+    checkpoint -> rounds row -> metrics line (the hooks keep the last three in that order).
+    """
+    clock = _Clock()
+    sel = select(server, t)
+    out = RoundOutcome(round=t, cohort_size=len(sel.cohort))
+    clock.lap("select")
+    prior = commit_events(server, sel)
+    clock.lap("ledger")
+    server.aggregator.begin(t, {k: v.numpy() for k, v in arrays.items()}, plan_of(server, sel))
+    lost: list[tuple[int, str, str]] = []
+    noise_only = server.cfg.device_dp  # device-level DP releases a (noise-only) update even for an empty cohort
+    if len(sel.cohort) == 0:
+        log.warning("round %d: the Poisson-sampled cohort is empty; %s", t, "noise-only update" if noise_only else "round skipped")
+        out.skipped = not noise_only
+        if noise_only:
+            server.strategy.configure_train(t, arrays, ConfigRecord({}), CohortGrid(grid, []))
+    else:
+        msgs = dispatch(server, grid, sel, arrays, prior, node_of)
+        clock.lap("messages")
+        lost = collect(server, grid, msgs, sel, out, node_of)
+        clock.lap("send_receive")
+    server.ledger.record_lost(t, server.attempt, lost)
+    if out.replies or noise_only:
+        arrays = aggregate(server, sel, arrays)
+    clock.lap("aggregate")
+    server.account(out)
+    clock.lap("accounting")
+    for hook in server.hooks:
+        hook(server, t, arrays, out, clock)
+    return arrays, out

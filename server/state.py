@@ -1,0 +1,210 @@
+"""The server side of one run: its collaborators, set up once, and how to resume them.
+
+:class:`Server` holds what the round's stages (server/round.py) use: the device population,
+the selector, the ledger and the in-memory privacy book, the secret noise source, the model
+and task (central evaluation), the Flower strategy (messages, server optimizer) and the
+round's aggregator (server/aggregation.py). It also answers the two privacy questions a
+stage asks: what a device's example-level (or device-level) mechanism is this round, and
+which devices are over a budget.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+from flwr.app import ArrayRecord
+
+from dp.accounting import SubsampledGaussianEvent
+from dp.secure_random import NoiseSource
+from dpfl.config import RunConfig
+from nlu.features import cache_frozen_encoder
+from nlu.model import load_tokenizer, set_trainable, trainable_state_keys
+from nlu.tasks import task_for_data
+from dp.audit.run import write_canaries
+from partitions.population import Population, build_population
+from protocol.arrays import load_into, record_from_state, trainable_state
+from rundir import Ledger, RunDir
+from server.aggregation import ServerStep, make_aggregator
+from server.hooks import DEFAULT_HOOKS
+from server.privacy import PrivacyBook, calibrate_example_noise, example_event
+from server.round import run_round as _run_round
+from server.selection import ActivitySelector
+from server.strategies import make_strategy
+
+log = logging.getLogger("dpfl.server")
+
+
+def _calibration_note(selector: ActivitySelector, pop: Population, cfg: RunConfig) -> str:
+    if not selector.calibrated:
+        return "c was set directly by the user (--selection-constant)."
+    if pop.stream is None:
+        return (
+            "c was calibrated once, before round 1, from the devices' starting activities "
+            f"(sum of a_k^alpha) so that the expected cohort size is {cfg.cohort_size:g}; "
+            "this one calibration read the activity total, which the guarantee does not cover."
+        )
+    return (
+        "c was calibrated once, before round 1, from every planned round's activities "
+        f"(the arrival schedule) so that the expected cohort size averaged over the {cfg.rounds} "
+        f"rounds is {cfg.cohort_size:g} (early rounds, when devices hold less, select fewer); "
+        "this one calibration read the activity totals, which the guarantee does not cover."
+    )
+
+
+class Server:
+    """State of one run on the server side.
+
+    Parameters
+    ----------
+    cfg : dpfl.config.RunConfig
+        Validated settings. The derived delta and a calibrated noise multiplier are filled in
+        (and written to ``config.toml``).
+    resume : bool
+        Continue the run directory's last complete round (:meth:`_resume`).
+
+    Raises
+    ------
+    dpfl.config.ConfigError, partitions.errors.DataError, nlu.model.ModelError, rundir.RunDirError
+        On bad settings, data, model or run directory (before any round runs).
+    """
+
+    def __init__(self, cfg: RunConfig, resume: bool = False):
+        self.cfg = cfg
+        self.rundir = RunDir(Path(cfg.run_dir), resume=resume)
+        self.pop: Population = build_population(cfg)
+        self.delta = cfg.resolve_delta(len(self.pop.data.train))
+        self.cfg.target_delta = self.delta
+        self.num_labels = len(self.pop.data.label_names)
+        #: where the example-level noise is added: "device" (local DP-SGD) or "aggregate" (central)
+        self.placement = "aggregate" if cfg.dp and cfg.noise_at == "aggregate" else "device"
+        #: the secret source of every noise draw and sampling decision of the server
+        self.noise = NoiseSource(cfg.seed if cfg.reproducible_noise else None)
+        self.activity = self.pop.activity(1)  # a_k(1); updated each round in the continual setting
+        empty = int((self.activity == 0).sum())
+        if empty:
+            log.warning("%d devices hold no examples after partitioning; they are never selected", empty)
+        planned = self.pop.planned_activity(cfg.rounds)  # [T, K] (continual) or [K]
+        if cfg.dp and cfg.target_epsilon is not None:
+            cfg.noise_multiplier = calibrate_example_noise(cfg, planned.ravel(), self.delta)
+            log.warning("--target-epsilon %g: noise multiplier calibrated to %.4f", cfg.target_epsilon, cfg.noise_multiplier)
+        alpha = cfg.activity_exponent if cfg.selection == "activity" else 0.0
+        self.selector = ActivitySelector(planned, alpha, cfg.cohort_size, cfg.selection_constant)
+        self.ledger = Ledger(self.rundir.ledger_path, cfg.run_id)
+        self.ledger.start_run(
+            target_delta=self.delta, accountant=cfg.accountant, selection_constant=self.selector.c,
+            calibration_note=_calibration_note(self.selector, self.pop, cfg),
+        )
+        self.ledger.record_devices(self.activity, self.selector.probabilities(self.activity))
+        self.rundir.write_config(cfg)
+        write_canaries(self.rundir.path, self.pop, self.rundir.ledger_path, cfg.run_id)
+        self.task = task_for_data(cfg.task, self.pop.data, cfg.slot_loss_weight, pooling=cfg.pooling)
+        self.model = set_trainable(self.task.build_model(cfg.model, seed=cfg.seed), cfg.trainable, **cfg.lora_options())
+        cache_frozen_encoder(self.model)  # --trainable head: the test split's features are computed once
+        self.test_enc = self.task.encode(self.pop.data.test, load_tokenizer(cfg.model), cfg.max_length)
+        self.strategy = make_strategy(cfg)
+        self.server_step = ServerStep(self.strategy)
+        self.aggregator = make_aggregator(cfg, self.noise)
+        self.book = PrivacyBook(
+            self.delta,
+            cfg.accountant,
+            max_epsilon=self.example_budget(),
+            max_epsilon_device=cfg.target_epsilon_device if cfg.device_dp else None,
+        )
+        self.keys = trainable_state_keys(self.model)
+        self.expected = {k: (tuple(v.shape), str(v.dtype).replace("torch.", "")) for k, v in trainable_state(self.model).items()}
+        self.attempt = self.ledger.next_attempt()
+        self.start_round = 1
+        self.arrays: ArrayRecord = record_from_state(trainable_state(self.model))
+        self.hooks = list(DEFAULT_HOOKS)
+        if resume:
+            self._resume()
+
+    # ------------------------------------------------------------------ privacy questions
+    def example_budget(self) -> float | None:
+        """The example-level per-device budget: ``--max-epsilon``, else ``--target-epsilon`` (None without DP)."""
+        if not self.cfg.dp:
+            return None
+        budgets = [b for b in (self.cfg.max_epsilon, self.cfg.target_epsilon) if b is not None]
+        return min(budgets) if budgets else None
+
+    def example_event(self, num_examples: int) -> SubsampledGaussianEvent:
+        """The example-level mechanism a device holding ``num_examples`` runs this round (see server.privacy.example_event)."""
+        return example_event(self.cfg, num_examples)
+
+    def device_event(self, q: float) -> SubsampledGaussianEvent:
+        """The device-level mechanism of a device selected with probability ``q``: one Poisson-subsampled Gaussian."""
+        return SubsampledGaussianEvent(self.cfg.device_noise_multiplier, q, 1)
+
+    def probabilities(self) -> tuple[np.ndarray, list[tuple[int, str, float]]]:
+        """q_k(t) after removing devices whose next round would exceed a budget (and those hits)."""
+        cfg = self.cfg
+        q = self.selector.probabilities(self.activity, excluded=np.array(sorted(self.book.exhausted), dtype=np.int64))
+        hits: list[tuple[int, str, float]] = []
+        cand = np.flatnonzero(q > 0)
+        if cfg.dp and self.book.budget["example"] is not None:
+            hits += self.book.over_budget("example", {int(d): self.example_event(int(self.activity[d])) for d in cand})
+        if cfg.device_dp and cfg.target_epsilon_device is not None:
+            hits += self.book.over_budget("device", {int(d): self.device_event(float(q[d])) for d in cand})
+        if hits:
+            q[np.array([d for d, _, _ in hits], dtype=np.int64)] = 0.0
+            log.warning("%d devices reached their privacy budget and will not be selected again", len(hits))
+        return q, hits
+
+    def account(self, out) -> None:
+        """The round's privacy figures on its outcome: max epsilons so far, devices over budget."""
+        cfg = self.cfg
+        out.epsilon_example_max = self.book.max_epsilon("example") if cfg.dp else None
+        out.epsilon_device_max = self.book.max_epsilon("device") if cfg.device_dp else None
+        out.extra["devices_over_budget"] = len(self.book.exhausted)
+        if self.pop.stream is not None:
+            out.extra["activity_total"] = int(self.activity.sum())
+
+    # ------------------------------------------------------------------ model
+    def evaluate(self, arrays: ArrayRecord) -> dict[str, float]:
+        """The task's metrics of the global model ``arrays`` (trainable entries) on the test split."""
+        load_into(self.model, arrays, partial=True)
+        return self.task.evaluate(self.model, self.test_enc)
+
+    def save_checkpoint(self, arrays: ArrayRecord, t: int, out) -> None:
+        """Checkpoint round ``t``: the whole global model (frozen parts included), attempt, metrics line, server state."""
+        load_into(self.model, arrays, partial=True)
+        self.rundir.save_checkpoint(
+            self.model.state_dict(),
+            t,
+            {"attempt": self.attempt, "cohort_size": out.cohort_size, "metrics": out.to_json()},
+            {"strategy": self.server_step.state_dict(), "aggregator": self.aggregator.state_dict()},
+        )
+
+    # ------------------------------------------------------------------ resume
+    def _resume(self) -> None:
+        """Continue from the last complete round: model, strategy state, privacy book.
+
+        Every privacy event in the ledger is loaded, including those of a round that crashed
+        after its events were committed (they were spent); that round is re-run as a new
+        attempt. The secret draws (cohorts, noise) are fresh: nothing of them was saved.
+        """
+        ck = self.rundir.load_checkpoint()
+        last, last_line = 0, None
+        if ck is not None:
+            last, sd, state, server_state = ck
+            self.model.load_state_dict(sd)
+            self.arrays = record_from_state(trainable_state(self.model))
+            last_line = state.get("metrics")
+            self.server_step.load_state_dict((server_state or {}).get("strategy") or {})
+            self.aggregator.load_state_dict((server_state or {}).get("aggregator") or {})
+            self.ledger.complete_round(last, int(state.get("cohort_size", 0)), int(state.get("attempt", 0)))
+        self.rundir.repair_metrics(last, last_line)
+        for unit in ("example", "device"):
+            self.book.load(unit, self.ledger.events(unit))
+        self.book.exhausted.update(self.ledger.exhausted())
+        self.start_round = last + 1
+        log.warning(
+            "resuming %s after round %d (attempt %d); %d devices' privacy histories loaded from the ledger",
+            self.cfg.run_dir, last, self.attempt, len(self.book.history["example"]) + len(self.book.history["device"]),
+        )
+
+    def run_round(self, grid, t: int, arrays: ArrayRecord, node_of: dict[int, int]):
+        """Round ``t`` (see :func:`server.round.run_round`)."""
+        return _run_round(self, grid, t, arrays, node_of)
