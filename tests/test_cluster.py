@@ -12,13 +12,11 @@ too. ``ray stop`` is never used (it would stop every Ray instance on the machine
 from __future__ import annotations
 
 import atexit
-import json
 import os
 import re
 import shutil
 import signal
 import socket
-import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -26,6 +24,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from rundir import LedgerReader, config_path, read_metric_lines
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -204,7 +204,7 @@ def launched(cluster, tmp_path_factory):
 
 def test_devices_trained_on_both_nodes(launched):
     run_dir, out = launched
-    metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    metrics = read_metric_lines(run_dir)
     union = {n for m in metrics for n in m["device_nodes"].values()}
     assert len(union) == 2 or any(m["ray_nodes"] == 2 for m in metrics), metrics
     assert "Ray cluster at" in out and "2 node(s)" in out
@@ -213,18 +213,18 @@ def test_devices_trained_on_both_nodes(launched):
 
 def test_ledger_and_metrics_complete(launched):
     run_dir, _ = launched
-    metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    metrics = read_metric_lines(run_dir)
     assert [m["round"] for m in metrics] == [1, 2]
-    con = sqlite3.connect(run_dir / "ledger.sqlite")
-    rows = con.execute("SELECT round, device_id FROM privacy_events").fetchall()
+    ledger = LedgerReader(run_dir / "ledger.sqlite")
+    rows = [(e.round, e.device_id) for e in ledger.events()]
     for m in metrics:
         assert m["failures"] == 0
         trained = sorted(d for r, d in rows if r == m["round"])
         assert len(trained) == m["replies"] == m["cohort_size"]
         assert trained == sorted(int(k) for k in m["device_nodes"])
         assert all(m["device_nodes"].values())
-    assert con.execute("SELECT COUNT(*) FROM rounds").fetchone()[0] == 2
-    assert (run_dir / "config.toml").is_file()
+    assert len(ledger.rounds()) == 2
+    assert config_path(run_dir).is_file()
 
 
 def test_node_check_names_node_and_missing_path(cluster, tmp_path):

@@ -1,12 +1,12 @@
 """Smoke test on real data with the real model: MiniLM, a few hundred BANKING77 examples, DP on."""
 
-import json
 import math
 
 import pytest
 
 from dpfl.commands.simulate import simulate
 from dpfl.config import RunConfig
+from rundir import read_metric_lines
 
 
 @pytest.mark.slow
@@ -24,7 +24,7 @@ def test_minilm_on_banking77_learns_above_chance(banking77, tmp_path):
         run_id="banking77-smoke",
     ).validate()
     simulate(cfg, progress=False)
-    metrics = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    metrics = read_metric_lines(tmp_path / "run")
     assert [m["round"] for m in metrics] == [1, 2, 3]
     chance = 1 / 77
     final = metrics[-1]

@@ -1,14 +1,14 @@
 """End to end: a real Flower simulation on Ray, 8 devices, 2 rounds, tiny model, built-in data."""
 
-import json
 import math
-import sqlite3
+from collections import Counter
 
 import pytest
 import torch
 
 from dpfl.commands.simulate import simulate
 from dpfl.config import RunConfig
+from rundir import LedgerReader, config_path, global_model_path, read_metric_lines
 
 
 @pytest.fixture(scope="module")
@@ -24,36 +24,34 @@ def run_dir(tmp_path_factory):
 
 
 def test_ledger_has_a_row_for_every_device_that_trained(run_dir):
-    con = sqlite3.connect(run_dir / "ledger.sqlite")
-    rows = con.execute("SELECT round, device_id, unit, noise_multiplier, sample_rate, steps, max_grad_norm FROM privacy_events").fetchall()
-    metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    ledger = LedgerReader(run_dir / "ledger.sqlite")
+    rows = [(e.round, e.device_id, e.unit, e.noise_multiplier, e.sample_rate, e.steps, e.max_grad_norm) for e in ledger.events()]
+    metrics = read_metric_lines(run_dir)
     for m in metrics:
         trained = [r for r in rows if r[0] == m["round"]]
         assert len(trained) == m["replies"] == m["cohort_size"]
         assert len({r[1] for r in trained}) == len(trained)
     for _, _, unit, sigma, q, steps, c in rows:
         assert unit == "example" and sigma == pytest.approx(1.0) and 0 < q <= 1 and steps >= 1 and c == 1.0
-    assert con.execute("SELECT COUNT(*) FROM rounds").fetchone()[0] == 2
+    assert len(ledger.rounds()) == 2
 
 
 def test_epsilon_positive_and_growing(run_dir):
-    metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    metrics = read_metric_lines(run_dir)
     assert [m["round"] for m in metrics] == [1, 2]
     eps = [m["epsilon_example_max"] for m in metrics]
     assert all(e > 0 and math.isfinite(e) for e in eps)
     assert eps[1] >= eps[0]
-    con = sqlite3.connect(run_dir / "ledger.sqlite")
-    per_device = con.execute("SELECT device_id, epsilon FROM device_epsilon WHERE unit='example'").fetchall()
+    ledger = LedgerReader(run_dir / "ledger.sqlite")
+    per_device = list(ledger.device_epsilons("example").items())
     assert per_device and max(e for _, e in per_device) == pytest.approx(eps[1])
     # a device that trained twice has a larger epsilon than after its first round
-    twice = con.execute(
-        "SELECT device_id FROM privacy_events GROUP BY device_id HAVING COUNT(*) = 2"
-    ).fetchall()
-    for (d,) in twice:
-        evs = con.execute("SELECT noise_multiplier, sample_rate, steps FROM privacy_events WHERE device_id=? ORDER BY round", (d,)).fetchall()
+    twice = [d for d, n in Counter(e.device_id for e in ledger.events()).items() if n == 2]
+    for d in twice:
+        evs = [e.mechanism for e in ledger.events(device_id=d)]
         from dp.accounting import SubsampledGaussianEvent, compute_epsilon
 
-        delta = con.execute("SELECT target_delta FROM runs").fetchone()[0]
+        delta = ledger.runs()[0].target_delta
         first = compute_epsilon([SubsampledGaussianEvent(*evs[0])], delta)
         both = compute_epsilon([SubsampledGaussianEvent(*e) for e in evs], delta)
         assert both > first
@@ -61,11 +59,11 @@ def test_epsilon_positive_and_growing(run_dir):
 
 
 def test_metrics_lines_and_checkpoint(run_dir):
-    metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    metrics = read_metric_lines(run_dir)
     for m in metrics:
         for key in ("round", "cohort_size", "train_loss", "accuracy", "macro_f1", "epsilon_example_max", "seconds"):
             assert key in m
         assert 0 <= m["accuracy"] <= 1
-    state = torch.load(run_dir / "checkpoints" / "global.pt")
+    state = torch.load(global_model_path(run_dir))
     assert any("embeddings" in k for k in state)
-    assert (run_dir / "config.toml").read_text().count("target_delta") == 1
+    assert config_path(run_dir).read_text().count("target_delta") == 1
