@@ -53,7 +53,9 @@ def _finished(run_dir: Path, rounds: int | None) -> bool:
 def _planned_rounds(run_dir: Path) -> int | None:
     import tomllib
 
-    cfg = run_dir / "config.toml"
+    from rundir import config_path
+
+    cfg = config_path(run_dir)
     if not cfg.exists():
         return None
     return int(tomllib.loads(cfg.read_text()).get("rounds", 0)) or None
@@ -68,7 +70,9 @@ def run_arm(out: Path, setting: str, selection: str, seed: int, common: list[str
     if _finished(run_dir, _planned_rounds(run_dir)):
         print(f"[reuse] {run_dir} is finished", flush=True)
         return run_dir, text, float("nan")
-    if (run_dir / "config.toml").exists():
+    from rundir import config_path
+
+    if config_path(run_dir).exists():
         cmd = ["dpfl", "simulate", "--resume", str(run_dir), "--no-progress"]
     print(f"[run] {text}", flush=True)
     t0 = time.perf_counter()
