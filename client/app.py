@@ -269,7 +269,7 @@ def train(msg: Message, context: Context) -> Message:
     content = RecordDict({"info": ConfigRecord({"ray-node": _ray_node_id(), "device-id": device_id})})
     if cfg.dp:
         content["privacy"], metrics["epsilon"] = _privacy_record(cfg, context, msg, result, device_id, server_round)
-    else:  # a non-private run may report its loss and timings
+    elif not cfg.device_dp:  # a non-private run may report its loss and timings
         metrics.update(train_loss=result.train_loss, train_seconds=result.seconds,
                        task_seconds=time.perf_counter() - t0, pid=os.getpid())
     state = _inject(fault, trainable_state(model), cfg, round_cfg, device_id, server_round)

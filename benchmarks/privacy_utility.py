@@ -1,0 +1,259 @@
+"""The privacy-utility frontier on BANKING77: test accuracy against the epsilon that bought it.
+
+Each arm is one ``dpfl simulate`` run on BANKING77 (``--data-dir``, default
+``../shared/data/banking77``), 100 devices with quantity + label skew
+(``--partitioner quantity-label``), expected cohort 10, delta 1e-5, MiniLM, max length 64.
+An arm is ``NOISE:TRAINABLE:EPS``:
+
+* NOISE ``device``: example-level DP-SGD on every device (noise at every local step; trusts nobody);
+* NOISE ``aggregate``: example-level DP with the noise added once per round to the cohort's sum
+  of per-example-clipped gradients (central DP; trusts the aggregator);
+* NOISE ``device-level``: DP-FedAvg (each device's update clipped and noised on the server)
+  over 1,000 devices of about 10 examples, expected cohort 100; EPS is the device-level epsilon;
+* NOISE ``none``: the same federation without DP (EPS ignored, write ``-``);
+* NOISE ``central``: centralized training without DP (all examples on one device).
+
+TRAINABLE is ``head`` (frozen encoder: a private linear probe), ``lora`` or ``all``. EPS is the
+target epsilon: the noise multiplier is calibrated through the accountant for the arm's
+schedule (``--target-epsilon``; for device level from the devices' largest selection
+probability) and the same value is every device's budget.
+
+Usage::
+
+    python -m benchmarks.privacy_utility --arms aggregate:head:8,aggregate:head:3 --json
+    python -m benchmarks.privacy_utility --arms default --out runs/privacy_utility
+
+Every arm runs after the previous one (the machine has 2 cores) in ``--out/<arm>``; an arm
+whose run directory already holds a finished run is read, not repeated, and a stopped arm is
+resumed, so the benchmark continues where it stopped. It prints one JSON object per arm with
+``--json`` (``noise``, ``trainable``, ``target_epsilon``, ``epsilon``: the example-level
+epsilon, max over devices; ``epsilon_device``: device level where it applies; ``delta``,
+``accuracy``, ``macro_f1``, ``rounds``, ``seconds``, ``command``), and writes ``results.md``
+(the table and every arm's exact command) and ``frontier.png`` (accuracy against epsilon).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_ARMS = (
+    "none:head:-,central:head:-,"
+    "aggregate:head:1,aggregate:head:3,aggregate:head:8,"
+    "device:head:1,device:head:3,device:head:8,"
+    "aggregate:lora:8,device:all:8,"
+    "device-level:head:3,device-level:head:8"
+)
+DELTA = 1e-5
+
+#: Per-arm settings (the best the benchmark found near epsilon 8; see the README).
+COMMON = ["--partitioner", "quantity-label", "--max-length", "64", "--target-delta", str(DELTA), "--model", "minilm"]
+SETTINGS = {
+    "aggregate": ["--noise-at", "aggregate", "--num-devices", "100", "--cohort-size", "10", "--rounds", "60",
+                  "--strategy", "fedadam", "--server-learning-rate", "0.02", "--max-grad-norm", "1.0"],
+    "device": ["--noise-at", "device", "--num-devices", "100", "--cohort-size", "10", "--rounds", "10",
+               "--local-epochs", "1", "--batch-size", "32"],
+    "device-level": ["--no-dp", "--device-dp", "--num-devices", "1000", "--cohort-size", "100",
+                     "--selection", "uniform", "--rounds", "60", "--local-epochs", "2", "--update-clip-norm", "1.0",
+                     "--strategy", "fedadam", "--server-learning-rate", "0.02"],
+    "none": ["--no-dp", "--num-devices", "100", "--cohort-size", "10", "--rounds", "10", "--local-epochs", "1"],
+    "central": ["--no-dp", "--num-devices", "1", "--cohort-size", "1", "--partitioner", "iid", "--rounds", "5",
+                "--local-epochs", "1"],
+}
+TRAINABLE_SETTINGS = {
+    "head": ["--trainable", "head"],
+    "lora": ["--trainable", "lora", "--learning-rate", "1e-3"],
+    "all": ["--trainable", "all"],
+}
+
+
+def parse_arm(text: str) -> tuple[str, str, float | None]:
+    """``"NOISE:TRAINABLE:EPS"`` -> (noise, trainable, target epsilon or None).
+
+    Raises
+    ------
+    SystemExit
+        For an unknown NOISE or TRAINABLE, or an EPS that is not a positive number (or ``-``).
+    """
+    parts = text.strip().split(":")
+    if len(parts) != 3:
+        raise SystemExit(f"--arms: {text!r} is not NOISE:TRAINABLE:EPS")
+    noise, trainable, eps = parts
+    if noise not in SETTINGS:
+        raise SystemExit(f"--arms: NOISE must be one of {sorted(SETTINGS)}, got {noise!r}")
+    if trainable not in TRAINABLE_SETTINGS:
+        raise SystemExit(f"--arms: TRAINABLE must be one of {sorted(TRAINABLE_SETTINGS)}, got {trainable!r}")
+    if noise in ("none", "central"):
+        return noise, trainable, None
+    try:
+        value = float(eps)
+    except ValueError:
+        raise SystemExit(f"--arms: EPS must be a number, got {eps!r}") from None
+    if not value > 0:
+        raise SystemExit(f"--arms: EPS must be > 0, got {eps!r}")
+    return noise, trainable, value
+
+
+def device_level_sigma(target: float, rounds: int, q: float) -> float:
+    """sigma_u that keeps a device selected with probability ``q`` in each of ``rounds`` rounds at ``target`` (PLD)."""
+    from dp.accounting import calibrate_noise_multiplier
+
+    return calibrate_noise_multiplier(target, DELTA, schedule=[(q, rounds)], accountant="pld")
+
+
+def arm_command(noise: str, trainable: str, eps: float | None, run_dir: Path, data_dir: str, seed: int,
+                extra: list[str]) -> list[str]:
+    """The exact ``dpfl simulate`` command of one arm."""
+    args = ["dpfl", "simulate", "--run-dir", str(run_dir), "--data-dir", data_dir, "--seed", str(seed),
+            "--no-progress", *COMMON, *SETTINGS[noise], *TRAINABLE_SETTINGS[trainable]]
+    if noise in ("aggregate", "device"):
+        args += ["--target-epsilon", f"{eps:g}"]
+    if noise == "device-level":
+        rounds = int(args[args.index("--rounds") + 1])
+        q = float(args[args.index("--cohort-size") + 1]) / float(args[args.index("--num-devices") + 1])
+        args += ["--device-noise-multiplier", f"{device_level_sigma(eps, rounds, q):.6f}",
+                 "--target-epsilon-device", f"{eps:g}"]
+    return args + extra
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    from rundir import read_metrics
+
+    return read_metrics(run_dir)[0] if run_dir.exists() else []
+
+
+def _planned(run_dir: Path) -> int | None:
+    import tomllib
+
+    from rundir import config_path
+
+    path = config_path(run_dir)
+    return int(tomllib.loads(path.read_text())["rounds"]) if path.exists() else None
+
+
+def run_arm(arm: str, out: Path, data_dir: str, seed: int, extra: list[str]) -> dict:
+    """Run (or reuse, or resume) one arm and return its result record."""
+    from rundir import config_path
+
+    noise, trainable, eps = parse_arm(arm)
+    run_dir = out / arm.replace(":", "-")
+    cmd = arm_command(noise, trainable, eps, run_dir, data_dir, seed, extra)
+    text = " ".join(shlex.quote(c) for c in cmd)
+    rows = _metrics(run_dir)
+    planned = _planned(run_dir)
+    seconds = float("nan")
+    if not (rows and planned and max(r["round"] for r in rows) >= planned):
+        run = cmd if not config_path(run_dir).exists() else ["dpfl", "simulate", "--resume", str(run_dir), "--no-progress"]
+        print(f"[run] {text}", file=sys.stderr, flush=True)
+        exe = Path(sys.executable).with_name("dpfl")
+        t0 = time.perf_counter()
+        subprocess.run([str(exe) if exe.exists() else run[0], *run[1:]], check=True)
+        seconds = time.perf_counter() - t0
+        rows = _metrics(run_dir)
+    else:
+        print(f"[reuse] {run_dir}", file=sys.stderr, flush=True)
+    final = rows[-1]
+    evaluated = [r for r in rows if r.get("accuracy") is not None]
+    last_eval = evaluated[-1] if evaluated else {}
+    return {
+        "arm": arm,
+        "noise": noise,
+        "trainable": trainable,
+        "target_epsilon": eps,
+        "epsilon": final.get("epsilon_example_max") if noise in ("aggregate", "device") else None,
+        "epsilon_device": final.get("epsilon_device_max") if noise == "device-level" else None,
+        "delta": DELTA,
+        "accuracy": last_eval.get("accuracy"),
+        "macro_f1": last_eval.get("macro_f1"),
+        "rounds": final["round"],
+        "seconds": seconds if math.isfinite(seconds) else sum(float(r.get("seconds") or 0.0) for r in rows),
+        "run_dir": str(run_dir),
+        "command": text,
+    }
+
+
+def _fmt(x, digits=3) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def write_outputs(results: list[dict], out: Path) -> None:
+    """``results.md`` (table + commands), ``results.json`` and ``frontier.png`` in ``out``."""
+    lines = ["| arm | noise | trainable | target eps | example eps | device eps | delta | accuracy | macro-F1 | rounds | seconds |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r['arm']} | {r['noise']} | {r['trainable']} | {_fmt(r['target_epsilon'], 0)} | {_fmt(r['epsilon'], 2)} | "
+                     f"{_fmt(r['epsilon_device'], 2)} | {r['delta']:g} | {_fmt(r['accuracy'])} | {_fmt(r['macro_f1'])} | "
+                     f"{r['rounds']} | {r['seconds']:.0f} |")
+    lines += ["", "Commands:", ""] + [f"- `{r['arm']}`: `{r['command']}`" for r in results]
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    series: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    for r in results:
+        eps = r["epsilon"] if r["epsilon"] is not None else r["epsilon_device"]
+        if eps is not None and r["accuracy"] is not None:
+            series.setdefault((r["noise"], r["trainable"]), []).append((eps, r["accuracy"]))
+    for (noise, trainable), pts in sorted(series.items()):
+        pts.sort()
+        unit = "device-level eps" if noise == "device-level" else "example-level eps"
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{noise} / {trainable} ({unit})")
+    for r in results:
+        if r["noise"] in ("none", "central") and r["accuracy"] is not None:
+            ax.axhline(r["accuracy"], linestyle="--", linewidth=1, color="grey" if r["noise"] == "none" else "black")
+            ax.text(0.02, r["accuracy"], f" {r['noise']} (no DP) {r['accuracy']:.3f}", transform=ax.get_yaxis_transform(),
+                    va="bottom", fontsize=8)
+    ax.set_xlabel(f"epsilon at delta={DELTA:g}")
+    ax.set_ylabel("test accuracy (BANKING77, 77 intents)")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out / "frontier.png", dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line (see the module docstring). Arguments after ``--`` go to every ``dpfl simulate``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra: list[str] = []
+    if "--" in argv:
+        i = argv.index("--")
+        argv, extra = argv[:i], argv[i + 1 :]
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.privacy_utility", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--arms", default="default", help="comma-separated NOISE:TRAINABLE:EPS, or 'default'")
+    ap.add_argument("--out", default="runs/privacy_utility", help="folder of the arms' run directories and results")
+    ap.add_argument("--data-dir", default="../shared/data/banking77")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", action="store_true", help="print one JSON object per arm")
+    ns = ap.parse_args(argv)
+    arms = DEFAULT_ARMS if ns.arms == "default" else ns.arms
+    arm_list = [a for a in arms.split(",") if a.strip()]
+    for a in arm_list:
+        parse_arm(a)  # every arm checked before the first one runs
+    out = Path(ns.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for arm in arm_list:
+        r = run_arm(arm, out, ns.data_dir, ns.seed, extra)
+        results.append(r)
+        if ns.json:
+            print(json.dumps(r), flush=True)
+    write_outputs(results, out)
+    if not ns.json:
+        print((out / "results.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,63 @@
+"""The frozen-encoder feature cache (nlu/features.py): same outputs, each utterance encoded once."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from nlu.data import collate, encode
+from nlu.features import cache_frozen_encoder
+from nlu.model import build_model, load_tokenizer, set_trainable
+
+TEXTS = ["turn on the kitchen lights", "what is the weather in paris", "play some jazz", "set an alarm for 7",
+         "turn on the kitchen lights", "call mom", "how long to get to work", "volume up please"]
+
+
+def _model_and_data():
+    tok = load_tokenizer("tiny")
+    enc = encode(TEXTS, np.arange(len(TEXTS)) % 3, tok, 16)
+    model = set_trainable(build_model("tiny", 3, seed=0), "head")
+    return model, enc
+
+
+def test_cached_outputs_equal_the_encoder_and_each_text_is_encoded_once():
+    model, enc = _model_and_data()
+    model.eval()
+    batches = [collate(enc, np.array(ix)) for ix in ([0, 1, 2, 3], [4, 5, 6, 7], [7, 0, 3])]
+    with torch.no_grad():
+        want = [model(**{k: v for k, v in b.items() if k != "labels"}).logits for b in batches]
+    assert cache_frozen_encoder(model)
+    cache = model.encoder._feature_cache
+    with torch.no_grad():
+        got = [model(**{k: v for k, v in b.items() if k != "labels"}).logits for b in batches]
+    for w, g in zip(want, got):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+    # 8 texts, one duplicate: 7 distinct utterances computed, everything else read back
+    assert len(cache.entries) == 7
+    assert cache.misses == 7 and cache.hits == 11 - 7
+    assert set(model.state_dict()) == set(build_model("tiny", 3, seed=0).state_dict())  # state dict unchanged
+
+
+def test_cache_only_for_a_frozen_encoder_and_removed_when_it_trains():
+    model, _ = _model_and_data()
+    set_trainable(model, "all")
+    assert not cache_frozen_encoder(model)
+    set_trainable(model, "head")
+    assert cache_frozen_encoder(model)
+    set_trainable(model, "all")
+    assert not cache_frozen_encoder(model)
+    assert "forward" not in vars(model.encoder)  # back to the class's forward
+
+
+def test_head_gradients_through_the_cache_equal_the_uncached_ones():
+    model, enc = _model_and_data()
+    model.eval()  # no dropout: both passes compute the same function
+    batch = collate(enc, np.arange(len(TEXTS)))
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    loss = torch.nn.functional.cross_entropy(model(**inputs).logits, batch["labels"])
+    want = torch.autograd.grad(loss, [model.classifier.weight])[0]
+    cache_frozen_encoder(model)
+    model(**inputs)  # fill
+    loss = torch.nn.functional.cross_entropy(model(**inputs).logits, batch["labels"])
+    got = torch.autograd.grad(loss, [model.classifier.weight])[0]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
