@@ -11,7 +11,9 @@ import pytest
 
 from dp.accounting import SubsampledGaussianEvent, compute_epsilon
 from dp.report import ReportError, build_report
+from dp.report.render import fmt
 from rundir import read_metric_lines, read_summary
+from rundir.records import summary_path
 
 DELTA = 1e-5
 SCHEMA = """
@@ -36,14 +38,31 @@ COHORTS = {1: [0, 2, 3], 2: [1, 3], 3: [2, 3, 5], 4: [0, 3]}
 SIGMA, C, BATCH, SIGMA_U, S = 1.0, 1.0, 4, 2.0, 0.5
 
 
-def _example_event(d):
+P_AGGREGATE = 0.5  # example sampling rate p of the noise-on-the-aggregate placement
+
+
+def _example_event(d, noise_at="device"):
+    if noise_at == "aggregate":  # one Poisson-subsampled Gaussian at rate p per round joined
+        return (SIGMA, P_AGGREGATE, 1)
     q = min(1.0, BATCH / ACTIVITY[d])
     steps = max(1, round(ACTIVITY[d] / BATCH))
     return (SIGMA, q, steps)
 
 
+DEFAULT_BUDGET_EVENTS = [(3, "example", 3, 7.5)]  # (device, unit, round, epsilon it would have reached)
+
+
 def make_run(tmp_path: Path, *, dp=True, device_dp=True, rounds_done=4, rounds_planned=4,
-             half_line=True, run_id="synthetic-run", name="run", sigma_u=SIGMA_U) -> Path:
+             half_line=True, run_id="synthetic-run", name="run", sigma_u=SIGMA_U, noise_at="device",
+             reproducible_noise=False, max_epsilon=8.0, target_epsilon=None, target_epsilon_device=None,
+             budget_events=None) -> Path:
+    """A run directory written by hand: config.toml, ledger.sqlite and metrics.jsonl as the server writes them.
+
+    Example-level events (when ``dp``) for the cohort of each round, in the given placement;
+    device-level events (when ``device_dp``) for every device with q_k > 0; ``budget_events``
+    (default: device 3 at example level in round 3, when dp and rounds_done >= 3). As in real
+    runs, only a run with neither DP sends a training loss, and epsilons are null without DP.
+    """
     run = tmp_path / name
     run.mkdir()
     cfg = {
@@ -52,10 +71,14 @@ def make_run(tmp_path: Path, *, dp=True, device_dp=True, rounds_done=4, rounds_p
         "max_grad_norm": C, "batch_size": BATCH, "local_epochs": 1, "target_delta": DELTA,
         "accountant": "pld", "device_dp": device_dp, "device_noise_multiplier": SIGMA_U,
         "update_clip_norm": S, "dp": dp, "dataset": "banking77", "model": "minilm", "strategy": "fedavg",
-        "epsilon_budget": 8.0,
+        "noise_at": noise_at, "sample_rate": P_AGGREGATE, "reproducible_noise": reproducible_noise,
+        "seed": 0, "server_learning_rate": 0.5, "max_epsilon": max_epsilon, "target_epsilon": target_epsilon,
+        "target_epsilon_device": target_epsilon_device,
     }
     lines = []
     for k, v in cfg.items():
+        if v is None:  # TOML has no null: the server leaves unset options out
+            continue
         lines.append(f"{k} = {json.dumps(v) if not isinstance(v, bool) else str(v).lower()}")
     (run / "config.toml").write_text("\n".join(lines) + "\n")
 
@@ -71,26 +94,30 @@ def make_run(tmp_path: Path, *, dp=True, device_dp=True, rounds_done=4, rounds_p
         cohort = COHORTS[t]
         if dp:
             for d in cohort:
-                s, q, n = _example_event(d)
+                s, q, n = _example_event(d, noise_at)
                 conn.execute("INSERT INTO privacy_events(run_id, round, device_id, unit, noise_multiplier,"
                              " sample_rate, steps, max_grad_norm) VALUES (?,?,?,?,?,?,?,?)",
                              (run_id, t, d, "example", s, q, n, C))
-            if device_dp:
-                for d, q in enumerate(Q_DEVICE):
-                    if q > 0:
-                        conn.execute("INSERT INTO privacy_events(run_id, round, device_id, unit, noise_multiplier,"
-                                     " sample_rate, steps, max_grad_norm) VALUES (?,?,?,?,?,?,?,?)",
-                                     (run_id, t, d, "device", sigma_u, q, 1, S))
             # The server's cached "epsilon so far" (deliberately rough: the report recomputes).
             for d in cohort:
                 conn.execute("INSERT OR REPLACE INTO device_epsilon VALUES (?,?,?,?,?,?)",
                              (run_id, d, "example", t, 1.0, DELTA))
+        if device_dp:
+            for d, q in enumerate(Q_DEVICE):
+                if q > 0:
+                    conn.execute("INSERT INTO privacy_events(run_id, round, device_id, unit, noise_multiplier,"
+                                 " sample_rate, steps, max_grad_norm) VALUES (?,?,?,?,?,?,?,?)",
+                                 (run_id, t, d, "device", sigma_u, q, 1, S))
         conn.execute("INSERT INTO rounds VALUES (?,?,?,?)", (run_id, t, float(t), len(cohort)))
-        metrics.append({"round": t, "cohort_size": len(cohort), "skipped": False, "train_loss": 2.0 / t,
-                        "accuracy": 0.2 * t, "macro_f1": 0.15 * t, "epsilon_example_max": 1.0,
+        metrics.append({"round": t, "cohort_size": len(cohort), "skipped": False,
+                        "train_loss": None if (dp or device_dp) else 2.0 / t,
+                        "accuracy": 0.2 * t, "macro_f1": 0.15 * t,
+                        "epsilon_example_max": 1.0 if dp else None,
                         "epsilon_device_max": 1.0 if device_dp else None, "seconds": 1.5})
-    if dp and rounds_done >= 3:
-        conn.execute("INSERT INTO budget_events VALUES (?,?,?,?,?)", (run_id, 3, "example", 3, 7.5))
+    if budget_events is None:
+        budget_events = DEFAULT_BUDGET_EVENTS if dp and rounds_done >= 3 else []
+    conn.executemany("INSERT INTO budget_events VALUES (?,?,?,?,?)",
+                     [(run_id, d, u, t, e) for d, u, t, e in budget_events])
     conn.commit()
     conn.close()
     text = "".join(json.dumps(m) + "\n" for m in metrics)
@@ -306,3 +333,186 @@ def test_report_shows_slot_metrics(tmp_path):
     md = (run / "report" / "report.md").read_text()
     assert "slot F1 0.4" in md and "sentence accuracy 0.2" in md
     assert "| slot F1 | sentence accuracy |" in md
+
+
+# --------------------------------------------------------------------- what the report must state truthfully
+
+
+def _md(run):
+    return (run / "report" / "report.md").read_text()
+
+
+def _html(run):
+    return (run / "report" / "report.html").read_text()
+
+
+def test_trust_model_named_for_each_placement(tmp_path):
+    """Noise on the device trusts nobody; noise on the aggregate trusts the aggregator, and says against whom it holds."""
+    local = make_run(tmp_path, device_dp=False, name="local")
+    s_local = build_report(local)
+    central = make_run(tmp_path, device_dp=False, noise_at="aggregate", name="central")
+    s_central = build_report(central)
+
+    assert s_local["noise_at"] == "device" and s_central["noise_at"] == "aggregate"
+    assert "trusts nobody" in s_local["trust_model"]["example"]["name"]
+    assert "trusts the aggregator" in s_central["trust_model"]["example"]["name"]
+    md_local, md_central = _md(local), _md(central)
+    assert "Trust model: example level: local DP: noise on the device (trusts nobody)." in md_local
+    assert "trusts the aggregator" not in md_local and "clipped sum" not in md_local
+    assert "Trust model: example level: central DP: noise on the aggregate (trusts the aggregator)." in md_central
+    assert "trusts nobody" not in md_central
+    for phrase in ("not to look at the individual clipped sums", "observers of the released models",
+                   "sees the cohort but only the noisy sum", "secure aggregation with noise shares",
+                   "simulates the noise at the server", "No amplification by device selection",
+                   "rate is p, not q_k * p"):
+        assert phrase in md_central, phrase
+    assert "No amplification by device selection" not in md_local
+    # The aggregate placement is accounted as one Poisson-subsampled Gaussian (sigma, p) per round joined.
+    hand = {}
+    for t in range(1, 5):
+        for d in COHORTS[t]:
+            hand.setdefault(d, []).append(SubsampledGaussianEvent(SIGMA, P_AGGREGATE, 1))
+    assert s_central["epsilon"]["example"]["max"] == pytest.approx(
+        max(compute_epsilon(v, DELTA, "pld") for v in hand.values()), rel=1e-9)
+    assert "| example level: example sampling rate p | 0.5 |" in md_central
+    assert "trusts the aggregator" in _html(central)
+
+
+def test_reproducible_noise_says_not_private_in_first_line(tmp_path):
+    run = make_run(tmp_path, reproducible_noise=True)
+    summary = build_report(run)
+    md, html = _md(run), _html(run)
+    first_md = md.splitlines()[0]
+    assert first_md.startswith("**NOT PRIVATE: this run used --reproducible-noise;")
+    assert "regenerated from the seed in config.toml" in first_md
+    first_html = html.splitlines()[0]
+    assert "NOT PRIVATE" in first_html and "--reproducible-noise" in first_html
+    body = html.split("<body>", 1)[1].lstrip()
+    assert body.startswith('<p class="alert">NOT PRIVATE: this run used --reproducible-noise')
+    text = summary_path(run).read_text()
+    assert list(json.loads(text))[0] == "not_private"
+    assert text.splitlines()[1].lstrip().startswith('"not_private": "this run used --reproducible-noise')
+    assert list(summary)[0] == "not_private"
+    assert summary["guarantee"] == "none" and summary["noise_source"] == "reproducible"
+    assert "do NOT hold for this run" in md
+    assert "never recorded" not in md
+    _assert_self_contained(html)
+
+    # A run with secret noise: no such line, and the report says where the noise came from.
+    secret = make_run(tmp_path, name="secret")
+    s2 = build_report(secret)
+    assert "not_private" not in s2 and s2["guarantee"] == "yes" and s2["noise_source"] == "secret"
+    assert "not_private" not in json.loads(summary_path(secret).read_text())
+    md2 = _md(secret)
+    assert md2.splitlines()[0] == "# Privacy budget report: run synthetic-run"
+    assert "NOT PRIVATE" not in md2 and "NOT PRIVATE" not in _html(secret)
+    assert "secret source" in md2 and "never recorded" in md2
+    assert "drives only partitioning, initialisation and data splits" in md2
+
+
+def test_budgets_stated_with_devices_that_reached_them(tmp_path):
+    """--max-epsilon 6 --target-epsilon-device 3: both budgets in summary.json and report.md, with counts per unit."""
+    events = [(3, "example", 3, 6.2), (2, "device", 4, 3.1), (4, "device", 3, 3.05)]
+    run = make_run(tmp_path, max_epsilon=6.0, target_epsilon_device=3.0, sigma_u=3.0, budget_events=events)
+    build_report(run)
+    on_disk = read_summary(run).to_dict()
+    b = on_disk["budget"]
+    assert b["max_epsilon"] == 6.0 and b["target_epsilon_device"] == 3.0 and b["target_epsilon"] is None
+    assert b["epsilon_budget"] == 6.0 and b["device_epsilon_budget"] == 3.0
+    assert b["example"]["epsilon"] == 6.0 and b["example"]["devices_reached"] == 1
+    assert b["example"]["devices_reached_ids"] == [3]
+    assert b["device"]["epsilon"] == 3.0 and b["device"]["devices_reached"] == 2
+    assert b["device"]["devices_reached_ids"] == [2, 4]
+    assert b["example"]["devices_over"] == [] and b["device"]["devices_over"] == []
+    assert on_disk["devices_over_budget"] == 3
+    md = _md(run)
+    assert "Example level: epsilon <= 6 per device at delta = 1e-05 (from --max-epsilon 6)" in md
+    assert "1 device reached it" in md
+    assert "Device level: epsilon <= 3 per device at delta = 1e-05 (from --target-epsilon-device 3)" in md
+    assert "2 devices reached it" in md
+    assert "example level epsilon <= 6 per device (1 device reached it); device level epsilon <= 3 per device " \
+           "(2 devices reached it)" in md
+    assert "No device reached its budget" not in md and "BUDGET EXCEEDED" not in md
+
+    # --target-epsilon is a budget too; with --max-epsilon the server uses the smaller.
+    both = make_run(tmp_path, name="both", max_epsilon=7.0, target_epsilon=5.9, device_dp=False, budget_events=[])
+    s = build_report(both)
+    assert s["budget"]["example"]["epsilon"] == 5.9
+    assert s["budget"]["example"]["from"] == ["max_epsilon", "target_epsilon"]
+    assert s["budget"]["example"]["devices_reached"] == 0
+    md_both = _md(both)
+    assert "epsilon <= 5.9 per device" in md_both and "min(--max-epsilon, --target-epsilon)" in md_both
+    assert "No device reached its budget." in md_both
+
+
+def test_budget_exceeded_is_said_loudly(tmp_path):
+    run = make_run(tmp_path, max_epsilon=1.0, budget_events=[])
+    summary = build_report(run)
+    ex = summary["epsilon"]["example"]["per_device"]
+    over = sorted(int(d) for d, e in ex.items() if e > 1.0)
+    assert over  # the synthetic run spends more than 1 on some device
+    assert summary["budget"]["example"]["devices_over"] == over
+    md = _md(run)
+    assert "BUDGET EXCEEDED at example level" in md and "ABOVE" in md
+    assert "No device reached its budget" not in md
+    assert any("ABOVE their budget" in w for w in summary["warnings"])
+    assert '<p class="alert">BUDGET EXCEEDED' in _html(run)
+
+
+def test_device_level_only_run_is_not_called_not_private(tmp_path):
+    run = make_run(tmp_path, dp=False, device_dp=True)
+    summary = build_report(run)
+    md, html = _md(run), _html(run)
+    assert "NOT PRIVATE" not in md and "NOT PRIVATE" not in html
+    assert "not_private" not in summary and summary["guarantee"] == "yes"
+    dv = _hand_epsilons("device")
+    assert summary["epsilon"]["device"]["max"] == pytest.approx(max(dv.values()), rel=1e-9)
+    implied = summary["epsilon"]["example"]
+    assert implied["implied_by"] == "device"
+    assert implied["max"] == pytest.approx(2 * max(dv.values()), rel=1e-9)
+    assert implied["delta"] == pytest.approx((1 + math.exp(max(dv.values()))) * DELTA, rel=1e-9)
+    assert f"Device level (all of one device's data): epsilon = {fmt(max(dv.values()))} at delta = 1e-05" in md
+    assert "the device-level guarantee implies one" in md
+    assert f"example-level epsilon <= 2 x device-level epsilon = {fmt(2 * max(dv.values()))}" in md
+    assert "Trust model: device level: central DP: DP-FedAvg on the server (trusts the aggregator)." in md
+    assert (run / "report" / "epsilon_vs_round.png").exists()  # the device level is plotted
+    # The banner is kept for a run with neither unit.
+    none = make_run(tmp_path, dp=False, device_dp=False, name="none")
+    build_report(none)
+    assert "THIS RUN IS NOT PRIVATE (dp = false, device_dp = false)" in _md(none)
+
+
+def test_adjacency_paragraph_says_counts_are_public(tmp_path):
+    local = make_run(tmp_path, name="local")
+    build_report(local)
+    central = make_run(tmp_path, device_dp=False, noise_at="aggregate", name="central")
+    build_report(central)
+    for run in (local, central):
+        md = _md(run)
+        for phrase in ("Example counts are public", "exact example count n_k", "public metadata",
+                       "held fixed", "whether a device's count changed", "given how many it holds, not how many",
+                       "replace-one adjacency", "(2 epsilon, (1 + e^epsilon) delta)"):
+            assert phrase in md, (run.name, phrase)
+    assert "q = B / n_k" in _md(local) and "p n_k over the cohort" in _md(central)
+    assert "q = B / n_k" not in _md(central)
+    none = make_run(tmp_path, dp=False, device_dp=False, name="none")
+    build_report(none)
+    assert "Example counts are public" not in _md(none)
+
+
+def test_per_round_table_shows_train_loss_only_when_sent(tmp_path):
+    private = make_run(tmp_path, half_line=False)
+    build_report(private)
+    md = _md(private)
+    header = next(line for line in md.splitlines() if line.startswith("| round |"))
+    assert "train loss" not in header and "example eps" in header and "device eps" in header
+    assert "cohort" not in header  # the device-level accounting treats the cohort as secret
+    assert "No training loss is shown" in md and "computed on the test split" in md
+
+    public = make_run(tmp_path, dp=False, device_dp=False, name="public", half_line=False)
+    build_report(public)
+    md = _md(public)
+    header = next(line for line in md.splitlines() if line.startswith("| round |"))
+    assert "train loss" in header and "cohort" in header
+    assert "eps" not in header  # epsilons are null in a non-private run's metrics
+    assert "| 2 |  | 2 | 1 | 0.4 | 0.3 |" in md

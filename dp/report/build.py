@@ -8,8 +8,14 @@ the cached values are shown beside them as a cross-check.
 written as the string ``"inf"`` because JSON has no infinity)::
 
     {
+      "not_private": str,                          # FIRST key, present only for a run without a
+                                                   # guarantee (no DP, or --reproducible-noise): why
       "run_id": str, "status": "finished" | "running", "rounds_completed": int,
-      "rounds_planned": int | null, "dp": bool, "guarantee": "yes" | "none",
+      "rounds_planned": int | null, "dp": bool, "device_dp": bool, "guarantee": "yes" | "none",
+      "noise_at": "device" | "aggregate" | null,   # example-level noise placement (null: dp = false)
+      "reproducible_noise": bool, "noise_source": "secret" | "reproducible" | null,
+      "trust_model": {"example": {"name", "trusted", "holds_against"} | null,
+                      "device":  {"name", "trusted", "holds_against"} | null},
       "delta": float | null, "accountant": "pld" | "rdp",
       "num_devices": int, "num_examples": int | null,
       "epsilon": {
@@ -18,9 +24,16 @@ written as the string ``"inf"`` because JSON has no infinity)::
                     "over_examples": {"max", "median", "p90", "mean", "examples",
                                       "examples_trained", "source"}},
         "device":  {... same keys ...} | null      # null when device-level DP is off
-      },
-      "devices_over_budget": int,
-      "budget_events": [{"device_id", "unit", "round", "epsilon"}],
+      },                                           # dp = false with device_dp: "example" is the bound
+                                                   # implied by device level, {"max", "median", "tier",
+                                                   # "delta", "implied_by": "device", ...} (2 eps_dev)
+      "devices_over_budget": int,                  # devices removed from selection for a budget
+      "budget_events": [{"device_id", "unit", "round", "epsilon"}],   # epsilon the next round would reach
+      "budget": {"max_epsilon", "target_epsilon", "target_epsilon_device",
+                 "epsilon_budget", "device_epsilon_budget",           # the budgets the server enforced
+                 "example" | "device": {"epsilon", "from", "devices_reached", "devices_reached_ids",
+                                        "devices_over"} | null},
+      "train_loss_reported": bool,                 # only runs without DP carry a training loss
       "final_accuracy": float | null, "final_macro_f1": float | null,
       "final_slot_f1": float | null, "final_sentence_accuracy": float | null,   # slots/joint tasks
       "baseline": {"final_accuracy", "final_macro_f1", "final_slot_f1",
@@ -54,6 +67,7 @@ from dp.accounting import (
     privacy_tier,
 )
 from rundir import LedgerError, LedgerReader, RecordError, config_path, is_run_dir, ledger_path, read_metrics, write_summary
+from rundir import Summary
 from rundir import read_audit as read_audit_record
 from rundir.records import audit_path
 
@@ -368,6 +382,145 @@ def _final(metrics: list[dict[str, Any]], key: str) -> float | None:
     return None
 
 
+#: The trust model of each placement of the example-level noise (``noise_at`` in config.toml).
+TRUST_MODELS: dict[str, dict[str, str]] = {
+    "device": {
+        "name": "local DP: noise on the device (trusts nobody)",
+        "trusted": "nobody",
+        "holds_against": "everyone who sees a device's update: the server, the other devices and every "
+                         "observer of the released models",
+    },
+    "aggregate": {
+        "name": "central DP: noise on the aggregate (trusts the aggregator)",
+        "trusted": "the aggregator (the server), to add the noise and not to look at the individual clipped sums",
+        "holds_against": "observers of the released models, and an aggregator that sees the cohort but only the "
+                         "noisy sum (as with secure aggregation with noise shares on the devices; dpfl simulates "
+                         "the noise at the server)",
+    },
+}
+#: The trust model of device-level DP (DP-FedAvg: the server clips each update and adds the noise).
+DEVICE_TRUST_MODEL: dict[str, str] = {
+    "name": "central DP: DP-FedAvg on the server (trusts the aggregator)",
+    "trusted": "the server, to clip each device's update and add the noise; it sees the individual updates",
+    "holds_against": "observers of the released models",
+}
+# A recomputed epsilon counts as over its budget only above budget * (1 + this) (float noise).
+OVER_BUDGET_TOLERANCE = 1e-9
+
+
+def not_private_reason(any_dp: bool, reproducible: bool) -> str | None:
+    """Why the run has no privacy guarantee (None when it has one); the report's first line states it.
+
+    Parameters
+    ----------
+    any_dp : bool
+        Example-level (``dp``) or device-level (``device_dp``) DP was on.
+    reproducible : bool
+        ``reproducible_noise`` in config.toml: the noise was derived from the recorded seed.
+    """
+    if not any_dp:
+        return ("dp = false and device_dp = false; no noise was added, so no differential privacy "
+                "guarantee holds")
+    if reproducible:
+        return ("this run used --reproducible-noise; its noise can be regenerated from the seed in config.toml "
+                "(so can its secret sampling decisions), so no differential privacy guarantee holds")
+    return None
+
+
+def noise_source_statement(reproducible: bool, any_dp: bool) -> str | None:
+    """``"secret"`` (OS entropy, never recorded), ``"reproducible"`` (from the seed), or None without DP."""
+    if not any_dp:
+        return None
+    return "reproducible" if reproducible else "secret"
+
+
+def trust_model(noise_at: str | None, device_dp: bool) -> dict[str, dict[str, str] | None]:
+    """The trust model each privacy unit's guarantee assumes: ``{"example": ..., "device": ...}``.
+
+    ``noise_at`` is the example-level placement (None when example-level DP is off); each value
+    is ``{"name", "trusted", "holds_against"}`` or None when that unit has no noise of its own.
+    """
+    return {
+        "example": dict(TRUST_MODELS[noise_at]) if noise_at in TRUST_MODELS else None,
+        "device": dict(DEVICE_TRUST_MODEL) if device_dp else None,
+    }
+
+
+def example_implied_by_device(device_stats: dict[str, Any], delta: float) -> dict[str, Any]:
+    """The example-level bound implied by device-level DP when no example-level noise was added.
+
+    One example is part of one device's data: adding, removing or changing it changes that
+    device's data, which is at most removing the device and adding it back with the changed
+    data (with the example counts held fixed as public metadata, so the device's q_k is the
+    same in both). Device-level DP is accounted for add/remove-one-device, so group privacy over
+    those two steps gives, for a device with device-level (eps_k, delta),
+    (2 eps_k, (1 + e^eps_k) delta) at example level. The factor 2 is needed: one changed example
+    can move a device's clipped update by up to 2 S (the clip norm), twice the sensitivity the
+    device-level accounting assumes.
+
+    Returns
+    -------
+    dict
+        ``{"max", "median", "tier", "delta", "implied_by": "device", "device_epsilon_max",
+        "devices_accounted"}``; ``delta`` is (1 + e^eps) delta at the maximum device epsilon
+        (capped at 1, where the bound says nothing).
+    """
+    emax = float(device_stats.get("max") or 0.0)
+    med = float(device_stats.get("median") or 0.0)
+    d = min(1.0, (1.0 + math.exp(min(emax, 700.0))) * delta) if math.isfinite(emax) else 1.0
+    return {
+        "max": 2.0 * emax,
+        "median": 2.0 * med,
+        "tier": privacy_tier(2.0 * emax),
+        "delta": d,
+        "implied_by": "device",
+        "device_epsilon_max": emax,
+        "devices_accounted": device_stats.get("devices_accounted", 0),
+    }
+
+
+def budgets(cfg: dict[str, Any], dp_on: bool, device_dp: bool, budget_events: list[dict[str, Any]],
+            epsilon: dict[str, Any]) -> dict[str, Any]:
+    """Every per-device epsilon budget the server enforced, with how many devices reached or passed it.
+
+    The server's example-level budget is min(``max_epsilon``, ``target_epsilon``) (both
+    per-device example-level budgets; ``target_epsilon`` also calibrates sigma), its
+    device-level budget ``target_epsilon_device``. A device *reached* a budget when the ledger
+    has a budget event of that unit for it (its next round would have passed the budget, so it
+    was not selected again); it is *over* a budget when its recomputed epsilon exceeds it,
+    which the server should never allow.
+
+    Returns
+    -------
+    dict
+        ``{"max_epsilon", "target_epsilon", "target_epsilon_device", "epsilon_budget",
+        "device_epsilon_budget", "example": unit | None, "device": unit | None}``, unit =
+        ``{"epsilon", "from": [setting names], "devices_reached", "devices_reached_ids",
+        "devices_over"}`` (``epsilon`` None when budget events exist but no budget is in
+        config.toml).
+    """
+    max_eps, target, tdev = cfg.get("max_epsilon"), cfg.get("target_epsilon"), cfg.get("target_epsilon_device")
+    out: dict[str, Any] = {"max_epsilon": max_eps, "target_epsilon": target, "target_epsilon_device": tdev,
+                           "epsilon_budget": None, "device_epsilon_budget": None, "example": None, "device": None}
+    settings = {
+        "example": [(k, v) for k, v in (("max_epsilon", max_eps), ("target_epsilon", target))
+                    if v is not None] if dp_on else [],
+        "device": [("target_epsilon_device", tdev)] if device_dp and tdev is not None else [],
+    }
+    for unit in UNITS:
+        reached = sorted({int(b["device_id"]) for b in budget_events if b.get("unit") == unit})
+        if not settings[unit] and not reached:
+            continue
+        budget = min(float(v) for _, v in settings[unit]) if settings[unit] else None
+        per = (epsilon.get(unit) or {}).get("per_device") or {}
+        over = sorted(int(d) for d, e in per.items()
+                      if budget is not None and e > budget * (1 + OVER_BUDGET_TOLERANCE))
+        out[unit] = {"epsilon": budget, "from": [k for k, _ in settings[unit]], "devices_reached": len(reached),
+                     "devices_reached_ids": reached, "devices_over": over}
+        out["epsilon_budget" if unit == "example" else "device_epsilon_budget"] = budget
+    return out
+
+
 def compute_summary(data: RunData, baseline: RunData | None = None,
                     max_curve_points: int = MAX_CURVE_POINTS) -> dict[str, Any]:
     """Everything the report states, as a dict (inf kept as ``math.inf`` here).
@@ -381,13 +534,20 @@ def compute_summary(data: RunData, baseline: RunData | None = None,
     run = data.run_row or {}
     dp_on = bool(cfg.get("dp", True))
     device_dp = bool(cfg.get("device_dp", bool(data.events["device"])))
+    any_dp = dp_on or device_dp
+    noise_at = str(cfg.get("noise_at") or "device") if dp_on else None
+    reproducible = bool(cfg.get("reproducible_noise", False))
     delta = run.get("target_delta") if run.get("target_delta") is not None else cfg.get("target_delta")
     accountant = run.get("accountant") or cfg.get("accountant") or "pld"
     warnings = list(data.warnings)
     if accountant not in ACCOUNTANTS:
         warnings.append(f"unknown accountant {accountant!r} in the ledger; recomputed with 'pld'")
         accountant = "pld"
-    if delta is None and dp_on:
+    if noise_at is not None and noise_at not in TRUST_MODELS:
+        warnings.append(f"unknown noise placement noise_at = {noise_at!r} in config.toml; the report assumes "
+                        "'device' for its wording, and the epsilons come from the ledger's events as recorded")
+        noise_at = "device"
+    if delta is None and any_dp:
         raise ReportError(
             "no target_delta in ledger.sqlite (runs table) or config.toml: cannot state epsilon"
         )
@@ -399,14 +559,22 @@ def compute_summary(data: RunData, baseline: RunData | None = None,
         sum(int(v["activity"] or 0) for v in data.devices.values()) if data.devices else None
     )
 
-    summary: dict[str, Any] = {
+    summary: dict[str, Any] = {}
+    reason = not_private_reason(any_dp, reproducible)
+    if reason is not None:
+        summary["not_private"] = reason  # first key, so the file's first line says it
+    summary.update({
         "run_id": cfg.get("run_id") or run.get("run_id") or data.run_dir.name,
         "status": status,
         "rounds_completed": rounds_done,
         "rounds_planned": planned,
         "dp": dp_on,
         "device_dp": device_dp,
-        "guarantee": "yes" if dp_on else "none",
+        "guarantee": "yes" if reason is None else "none",
+        "noise_at": noise_at,
+        "reproducible_noise": reproducible,
+        "noise_source": noise_source_statement(reproducible, any_dp),
+        "trust_model": trust_model(noise_at, device_dp),
         "delta": delta,
         "accountant": accountant,
         "num_devices": num_devices,
@@ -423,36 +591,45 @@ def compute_summary(data: RunData, baseline: RunData | None = None,
         "metrics_lines_skipped": data.metrics_skipped,
         "epsilon": {"example": None, "device": None},
         "curves": {"example": [], "device": []},
-    }
+    })
 
+    for unit in UNITS:
+        if (unit == "example" and not dp_on) or (unit == "device" and not device_dp):
+            continue
+        eps = unit_epsilons(data, unit, delta, accountant)
+        stats = _unit_stats(data, unit, eps)
+        ledger_max = stats["ledger_max"]
+        if ledger_max is not None and stats["max"] < ledger_max * (1 - 1e-2):
+            warnings.append(
+                f"{unit}-level: the ledger's cached epsilon ({ledger_max:.4g}) exceeds the value "
+                f"recomputed from its events ({stats['max']:.4g}); the larger is the safe one."
+            )
+        if unit == "example":
+            stats["over_examples"] = example_epsilons_over_examples(data, delta, accountant, eps)
+        summary["epsilon"][unit] = stats
+        summary["curves"][unit] = epsilon_curve(data, unit, delta, accountant, max_curve_points)
     if not dp_on:
-        summary["epsilon"]["example"] = {"max": math.inf, "median": math.inf, "tier": "none"}
-        summary["epsilon"]["device"] = None
-    else:
-        for unit in UNITS:
-            if unit == "device" and not device_dp:
-                continue
-            eps = unit_epsilons(data, unit, delta, accountant)
-            stats = _unit_stats(data, unit, eps)
-            ledger_max = stats["ledger_max"]
-            if ledger_max is not None and stats["max"] < ledger_max * (1 - 1e-2):
-                warnings.append(
-                    f"{unit}-level: the ledger's cached epsilon ({ledger_max:.4g}) exceeds the value "
-                    f"recomputed from its events ({stats['max']:.4g}); the larger is the safe one."
-                )
-            if unit == "example":
-                stats["over_examples"] = example_epsilons_over_examples(data, delta, accountant, eps)
-            summary["epsilon"][unit] = stats
-            summary["curves"][unit] = epsilon_curve(data, unit, delta, accountant, max_curve_points)
+        dv = summary["epsilon"]["device"]
+        summary["epsilon"]["example"] = (
+            example_implied_by_device(dv, delta) if dv is not None
+            else {"max": math.inf, "median": math.inf, "tier": "none"}
+        )
 
-    budget_devices = sorted({b["device_id"] for b in data.budget_events})
-    summary["devices_over_budget"] = len(budget_devices)
+    summary["devices_over_budget"] = len({b["device_id"] for b in data.budget_events})
     summary["budget_events"] = data.budget_events
-    summary["budget"] = {
-        "target_epsilon": cfg.get("target_epsilon"),
-        "epsilon_budget": cfg.get("epsilon_budget", cfg.get("target_epsilon")),
-        "device_epsilon_budget": cfg.get("device_epsilon_budget"),
-    }
+    summary["budget"] = budgets(cfg, dp_on, device_dp, data.budget_events, summary["epsilon"])
+    for unit in UNITS:
+        over = (summary["budget"].get(unit) or {}).get("devices_over") or []
+        if over:
+            warnings.append(
+                f"{unit}-level: {len(over)} device(s) have an epsilon ABOVE their budget of "
+                f"{summary['budget'][unit]['epsilon']:g} (devices {', '.join(map(str, over[:20]))}"
+                f"{', ...' if len(over) > 20 else ''}); the server should never let this happen."
+            )
+    summary["train_loss_reported"] = any(
+        isinstance(m.get("train_loss"), (int, float)) and not isinstance(m.get("train_loss"), bool)
+        for m in data.metrics
+    )
     summary["final_accuracy"] = _final(data.metrics, "accuracy")
     summary["final_macro_f1"] = _final(data.metrics, "macro_f1")
     # slot filling (--task slots | joint): span-level F1 and sentence accuracy, when evaluated
@@ -553,5 +730,20 @@ def build_report(run_dir: Path, baseline_dir: Path | None = None, *,
     js["plots"] = {k: p.name for k, p in images.items()}
     (out_dir / "report.md").write_text(render.markdown(summary, images), encoding="utf-8")
     (out_dir / "report.html").write_text(render.html(summary, images), encoding="utf-8")
-    write_summary(run_dir, js)
+    write_summary(run_dir, _NotPrivateFirst.from_dict(js))
     return js
+
+
+class _NotPrivateFirst(Summary):
+    """The summary record with ``not_private`` (when present) as the file's first key.
+
+    :class:`rundir.records.Summary` writes keys it does not declare last; a run without a
+    guarantee must say so in the first line of ``summary.json``.
+    """
+
+    def to_dict(self) -> dict[str, Any]:
+        """As :meth:`Summary.to_dict`, with ``not_private`` moved to the front."""
+        d = super().to_dict()
+        if "not_private" in d:
+            d = {"not_private": d.pop("not_private"), **d}
+        return d

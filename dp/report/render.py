@@ -21,6 +21,8 @@ TIER_WORDS = {
     "weak": "weak (epsilon > 10)",
     "none": "no guarantee",
 }
+#: Device-level DP's trust model, in words (the same as dp.report.build.DEVICE_TRUST_MODEL's name).
+DEVICE_TRUST = "central DP: DP-FedAvg on the server (trusts the aggregator)"
 
 
 def fmt(x: Any, digits: int = 4) -> str:
@@ -50,13 +52,145 @@ def _param(cfg: dict, key: str) -> str:
     return fmt(cfg.get(key)) if key in cfg else "not recorded"
 
 
+def _n_devices(n: int, verb: str | None = None) -> str:
+    """``"1 device"`` / ``"3 devices"``, with ``verb`` ("have" or "were") agreeing when given."""
+    text = f"{n} device{'' if n == 1 else 's'}"
+    if verb:
+        text += " " + {"have": "has", "were": "was"}[verb] if n == 1 else " " + verb
+    return text
+
+
+def _example_budget_source(u: dict[str, Any], b: dict[str, Any]) -> str:
+    """Which settings set the example-level budget, e.g. ``--max-epsilon 6`` or the min of two."""
+    names = {"max_epsilon": "--max-epsilon", "target_epsilon": "--target-epsilon"}
+    parts = [f"{names[k]} {fmt(b.get(k))}" for k in u.get("from", []) if k in names]
+    if len(parts) == 2:
+        return f"from {parts[0]} and {parts[1]}: the server uses the smaller, min(--max-epsilon, --target-epsilon)"
+    return f"from {parts[0]}" if parts else "source not recorded"
+
+
+def budget_blocks(summary: dict[str, Any]) -> list[Block]:
+    """The "Budgets" section: every budget that applies, how many devices reached it, any device above it."""
+    out: list[Block] = [("h", 2, "Budgets")]
+    b = summary.get("budget") or {}
+    delta = summary.get("delta")
+    dp_on, device_dp = summary["dp"], bool(summary.get("device_dp"))
+    if not (dp_on or device_dp):
+        out.append(("p", "No privacy budget applies: the run is not private."))
+        return out
+    items = []
+    any_budget = False
+    for unit, label, applies in (("example", "Example level", dp_on), ("device", "Device level", device_dp)):
+        u = b.get(unit)
+        if u is None:
+            if applies:
+                items.append(f"{label}: no budget set ("
+                             + ("neither --max-epsilon nor --target-epsilon" if unit == "example"
+                                else "no --target-epsilon-device") + "); devices were selected whatever their epsilon.")
+            continue
+        if u.get("epsilon") is None:
+            items.append(f"{label}: {_n_devices(u['devices_reached'], 'have')} budget events in the ledger, but "
+                         "config.toml records no budget of this unit.")
+            continue
+        any_budget = True
+        src = (_example_budget_source(u, b) if unit == "example"
+               else f"from --target-epsilon-device {fmt(b.get('target_epsilon_device'))}")
+        text = (f"{label}: epsilon <= {fmt(u['epsilon'])} per device at delta = {fmt(delta)} ({src}). "
+                f"{_n_devices(u['devices_reached'])} reached it (the next round would have passed the budget, "
+                "so the device was not selected again).")
+        if unit == "example" and "target_epsilon" in u.get("from", []):
+            text += (" --target-epsilon also calibrated the noise multiplier for the planned schedule; it is "
+                     "enforced as a budget as well, so crashed and re-run rounds cannot push a device past it.")
+        items.append(text)
+    out.append(("ul", items))
+    exceeded = [(unit, b[unit]) for unit in ("example", "device") if (b.get(unit) or {}).get("devices_over")]
+    for unit, u in exceeded:
+        per = ((summary["epsilon"].get(unit) or {}).get("per_device")) or {}
+        worst = max((per.get(d, 0.0) for d in u["devices_over"]), default=0.0)
+        out.append(("alert", f"BUDGET EXCEEDED at {unit} level: {_n_devices(len(u['devices_over']), 'have')} an "
+                             f"epsilon above the budget {fmt(u['epsilon'])} (largest {fmt(worst)}; devices "
+                             f"{', '.join(map(str, u['devices_over'][:20]))}{', ...' if len(u['devices_over']) > 20 else ''}). "
+                             "This should not happen: the server removes a device from selection before its "
+                             "next round would pass its budget."))
+    if summary["budget_events"]:
+        out.append(("p", f"{_n_devices(summary['devices_over_budget'], 'were')} removed from selection because their "
+                         "next round would have exceeded their budget:"))
+        out.append(("table", ["device", "unit", "round", "epsilon its next round would have reached"],
+                    [[str(e["device_id"]), e["unit"], str(e["round"]), fmt(e["epsilon"])]
+                     for e in summary["budget_events"][:200]]))
+        if len(summary["budget_events"]) > 200:
+            out.append(("p", f"... and {len(summary['budget_events']) - 200} more (see summary.json)."))
+    elif not exceeded:
+        out.append(("p", "No device reached its budget." if any_budget
+                         else "No device was removed from selection for a budget."))
+    return out
+
+
+def _budget_headline(summary: dict[str, Any]) -> str:
+    b = summary.get("budget") or {}
+    parts = []
+    for unit in ("example", "device"):
+        u = b.get(unit)
+        if u and u.get("epsilon") is not None:
+            over = len(u.get("devices_over") or [])
+            parts.append(f"{unit} level epsilon <= {fmt(u['epsilon'])} per device ({_n_devices(u['devices_reached'])} "
+                         "reached it" + (f"; {over} ABOVE it" if over else "") + ")")
+    text = "Budgets: " + ("; ".join(parts) if parts else "none set") + "."
+    return text + f" Devices removed from selection because of their budget: {summary['devices_over_budget']}."
+
+
+def _counts_paragraph(summary: dict[str, Any]) -> str:
+    """What the example-level guarantee means given that the server knows every device's example count."""
+    cfg = summary.get("config") or {}
+    placement = summary.get("noise_at")
+    uses = []
+    if summary["dp"] and placement == "device":
+        uses.append("the local sampling rate q = B / n_k and the number of local steps")
+    if summary["dp"] and placement == "aggregate":
+        uses.append("the denominator of the noisy sum (the expected number of sampled examples, the sum of "
+                    "p n_k over the cohort)")
+    uses.append("the selection probabilities q_k (from activity)")
+    if not summary.get("device_dp") and placement != "aggregate":
+        uses.append("the FedAvg weights")
+    if cfg.get("selection_constant") is None and (summary.get("selection") or {}).get("calibration_note"):
+        uses.append("the one calibration of the selection constant c")
+    return (
+        "Example counts are public. The server knows each device's exact example count n_k and uses it for "
+        + (", ".join(uses[:-1]) + " and " + uses[-1] if len(uses) > 1 else uses[0]) + ". The accounting treats these counts as public metadata fixed in advance: the "
+        "example-level guarantee is for adding or removing one example while the counts the server uses are held "
+        "fixed. The counts themselves are not protected: the released models depend on them through these uses, "
+        "so they can reveal them (for instance whether a device's count changed). "
+        "The guarantee therefore protects an example's content and presence only relative to those public counts: "
+        "it hides which examples a device holds and what they say, given how many it holds, not how many. "
+        "Equivalently, for two datasets with the same counts that differ in one example (replace-one adjacency: "
+        "remove one example and add another), group privacy over the two add/remove steps gives "
+        "(2 epsilon, (1 + e^epsilon) delta) from the add/remove (epsilon, delta) stated in this report."
+        + (" (In this run the example-level bound is itself derived from device level by removing the device "
+           "and adding it back with the changed data, so it already covers replacing one example.)"
+           if summary.get("device_dp") and not summary["dp"] else "")
+    )
+
+
 def blocks(summary: dict[str, Any], images: dict[str, Path]) -> list[Block]:
-    """The report's content, format-independent."""
+    """The report's content, format-independent.
+
+    A run without a guarantee (no DP, or ``--reproducible-noise``) starts with an ``("alert", text)``
+    block saying so, which the writers put on the file's first line.
+    """
     cfg = summary.get("config") or {}
     delta = summary["delta"]
     acc = summary["accountant"]
     eps = summary["epsilon"]
+    dp_on = bool(summary["dp"])
+    device_dp = bool(summary.get("device_dp"))
+    any_dp = dp_on or device_dp
+    placement = summary.get("noise_at") or ("device" if dp_on else None)
+    aggregate = dp_on and placement == "aggregate"
+    reproducible = any_dp and bool(summary.get("reproducible_noise"))
+    trust = summary.get("trust_model") or {}
     out: list[Block] = []
+    if summary.get("not_private"):
+        out.append(("alert", f"NOT PRIVATE: {summary['not_private']}."))
     title = f"Privacy budget report: run {summary['run_id']}"
     out.append(("h", 1, title))
     state = (
@@ -69,29 +203,46 @@ def blocks(summary: dict[str, Any], images: dict[str, Path]) -> list[Block]:
 
     # ---------------------------------------------------------------- headline
     out.append(("h", 2, "Summary"))
-    if not summary["dp"]:
-        out.append(("p", "THIS RUN IS NOT PRIVATE (dp = false). No noise was added and no differential "
-                         "privacy guarantee holds: epsilon = infinity for every example and every device. "
-                         "The accuracy below is what training without privacy achieves."))
+    if not any_dp:
+        out.append(("p", "THIS RUN IS NOT PRIVATE (dp = false, device_dp = false). No noise was added and no "
+                         "differential privacy guarantee holds: epsilon = infinity for every example and every "
+                         "device. The accuracy below is what training without privacy achieves."))
     else:
+        if reproducible:
+            out.append(("p", "THIS RUN IS NOT PRIVATE (--reproducible-noise): its noise and its secret sampling "
+                             "decisions were derived from the seed recorded in config.toml, so anyone holding the "
+                             "run directory can regenerate them and subtract the noise. The epsilons below are what "
+                             "the accounting gives for secret noise; they do NOT hold for this run."))
         ex = eps.get("example") or {}
         dv = eps.get("device")
-        items = [
-            f"Example level (one utterance): epsilon = {fmt(ex.get('max'))} at delta = {fmt(delta)} "
-            f"(maximum over devices; median {fmt(ex.get('median'))}). Strength: {TIER_WORDS[ex.get('tier', 'none')]}.",
-        ]
+        items = []
+        if dp_on:
+            items.append(
+                f"Example level (one utterance): epsilon = {fmt(ex.get('max'))} at delta = {fmt(delta)} "
+                f"(maximum over devices; median {fmt(ex.get('median'))}). Strength: {TIER_WORDS[ex.get('tier', 'none')]}.")
+        elif dv:
+            items.append(
+                "Example level (one utterance): no example-level noise (dp = false), but the device-level guarantee "
+                "implies one, because one example is part of one device's data: example-level epsilon <= 2 x "
+                f"device-level epsilon = {fmt(ex.get('max'))} at delta = (1 + e^epsilon_device) delta = "
+                f"{fmt(ex.get('delta'))} (group privacy over removing the device and adding it back with the "
+                f"changed example; see Privacy units and adjacency). Strength: {TIER_WORDS[ex.get('tier', 'none')]}.")
         if dv:
             items.append(
                 f"Device level (all of one device's data): epsilon = {fmt(dv.get('max'))} at delta = {fmt(delta)} "
-                f"(maximum over devices; median {fmt(dv.get('median'))}). Strength: {TIER_WORDS[dv.get('tier', 'none')]}."
-            )
+                f"(maximum over devices; median {fmt(dv.get('median'))}). Strength: {TIER_WORDS[dv.get('tier', 'none')]}.")
         else:
             items.append("Device level: NOT protected. Device-level DP was off, so there is no guarantee "
                          "for a device's data as a whole (epsilon = infinity at device level); the server "
-                         "sees each device's individual update.")
+                         + ("sees each device's clipped gradient sum, which carries no noise of its own."
+                            if aggregate else "sees each device's individual update."))
+        names = [f"{u} level: {t['name']}" for u, t in (("example", trust.get("example")), ("device", trust.get("device"))) if t]
+        if names:
+            items.append("Trust model: " + "; ".join(names) + ".")
         items.append(f"Accountant: {acc.upper()} ({'privacy loss distributions, tight' if acc == 'pld' else 'Renyi DP, an upper bound'}); "
-                     "adjacency: add or remove one unit; sampling: Poisson.")
-        items.append(f"Devices removed from selection because of their budget: {summary['devices_over_budget']}.")
+                     "adjacency: add or remove one unit, with the example counts the server uses treated as public "
+                     "(see Privacy units and adjacency); sampling: Poisson.")
+        items.append(_budget_headline(summary))
         items.append(_task_metrics_text(summary))
         out.append(("ul", items))
     for w in summary.get("warnings", []):
@@ -99,60 +250,114 @@ def blocks(summary: dict[str, Any], images: dict[str, Path]) -> list[Block]:
 
     # ---------------------------------------------------------------- setting
     out.append(("h", 2, "Setting and threat model"))
-    if summary["dp"]:
-        trust = [
-            "Example-level noise is added on the device: each device trains with DP-SGD (per-example "
-            "clipping to C, Gaussian noise of standard deviation sigma * C added to the summed clipped "
-            "gradients of each Poisson-sampled batch). The update that leaves the device is already private "
-            "for each of its examples.",
-        ]
-        if summary.get("device_dp"):
-            trust.append(
-                "Device-level noise is added on the server: each device's update is clipped to norm S and "
-                "Gaussian noise of standard deviation sigma_u * S is added to the sum. The server is trusted to "
-                "add this noise: it sees the individual (example-level-private) updates before aggregation.")
+    if any_dp:
+        th = []
+        ex_trust = trust.get("example")
+        if dp_on and not aggregate:
+            th.append(
+                "Example-level noise is added on the device: each device trains with DP-SGD (per-example "
+                "clipping to C, Gaussian noise of standard deviation sigma * C added to the summed clipped "
+                "gradients of each Poisson-sampled batch). The update that leaves the device is already private "
+                "for each of its examples.")
+        elif aggregate:
+            th.append(
+                f"Example-level noise is added on the aggregate: each selected device Poisson-samples its examples "
+                f"at rate p = {_param(cfg, 'sample_rate')}, clips each example's gradient to C and sends only the sum "
+                "of the clipped gradients (no loss, no sample count, no timing). The server adds Gaussian noise of "
+                "standard deviation sigma * C once per round to the cohort's sum, divides by the expected number of "
+                "sampled examples (the sum of p n_k over the cohort, from the public counts) and takes a server "
+                f"optimizer step (strategy {_param(cfg, 'strategy')}). A device's clipped sum carries no noise of "
+                "its own.")
         else:
-            trust.append("No device-level noise: the server sees each device's individual update, which is "
-                         "protected only at example level.")
-        trust.append("The server also sees activity counts (how many examples each device holds); these are "
-                     "metadata outside the guarantee.")
-        trust.append("Everything released is covered: each round's global model is a function of the noisy "
-                     "aggregates up to that round, and epsilon composes every round, so all rounds' models "
-                     "(not only the last) are covered.")
-        out.append(("ul", trust))
+            th.append("No example-level noise (dp = false): devices train without DP-SGD. The guarantee comes from "
+                      "device-level DP alone.")
+        if ex_trust:
+            th.append(f"Trust model at example level: {ex_trust['name']}. Trusted: {ex_trust['trusted']}. "
+                      f"The guarantee holds against {ex_trust['holds_against']}."
+                      + (" Here the server does see the individual clipped sums: the run assumes it does not "
+                         "look at them." if aggregate else ""))
+        if device_dp:
+            th.append(
+                "Device-level noise is added on the server: each device's update is clipped to norm S and "
+                "Gaussian noise of standard deviation sigma_u * S is added to the sum. Trust model at device level: "
+                f"{(trust.get('device') or {}).get('name', DEVICE_TRUST)}. The server is trusted to add this noise: it sees the individual "
+                + ("(example-level-private) updates before aggregation" if dp_on
+                   else "updates before aggregation, which carry no noise of their own")
+                + ". The guarantee holds against observers of the released models.")
+        else:
+            th.append("No device-level noise: the server sees each device's individual clipped gradient sum, "
+                      "which is not protected against it: only the noisy aggregate is (see the trust model)."
+                      if aggregate else "No device-level noise: the server sees each device's individual update, "
+                      "which is protected only at example level.")
+        th.append("The server also sees activity counts (how many examples each device holds); these are "
+                  "metadata outside the guarantee.")
+        if reproducible:
+            th.append("Noise source: derived from the seed in config.toml (--reproducible-noise), so the noise and "
+                      "the sampling decisions can be regenerated: no guarantee holds.")
+        else:
+            th.append("Noise source: the noise and every sampling decision the accountant treats as random ("
+                      + ("example sampling" if aggregate else "Poisson batches" if dp_on else "")
+                      + (", " if dp_on else "") + "cohort selection, the Gaussian noise) came from a secret source, "
+                      "a ChaCha20 generator keyed by operating-system entropy, that was never recorded. The seed in "
+                      "config.toml drives only partitioning, initialisation and data splits.")
+        th.append("Everything released is covered: each round's global model is a function of the noisy "
+                  "aggregates up to that round, and epsilon composes every round, so all rounds' models "
+                  "(not only the last) are covered.")
+        if device_dp:
+            th.append("This report and the run directory are for the operator: they record which rounds each "
+                      "device joined and the realised cohort sizes, which the device-level guarantee (for the "
+                      "released models) does not cover.")
+        out.append(("ul", th))
     else:
         out.append(("p", "No differential privacy: updates are neither clipped nor noised for privacy, and the "
                          "server sees each device's update."))
 
     out.append(("h", 3, "Privacy units and adjacency"))
-    if not summary["dp"]:
+    if not any_dp:
         out.append(("p", "For reference only: the units a private run would protect. This run protects neither."))
-    out.append(("ul", [
-        "Example level: the unit is one example (one utterance). Two datasets are neighbours if one is the "
-        "other with one example added or removed. An example lives on one device, so the run's example-level "
-        "epsilon is the maximum over devices of each device's own composition.",
-        "Device level: the unit is one device with all of its data (add or remove one device). With Poisson "
-        "selection each device's guarantee depends on its own inclusion probability q_k, so each device is "
-        "accounted individually.",
-    ]))
+    ex_unit = ("Example level: the unit is one example (one utterance). Two datasets are neighbours if one is the "
+               "other with one example added or removed. An example lives on one device, so the run's example-level "
+               "epsilon is the maximum over devices of each device's own composition.")
+    if aggregate:
+        ex_unit += (" With noise on the aggregate, each round a device joined is one Poisson-subsampled Gaussian "
+                    "(rate p, noise multiplier sigma) for each of its examples: one example changes the cohort's "
+                    "clipped sum by at most C. No amplification by device selection is claimed at example level: an "
+                    "example's inclusion is correlated with its device's other examples, whose contribution can "
+                    "reveal that the device took part, so the rate is p, not q_k * p.")
+    dev_unit = ("Device level: the unit is one device with all of its data (add or remove one device). With Poisson "
+                "selection each device's guarantee depends on its own inclusion probability q_k, so each device is "
+                "accounted individually.")
+    if device_dp and not dp_on:
+        dev_unit += (" It also bounds the example level: changing one example of device k is at most removing the "
+                     "device and adding it back with the changed data (same public count, same q_k), so group "
+                     "privacy gives (2 epsilon_k, (1 + e^epsilon_k) delta) per example. The factor 2 is needed: one "
+                     "changed example can move a device's clipped update by up to 2 S.")
+    out.append(("ul", [ex_unit, dev_unit]))
+    if any_dp:
+        out.append(("p", _counts_paragraph(summary)))
 
-    if summary["dp"]:
+    if any_dp:
         out.append(("h", 3, "Accountant and delta"))
         dvu = summary.get("delta_vs_units") or {}
         n_ex, n_dev = summary.get("num_examples"), summary.get("num_devices")
+        where = []
+        if dp_on:
+            where.append("example level: " + ("each example's inclusion in its device's clipped sum, rate p"
+                                              if aggregate else "local batches"))
+        if device_dp:
+            where.append("device level: cohort selection")
         dl = [
             f"Accountant: {acc} ({'dp-accounting privacy loss distributions with pessimistic discretisation: an upper bound on epsilon (Koskela et al. 2020; Google dp-accounting)' if acc == 'pld' else 'dp-accounting Renyi DP (Mironov 2017) converted to (epsilon, delta) following Balle et al. 2020'}). "
             "It assumes Poisson sampling: each unit is included in each step independently with probability q "
-            "(example level: local batches; device level: cohort selection). Every epsilon in this report was "
-            "recomputed from the ledger's privacy events.",
+            f"({'; '.join(where)}). Every epsilon in this report was recomputed from the ledger's privacy events.",
             f"delta = {fmt(delta)}, the probability with which the epsilon bound may fail. It must be far below "
             "1/N, since a mechanism that publishes one random unit's data outright is (0, 1/N)-DP.",
         ]
-        if dvu.get("one_over_examples"):
+        if dvu.get("one_over_examples") and dp_on:
             dl.append(f"Example level: N = {n_ex} training examples, 1/N = {fmt(dvu['one_over_examples'])}; "
                       f"delta is {fmt(dvu['one_over_examples'] / delta, 3)} times smaller."
                       + ("" if delta * 10 <= dvu["one_over_examples"] else " WARNING: delta is not far below 1/N."))
-        if dvu.get("one_over_devices") and summary.get("device_dp"):
+        if dvu.get("one_over_devices") and device_dp:
             dl.append(f"Device level: N = {n_dev} devices, 1/N = {fmt(dvu['one_over_devices'])}; "
                       f"delta is {fmt(dvu['one_over_devices'] / delta, 3)} times smaller."
                       + ("" if delta * 10 <= dvu["one_over_devices"] else " WARNING: delta is not far below 1/N."))
@@ -164,30 +369,43 @@ def blocks(summary: dict[str, Any], images: dict[str, Path]) -> list[Block]:
         ["rounds (planned / committed)", f"{fmt(summary['rounds_planned'])} / {summary['rounds_completed']}"],
         ["expected cohort size", _param(cfg, "cohort_size")],
         ["devices", fmt(summary.get("num_devices"))],
-        ["local epochs", _param(cfg, "local_epochs")],
-        ["expected local batch size", _param(cfg, "batch_size")],
     ]
-    if summary["dp"]:
+    if not aggregate:
+        rows += [["local epochs", _param(cfg, "local_epochs")],
+                 ["expected local batch size", _param(cfg, "batch_size")]]
+    if dp_on:
         rows += [
+            ["example level: noise added", "on the aggregate (by the server, once per round, to the cohort's sum)"
+             if aggregate else "on the device (DP-SGD, at every local step)"],
             ["example level: noise multiplier sigma", _param(cfg, "noise_multiplier")],
             ["example level: clipping norm C (max_grad_norm)", _param(cfg, "max_grad_norm")],
         ]
+        if aggregate:
+            rows += [["example level: example sampling rate p", _param(cfg, "sample_rate")],
+                     ["server learning rate", _param(cfg, "server_learning_rate")]]
     else:
-        rows.append(["noise and clipping", "not applied (dp = false)"])
-    ex = eps.get("example") if summary["dp"] else None
+        rows.append(["example-level noise and clipping", "not applied (dp = false)"])
+    ex = eps.get("example") if dp_on else None
     if ex and ex.get("mechanism"):
         m = ex["mechanism"]
-        rows += [
-            ["example level: sigma in the ledger", _range(m["noise_multiplier"])],
-            ["example level: sample rate q = batch / examples held", _range(m["sample_rate"])],
-            ["example level: local steps per round", _range(m["steps_per_event"])],
-            ["example level: total steps, most-trained device", fmt(m["total_steps_max_device"])],
-        ]
+        if aggregate:
+            rows += [
+                ["example level: sampling rate p in the ledger", _range(m["sample_rate"])],
+                ["example level: noisy sums per round joined", _range(m["steps_per_event"])],
+                ["example level: rounds composed, most-trained device", fmt(m["total_steps_max_device"])],
+            ]
+        else:
+            rows += [
+                ["example level: sigma in the ledger", _range(m["noise_multiplier"])],
+                ["example level: sample rate q = batch / examples held", _range(m["sample_rate"])],
+                ["example level: local steps per round", _range(m["steps_per_event"])],
+                ["example level: total steps, most-trained device", fmt(m["total_steps_max_device"])],
+            ]
     rows += [
-        ["device-level DP", fmt(bool(summary["dp"] and summary.get("device_dp")))],
+        ["device-level DP", fmt(device_dp)],
     ]
-    dv = eps.get("device") if summary["dp"] else None
-    if summary["dp"] and summary.get("device_dp"):
+    dv = eps.get("device") if device_dp else None
+    if device_dp:
         rows += [
             ["device level: noise multiplier sigma_u", _param(cfg, "device_noise_multiplier")],
             ["device level: update clip norm S", _param(cfg, "update_clip_norm")],
@@ -205,7 +423,7 @@ def blocks(summary: dict[str, Any], images: dict[str, Path]) -> list[Block]:
         f"and c = {fmt(sel['selection_constant'])}; expected cohort size {fmt(sel['expected_cohort_size'])}.",
         "Selection used activity counts (the number of examples each device holds), which the server sees.",
     ]
-    if summary["dp"]:
+    if dp_on:
         sel_text.append(
             "Example-level accounting is conditioned on participation: each device composes the steps of the "
             "rounds it actually joined, so the example-level guarantee does not cover the fact of being selected.")
@@ -214,23 +432,29 @@ def blocks(summary: dict[str, Any], images: dict[str, Path]) -> list[Block]:
     out.append(("ul", sel_text))
 
     # ---------------------------------------------------------------- epsilon per unit
-    if summary["dp"]:
+    if any_dp:
         out.append(("h", 2, "Epsilon per privacy unit"))
         header = ["unit", "max", "median", "p90", "min", "devices accounted", "strength", "ledger's cached max"]
         trows = []
         for unit in ("example", "device"):
             st = eps.get(unit)
-            if not st:
+            if st and st.get("implied_by") == "device":
+                trows.append([unit, f"<= {fmt(st['max'])} (2 x device level, at delta {fmt(st.get('delta'))})",
+                              f"<= {fmt(st['median'])}", "", "", str(st.get("devices_accounted", "")),
+                              TIER_WORDS[st["tier"]], ""])
+                continue
+            if not st or "per_device" not in st:
                 trows.append([unit, "∞ (not protected)", "", "", "", "", "none", ""])
                 continue
             trows.append([unit, fmt(st["max"]), fmt(st["median"]), fmt(st["p90"]), fmt(st["min"]),
                           str(st["devices_accounted"]), TIER_WORDS[st["tier"]], fmt(st["ledger_max"])])
         out.append(("table", header, trows))
-        out.append(("p", f"All epsilons are at delta = {fmt(delta)}. The median is over devices with at least "
-                         "one event of that unit; devices that never trained have epsilon 0 (median over all "
-                         "devices: " + ", ".join(
-                             f"{u} {fmt(eps[u]['median_all_devices'])}" for u in ("example", "device") if eps.get(u))
-                         + "). Strength tiers: <= 1 strong, <= 10 reasonable, > 10 weak."))
+        accounted = [u for u in ("example", "device") if (eps.get(u) or {}).get("per_device") is not None]
+        out.append(("p", f"All epsilons are at delta = {fmt(delta)} unless stated. The median is over devices with "
+                         "at least one event of that unit; devices that never trained have epsilon 0 (median over all "
+                         "devices: " + ", ".join(f"{u} {fmt(eps[u]['median_all_devices'])}" for u in accounted)
+                         + "). Strength tiers: <= 1 strong, <= 10 reasonable, > 10 weak."
+                         + (" These epsilons do NOT hold for this run (--reproducible-noise)." if reproducible else "")))
         oe = (eps.get("example") or {}).get("over_examples")
         if oe and oe.get("examples"):
             how = ("the rounds in which its device trained while holding it (the ledger's example holdings: "
@@ -250,30 +474,23 @@ def blocks(summary: dict[str, Any], images: dict[str, Path]) -> list[Block]:
             out.append(("img", "epsilon_distribution", "Distribution of per-device epsilon."))
 
     out += audit_blocks(summary, images)
+    out += budget_blocks(summary)
+    out += utility_blocks(summary, images)
+    return out
 
-    # ---------------------------------------------------------------- budgets
-    out.append(("h", 2, "Budgets"))
-    b = summary.get("budget") or {}
-    if not summary["dp"]:
-        out.append(("p", "No privacy budget applies: the run is not private."))
-    elif b.get("epsilon_budget") is not None or b.get("device_epsilon_budget") is not None:
-        out.append(("p", f"Budget: example-level epsilon {fmt(b.get('epsilon_budget'))}, device-level epsilon "
-                         f"{fmt(b.get('device_epsilon_budget'))}, at delta = {fmt(delta)}."))
-    if not summary["dp"]:
-        pass
-    elif summary["budget_events"]:
-        out.append(("p", f"{summary['devices_over_budget']} device(s) were removed from selection because their "
-                         "next round would have exceeded their budget:"))
-        out.append(("table", ["device", "unit", "round", "epsilon then"],
-                    [[str(e["device_id"]), e["unit"], str(e["round"]), fmt(e["epsilon"])]
-                     for e in summary["budget_events"][:200]]))
-        if len(summary["budget_events"]) > 200:
-            out.append(("p", f"... and {len(summary['budget_events']) - 200} more (see summary.json)."))
-    else:
-        out.append(("p", "No device reached its budget."))
 
-    # ---------------------------------------------------------------- utility
-    out.append(("h", 2, "Utility beside privacy"))
+def _has(metrics: list[dict[str, Any]], key: str) -> bool:
+    return any(isinstance(m.get(key), (int, float)) and not isinstance(m.get(key), bool) for m in metrics)
+
+
+def utility_blocks(summary: dict[str, Any], images: dict[str, Path]) -> list[Block]:
+    """The "Utility beside privacy" section: final metrics, the per-round table and where each figure comes from.
+
+    Columns appear only when some round has a value: a private run's devices send no training
+    loss, and a non-private run has no epsilon.
+    """
+    out: list[Block] = [("h", 2, "Utility beside privacy")]
+    any_dp = summary["dp"] or bool(summary.get("device_dp"))
     base = summary.get("baseline")
     if base:
         da = (summary["final_accuracy"] - base["final_accuracy"]
@@ -286,17 +503,36 @@ def blocks(summary: dict[str, Any], images: dict[str, Path]) -> list[Block]:
                             f"{fmt(base.get('final_sentence_accuracy'))}." if summary.get("final_slot_f1") is not None else "")))
     if "accuracy_vs_round" in images:
         out.append(("img", "accuracy_vs_round", "Accuracy and macro-F1 against round."))
-    mrows = []
-    slots = any("slot_f1" in m for m in summary.get("metrics", []))
-    for m in summary.get("metrics", []):
-        mrows.append([str(m["round"]), fmt(m.get("cohort_size")), "yes" if m.get("skipped") else "",
-                      fmt(m.get("train_loss")), fmt(m.get("accuracy")), fmt(m.get("macro_f1"))]
-                     + ([fmt(m.get("slot_f1")), fmt(m.get("sentence_accuracy"))] if slots else [])
-                     + [fmt(m.get("epsilon_example_max")), fmt(m.get("epsilon_device_max"))])
+    metrics = summary.get("metrics", [])
+    slots = any("slot_f1" in m for m in metrics)
+    # (header, key) per optional column; the realised cohort size is left out under device-level DP,
+    # whose accounting treats the cohort as secret.
+    cols = [("cohort", "cohort_size")] if not summary.get("device_dp") else []
+    cols += [("train loss", "train_loss")] if _has(metrics, "train_loss") else []
+    cols += [("accuracy", "accuracy"), ("macro-F1", "macro_f1")]
+    cols += [("test loss", "test_loss")] if _has(metrics, "test_loss") else []
+    cols += [("slot F1", "slot_f1"), ("sentence accuracy", "sentence_accuracy")] if slots else []
+    cols += [("example eps (server, max)", "epsilon_example_max")] if _has(metrics, "epsilon_example_max") else []
+    cols += [("device eps (server, max)", "epsilon_device_max")] if _has(metrics, "epsilon_device_max") else []
+    mrows = [[str(m["round"])] + ["yes" if m.get("skipped") else ""] + [fmt(m.get(k)) for _, k in cols]
+             for m in metrics]
     if mrows:
-        out.append(("table", ["round", "cohort", "skipped", "train loss", "accuracy", "macro-F1"]
-                    + (["slot F1", "sentence accuracy"] if slots else [])
-                    + ["example eps (server, max)", "device eps (server, max)"], mrows))
+        out.append(("table", ["round", "skipped"] + [h for h, _ in cols], mrows))
+        src = ("Per-round figures: accuracy, macro-F1" + (", test loss" if _has(metrics, "test_loss") else "")
+               + (", slot F1 and sentence accuracy" if slots else "") + " are computed on the test split"
+               + ("; the epsilon columns are the server's accountant's running maxima (privacy quantities from "
+                  "public counts and the rounds joined, not from device data)."
+                  if _has(metrics, "epsilon_example_max") or _has(metrics, "epsilon_device_max") else "."))
+        if _has(metrics, "train_loss"):
+            src += (" The train loss is the example-weighted mean of the losses the devices reported, which only a "
+                    "run without DP sends" + (": this run's config says DP was on, so check it." if any_dp else "."))
+        elif any_dp:
+            src += (" No training loss is shown: a private run's devices send no loss or other un-noised "
+                    "statistic of their data.")
+        if summary.get("device_dp"):
+            src += (" The realised cohort size is not shown (the device-level accounting treats the cohort as "
+                    "secret); the expected cohort size is in the mechanism table.")
+        out.append(("p", src))
     else:
         out.append(("p", "No metrics recorded yet."))
     out.append(("p", "Sources: Mironov 2017 (Renyi DP); Koskela, Jalko & Honkela 2020 and Google's dp-accounting "
@@ -402,9 +638,18 @@ def audit_blocks(summary: dict[str, Any], images: dict[str, Path]) -> list[Block
     out.append(("table", ["measure", "value"], rows))
     lbv = a.get("epsilon_lower_bound")
     theo_ex = theo.get("epsilon_example_max")
-    if not summary.get("dp"):
-        out.append(("p", f"This run has no privacy guarantee (epsilon = infinity); the empirical lower bound "
-                         f"{fmt(lbv)} shows the leakage the audit could certify without one."))
+    implied = (summary.get("epsilon") or {}).get("example") or {}
+    if summary.get("not_private"):
+        out.append(("p", f"This run has no privacy guarantee ({summary['not_private']}); the empirical lower "
+                         f"bound {fmt(lbv)} shows the leakage the audit could certify without one."))
+    elif implied.get("implied_by") == "device":
+        if isinstance(lbv, (int, float)):
+            out.append(("p", f"No example-level noise: the empirical lower bound {fmt(lbv)} is to be set beside "
+                             f"the example-level bound implied by device level, {fmt(implied.get('max'))} at delta "
+                             f"{fmt(implied.get('delta'))}"
+                             + (" (consistent)." if lbv <= implied.get("max", math.inf) else
+                                ". WARNING: it exceeds that bound; if the audit's assumptions hold, the accounting "
+                                "or the DP implementation is wrong for this run.")))
     elif isinstance(lbv, (int, float)) and isinstance(theo_ex, (int, float)):
         group = theo.get("epsilon_group") if rep > 1 else theo_ex
         if lbv <= theo_ex:
@@ -447,6 +692,8 @@ def markdown(summary: dict[str, Any], images: dict[str, Path]) -> str:
             lines += ["#" * b[1] + " " + b[2], ""]
         elif kind == "p":
             lines += [b[1], ""]
+        elif kind == "alert":
+            lines += [f"**{b[1]}**", ""]
         elif kind == "ul":
             lines += [f"- {item}" for item in b[1]] + [""]
         elif kind == "table":
@@ -474,13 +721,19 @@ figcaption{font-size:.85em;color:#555}.note{background:#fff8e1;border-left:4px s
 def html(summary: dict[str, Any], images: dict[str, Path]) -> str:
     """Self-contained HTML: inline CSS, plots as base64 data URIs, no external references."""
     e = _html.escape
-    parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
-             f"<title>{e('Privacy budget report: ' + str(summary['run_id']))}</title>",
-             f"<style>{CSS}</style></head><body>"]
+    reason = summary.get("not_private")
+    title = ("NOT PRIVATE: " if reason else "") + "Privacy budget report: " + str(summary["run_id"])
+    # The first line names the file and, for a run without a guarantee, says so and why (the
+    # title and a meta element, both on line 1; the body then opens with the same alert).
+    first = (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{e(title)}</title>'
+             + (f'<meta name="dpfl-not-private" content="NOT PRIVATE: {e(reason, quote=True)}.">' if reason else ""))
+    parts = [first, f"<style>{CSS}</style></head><body>"]
     for b in blocks(summary, images):
         kind = b[0]
         if kind == "h":
             parts.append(f"<h{b[1]}>{e(b[2])}</h{b[1]}>")
+        elif kind == "alert":
+            parts.append(f'<p class="alert">{e(b[1])}</p>')
         elif kind == "p":
             cls = ""
             if b[1].startswith("Note:"):
