@@ -1,0 +1,405 @@
+"""Nothing a run releases undoes its noise (issues 15 and 18), checked from outside the simulation.
+
+* Only the trainable parameters travel, in both directions, in both noise placements.
+* No reply of a DP run carries a loss, a timing or any other un-noised statistic of the data.
+* The noise is secret: two runs with the same seed release different models; the seed (and
+  everything else recorded in the run directory) does not regenerate it; ``--reproducible-noise``
+  does, by design. :class:`dp.secure_random.NoiseSource` never repeats and never travels.
+* Budgets hold: a run with ``--target-epsilon E`` never takes a device past E, even past its
+  planned rounds or after a crash whose round was spent and is re-run.
+
+The round loop runs in this process on a grid that calls the ClientApp directly (no Ray).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pickle
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Context, Error, Message, RecordDict
+
+import client.app as capp
+from dp.accounting import SubsampledGaussianEvent, compute_epsilon
+from dp.secure_random import NoiseSource
+from dpfl.config import RunConfig
+from nlu.model import set_trainable, trainable_state_keys
+from nlu.tasks import task_for_data
+from partitions.population import build_population
+from rundir import LedgerReader, config_path, read_metric_lines
+from server import app as sapp
+from server.round import commit_events, select
+
+TEXTS_ON = [f"zorblax please switch the quintarian lamp number {i} on" for i in range(12)]
+TEXTS_OFF = [f"vexmoor kindly turn the heliograph unit {i} off" for i in range(12)]
+DELTA = 1e-5
+_DEVICE_MODEL = capp._model  # the ClientApp's per-process model cache (lru_cache)
+
+
+# ---------------------------------------------------------------------------------- harness
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("hygdata")
+    with open(d / "train.jsonl", "w") as fh:
+        for t in TEXTS_ON:
+            fh.write(json.dumps({"text": t, "label": "on"}) + "\n")
+        for t in TEXTS_OFF:
+            fh.write(json.dumps({"text": t, "label": "off"}) + "\n")
+    with open(d / "test.jsonl", "w") as fh:
+        fh.write(json.dumps({"text": "lamp on", "label": "on"}) + "\n")
+        fh.write(json.dumps({"text": "lamp off", "label": "off"}) + "\n")
+    return d
+
+
+def _cfg(tmp_path, data_dir, name="run", **kw) -> RunConfig:
+    base = dict(
+        model="tiny", num_devices=4, cohort_size=3, rounds=2, max_length=16, run_id="hyg", run_dir=str(tmp_path / name),
+        data_dir=str(data_dir), batch_size=4, local_epochs=1, selection="uniform", round_timeout=30.0, target_delta=DELTA,
+    )
+    base.update(kw)
+    return RunConfig(**base).validate()
+
+
+class LocalGrid:
+    """A Grid that runs the ClientApp's train handler in this process, one Context per device."""
+
+    def __init__(self, num_devices: int):
+        self.nodes = {100 + d: d for d in range(num_devices)}
+        self.contexts = {
+            n: Context(run_id=1, node_id=n, node_config={"partition-id": d, "num-partitions": num_devices}, state=RecordDict(), run_config={})
+            for n, d in self.nodes.items()
+        }
+        self.replies: dict[str, Message] = {}
+        self.sent: list[Message] = []
+        self.outgoing: list[tuple[int, RecordDict]] = []  # (device, content) of every reply a device built
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+    def push_messages(self, messages):
+        ids = []
+        for m in messages:
+            mid = uuid.uuid4().hex
+            m.metadata.__dict__["_message_id"] = mid
+            m.metadata.__dict__["_src_node_id"] = 1
+            self.sent.append(m)
+            m.content["config"]["deadline"] = time.time() + 3600.0
+            try:
+                reply = capp.train(m, self.contexts[m.metadata.dst_node_id])
+                self.outgoing.append((self.nodes[m.metadata.dst_node_id], reply.content))
+            except Exception as exc:  # the ClientApp raised: Flower replies with an Error
+                reply = Message(Error(code=0, reason=f"{type(exc).__name__}: {exc}"), reply_to=m)
+            ids.append(mid)
+            self.replies[mid] = reply
+        return ids
+
+    def pull_messages(self, ids):
+        return [self.replies.pop(i) for i in list(ids) if i in self.replies]
+
+
+@pytest.fixture(autouse=True)
+def _task_identity():
+    """Flower's Message() reads the run id and node id of the current task; set them for in-process tests."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    old = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = 1, 1, 1
+    yield
+    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = old
+
+
+def _run(cfg, rounds=None, resume=False):
+    server = sapp.Server(cfg, resume=resume)
+    grid = LocalGrid(cfg.num_devices)
+    node_of = {d: n for n, d in grid.nodes.items()}
+    arrays = server.arrays
+    outs = []
+    for t in range(server.start_round, (rounds or cfg.rounds) + 1):
+        arrays, out = server.run_round(grid, t, arrays, node_of)
+        outs.append(out)
+    server.ledger.close()
+    return server, grid, arrays, outs
+
+
+@pytest.fixture
+def no_dropout(monkeypatch):
+    """The devices' models without dropout: a device's clipped sum is then a function of the weights and data only."""
+    orig = capp._model
+
+    def model_without_dropout(*args, **kwargs):
+        model = orig(*args, **kwargs)
+        for m in model.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0
+        return model
+
+    orig.cache_clear()
+    monkeypatch.setattr(capp, "_model", model_without_dropout)
+    yield
+    orig.cache_clear()
+
+
+def _floats(arrays) -> np.ndarray:
+    """Every floating entry of an ArrayRecord, in key order, float64."""
+    return np.concatenate([np.asarray(a.numpy(), dtype=np.float64).ravel() for a in arrays.values() if a.numpy().dtype.kind == "f"])
+
+
+def _trainable_keys(cfg) -> tuple[list[str], list[str]]:
+    """(trainable keys, frozen keys) of the run's model, built here from the settings (not the server's)."""
+    pop = build_population(cfg)
+    task = task_for_data(cfg.task, pop.data, cfg.slot_loss_weight, pooling=cfg.pooling)
+    model = set_trainable(task.build_model(cfg.model, seed=cfg.seed), cfg.trainable, **cfg.lora_options())
+    keys = trainable_state_keys(model)
+    params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    frozen = [k for k in model.state_dict() if k in params and k not in keys]
+    return keys, frozen
+
+
+# ---------------------------------------------------------------------------------- 3. only trainable parameters travel
+@pytest.mark.parametrize("noise_at", ["device", "aggregate"])
+@pytest.mark.parametrize("trainable", ["head", "lora"])
+def test_messages_hold_only_trainable_parameters(tmp_path, data_dir, noise_at, trainable):
+    cfg = _cfg(tmp_path, data_dir, noise_at=noise_at, trainable=trainable, rounds=2, cohort_size=3)
+    keys, frozen = _trainable_keys(cfg)
+    assert "encoder.embeddings.word_embeddings.weight" in frozen and len(frozen) > len(keys)
+    if trainable == "lora":
+        assert any("lora_A" in k for k in keys) and any("lora_B" in k for k in keys)
+        assert not any("base_layer" in k for k in keys)
+    else:
+        assert keys == ["classifier.weight", "classifier.bias"]
+    server, grid, released, _ = _run(cfg)
+    assert trainable_state_keys(server.model) == keys
+    assert grid.sent and grid.outgoing
+    for m in grid.sent:  # server -> device
+        assert list(m.content["arrays"].keys()) == keys
+        assert list(m.content.array_records) == ["arrays"]
+    for _, content in grid.outgoing:  # device -> server (trained weights, or the clipped sum)
+        assert list(content["arrays"].keys()) == keys
+        assert list(content.array_records) == ["arrays"]
+    assert list(released.keys()) == keys
+    # the bytes that travel are those of the trainable parameters (no frozen weight hidden in a record)
+    n_trainable = sum(int(np.prod(v.shape)) for k, v in server.model.state_dict().items() if k in keys)
+    for m in grid.sent[:2]:
+        assert sum(int(np.prod(a.shape)) for a in m.content["arrays"].values()) == n_trainable
+
+
+# ---------------------------------------------------------------------------------- 4. no un-noised statistic leaves a device
+PRIVACY_FIELDS = {"device-id", "round", "noise_multiplier", "sample_rate", "steps", "max_grad_norm"}
+
+
+def test_dp_replies_carry_no_loss_timing_or_other_statistic(tmp_path, data_dir):
+    cfg = _cfg(tmp_path, data_dir, noise_at="device", rounds=2, cohort_size=3, batch_size=4, local_epochs=2)
+    server, grid, _, outs = _run(cfg)
+    assert grid.outgoing
+    for d, content in grid.outgoing:
+        assert set(content.keys()) == {"arrays", "metrics", "privacy", "info"}
+        metrics = dict(content["metrics"])
+        assert set(metrics) == {"num-examples", "epsilon"}, metrics
+        # num-examples is the public count n_k (the server knows it); the event is a function of it
+        n = len(capp.device_examples(cfg, d, int(content["privacy"]["round"])))
+        assert metrics["num-examples"] == n
+        privacy = dict(content["privacy"])
+        assert set(privacy) == PRIVACY_FIELDS, privacy
+        assert privacy["sample_rate"] == pytest.approx(min(1.0, cfg.batch_size / n))
+        assert privacy["steps"] == math.ceil(cfg.local_epochs * n / cfg.batch_size)
+        assert privacy["noise_multiplier"] == cfg.noise_multiplier and privacy["max_grad_norm"] == cfg.max_grad_norm
+        assert set(content["info"].keys()) == {"ray-node", "device-id"}
+    assert all(o.train_loss is None and o.train_seconds_mean is None for o in outs)
+    for line in read_metric_lines(cfg.run_dir):
+        assert line.get("train_loss") is None and line.get("train_seconds_mean") is None
+        assert line.get("task_seconds_mean") is None
+
+
+def test_device_level_dp_replies_carry_no_loss(tmp_path, data_dir):
+    """DP-FedAvg without example-level DP is a DP run too: its replies carry no training loss or timings."""
+    cfg = _cfg(tmp_path, data_dir, dp=False, device_dp=True, rounds=1, cohort_size=3)
+    server, grid, _, outs = _run(cfg)
+    assert grid.outgoing
+    for _, content in grid.outgoing:
+        assert set(dict(content["metrics"])) == {"num-examples"}, dict(content["metrics"])
+    assert all(o.train_loss is None for o in outs)
+
+
+def test_non_private_run_still_reports_its_loss(tmp_path, data_dir):
+    cfg = _cfg(tmp_path, data_dir, dp=False, rounds=1, cohort_size=3)
+    _, grid, _, outs = _run(cfg)
+    assert grid.outgoing
+    for _, content in grid.outgoing:
+        m = dict(content["metrics"])
+        assert {"num-examples", "train_loss"} <= set(m) and math.isfinite(m["train_loss"]) and "epsilon" not in m
+        assert "privacy" not in content
+    assert outs[0].train_loss is not None and math.isfinite(outs[0].train_loss)
+
+
+# ---------------------------------------------------------------------------------- 6. the noise is secret
+def test_noise_source_is_secret_fresh_and_reproducible_only_when_seeded():
+    a, b = NoiseSource(), NoiseSource()
+    assert not np.array_equal(a.normal_numpy((1000,), 1.0), b.normal_numpy((1000,), 1.0))
+    assert not np.array_equal(a.uniform(100), a.uniform(100))  # one source never repeats itself
+    assert not np.array_equal(a.bytes(32), NoiseSource().bytes(32))
+    s, t = NoiseSource(7), NoiseSource(7)
+    assert np.array_equal(s.normal_numpy((1000,), 1.0), t.normal_numpy((1000,), 1.0))
+    assert np.array_equal(s.bernoulli(500, 0.3), t.bernoulli(500, 0.3))
+    assert not np.array_equal(NoiseSource(7).normal_numpy((1000,), 1.0), NoiseSource(8).normal_numpy((1000,), 1.0))
+    assert s.reproducible and not a.reproducible
+    for src in (a, s):
+        with pytest.raises(TypeError):
+            pickle.dumps(src)
+        assert src._key.hex() not in repr(src)
+
+
+def _cohorts(grid) -> list[tuple[int, list[int]]]:
+    rounds = sorted({int(m.content["config"]["server-round"]) for m in grid.sent})
+    return [(t, sorted(grid.nodes[m.metadata.dst_node_id] for m in grid.sent if int(m.content["config"]["server-round"]) == t))
+            for t in rounds]
+
+
+def _released(cfg):
+    _DEVICE_MODEL.cache_clear()  # same process state for every run (the devices' models are rebuilt)
+    server, grid, released, outs = _run(cfg)
+    return server, grid, released
+
+
+@pytest.mark.parametrize("noise_at", ["device", "aggregate"])
+def test_two_runs_with_the_same_seed_release_different_models(tmp_path, data_dir, noise_at, no_dropout):
+    """Without dropout (whose draws would differ anyway) the two runs differ only by their secret draws."""
+    kw = dict(noise_at=noise_at, trainable="head", rounds=1, num_devices=3, cohort_size=3, sample_rate=1.0, seed=5)
+    s1, g1, r1 = _released(_cfg(tmp_path, data_dir, name="a", **kw))
+    s2, g2, r2 = _released(_cfg(tmp_path, data_dir, name="b", **kw))
+    # the seed drives initialisation and partitioning: the same starting model went to the same devices
+    assert _cohorts(g1) == _cohorts(g2) == [(1, [0, 1, 2])]
+    assert np.array_equal(_floats(g1.sent[0].content["arrays"]), _floats(g2.sent[0].content["arrays"]))
+    # ... but not the noise: the released models differ
+    assert np.abs(_floats(r1) - _floats(r2)).max() > 1e-4  # far above float32 rounding of a reordered sum
+
+
+@pytest.mark.parametrize("noise_at", ["device", "aggregate"])
+def test_reproducible_noise_with_the_same_seed_releases_the_same_model(tmp_path, data_dir, noise_at, no_dropout):
+    """--reproducible-noise derives the noise, the batches, the example sampling and the cohorts from the seed.
+
+    Dropout is switched off: it draws from torch's global generator, in whatever order the
+    devices' tasks run (Flower orders a round's messages at random), and is not part of the
+    secret randomness the switch makes reproducible. The replies may be summed in another order,
+    hence a float32 rounding tolerance far below the noise (about 1e-3 per entry here).
+    """
+    kw = dict(noise_at=noise_at, trainable="head", rounds=2, num_devices=3, cohort_size=2, sample_rate=0.5, seed=5,
+              reproducible_noise=True)
+    _, g1, r1 = _released(_cfg(tmp_path, data_dir, name="a", **kw))
+    _, g2, r2 = _released(_cfg(tmp_path, data_dir, name="b", **kw))
+    assert _cohorts(g1) == _cohorts(g2)  # the same cohorts (the seeded selection draws)
+    np.testing.assert_allclose(_floats(r1), _floats(r2), rtol=0, atol=1e-6)
+    # the same run without the switch: secret noise, another model
+    _, _, r3 = _released(_cfg(tmp_path, data_dir, name="c", **{**kw, "reproducible_noise": False}))
+    assert np.abs(_floats(r1) - _floats(r3)).max() > 1e-4
+
+
+def test_noise_cannot_be_regenerated_from_the_run_directory(tmp_path, data_dir, no_dropout):
+    """An attacker with the run directory (config.toml: seed and every setting) and the data tries to
+    regenerate the noise of a secure run and subtract it.
+
+    With sample rate 1, every device selected (q = 1) and no dropout, the noise-free release
+    ``w_clean`` is a function of the recorded settings and the data; the residual
+    ``released - w_clean`` is the (scaled) noise. Re-running the recorded configuration, or
+    deriving the noise from the recorded seed (``--reproducible-noise``), gives residuals
+    uncorrelated with it, while a reproducible run's residual is regenerated exactly.
+    """
+    lr, sigma, C = 1.0, 1.0, 1.0
+    cfg = _cfg(tmp_path, data_dir, name="secure", noise_at="aggregate", trainable="all", rounds=1, num_devices=3,
+               cohort_size=3, sample_rate=1.0, noise_multiplier=sigma, max_grad_norm=C, server_learning_rate=lr)
+    server, _, released = _released(cfg)
+    rd = Path(cfg.run_dir)
+    recorded = RunConfig.from_toml(config_path(rd))
+    assert recorded.seed == cfg.seed and recorded.reproducible_noise is False
+
+    # the run directory holds nothing of the server's key
+    key = server.noise._key
+    for p in rd.rglob("*"):
+        if p.is_file():
+            blob = p.read_bytes()
+            assert key not in blob and key.hex().encode() not in blob, p
+
+    def again(name, **changes):
+        return _released(recorded.replace(run_dir=str(tmp_path / name), **changes))[2]
+
+    clean = _floats(again("clean", noise_multiplier=0.0))
+    residual = _floats(released) - clean
+    n_examples = len(build_population(cfg).data.train)
+    # the residual is the noise: -lr * N(0, (sigma C)^2) / E[n], E[n] = p * sum n_k
+    assert np.std(residual) == pytest.approx(lr * sigma * C / n_examples, rel=0.03)
+
+    def corr(x):
+        return float(np.corrcoef(residual, x)[0, 1])
+
+    rerun = _floats(again("rerun")) - clean  # the recorded configuration, same seed
+    seeded = _floats(again("seeded", reproducible_noise=True)) - clean  # noise derived from the recorded seed
+    assert np.std(rerun) == pytest.approx(np.std(residual), rel=0.03)
+    assert abs(corr(rerun)) < 0.02 and abs(corr(seeded)) < 0.02
+    assert np.std(residual - seeded) > 0.5 * np.std(residual)  # subtracting it removes nothing
+    # control: with --reproducible-noise the same attack regenerates the noise exactly
+    seeded2 = _floats(again("seeded2", reproducible_noise=True)) - clean
+    np.testing.assert_allclose(seeded2, seeded, rtol=0, atol=1e-6 * np.std(seeded))
+
+
+# ---------------------------------------------------------------------------------- 7. budgets hold
+def _check_ledger_within(cfg, budget, delta):
+    """Every device's example-level epsilon in the ledger (cached and recomputed) <= budget; returns the reader's view."""
+    with LedgerReader(Path(cfg.run_dir) / "ledger.sqlite") as ledger:
+        cached = ledger.device_epsilons("example")
+        by_device = ledger.events_by_device("example")
+        hits = ledger.budget_events("example")
+    assert by_device and set(cached) == set(by_device)
+    for d, evs in by_device.items():
+        recomputed = compute_epsilon([SubsampledGaussianEvent(*e.mechanism) for e in evs], delta, cfg.accountant)
+        assert cached[d] <= budget + 1e-9 and recomputed <= budget + 1e-9, (d, cached[d], recomputed, budget)
+        assert cached[d] == pytest.approx(recomputed, rel=1e-9)
+    for h in hits:  # a device stopped by its budget never trains again
+        assert h.unit == "example" and h.epsilon is not None and h.epsilon > budget
+        assert all(e.round < h.round for e in by_device.get(h.device_id, [])), h
+    return by_device, hits
+
+
+@pytest.mark.parametrize("noise_at", ["device", "aggregate"])
+def test_target_epsilon_is_a_budget_past_the_planned_rounds(tmp_path, data_dir, noise_at):
+    """sigma is calibrated for T rounds; running 2T rounds (every device selected) stops every device at the budget."""
+    E, T = 4.0, 3
+    cfg = _cfg(tmp_path, data_dir, noise_at=noise_at, trainable="head", rounds=T, num_devices=3, cohort_size=3,
+               sample_rate=0.5, target_epsilon=E)
+    server, grid, _, outs = _run(cfg, rounds=2 * T)
+    by_device, hits = _check_ledger_within(cfg, E, server.delta)
+    hit = {h.device_id for h in hits}
+    assert hit, "no device reached the budget in 2T rounds"
+    for d, evs in by_device.items():  # a device trains until its budget stops it (at T rounds or later)
+        assert (d in hit and len(evs) >= T) or len(evs) == 2 * T, (d, len(evs))
+    if noise_at == "aggregate":  # one event per round, the same for every device: all stop after exactly T
+        assert hit == set(range(cfg.num_devices)) and all(len(evs) == T for evs in by_device.values())
+        assert outs[-1].extra["devices_over_budget"] == cfg.num_devices and outs[-1].cohort_size == 0
+
+
+@pytest.mark.parametrize("noise_at", ["device", "aggregate"])
+def test_target_epsilon_holds_after_a_crash_and_resume(tmp_path, data_dir, noise_at):
+    """A crash in round 3 after its events were committed (spent), then --resume: the re-run round 3 and
+    round 4 would compose T + 1 events for a target calibrated for T; the budget stops the device first."""
+    E, T = 4.0, 4
+    cfg = _cfg(tmp_path, data_dir, noise_at=noise_at, trainable="head", rounds=T, num_devices=3, cohort_size=3,
+               sample_rate=0.5, target_epsilon=E)
+    _run(cfg.replace(), rounds=2)
+    crashed = sapp.Server(cfg.replace(), resume=True)
+    assert crashed.start_round == 3
+    sel = select(crashed, 3)  # the real stages of round 3, up to the ledger commit; then the process dies
+    commit_events(crashed, sel)
+    crashed.ledger.close()
+    assert len(sel.cohort) == cfg.num_devices
+    server, _, _, _ = _run(cfg.replace(), resume=True)
+    assert server.start_round == 3
+    by_device, hits = _check_ledger_within(cfg, E, server.delta)
+    # the crashed attempt's events of round 3 stay in the ledger beside the re-run's
+    assert len({e.attempt for evs in by_device.values() for e in evs if e.round == 3}) == 2
+    assert hits, "the crashed round's spent events should make some device reach the budget"
+    rounds = [line["round"] for line in read_metric_lines(cfg.run_dir)]
+    assert rounds == list(range(1, T + 1))
