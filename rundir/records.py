@@ -184,7 +184,8 @@ def write_summary(run_dir: str | os.PathLike, summary: Summary | Mapping[str, An
     ----------
     run_dir : path
     summary : Summary or dict
-        A dict must already be JSON-ready (inf as ``"inf"``); it is checked against :class:`Summary`.
+        A dict must already be JSON-ready (inf as ``"inf"``); it is checked for :class:`Summary`'s
+        required keys and written as given (its key order; keys :class:`Summary` does not list too).
 
     Returns
     -------
@@ -198,10 +199,14 @@ def write_summary(run_dir: str | os.PathLike, summary: Summary | Mapping[str, An
     ValueError
         If a value is NaN or infinite (strict JSON).
     """
-    rec = summary if isinstance(summary, Summary) else Summary.from_dict(summary)
+    if isinstance(summary, Summary):
+        obj = summary.to_dict()
+    else:
+        Summary.from_dict(summary)  # the required keys are there
+        obj = dict(summary)  # written in the caller's key order
     path = summary_path(run_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, json.dumps(rec.to_dict(), indent=2, allow_nan=False).encode("utf-8"))
+    atomic_write(path, json.dumps(obj, indent=2, allow_nan=False).encode("utf-8"))
     return path
 
 
@@ -308,7 +313,8 @@ def write_audit(run_dir: str | os.PathLike, audit: Audit | Mapping[str, Any], ro
     ----------
     run_dir : path
     audit : Audit or dict
-        JSON-ready (numbers as Python floats, inf as ``"inf"``, NaN as None).
+        JSON-ready (numbers as Python floats, inf as ``"inf"``, NaN as None); a dict is checked
+        for :class:`Audit`'s required keys and written as given.
     roc : dict
         ``{"canaries": {"fpr", "tpr"} | None, "real": {"fpr", "tpr"} | None}``.
 
@@ -324,11 +330,15 @@ def write_audit(run_dir: str | os.PathLike, audit: Audit | Mapping[str, Any], ro
     ValueError
         If a value is NaN or infinite.
     """
-    rec = audit if isinstance(audit, Audit) else Audit.from_dict(audit)
+    if isinstance(audit, Audit):
+        obj = audit.to_dict()
+    else:
+        Audit.from_dict(audit)  # the required keys are there
+        obj = dict(audit)  # written in the caller's key order
     out_dir = Path(run_dir) / AUDIT_DIR
     out_dir.mkdir(exist_ok=True)
     atomic_write(out_dir / ROC_FILE, json.dumps(dict(roc), indent=1, allow_nan=False).encode("utf-8"))
-    atomic_write(out_dir / AUDIT_FILE, json.dumps(rec.to_dict(), indent=1, allow_nan=False).encode("utf-8"))
+    atomic_write(out_dir / AUDIT_FILE, json.dumps(obj, indent=1, allow_nan=False).encode("utf-8"))
     return out_dir / AUDIT_FILE
 
 
