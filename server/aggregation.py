@@ -52,11 +52,14 @@ class RoundPlan:
     expected_examples : float
         sum over the cohort of p_k n_k, the expected number of sampled examples (the
         aggregate placement's denominator; n_k are the public example counts).
+    lr_factor : float
+        The server learning-rate schedule's factor this round (``--server-lr-schedule``).
     """
 
     round: int
     expected_cohort: float = 1.0
     expected_examples: float = 1.0
+    lr_factor: float = 1.0
 
 
 def _floating(current: dict[str, np.ndarray]) -> list[str]:
@@ -185,7 +188,7 @@ class AggregateNoiseAggregator(Aggregator):
         g = (sum_k s_k + N(0, (sigma C)^2 I)) / E[n],   E[n] = sum_{k in cohort} p_k n_k
 
     (:attr:`RoundPlan.expected_examples`: public counts, never the realised sample sizes) and
-    proposes ``w - step_size * g``. With the FedAvg / FedProx strategy ``step_size`` is the
+    proposes ``w - step_size * lr_factor * g`` (:attr:`RoundPlan.lr_factor`). With the FedAvg / FedProx strategy ``step_size`` is the
     server learning rate (server SGD); with FedAdam it is 1 and Flower's FedAdam turns the
     pseudo-gradient ``-g`` into an Adam step. With no accepted reply the release is
     ``w - step_size * noise / E[n]`` (the round was accounted for every cohort member).
@@ -233,7 +236,7 @@ class AggregateNoiseAggregator(Aggregator):
     def result(self) -> dict[str, np.ndarray]:
         out = dict(self.current)
         for k, g in self.noisy_gradient().items():
-            out[k] = (self.current[k] - self.step_size * g).astype(self.current[k].dtype)
+            out[k] = (self.current[k] - self.step_size * self.plan.lr_factor * g).astype(self.current[k].dtype)
         return out
 
 
@@ -267,17 +270,20 @@ class ServerStep:
 
     def __init__(self, strategy):
         self.strategy = strategy
+        self.base_eta = getattr(strategy, "eta", None)
 
     @property
     def passthrough(self) -> bool:
         """True when the step releases the proposal unchanged (FedAvg, FedProx)."""
         return type(self.strategy) in (FedAvg, FedProx)
 
-    def apply(self, round_: int, proposal: dict[str, np.ndarray]) -> ArrayRecord:
-        """The released global arrays for ``proposal`` ({key: array})."""
+    def apply(self, round_: int, proposal: dict[str, np.ndarray], lr_factor: float = 1.0) -> ArrayRecord:
+        """The released global arrays for ``proposal`` ({key: array}); FedAdam's step size is ``eta * lr_factor``."""
         record = record_from_numpy(proposal)
         if self.passthrough:
             return record
+        if self.base_eta is not None:
+            self.strategy.eta = self.base_eta * float(lr_factor)
         synthetic = RecordDict({"arrays": record, "metrics": MetricRecord({"num-examples": 1})})
         new, _ = self.strategy.aggregate_train(round_, [_AsReply(Message(synthetic, dst_node_id=0, message_type="train"))])
         return record if new is None else new

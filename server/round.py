@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import threading
 import time
@@ -161,12 +162,24 @@ def commit_events(server, sel: Selection) -> dict[int, list]:
 
 def plan_of(server, sel: Selection) -> RoundPlan:
     """The round's public expectations: m (expected cohort) and sum_k p_k n_k over the cohort."""
-    p = server.cfg.sample_rate
+    cfg = server.cfg
     return RoundPlan(
         round=sel.round,
-        expected_cohort=float(server.cfg.cohort_size),
-        expected_examples=float(sum(p * int(server.activity[d]) for d in sel.cohort)),
+        expected_cohort=float(cfg.cohort_size),
+        expected_examples=float(sum(cfg.sample_rate * int(server.activity[d]) for d in sel.cohort)),
+        lr_factor=lr_factor(cfg.server_lr_schedule, sel.round, cfg.rounds),
     )
+
+
+def lr_factor(schedule: str, t: int, rounds: int) -> float:
+    """The server learning rate's factor in round ``t`` of ``rounds``: 1 (``constant``) or cosine decay.
+
+    ``cosine``: 0.5 (1 + cos(pi (t - 1) / rounds)), from 1 in round 1 towards 0 (Loshchilov &
+    Hutter 2017, SGDR, Eq. 5 without restarts). A schedule is public: it costs no privacy.
+    """
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * (t - 1) / max(rounds, 1)))
+    return 1.0
 
 
 def dispatch(server, grid: Grid, sel: Selection, arrays: ArrayRecord, prior: dict[int, list], node_of: dict[int, int]) -> list[Message]:
@@ -305,7 +318,7 @@ def aggregate(server, sel: Selection, arrays: ArrayRecord) -> ArrayRecord:
     proposal = server.aggregator.result()
     if proposal is None:
         return arrays
-    return server.server_step.apply(sel.round, proposal)
+    return server.server_step.apply(sel.round, proposal, server.aggregator.plan.lr_factor)
 
 
 # ---------------------------------------------------------------------------------- the round
