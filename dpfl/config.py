@@ -254,7 +254,15 @@ class RunConfig:
         default=0.01,
         metadata={"help": "mu of FedProx's proximal term (mu/2 ||w - w_global||^2 in the local loss)"},
     )
-    server_learning_rate: float = field(default=0.01, metadata={"help": "FedAdam's server step size"})
+    server_learning_rate: float = field(
+        default=0.01,
+        metadata={"help": "server step size: FedAdam's eta, or with --noise-at aggregate and fedavg the SGD step on "
+                          "the noisy mean gradient"},
+    )
+    server_lr_schedule: str = field(
+        default="constant",
+        metadata={"help": "server learning-rate schedule over the rounds: constant | cosine (decays towards 0)"},
+    )
     # simulation resources
     client_cpus: float = field(
         default=1.0,
@@ -356,6 +364,7 @@ class RunConfig:
             "give either --data-dir or --dataset, not both",
         )
         need(self.noise_at in NOISE_PLACEMENTS, "noise_at", f"must be one of {NOISE_PLACEMENTS}")
+        need(self.server_lr_schedule in ("constant", "cosine"), "server_lr_schedule", "must be 'constant' or 'cosine'")
         need(0 < self.sample_rate <= 1, "sample_rate", f"must be in (0, 1], got {self.sample_rate}")
         need(
             not (self.noise_at == "aggregate" and self.device_dp),
