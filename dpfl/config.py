@@ -25,7 +25,9 @@ from typing import Any, get_type_hints
 import tomli_w
 
 SELECTIONS = ("uniform", "activity")
-STRATEGIES = ("fedavg", "fedprox", "fedadam")
+STRATEGIES = ("auto", "fedavg", "fedprox", "fedadam")
+#: The example-level target when neither --noise-multiplier nor --target-epsilon is given.
+DEFAULT_TARGET_EPSILON = 8.0
 PARTITIONERS = ("auto", "iid", "dirichlet", "quantity", "quantity-label", "cluster", "natural")
 ACCOUNTANTS = ("pld", "rdp")
 DP_ENGINES = ("dpfl", "opacus")
@@ -208,7 +210,11 @@ class RunConfig:
                           "NOT private and its report says so"},
     )
     dp_engine: str = field(default="dpfl", metadata={"help": "opacus | dpfl"})
-    noise_multiplier: float = field(default=1.0, metadata={"help": "sigma: DP-SGD noise std / max_grad_norm"})
+    noise_multiplier: float | None = field(
+        default=None,
+        metadata={"help": "sigma: noise std / max_grad_norm (default: calibrated for --target-epsilon, which is "
+                          f"{DEFAULT_TARGET_EPSILON:g} when neither is given)"},
+    )
     max_grad_norm: float = field(default=1.0, metadata={"help": "C: per-example clipping norm"})
     target_epsilon: float | None = field(
         default=None,
@@ -249,7 +255,10 @@ class RunConfig:
     )
     canary_repeats: int = field(default=1, metadata={"help": "copies of each included canary (all on one device)"})
     # aggregation
-    strategy: str = field(default="fedavg", metadata={"help": "fedavg | fedprox | fedadam"})
+    strategy: str = field(
+        default="auto",
+        metadata={"help": "auto (fedadam with --noise-at aggregate, else fedavg) | fedavg | fedprox | fedadam"},
+    )
     proximal_mu: float = field(
         default=0.01,
         metadata={"help": "mu of FedProx's proximal term (mu/2 ||w - w_global||^2 in the local loss)"},
@@ -338,7 +347,8 @@ class RunConfig:
                 parse_trainable(self.trainable)
             except ValueError as exc:
                 need(False, "trainable", str(exc).replace("or 'topN'", "'topN'") + " (or 'lora')")
-        need(self.noise_multiplier >= 0, "noise_multiplier", f"must be >= 0, got {self.noise_multiplier}")
+        need(self.noise_multiplier is None or self.noise_multiplier >= 0, "noise_multiplier",
+             f"must be >= 0, got {self.noise_multiplier}")
         need(self.max_grad_norm > 0, "max_grad_norm", f"must be > 0, got {self.max_grad_norm}")
         need(self.batch_size >= 1, "batch_size", "must be >= 1")
         need(self.physical_batch_size >= 1, "physical_batch_size", "must be >= 1")
@@ -395,6 +405,22 @@ class RunConfig:
         need(self.client_cpus > 0, "client_cpus", "must be > 0")
         need(self.client_gpus >= 0, "client_gpus", "must be >= 0")
         return self
+
+    def resolved_target_epsilon(self) -> float | None:
+        """The example-level target the noise is calibrated for (None: the given --noise-multiplier is used).
+
+        ``--target-epsilon`` when given; else, with DP on and no ``--noise-multiplier``, the
+        default :data:`DEFAULT_TARGET_EPSILON`. The target is also every device's budget.
+        """
+        if self.target_epsilon is not None:
+            return self.target_epsilon
+        return DEFAULT_TARGET_EPSILON if self.dp and self.noise_multiplier is None else None
+
+    def resolved_strategy(self) -> str:
+        """``--strategy``, with ``auto`` resolved: fedadam (server Adam) for noise on the aggregate, else fedavg."""
+        if self.strategy != "auto":
+            return self.strategy
+        return "fedadam" if self.dp and self.noise_at == "aggregate" else "fedavg"
 
     def lora_options(self) -> dict[str, Any]:
         """Keyword arguments of :func:`nlu.model.set_trainable` for the LoRA settings (and the seed)."""

@@ -309,6 +309,6 @@ def make_aggregator(cfg, noise: NoiseSource) -> Aggregator:
     if cfg.device_dp:
         return DeviceDPAggregator(cfg.update_clip_norm, cfg.device_noise_multiplier, noise)
     if cfg.dp and cfg.noise_at == "aggregate":
-        step = cfg.server_learning_rate if cfg.strategy in ("fedavg", "fedprox") else 1.0
+        step = cfg.server_learning_rate if cfg.resolved_strategy() in ("fedavg", "fedprox") else 1.0
         return AggregateNoiseAggregator(cfg.noise_multiplier, cfg.max_grad_norm, step, noise)
     return MeanAggregator()

@@ -22,7 +22,7 @@ from dpfl.config import RunConfig
 from nlu.features import cache_frozen_encoder
 from nlu.model import load_tokenizer, set_trainable, trainable_state_keys
 from nlu.tasks import task_for_data
-from dp.audit.run import write_canaries
+from partitions.canary_record import write_canaries
 from partitions.population import Population, build_population
 from protocol.arrays import load_into, record_from_state, trainable_state
 from rundir import Ledger, RunDir
@@ -86,9 +86,11 @@ class Server:
         if empty:
             log.warning("%d devices hold no examples after partitioning; they are never selected", empty)
         planned = self.pop.planned_activity(cfg.rounds)  # [T, K] (continual) or [K]
-        if cfg.dp and cfg.target_epsilon is not None:
+        target = cfg.resolved_target_epsilon()
+        if cfg.dp and target is not None:
+            cfg.target_epsilon = target  # the calibration target is also every device's budget
             cfg.noise_multiplier = calibrate_example_noise(cfg, planned.ravel(), self.delta)
-            log.warning("--target-epsilon %g: noise multiplier calibrated to %.4f", cfg.target_epsilon, cfg.noise_multiplier)
+            log.warning("target epsilon %g: noise multiplier calibrated to %.4f", target, cfg.noise_multiplier)
         alpha = cfg.activity_exponent if cfg.selection == "activity" else 0.0
         self.selector = ActivitySelector(planned, alpha, cfg.cohort_size, cfg.selection_constant)
         self.ledger = Ledger(self.rundir.ledger_path, cfg.run_id)

@@ -30,7 +30,8 @@ class CohortGrid:
 
 
 def make_strategy(cfg):
-    """Flower strategy named by ``cfg.strategy`` ("fedavg", "fedprox", "fedadam").
+    """Flower strategy named by ``cfg.strategy`` ("fedavg", "fedprox", "fedadam"; "auto" resolved by
+    :meth:`dpfl.config.RunConfig.resolved_strategy`).
 
     Every strategy takes all nodes of the cohort grid (fraction 1, no minimum) and does no
     federated evaluation (the server evaluates the global model centrally). FedAvg weights
@@ -48,10 +49,11 @@ def make_strategy(cfg):
         min_evaluate_nodes=0,
         min_available_nodes=0,
     )
-    if cfg.strategy == "fedavg":
+    name = cfg.resolved_strategy()
+    if name == "fedavg":
         return FedAvg(**common)
-    if cfg.strategy == "fedprox":
+    if name == "fedprox":
         return FedProx(proximal_mu=cfg.proximal_mu, **common)
-    if cfg.strategy == "fedadam":
+    if name == "fedadam":
         return FedAdam(eta=cfg.server_learning_rate, **common)
     raise ValueError(f"--strategy: unknown strategy {cfg.strategy!r}")

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from dp.audit import canary_uid
-from dp.audit.run import read_canaries, record_canaries, write_canaries
+from dp.audit.run import read_canaries
+from partitions.canary_record import record_canaries, write_canaries
 from dpfl.config import ConfigError, RunConfig
 from partitions.population import build_population, population_for_key, population_key
 from rundir import LedgerReader, read_audit, read_canaries_file, read_roc, read_summary

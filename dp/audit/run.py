@@ -65,13 +65,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from dp.accounting import SubsampledGaussianEvent, compute_epsilons
 from nlu.pooling import masked_mean
 from rundir import (
     LedgerError, LedgerReader, RecordError, canaries_path, config_path, global_model_path, ledger_path,
-    read_canaries_file, read_checkpoint_state, read_metric_lines, write_audit, write_canaries_file,
+    read_canaries_file, read_checkpoint_state, read_metric_lines, write_audit,
 )
 from rundir.layout import CANARIES_FILE
-from rundir.ledger import record_canaries as ledger_record_canaries
 
 from .bounds import clopper_pearson_threshold_sweep, one_run_audit_from_scores
 from .canaries import Canary
@@ -83,9 +83,6 @@ __all__ = [
     "AuditError",
     "AuditOptions",
     "CANARIES_FILE",
-    "canaries_payload",
-    "write_canaries",
-    "record_canaries",
     "read_canaries",
     "audit_run",
     "DEFAULT_EXPOSURE_SAMPLES",
@@ -101,86 +98,6 @@ class AuditError(ValueError):
 
 
 # ----------------------------------------------------------------------------- canaries on record
-
-
-def canaries_payload(population) -> dict[str, Any]:
-    """The ``canaries.json`` content for a :class:`partitions.population.Population`."""
-    dev = population.canary_device()
-    uids: dict[int, list[int]] = {}
-    for r in population.canary_records:
-        uids.setdefault(int(r.canary_id), []).append(int(r.uid))
-    entries = []
-    for c in population.canaries:
-        d = c.to_dict()
-        d["label"] = str(c.label)
-        d["device_id"] = dev.get(c.canary_id) if c.included else None
-        d["uids"] = uids.get(c.canary_id, [])
-        entries.append(d)
-    return {
-        "version": 1,
-        "m": len(entries),
-        "included": sum(1 for c in population.canaries if c.included),
-        "repeats": population.canaries[0].repeats if population.canaries else None,
-        "n_digits": population.canaries[0].n_digits if population.canaries else None,
-        "inclusion_prob": 0.5,
-        "note": "Each canary was included independently with probability 1/2; all copies of an "
-        "included canary are on one device (device_id). Excluded canaries are in no device's data.",
-        "canaries": entries,
-    }
-
-
-def write_canaries(run_dir: str | os.PathLike, population, ledger_path: str | os.PathLike | None = None,
-                   run_id: str | None = None) -> Path | None:
-    """Write ``RUN_DIR/canaries.json`` (atomically); nothing when the run has no canaries.
-
-    With ``ledger_path`` (and ``run_id``) also marks the canaries in the ledger
-    (:func:`record_canaries`), so the server needs one call::
-
-        write_canaries(self.rundir.path, self.pop, self.rundir.ledger_path, cfg.run_id)
-
-    Returns
-    -------
-    pathlib.Path or None
-        The file written.
-    """
-    if not getattr(population, "canaries", ()):
-        return None
-    path = write_canaries_file(run_dir, canaries_payload(population))
-    if ledger_path is not None:
-        record_canaries(ledger_path, run_id or "", population)
-    return path
-
-
-def _entries(canaries) -> list[dict[str, Any]]:
-    if hasattr(canaries, "canaries") and hasattr(canaries, "canary_records"):  # a Population
-        return canaries_payload(canaries)["canaries"]
-    if isinstance(canaries, dict):
-        return list(canaries.get("canaries", []))
-    return [c if isinstance(c, dict) else c.to_dict() for c in canaries]
-
-
-def record_canaries(ledger_path: str | os.PathLike, run_id: str, canaries) -> int:
-    """Mark the run's canaries (and which were included) in the ledger's ``canaries`` table.
-
-    Converts ``canaries`` to entries and writes them with :func:`rundir.ledger.record_canaries`
-    (its own connection, one transaction); rows already present are kept (``INSERT OR IGNORE``),
-    so calling it again on resume changes nothing.
-
-    Parameters
-    ----------
-    ledger_path : path
-        ``RUN_DIR/ledger.sqlite`` (created if absent).
-    run_id : str
-    canaries : Population, canaries.json dict, or iterable of canary dicts / Canary
-        Entries need ``canary_id``, ``included``, ``repeats`` and optionally ``device_id``,
-        ``label``, ``secret``, ``text``.
-
-    Returns
-    -------
-    int
-        Number of canaries given (0 writes nothing, not even the table).
-    """
-    return ledger_record_canaries(ledger_path, run_id, _entries(canaries))
 
 
 def read_canaries(run_dir: str | os.PathLike) -> tuple[list[Canary], dict[int, int | None]] | None:
@@ -308,9 +225,7 @@ def _trained_devices(run_dir: Path, run_id: str, num_devices: int) -> tuple[list
 
 def _theoretical(run_dir: Path, dp_on: bool, delta: float, canary_devices: set[int], repeats: int,
                  warnings: list[str]) -> dict[str, Any]:
-    """Accounted epsilons (recomputed from the ledger as the report does) to set beside the audit."""
-    from dp.report.build import ReportError, read_run, unit_epsilons
-
+    """Accounted epsilons (recomputed from the ledger's events with dp.accounting, as the report does) to set beside the audit."""
     out: dict[str, Any] = {"epsilon_example_max": None, "epsilon_example_canary_devices": None,
                            "epsilon_device_max": None, "group_size": repeats,
                            "epsilon_group": None, "delta_group": None}
@@ -319,12 +234,15 @@ def _theoretical(run_dir: Path, dp_on: bool, delta: float, canary_devices: set[i
                    epsilon_device_max=math.inf, epsilon_group=math.inf)
         return out
     try:
-        data = read_run(run_dir)
-    except ReportError as exc:
+        with LedgerReader(ledger_path(run_dir)) as reader:
+            runs = reader.runs()
+            histories = {u: {d: [SubsampledGaussianEvent(*e.mechanism) for e in evs]
+                             for d, evs in reader.events_by_device(u).items()} for u in ("example", "device")}
+    except (LedgerError, OSError) as exc:
         warnings.append(f"theoretical epsilon not available: {exc}")
         return out
-    accountant = (data.run_row or {}).get("accountant") or data.config.get("accountant") or "pld"
-    ex = unit_epsilons(data, "example", delta, accountant) if data.events["example"] else {}
+    accountant = (runs[0].accountant if runs else None) or "pld"
+    ex = compute_epsilons(histories["example"], delta, accountant) if histories["example"] else {}
     if ex:
         out["epsilon_example_max"] = max(ex.values())
         cd = [ex.get(d, 0.0) for d in canary_devices]
@@ -335,8 +253,8 @@ def _theoretical(run_dir: Path, dp_on: bool, delta: float, canary_devices: set[i
             out["delta_group"] = min(1.0, repeats * math.exp(min(700.0, (repeats - 1) * e)) * delta)
         else:
             out["epsilon_group"], out["delta_group"] = e, delta
-    if data.events["device"]:
-        dv = unit_epsilons(data, "device", delta, accountant)
+    if histories["device"]:
+        dv = compute_epsilons(histories["device"], delta, accountant)
         out["epsilon_device_max"] = max(dv.values()) if dv else None
         if dv and out["epsilon_group"] is not None:
             out["epsilon_group"] = min(out["epsilon_group"], max(dv.get(d, 0.0) for d in canary_devices) if canary_devices else 0.0)
@@ -478,7 +396,7 @@ def audit_run(run_dir: str | os.PathLike, options: AuditOptions | None = None,
     eps_lb = max(values) if values else None
     canary_devs = {int(d) for c in canaries if c.included and (d := devices.get(c.canary_id)) is not None}
     repeats = canaries[0].repeats if canaries else 1
-    theo = _theoretical(run_dir, bool(cfg.dp), delta, canary_devs, repeats, warnings)
+    theo = _theoretical(run_dir, bool(cfg.dp) or bool(getattr(cfg, "device_dp", False)), delta, canary_devs, repeats, warnings)
 
     # ----------------------------------------------------------------- exposure
     t0 = time.perf_counter()

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
+import tempfile
 import threading
 from typing import Any
 
@@ -113,6 +115,13 @@ def simulate(cfg: RunConfig, progress: bool = True, resume: bool = False) -> dic
     init_args: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.ERROR, "log_to_driver": False}
     if cfg.ray_address:
         init_args["address"] = cfg.ray_address
+    else:
+        # A Ray instance of this run's own: never the machine's current cluster
+        # (/tmp/ray/ray_current_cluster) nor RAY_ADDRESS, which would ship the devices' data to
+        # a cluster the user did not name (dpfl launch --address attaches to the one it names).
+        os.environ.pop("RAY_ADDRESS", None)
+        init_args["address"] = "local"
+        init_args["_temp_dir"] = tempfile.mkdtemp(prefix="dpfl-ray-")
     backend_config = {
         "client_resources": {"num_cpus": cfg.client_cpus, "num_gpus": cfg.client_gpus},
         "init_args": init_args,
