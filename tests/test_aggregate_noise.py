@@ -63,6 +63,7 @@ def data_dir(tmp_path_factory):
 
 def _cfg(tmp_path, data_dir, name="run", **kw) -> RunConfig:
     base = dict(
+        strategy="fedavg",  # server SGD on the noisy gradient: the maths these tests check
         model="tiny", num_devices=4, cohort_size=3, rounds=2, max_length=16, run_id="agg", run_dir=str(tmp_path / name),
         data_dir=str(data_dir), batch_size=4, local_epochs=1, selection="uniform", round_timeout=30.0,
         noise_at="aggregate", target_delta=DELTA,

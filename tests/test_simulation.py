@@ -16,7 +16,7 @@ def run_dir(tmp_path_factory):
     rd = tmp_path_factory.mktemp("sim") / "run"
     cfg = RunConfig(
         model="tiny", num_devices=8, rounds=2, cohort_size=4, run_dir=str(rd), run_id="e2e",
-        max_length=24, learning_rate=1e-3,
+        max_length=24, learning_rate=1e-3, noise_multiplier=1.0,
     ).validate()
     result = simulate(cfg, progress=False)
     assert result["run_dir"] == str(rd)
