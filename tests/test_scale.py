@@ -14,8 +14,9 @@ import torch
 from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
-from client.arrays import array_view, load_into, record_from_numpy, record_from_state
-from server.app import RunningMean, map_nodes_to_devices
+from protocol.arrays import array_view, load_into, record_from_numpy, record_from_state
+from server.aggregation import MeanAggregator, RoundPlan
+from server.app import map_nodes_to_devices
 from server.selection import ActivitySelector, poisson_cohort
 
 
@@ -76,14 +77,20 @@ def test_load_into_copies_into_the_parameters():
         load_into(model, ArrayRecord(bad))
 
 
+def _mean(current, replies=(), weights=()):
+    agg = MeanAggregator()
+    agg.begin(1, {k: v.numpy() for k, v in current.items()}, RoundPlan(1))
+    for r, w in zip(replies, weights):
+        agg.add(r, w)
+    out = agg.result()
+    return None if out is None else record_from_numpy(out)
+
+
 def test_running_mean_is_fedavg():
     current = record_from_state(_state(0))
     replies = [record_from_state(_state(s)) for s in (1, 2, 3)]
     weights = [3.0, 1.0, 6.0]
-    mean = RunningMean(current)
-    for r, w in zip(replies, weights):
-        mean.add(r, w)
-    got = mean.result()
+    got = _mean(current, replies, weights)
     ref = aggregate_arrayrecords(
         [RecordDict({"arrays": r, "metrics": MetricRecord({"num-examples": w})}) for r, w in zip(replies, weights)],
         "num-examples",
@@ -95,7 +102,7 @@ def test_running_mean_is_fedavg():
             np.testing.assert_allclose(g, want, rtol=1e-5, atol=1e-6)
         else:  # integer buffers keep the global model's values
             assert np.array_equal(g, current[k].numpy())
-    assert RunningMean(current).result() is None
+    assert _mean(current) is None
 
 
 class _Grid:
