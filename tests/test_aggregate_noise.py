@@ -16,21 +16,19 @@ The round loop runs in this process on a grid that calls the ClientApp directly 
 
 from __future__ import annotations
 
-import json
 import math
-import time
-import uuid
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 import client.app as capp
 from client.train import clipped_gradient_sum
 from dp.secure_random import NoiseSource
 from dpfl.config import RunConfig
+from inprocess import run_rounds, toy_config, write_lamp_data
 from nlu.model import set_trainable, trainable_state_keys
 from protocol.arrays import load_into, record_from_numpy
 from protocol.messages import validate_update
@@ -39,116 +37,22 @@ from server import app as sapp
 from server.aggregation import AggregateNoiseAggregator, DeviceDPAggregator, RoundPlan
 from server.privacy import PrivacyBook, calibrate_example_noise, example_event
 
-TEXTS_ON = [f"zorblax please switch the quintarian lamp number {i} on" for i in range(12)]
-TEXTS_OFF = [f"vexmoor kindly turn the heliograph unit {i} off" for i in range(12)]
 DELTA = 1e-5
 #: the discretisation of dp.accounting's PLD (its documented default); the reference uses the same grid
 PLD_INTERVAL = 1e-3
+pytestmark = pytest.mark.usefixtures("task_identity")  # Flower's Message() in-process (tests/conftest.py)
 
 
 # ---------------------------------------------------------------------------------- harness
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("aggdata")
-    with open(d / "train.jsonl", "w") as fh:
-        for t in TEXTS_ON:
-            fh.write(json.dumps({"text": t, "label": "on"}) + "\n")
-        for t in TEXTS_OFF:
-            fh.write(json.dumps({"text": t, "label": "off"}) + "\n")
-    with open(d / "test.jsonl", "w") as fh:
-        fh.write(json.dumps({"text": "lamp on", "label": "on"}) + "\n")
-        fh.write(json.dumps({"text": "lamp off", "label": "off"}) + "\n")
-    return d
+    return write_lamp_data(tmp_path_factory.mktemp("aggdata"))
 
 
 def _cfg(tmp_path, data_dir, name="run", **kw) -> RunConfig:
-    base = dict(
-        strategy="fedavg",  # server SGD on the noisy gradient: the maths these tests check
-        model="tiny", num_devices=4, cohort_size=3, rounds=2, max_length=16, run_id="agg", run_dir=str(tmp_path / name),
-        data_dir=str(data_dir), batch_size=4, local_epochs=1, selection="uniform", round_timeout=30.0,
-        noise_at="aggregate", target_delta=DELTA,
-    )
-    base.update(kw)
-    return RunConfig(**base).validate()
-
-
-class LocalGrid:
-    """A Grid that runs the ClientApp's train handler in this process, one Context per device."""
-
-    def __init__(self, num_devices: int):
-        self.nodes = {100 + d: d for d in range(num_devices)}
-        self.contexts = {
-            n: Context(run_id=1, node_id=n, node_config={"partition-id": d, "num-partitions": num_devices}, state=RecordDict(), run_config={})
-            for n, d in self.nodes.items()
-        }
-        self.replies: dict[str, Message] = {}
-        self.sent: list[Message] = []
-        self.outgoing: list[tuple[int, RecordDict]] = []  # (device, content) of every reply a device built
-
-    def get_node_ids(self):
-        return list(self.nodes)
-
-    def push_messages(self, messages):
-        ids = []
-        for m in messages:
-            mid = uuid.uuid4().hex
-            m.metadata.__dict__["_message_id"] = mid
-            m.metadata.__dict__["_src_node_id"] = 1
-            self.sent.append(m)
-            m.content["config"]["deadline"] = time.time() + 3600.0
-            try:
-                reply = capp.train(m, self.contexts[m.metadata.dst_node_id])
-                self.outgoing.append((self.nodes[m.metadata.dst_node_id], reply.content))
-            except Exception as exc:  # the ClientApp raised: Flower replies with an Error
-                reply = Message(Error(code=0, reason=f"{type(exc).__name__}: {exc}"), reply_to=m)
-            ids.append(mid)
-            self.replies[mid] = reply
-        return ids
-
-    def pull_messages(self, ids):
-        return [self.replies.pop(i) for i in list(ids) if i in self.replies]
-
-
-@pytest.fixture(autouse=True)
-def _task_identity():
-    """Flower's Message() reads the run id and node id of the current task; set them for in-process tests."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    old = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = 1, 1, 1
-    yield
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = old
-
-
-def _run(cfg, rounds=None):
-    server = sapp.Server(cfg)
-    grid = LocalGrid(cfg.num_devices)
-    node_of = {d: n for n, d in grid.nodes.items()}
-    arrays = server.arrays
-    outs = []
-    for t in range(1, (rounds or cfg.rounds) + 1):
-        arrays, out = server.run_round(grid, t, arrays, node_of)
-        outs.append(out)
-    server.ledger.close()
-    return server, grid, arrays, outs
-
-
-@pytest.fixture
-def no_dropout(monkeypatch):
-    """The devices' models without dropout (so that one batched forward equals per-example forwards)."""
-    orig = capp._model
-
-    def model_without_dropout(*args, **kwargs):
-        model = orig(*args, **kwargs)
-        for m in model.modules():
-            if isinstance(m, torch.nn.Dropout):
-                m.p = 0.0
-        return model
-
-    orig.cache_clear()
-    monkeypatch.setattr(capp, "_model", model_without_dropout)
-    yield
-    orig.cache_clear()  # no dropout-free instance is left for later tests
+    # strategy fedavg: server SGD on the noisy gradient, the maths these tests check
+    agg = dict(run_id="agg", strategy="fedavg", noise_at="aggregate", target_delta=DELTA)
+    return toy_config(tmp_path / name, data_dir, **{**agg, **kw})
 
 
 # ---------------------------------------------------------------------------------- 1. the noise's size
@@ -282,7 +186,7 @@ def test_reply_is_exactly_the_clipped_sum(tmp_path, data_dir, no_dropout, traina
     lr = 0.5
     cfg = _cfg(tmp_path, data_dir, trainable=trainable, num_devices=4, cohort_size=4, rounds=1, sample_rate=1.0,
                noise_multiplier=0.0, max_grad_norm=C, server_learning_rate=lr)
-    server, grid, released, outs = _run(cfg)
+    server, grid, released, outs = run_rounds(cfg)
     keys = trainable_state_keys(server.model)
     assert len(grid.outgoing) == cfg.num_devices == outs[0].replies  # q = 1: every device trained and replied
     sent = {grid.nodes[m.metadata.dst_node_id]: m.content["arrays"] for m in grid.sent}
@@ -388,7 +292,7 @@ def test_aggregate_accounting_of_a_run_equals_dp_accounting_on_its_recorded_sche
     sigma, p = 1.4, 0.4
     cfg = _cfg(tmp_path, data_dir, trainable="head", num_devices=5, cohort_size=2, rounds=5, sample_rate=p,
                noise_multiplier=sigma)
-    server, grid, _, _ = _run(cfg)
+    server, grid, _, _ = run_rounds(cfg)
     joined: dict[int, list[int]] = {}
     for m in grid.sent:
         joined.setdefault(grid.nodes[m.metadata.dst_node_id], []).append(int(m.content["config"]["server-round"]))

@@ -13,22 +13,19 @@ The round loop runs in this process on a grid that calls the ClientApp directly 
 
 from __future__ import annotations
 
-import json
 import math
 import pickle
-import time
-import uuid
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from flwr.app import Context, Error, Message, RecordDict
 
 import client.app as capp
 from dp.accounting import SubsampledGaussianEvent, compute_epsilon
 from dp.secure_random import NoiseSource
 from dpfl.config import RunConfig
+from inprocess import run_rounds, toy_config, write_lamp_data
 from nlu.model import set_trainable, trainable_state_keys
 from nlu.tasks import task_for_data
 from partitions.population import build_population
@@ -36,114 +33,21 @@ from rundir import LedgerReader, config_path, read_metric_lines
 from server import app as sapp
 from server.round import commit_events, select
 
-TEXTS_ON = [f"zorblax please switch the quintarian lamp number {i} on" for i in range(12)]
-TEXTS_OFF = [f"vexmoor kindly turn the heliograph unit {i} off" for i in range(12)]
 DELTA = 1e-5
 _DEVICE_MODEL = capp._model  # the ClientApp's per-process model cache (lru_cache)
+pytestmark = pytest.mark.usefixtures("task_identity")  # Flower's Message() in-process (tests/conftest.py)
 
 
 # ---------------------------------------------------------------------------------- harness
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("hygdata")
-    with open(d / "train.jsonl", "w") as fh:
-        for t in TEXTS_ON:
-            fh.write(json.dumps({"text": t, "label": "on"}) + "\n")
-        for t in TEXTS_OFF:
-            fh.write(json.dumps({"text": t, "label": "off"}) + "\n")
-    with open(d / "test.jsonl", "w") as fh:
-        fh.write(json.dumps({"text": "lamp on", "label": "on"}) + "\n")
-        fh.write(json.dumps({"text": "lamp off", "label": "off"}) + "\n")
-    return d
+    return write_lamp_data(tmp_path_factory.mktemp("hygdata"))
 
 
 def _cfg(tmp_path, data_dir, name="run", **kw) -> RunConfig:
-    base = dict(
-        strategy="fedavg",  # server SGD on the noisy gradient: the maths these tests check
-        model="tiny", num_devices=4, cohort_size=3, rounds=2, max_length=16, run_id="hyg", run_dir=str(tmp_path / name),
-        data_dir=str(data_dir), batch_size=4, local_epochs=1, selection="uniform", round_timeout=30.0, target_delta=DELTA,
-    )
-    base.update(kw)
-    return RunConfig(**base).validate()
-
-
-class LocalGrid:
-    """A Grid that runs the ClientApp's train handler in this process, one Context per device."""
-
-    def __init__(self, num_devices: int):
-        self.nodes = {100 + d: d for d in range(num_devices)}
-        self.contexts = {
-            n: Context(run_id=1, node_id=n, node_config={"partition-id": d, "num-partitions": num_devices}, state=RecordDict(), run_config={})
-            for n, d in self.nodes.items()
-        }
-        self.replies: dict[str, Message] = {}
-        self.sent: list[Message] = []
-        self.outgoing: list[tuple[int, RecordDict]] = []  # (device, content) of every reply a device built
-
-    def get_node_ids(self):
-        return list(self.nodes)
-
-    def push_messages(self, messages):
-        ids = []
-        for m in messages:
-            mid = uuid.uuid4().hex
-            m.metadata.__dict__["_message_id"] = mid
-            m.metadata.__dict__["_src_node_id"] = 1
-            self.sent.append(m)
-            m.content["config"]["deadline"] = time.time() + 3600.0
-            try:
-                reply = capp.train(m, self.contexts[m.metadata.dst_node_id])
-                self.outgoing.append((self.nodes[m.metadata.dst_node_id], reply.content))
-            except Exception as exc:  # the ClientApp raised: Flower replies with an Error
-                reply = Message(Error(code=0, reason=f"{type(exc).__name__}: {exc}"), reply_to=m)
-            ids.append(mid)
-            self.replies[mid] = reply
-        return ids
-
-    def pull_messages(self, ids):
-        return [self.replies.pop(i) for i in list(ids) if i in self.replies]
-
-
-@pytest.fixture(autouse=True)
-def _task_identity():
-    """Flower's Message() reads the run id and node id of the current task; set them for in-process tests."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    old = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = 1, 1, 1
-    yield
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = old
-
-
-def _run(cfg, rounds=None, resume=False):
-    server = sapp.Server(cfg, resume=resume)
-    grid = LocalGrid(cfg.num_devices)
-    node_of = {d: n for n, d in grid.nodes.items()}
-    arrays = server.arrays
-    outs = []
-    for t in range(server.start_round, (rounds or cfg.rounds) + 1):
-        arrays, out = server.run_round(grid, t, arrays, node_of)
-        outs.append(out)
-    server.ledger.close()
-    return server, grid, arrays, outs
-
-
-@pytest.fixture
-def no_dropout(monkeypatch):
-    """The devices' models without dropout: a device's clipped sum is then a function of the weights and data only."""
-    orig = capp._model
-
-    def model_without_dropout(*args, **kwargs):
-        model = orig(*args, **kwargs)
-        for m in model.modules():
-            if isinstance(m, torch.nn.Dropout):
-                m.p = 0.0
-        return model
-
-    orig.cache_clear()
-    monkeypatch.setattr(capp, "_model", model_without_dropout)
-    yield
-    orig.cache_clear()
+    # strategy fedavg: server SGD on the noisy gradient, the maths these tests check
+    hyg = dict(run_id="hyg", strategy="fedavg", target_delta=DELTA)
+    return toy_config(tmp_path / name, data_dir, **{**hyg, **kw})
 
 
 def _floats(arrays) -> np.ndarray:
@@ -174,7 +78,7 @@ def test_messages_hold_only_trainable_parameters(tmp_path, data_dir, noise_at, t
         assert not any("base_layer" in k for k in keys)
     else:
         assert keys == ["classifier.weight", "classifier.bias"]
-    server, grid, released, _ = _run(cfg)
+    server, grid, released, _ = run_rounds(cfg)
     assert trainable_state_keys(server.model) == keys
     assert grid.sent and grid.outgoing
     for m in grid.sent:  # server -> device
@@ -196,7 +100,7 @@ PRIVACY_FIELDS = {"device-id", "round", "noise_multiplier", "sample_rate", "step
 
 def test_dp_replies_carry_no_loss_timing_or_other_statistic(tmp_path, data_dir):
     cfg = _cfg(tmp_path, data_dir, noise_at="device", rounds=2, cohort_size=3, batch_size=4, local_epochs=2)
-    server, grid, _, outs = _run(cfg)
+    server, grid, _, outs = run_rounds(cfg)
     assert grid.outgoing
     for d, content in grid.outgoing:
         assert set(content.keys()) == {"arrays", "metrics", "privacy", "info"}
@@ -220,7 +124,7 @@ def test_dp_replies_carry_no_loss_timing_or_other_statistic(tmp_path, data_dir):
 def test_device_level_dp_replies_carry_no_loss(tmp_path, data_dir):
     """DP-FedAvg without example-level DP is a DP run too: its replies carry no training loss or timings."""
     cfg = _cfg(tmp_path, data_dir, dp=False, device_dp=True, rounds=1, cohort_size=3)
-    server, grid, _, outs = _run(cfg)
+    server, grid, _, outs = run_rounds(cfg)
     assert grid.outgoing
     for _, content in grid.outgoing:
         assert set(dict(content["metrics"])) == {"num-examples"}, dict(content["metrics"])
@@ -229,7 +133,7 @@ def test_device_level_dp_replies_carry_no_loss(tmp_path, data_dir):
 
 def test_non_private_run_still_reports_its_loss(tmp_path, data_dir):
     cfg = _cfg(tmp_path, data_dir, dp=False, rounds=1, cohort_size=3)
-    _, grid, _, outs = _run(cfg)
+    _, grid, _, outs = run_rounds(cfg)
     assert grid.outgoing
     for _, content in grid.outgoing:
         m = dict(content["metrics"])
@@ -263,7 +167,7 @@ def _cohorts(grid) -> list[tuple[int, list[int]]]:
 
 def _released(cfg):
     _DEVICE_MODEL.cache_clear()  # same process state for every run (the devices' models are rebuilt)
-    server, grid, released, outs = _run(cfg)
+    server, grid, released, outs = run_rounds(cfg)
     return server, grid, released
 
 
@@ -371,7 +275,7 @@ def test_target_epsilon_is_a_budget_past_the_planned_rounds(tmp_path, data_dir, 
     E, T = 4.0, 3
     cfg = _cfg(tmp_path, data_dir, noise_at=noise_at, trainable="head", rounds=T, num_devices=3, cohort_size=3,
                sample_rate=0.5, target_epsilon=E)
-    server, grid, _, outs = _run(cfg, rounds=2 * T)
+    server, grid, _, outs = run_rounds(cfg, rounds=2 * T)
     by_device, hits = _check_ledger_within(cfg, E, server.delta)
     hit = {h.device_id for h in hits}
     assert hit, "no device reached the budget in 2T rounds"
@@ -389,14 +293,14 @@ def test_target_epsilon_holds_after_a_crash_and_resume(tmp_path, data_dir, noise
     E, T = 4.0, 4
     cfg = _cfg(tmp_path, data_dir, noise_at=noise_at, trainable="head", rounds=T, num_devices=3, cohort_size=3,
                sample_rate=0.5, target_epsilon=E)
-    _run(cfg.replace(), rounds=2)
+    run_rounds(cfg.replace(), rounds=2)
     crashed = sapp.Server(cfg.replace(), resume=True)
     assert crashed.start_round == 3
     sel = select(crashed, 3)  # the real stages of round 3, up to the ledger commit; then the process dies
     commit_events(crashed, sel)
     crashed.ledger.close()
     assert len(sel.cohort) == cfg.num_devices
-    server, _, _, _ = _run(cfg.replace(), resume=True)
+    server, _, _, _ = run_rounds(cfg.replace(), resume=True)
     assert server.start_round == 3
     by_device, hits = _check_ledger_within(cfg, E, server.delta)
     # the crashed attempt's events of round 3 stay in the ledger beside the re-run's

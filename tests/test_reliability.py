@@ -16,50 +16,36 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 import client.app as capp
 from rundir import LedgerReader, config_path, metrics_path, read_checkpoint_state, read_metric_lines
 from dpfl.config import RunConfig
+from inprocess import TEXTS_OFF, TEXTS_ON, run_rounds, toy_config, write_lamp_data
 from protocol.messages import validate_update
 from rundir import EventRow
 from server import app as sapp
 
 REPO = Path(__file__).resolve().parents[1]
 DPFL = str(Path(sys.executable).with_name("dpfl"))
+pytestmark = pytest.mark.usefixtures("task_identity")  # Flower's Message() in-process (tests/conftest.py)
 
-TEXTS_ON = [f"zorblax please switch the quintarian lamp number {i} on" for i in range(12)]
-TEXTS_OFF = [f"vexmoor kindly turn the heliograph unit {i} off" for i in range(12)]
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("reldata")
-    with open(d / "train.jsonl", "w") as fh:
-        for t in TEXTS_ON:
-            fh.write(json.dumps({"text": t, "label": "on"}) + "\n")
-        for t in TEXTS_OFF:
-            fh.write(json.dumps({"text": t, "label": "off"}) + "\n")
-    with open(d / "test.jsonl", "w") as fh:
-        fh.write(json.dumps({"text": "lamp on", "label": "on"}) + "\n")
-        fh.write(json.dumps({"text": "lamp off", "label": "off"}) + "\n")
-    return d
+    return write_lamp_data(tmp_path_factory.mktemp("reldata"))
 
 
 def _cfg(tmp_path, data_dir, **kw) -> RunConfig:
-    base = dict(
-        model="tiny", num_devices=4, cohort_size=3, rounds=2, max_length=16, run_id="rel", run_dir=str(tmp_path / "run"),
-        data_dir=str(data_dir), batch_size=4, local_epochs=1, selection="uniform", round_timeout=30.0,
-        noise_at="device", trainable="all", noise_multiplier=1.0,  # these tests are about local DP-SGD
-    )
-    base.update(kw)
-    return RunConfig(**base).validate()
+    # these tests are about local DP-SGD
+    local = dict(run_id="rel", noise_at="device", trainable="all", noise_multiplier=1.0)
+    return toy_config(tmp_path / "run", data_dir, **{**local, **kw})
 
 
 # ---------------------------------------------------------------------------------- validation
@@ -113,84 +99,10 @@ def test_fault_decisions_are_deterministic_and_mixed():
     assert capp.fault_for(3, 1, 0, 1.0, "nan") == "nan"
 
 
-# ---------------------------------------------------------------------------------- in-process grid
-class LocalGrid:
-    """A Grid that runs the ClientApp's train handler in this process, one Context per device.
-
-    A task whose handler sleeps (the injected "hang") never delivers its reply: it would arrive
-    after the server's round deadline.
-    """
-
-    def __init__(self, num_devices: int):
-        self.nodes = {100 + d: d for d in range(num_devices)}
-        self.contexts = {
-            n: Context(run_id=1, node_id=n, node_config={"partition-id": d, "num-partitions": num_devices}, state=RecordDict(), run_config={})
-            for n, d in self.nodes.items()
-        }
-        self.replies: dict[str, Message] = {}
-        self.sent: list[Message] = []
-        self.outgoing: list[RecordDict] = []  # every reply a device built (delivered or not)
-
-    def get_node_ids(self):
-        return list(self.nodes)
-
-    def push_messages(self, messages):
-        ids = []
-        for m in messages:
-            mid = uuid.uuid4().hex
-            m.metadata.__dict__["_message_id"] = mid
-            m.metadata.__dict__["_src_node_id"] = 1
-            self.sent.append(m)
-            # tasks run synchronously here, before the server starts waiting: the harness keeps
-            # them from tripping the device's "started after the deadline" check
-            m.content["config"]["deadline"] = time.time() + 3600.0
-            slept = []
-            orig = capp.time.sleep
-            capp.time.sleep = lambda s: slept.append(s)
-            try:
-                reply = capp.train(m, self.contexts[m.metadata.dst_node_id])
-                self.outgoing.append(reply.content)
-            except Exception as exc:  # the ClientApp raised: Flower replies with an Error
-                reply = Message(Error(code=0, reason=f"{type(exc).__name__}: {exc}"), reply_to=m)
-            finally:
-                capp.time.sleep = orig
-            ids.append(mid)
-            if not slept:
-                self.replies[mid] = reply
-        return ids
-
-    def pull_messages(self, ids):
-        return [self.replies.pop(i) for i in list(ids) if i in self.replies]
-
-
-@pytest.fixture(autouse=True)
-def _task_identity():
-    """Flower's Message() reads the run id and node id of the current task; set them for in-process tests."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    old = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = 1, 1, 1
-    yield
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = old
-
-
-def _run(cfg, rounds=None, resume=False):
-    server = sapp.Server(cfg, resume=resume)
-    grid = LocalGrid(cfg.num_devices)
-    node_of = {d: n for n, d in grid.nodes.items()}
-    arrays = server.arrays
-    outs = []
-    for t in range(server.start_round, (rounds or cfg.rounds) + 1):
-        arrays, out = server.run_round(grid, t, arrays, node_of)
-        outs.append(out)
-    server.ledger.close()
-    return server, grid, arrays, outs
-
-
 @pytest.mark.parametrize("kind", ["raise", "hang", "nan", "shape"])
 def test_faulty_devices_are_counted_and_their_privacy_is_kept(tmp_path, data_dir, kind):
     cfg = _cfg(tmp_path, data_dir, fault_rate=0.5, fault_kind=kind, rounds=3, cohort_size=4, round_timeout=1.0)
-    server, grid, arrays, outs = _run(cfg)
+    server, grid, arrays, outs = run_rounds(cfg)
     ledger = LedgerReader(Path(cfg.run_dir) / "ledger.sqlite")
     faulty = 0
     for out in outs:
@@ -226,9 +138,9 @@ def test_faulty_devices_are_counted_and_their_privacy_is_kept(tmp_path, data_dir
 def test_device_epsilon_uses_the_ledger_history(tmp_path, data_dir):
     """A device whose update was lost still composes that round: its next reported epsilon includes it."""
     cfg = _cfg(tmp_path, data_dir, rounds=3, cohort_size=4, num_devices=4, fault_rate=0.5, fault_kind="raise")
-    server, grid, _, _ = _run(cfg)
+    server, grid, _, _ = run_rounds(cfg)
     ledger = LedgerReader(Path(cfg.run_dir) / "ledger.sqlite")
-    for content in grid.outgoing:
+    for _, content in grid.outgoing:
         d = int(content["privacy"]["device-id"])
         t = int(content["privacy"]["round"])
         from dp.accounting import SubsampledGaussianEvent, compute_epsilon
@@ -245,7 +157,7 @@ def test_resume_in_process_restores_strategy_and_book(tmp_path, data_dir):
     The cohort draws are secret (issue 15): the checkpoint holds no sampling state to restore.
     """
     cfg = _cfg(tmp_path, data_dir, rounds=4, strategy="fedadam", cohort_size=3)
-    server, grid, _, _ = _run(cfg, rounds=2)
+    server, grid, _, _ = run_rounds(cfg, rounds=2)
     st = read_checkpoint_state(cfg.run_dir)
     assert st["round"] == 2 and "selection_rng" not in st and "rng" not in str(sorted(st))
     # crash in round 3 after the ledger commit: simulate by committing round 3's events only
@@ -260,7 +172,7 @@ def test_resume_in_process_restores_strategy_and_book(tmp_path, data_dir):
     assert resumed.strategy.m_t is not None and resumed.strategy.v_t is not None
     assert len(resumed.book.history["example"][0]) >= 1
     resumed.ledger.close()
-    _run(cfg, resume=True)
+    run_rounds(cfg, resume=True)
     lines = [m["round"] for m in read_metric_lines(cfg.run_dir)]
     assert lines == [1, 2, 3, 4]
     assert [r.round for r in ledger.rounds()] == [1, 2, 3, 4]
@@ -277,11 +189,11 @@ def _walk(rd: RecordDict):
 
 def test_device_replies_carry_no_text_or_token_ids(tmp_path, data_dir):
     cfg = _cfg(tmp_path, data_dir, rounds=2, cohort_size=4)
-    server, grid, _, _ = _run(cfg)
+    server, grid, _, _ = run_rounds(cfg)
     global_sd = server.model.state_dict()
     words = {w for t in TEXTS_ON + TEXTS_OFF for w in t.split() if len(w) > 4 and not w.isdigit()}
     assert grid.outgoing
-    for content in grid.outgoing:
+    for _, content in grid.outgoing:
         assert set(content.keys()) <= {"arrays", "metrics", "privacy", "info"}
         assert set(content.array_records) == {"arrays"}
         for name, rec in content.metric_records.items():
@@ -304,7 +216,7 @@ def test_device_replies_carry_no_text_or_token_ids(tmp_path, data_dir):
 def test_training_texts_never_in_run_files_or_log(tmp_path, data_dir, caplog):
     cfg = _cfg(tmp_path, data_dir, rounds=2, cohort_size=4, fault_rate=0.5, fault_kind="mixed", canaries=8, canary_repeats=2, round_timeout=1.0)
     with caplog.at_level("DEBUG"):
-        _run(cfg)
+        run_rounds(cfg)
     from partitions.population import build_population
 
     texts = [str(t) for t in build_population(cfg).data.train[cfg.text_column]]
@@ -441,7 +353,7 @@ def test_kill_resume_interrupt_resume(tmp_path, data_dir):
 def test_local_epochs_zero_returns_the_weights_untrained(tmp_path, data_dir):
     """--local-epochs 0: every device loads the global weights and sends them back; zero-step privacy events."""
     cfg = _cfg(tmp_path, data_dir, rounds=2, cohort_size=3, local_epochs=0)
-    server, grid, arrays, outs = _run(cfg)
+    server, grid, arrays, outs = run_rounds(cfg)
     init = server.task.build_model(cfg.model, seed=cfg.seed).state_dict()
     assert sum(o.replies for o in outs) > 0 and all(o.failures + o.rejected + o.timeouts == 0 for o in outs)
     final = arrays.to_torch_state_dict()
@@ -453,7 +365,7 @@ def test_local_epochs_zero_returns_the_weights_untrained(tmp_path, data_dir):
     steps = [e.steps for e in ledger.events("example")]
     assert steps and all(s == 0 for s in steps)
     assert all(e == 0.0 for e in ledger.device_epsilons("example").values())
-    assert all(float(c["metrics"]["epsilon"]) == 0.0 and int(c["privacy"]["steps"]) == 0 for c in grid.outgoing)
+    assert all(float(c["metrics"]["epsilon"]) == 0.0 and int(c["privacy"]["steps"]) == 0 for _, c in grid.outgoing)
 
 
 @pytest.mark.parametrize("unit", ["example", "device"])
@@ -463,7 +375,7 @@ def test_budget_filter_a_device_never_trains_past_its_budget(tmp_path, data_dir,
     budget = 6.0
     kw = {"max_epsilon": budget} if unit == "example" else {"device_dp": True, "target_epsilon_device": budget}
     cfg = _cfg(tmp_path, data_dir, rounds=6, cohort_size=3, num_devices=4, **kw)
-    server, grid, _, outs = _run(cfg)
+    server, grid, _, outs = run_rounds(cfg)
     ledger = LedgerReader(Path(cfg.run_dir) / "ledger.sqlite")
     from dp.accounting import SubsampledGaussianEvent, compute_epsilon
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Hashable, Mapping
 
+from partitions import canaries as _data_canaries
 from partitions.canaries import (
     DEFAULT_TEMPLATES,
     UID_STRIDE,
@@ -20,18 +21,8 @@ from partitions.canaries import (
     space_digits,
 )
 
-__all__ = [
-    "DEFAULT_TEMPLATES",
-    "UID_STRIDE",
-    "Canary",
-    "CanaryRecord",
-    "space_digits",
-    "canary_uid",
-    "parse_uid",
-    "make_canaries",
-    "label_index",
-    "secret_token_layout",
-]
+#: partitions.canaries' names (re-exported above), then the audit's own
+__all__ = [*_data_canaries.__all__, "label_index", "secret_token_layout"]
 
 
 def label_index(label: Hashable, label2id: Mapping[Hashable, int] | None = None, model=None) -> int:
