@@ -202,7 +202,8 @@ def clipped_gradient_sum(
     ----------
     model : torch.nn.Module
         The global model, trainable parameters as they should train; left unchanged
-        (its ``.grad`` fields are cleared afterwards).
+        (its ``.grad`` fields are cleared afterwards). The forward passes run in eval mode
+        (no dropout).
     data : nlu.data.Encoded or nlu.slots.SlotEncoded
         The device's examples.
     sample_rate : float
@@ -229,8 +230,12 @@ def clipped_gradient_sum(
     idx = np.flatnonzero(noise.bernoulli(len(data), sample_rate)).astype(np.int64)
     by_name = dict(model.named_parameters(remove_duplicate=False))
     keys = trainable_state_keys(model)
-    model.train()
+    # The gradient of the model's loss at w, without dropout: the server treats the noisy sum as
+    # the gradient of one step, and dropout noise would only lower its signal under DP.
+    was_training = model.training
+    model.eval()
     if len(idx) == 0:
+        model.train(was_training)
         return {k: torch.zeros_like(by_name[k]) for k in keys}
     engine = make_engine(dp_engine, model, noise_multiplier=0.0, max_grad_norm=max_grad_norm, expected_batch_size=1.0)
     try:
@@ -241,6 +246,7 @@ def clipped_gradient_sum(
         out = {k: by_name[k].grad.detach().clone() for k in keys}
     finally:
         engine.detach()
+        model.train(was_training)
         for p in model.parameters():
             p.grad = None
     return out

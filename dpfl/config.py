@@ -268,6 +268,11 @@ class RunConfig:
         metadata={"help": "server step size: FedAdam's eta, or with --noise-at aggregate and fedavg the SGD step on "
                           "the noisy mean gradient"},
     )
+    server_ema: float = field(
+        default=0.0,
+        metadata={"help": "release the exponential moving average of the global models with this decay (0: off; "
+                          "post-processing, no privacy cost)"},
+    )
     server_lr_schedule: str = field(
         default="constant",
         metadata={"help": "server learning-rate schedule over the rounds: constant | cosine (decays towards 0)"},
@@ -375,6 +380,7 @@ class RunConfig:
         )
         need(self.noise_at in NOISE_PLACEMENTS, "noise_at", f"must be one of {NOISE_PLACEMENTS}")
         need(self.server_lr_schedule in ("constant", "cosine"), "server_lr_schedule", "must be 'constant' or 'cosine'")
+        need(0 <= self.server_ema < 1, "server_ema", f"must be in [0, 1), got {self.server_ema}")
         need(0 < self.sample_rate <= 1, "sample_rate", f"must be in (0, 1], got {self.sample_rate}")
         need(
             not (self.noise_at == "aggregate" and self.device_dp),

@@ -32,7 +32,7 @@ def checkpoint(server, t: int, arrays, out, clock) -> None:
     clock.lap("accounting")
     out.seconds = time.perf_counter() - clock.t0
     out.extra["phase_seconds"] = {k: round(v, 4) for k, v in clock.phase.items()}
-    server.save_checkpoint(arrays, t, out)
+    server.save_checkpoint(arrays, t, out, iterate=server.current_iterate)
     server.ledger.complete_round(t, out.cohort_size, server.attempt)
 
 

@@ -327,6 +327,9 @@ def run_round(server, grid: Grid, t: int, arrays: ArrayRecord, node_of: dict[int
 
     Order of what is written: ledger (events, before any message leaves) -> lost updates ->
     checkpoint -> rounds row -> metrics line (the hooks keep the last three in that order).
+    With ``--server-ema`` the hooks evaluate and checkpoint the average of the global models
+    (:class:`server.aggregation.ModelAverage`); the returned arrays, which the next round sends,
+    are the current iterate.
     """
     clock = _Clock()
     sel = select(server, t)
@@ -353,6 +356,8 @@ def run_round(server, grid: Grid, t: int, arrays: ArrayRecord, node_of: dict[int
     clock.lap("aggregate")
     server.account(out)
     clock.lap("accounting")
+    released = server.average.update(t, arrays) if server.average is not None else arrays
+    server.current_iterate = arrays
     for hook in server.hooks:
-        hook(server, t, arrays, out, clock)
+        hook(server, t, released, out, clock)
     return arrays, out

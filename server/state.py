@@ -24,9 +24,9 @@ from nlu.model import load_tokenizer, set_trainable, trainable_state_keys
 from nlu.tasks import task_for_data
 from partitions.canary_record import write_canaries
 from partitions.population import Population, build_population
-from protocol.arrays import load_into, record_from_state, trainable_state
+from protocol.arrays import load_into, record_from_numpy, record_from_state, trainable_state
 from rundir import Ledger, RunDir
-from server.aggregation import ServerStep, make_aggregator
+from server.aggregation import ModelAverage, ServerStep, make_aggregator
 from server.hooks import DEFAULT_HOOKS
 from server.privacy import PrivacyBook, calibrate_example_noise, example_event
 from server.round import run_round as _run_round
@@ -108,6 +108,9 @@ class Server:
         self.strategy = make_strategy(cfg)
         self.server_step = ServerStep(self.strategy)
         self.aggregator = make_aggregator(cfg, self.noise)
+        #: the released model is the average of the iterates (--server-ema), or the iterate itself
+        self.average = ModelAverage(cfg.server_ema) if cfg.server_ema > 0 else None
+        self.current_iterate: ArrayRecord | None = None  # the round's iterate, when the average is released
         self.book = PrivacyBook(
             self.delta,
             cfg.accountant,
@@ -169,14 +172,20 @@ class Server:
         load_into(self.model, arrays, partial=True)
         return self.task.evaluate(self.model, self.test_enc)
 
-    def save_checkpoint(self, arrays: ArrayRecord, t: int, out) -> None:
-        """Checkpoint round ``t``: the whole global model (frozen parts included), attempt, metrics line, server state."""
-        load_into(self.model, arrays, partial=True)
+    def save_checkpoint(self, released: ArrayRecord, t: int, out, iterate: ArrayRecord | None = None) -> None:
+        """Checkpoint round ``t``: the released global model (whole, frozen parts included), attempt,
+        metrics line, and the server state (strategy, aggregator, model average and, with
+        ``--server-ema``, the current iterate ``iterate`` that training continues from)."""
+        load_into(self.model, released, partial=True)
+        server_state = {"strategy": self.server_step.state_dict(), "aggregator": self.aggregator.state_dict()}
+        if self.average is not None:
+            server_state["average"] = self.average.state_dict()
+            server_state["iterate"] = {k: v.numpy() for k, v in (iterate or released).items()}
         self.rundir.save_checkpoint(
             self.model.state_dict(),
             t,
             {"attempt": self.attempt, "cohort_size": out.cohort_size, "metrics": out.to_json()},
-            {"strategy": self.server_step.state_dict(), "aggregator": self.aggregator.state_dict()},
+            server_state,
         )
 
     # ------------------------------------------------------------------ resume
@@ -196,6 +205,9 @@ class Server:
             last_line = state.get("metrics")
             self.server_step.load_state_dict((server_state or {}).get("strategy") or {})
             self.aggregator.load_state_dict((server_state or {}).get("aggregator") or {})
+            if self.average is not None and (server_state or {}).get("iterate") is not None:
+                self.average.load_state_dict(server_state.get("average") or {})
+                self.arrays = record_from_numpy(server_state["iterate"])
             self.ledger.complete_round(last, int(state.get("cohort_size", 0)), int(state.get("attempt", 0)))
         self.rundir.repair_metrics(last, last_line)
         for unit in ("example", "device"):
