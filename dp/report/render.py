@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import html as _html
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,7 @@ def fmt(x: Any, digits: int = 4) -> str:
 
 
 def _range(r: dict | None) -> str:
+    """A ledger range as text: one value when min == max, else "min to max (median m)"; n/a when absent."""
     if not r:
         return "n/a"
     if r["min"] == r["max"]:
@@ -49,6 +51,7 @@ def _range(r: dict | None) -> str:
 
 
 def _param(cfg: dict, key: str) -> str:
+    """A config.toml setting as text, or "not recorded" when the run's config lacks it."""
     return fmt(cfg.get(key)) if key in cfg else "not recorded"
 
 
@@ -70,14 +73,31 @@ def _example_budget_source(u: dict[str, Any], b: dict[str, Any]) -> str:
 
 
 def budget_blocks(summary: dict[str, Any]) -> list[Block]:
-    """The "Budgets" section: every budget that applies, how many devices reached it, any device above it."""
+    """The "Budgets" section: every budget that applies, how many devices reached it, any device above it.
+
+    The bullets come from :func:`_budget_items`, the BUDGET EXCEEDED alerts from
+    :func:`_exceeded_alerts`, and the devices removed from selection from :func:`_budget_event_blocks`.
+    """
     out: list[Block] = [("h", 2, "Budgets")]
+    if not (summary["dp"] or bool(summary.get("device_dp"))):
+        out.append(("p", "No privacy budget applies: the run is not private."))
+        return out
+    items, any_budget = _budget_items(summary)
+    out.append(("ul", items))
+    exceeded = _exceeded_alerts(summary)
+    out += exceeded
+    out += _budget_event_blocks(summary, any_budget, bool(exceeded))
+    return out
+
+
+def _budget_items(summary: dict[str, Any]) -> tuple[list[str], bool]:
+    """One bullet per unit that applies (its budget, where it came from, how many devices reached it), and whether any budget is set.
+
+    A unit without a budget says that devices were selected whatever their epsilon.
+    """
     b = summary.get("budget") or {}
     delta = summary.get("delta")
     dp_on, device_dp = summary["dp"], bool(summary.get("device_dp"))
-    if not (dp_on or device_dp):
-        out.append(("p", "No privacy budget applies: the run is not private."))
-        return out
     items = []
     any_budget = False
     for unit, label, applies in (("example", "Example level", dp_on), ("device", "Device level", device_dp)):
@@ -102,7 +122,13 @@ def budget_blocks(summary: dict[str, Any]) -> list[Block]:
             text += (" --target-epsilon also calibrated the noise multiplier for the planned schedule; it is "
                      "enforced as a budget as well, so crashed and re-run rounds cannot push a device past it.")
         items.append(text)
-    out.append(("ul", items))
+    return items, any_budget
+
+
+def _exceeded_alerts(summary: dict[str, Any]) -> list[Block]:
+    """A loud BUDGET EXCEEDED alert for each unit with a device above its budget (which the server should prevent)."""
+    b = summary.get("budget") or {}
+    out: list[Block] = []
     exceeded = [(unit, b[unit]) for unit in ("example", "device") if (b.get(unit) or {}).get("devices_over")]
     for unit, u in exceeded:
         per = ((summary["epsilon"].get(unit) or {}).get("per_device")) or {}
@@ -112,6 +138,15 @@ def budget_blocks(summary: dict[str, Any]) -> list[Block]:
                              f"{', '.join(map(str, u['devices_over'][:20]))}{', ...' if len(u['devices_over']) > 20 else ''}). "
                              "This should not happen: the server removes a device from selection before its "
                              "next round would pass its budget."))
+    return out
+
+
+def _budget_event_blocks(summary: dict[str, Any], any_budget: bool, exceeded: bool) -> list[Block]:
+    """The devices removed from selection for their budget (a table of the first 200), or that none was.
+
+    Nothing is said here when no device was removed but some device exceeded its budget (the alert says it).
+    """
+    out: list[Block] = []
     if summary["budget_events"]:
         out.append(("p", f"{_n_devices(summary['devices_over_budget'], 'were')} removed from selection because their "
                          "next round would have exceeded their budget:"))
@@ -127,6 +162,7 @@ def budget_blocks(summary: dict[str, Any]) -> list[Block]:
 
 
 def _budget_headline(summary: dict[str, Any]) -> str:
+    """The summary's budget sentence: each unit's budget, how many devices reached or passed it, and how many were removed."""
     b = summary.get("budget") or {}
     parts = []
     for unit in ("example", "device"):
@@ -171,23 +207,68 @@ def _counts_paragraph(summary: dict[str, Any]) -> str:
     )
 
 
+@dataclass(frozen=True)
+class _Run:
+    """The few facts about a run that most report sections branch on, read once from the summary.
+
+    ``dp_on`` is example-level DP, ``device_dp`` device-level DP; ``aggregate`` is example-level
+    noise added on the aggregate (by the server) rather than on the device; ``reproducible`` is
+    a private run whose noise came from the recorded seed (``--reproducible-noise``), so no
+    guarantee holds. ``trust`` is the summary's trust model per unit, ``cfg`` the run's config.
+    """
+
+    dp_on: bool
+    device_dp: bool
+    aggregate: bool
+    reproducible: bool
+    trust: dict[str, Any]
+    cfg: dict[str, Any]
+
+    @property
+    def any_dp(self) -> bool:
+        """Whether any guarantee was meant to hold (example level, device level or both)."""
+        return self.dp_on or self.device_dp
+
+    @classmethod
+    def of(cls, summary: dict[str, Any]) -> "_Run":
+        """The facts of ``summary`` (a noise placement left unrecorded counts as on the device)."""
+        dp_on = bool(summary["dp"])
+        device_dp = bool(summary.get("device_dp"))
+        placement = summary.get("noise_at") or ("device" if dp_on else None)
+        return cls(dp_on=dp_on, device_dp=device_dp, aggregate=dp_on and placement == "aggregate",
+                   reproducible=(dp_on or device_dp) and bool(summary.get("reproducible_noise")),
+                   trust=summary.get("trust_model") or {}, cfg=summary.get("config") or {})
+
+
 def blocks(summary: dict[str, Any], images: dict[str, Path]) -> list[Block]:
-    """The report's content, format-independent.
+    """The report's content, format-independent: one call per section, in reading order.
 
     A run without a guarantee (no DP, or ``--reproducible-noise``) starts with an ``("alert", text)``
     block saying so, which the writers put on the file's first line.
     """
-    cfg = summary.get("config") or {}
-    delta = summary["delta"]
-    acc = summary["accountant"]
-    eps = summary["epsilon"]
-    dp_on = bool(summary["dp"])
-    device_dp = bool(summary.get("device_dp"))
-    any_dp = dp_on or device_dp
-    placement = summary.get("noise_at") or ("device" if dp_on else None)
-    aggregate = dp_on and placement == "aggregate"
-    reproducible = any_dp and bool(summary.get("reproducible_noise"))
-    trust = summary.get("trust_model") or {}
+    run = _Run.of(summary)
+    out = _title_blocks(summary)
+    out += _summary_blocks(summary, run)
+    out += _setting_blocks(summary, run)
+    out += _units_blocks(summary, run)
+    out += _accountant_blocks(summary, run)
+    out += _mechanism_blocks(summary, run)
+    out += _selection_blocks(summary, run)
+    out += _epsilon_blocks(summary, images, run)
+    out += audit_blocks(summary, images)
+    out += budget_blocks(summary)
+    out += utility_blocks(summary, images)
+    return out
+
+
+# ------------------------------------------------------------------------- header and summary
+
+
+def _title_blocks(summary: dict[str, Any]) -> list[Block]:
+    """The report's opening: the NOT PRIVATE alert when the run has no guarantee, the title, and how far the run got.
+
+    A run still in progress (or stopped early) says that its numbers cover the committed rounds only.
+    """
     out: list[Block] = []
     if summary.get("not_private"):
         out.append(("alert", f"NOT PRIVATE: {summary['not_private']}."))
@@ -200,125 +281,183 @@ def blocks(summary: dict[str, Any], images: dict[str, Path]) -> list[Block]:
         f"of {fmt(summary['rounds_planned'])} planned. Numbers cover the committed rounds only."
     )
     out.append(("p", state))
+    return out
 
-    # ---------------------------------------------------------------- headline
-    out.append(("h", 2, "Summary"))
-    if not any_dp:
+
+def _summary_blocks(summary: dict[str, Any], run: _Run) -> list[Block]:
+    """The "Summary" section: the headline guarantee per unit (or that there is none), then the run's warnings.
+
+    A non-private run gets one paragraph saying so; a ``--reproducible-noise`` run is told that its
+    epsilons do not hold before they are listed (see :func:`_headline_items`).
+    """
+    out: list[Block] = [("h", 2, "Summary")]
+    if not run.any_dp:
         out.append(("p", "THIS RUN IS NOT PRIVATE (dp = false, device_dp = false). No noise was added and no "
                          "differential privacy guarantee holds: epsilon = infinity for every example and every "
                          "device. The accuracy below is what training without privacy achieves."))
     else:
-        if reproducible:
+        if run.reproducible:
             out.append(("p", "THIS RUN IS NOT PRIVATE (--reproducible-noise): its noise and its secret sampling "
                              "decisions were derived from the seed recorded in config.toml, so anyone holding the "
                              "run directory can regenerate them and subtract the noise. The epsilons below are what "
                              "the accounting gives for secret noise; they do NOT hold for this run."))
-        ex = eps.get("example") or {}
-        dv = eps.get("device")
-        items = []
-        if dp_on:
-            items.append(
-                f"Example level (one utterance): epsilon = {fmt(ex.get('max'))} at delta = {fmt(delta)} "
-                f"(maximum over devices; median {fmt(ex.get('median'))}). Strength: {TIER_WORDS[ex.get('tier', 'none')]}.")
-        elif dv:
-            items.append(
-                "Example level (one utterance): no example-level noise (dp = false), but the device-level guarantee "
-                "implies one, because one example is part of one device's data: example-level epsilon <= 2 x "
-                f"device-level epsilon = {fmt(ex.get('max'))} at delta = (1 + e^epsilon_device) delta = "
-                f"{fmt(ex.get('delta'))} (group privacy over removing the device and adding it back with the "
-                f"changed example; see Privacy units and adjacency). Strength: {TIER_WORDS[ex.get('tier', 'none')]}.")
-        if dv:
-            items.append(
-                f"Device level (all of one device's data): epsilon = {fmt(dv.get('max'))} at delta = {fmt(delta)} "
-                f"(maximum over devices; median {fmt(dv.get('median'))}). Strength: {TIER_WORDS[dv.get('tier', 'none')]}.")
-        else:
-            items.append("Device level: NOT protected. Device-level DP was off, so there is no guarantee "
-                         "for a device's data as a whole (epsilon = infinity at device level); the server "
-                         + ("sees each device's clipped gradient sum, which carries no noise of its own."
-                            if aggregate else "sees each device's individual update."))
-        names = [f"{u} level: {t['name']}" for u, t in (("example", trust.get("example")), ("device", trust.get("device"))) if t]
-        if names:
-            items.append("Trust model: " + "; ".join(names) + ".")
-        items.append(f"Accountant: {acc.upper()} ({'privacy loss distributions, tight' if acc == 'pld' else 'Renyi DP, an upper bound'}); "
-                     "adjacency: add or remove one unit, with the example counts the server uses treated as public "
-                     "(see Privacy units and adjacency); sampling: Poisson.")
-        items.append(_budget_headline(summary))
-        items.append(_task_metrics_text(summary))
-        out.append(("ul", items))
+        out.append(("ul", _headline_items(summary, run)))
     for w in summary.get("warnings", []):
         out.append(("p", f"Note: {w}"))
+    return out
 
-    # ---------------------------------------------------------------- setting
-    out.append(("h", 2, "Setting and threat model"))
-    if any_dp:
-        th = []
-        ex_trust = trust.get("example")
-        if dp_on and not aggregate:
-            th.append(
-                "Example-level noise is added on the device: each device trains with DP-SGD (per-example "
-                "clipping to C, Gaussian noise of standard deviation sigma * C added to the summed clipped "
-                "gradients of each Poisson-sampled batch). The update that leaves the device is already private "
-                "for each of its examples.")
-        elif aggregate:
-            th.append(
-                f"Example-level noise is added on the aggregate: each selected device Poisson-samples its examples "
-                f"at rate p = {_param(cfg, 'sample_rate')}, clips each example's gradient to C and sends only the sum "
-                "of the clipped gradients (no loss, no sample count, no timing). The server adds Gaussian noise of "
-                "standard deviation sigma * C once per round to the cohort's sum, divides by the expected number of "
-                "sampled examples (the sum of p n_k over the cohort, from the public counts) and takes a server "
-                f"optimizer step (strategy {_param(cfg, 'strategy')}). A device's clipped sum carries no noise of "
-                "its own.")
-        else:
-            th.append("No example-level noise (dp = false): devices train without DP-SGD. The guarantee comes from "
-                      "device-level DP alone.")
-        if ex_trust:
-            th.append(f"Trust model at example level: {ex_trust['name']}. Trusted: {ex_trust['trusted']}. "
-                      f"The guarantee holds against {ex_trust['holds_against']}."
-                      + (" Here the server does see the individual clipped sums: the run assumes it does not "
-                         "look at them." if aggregate else ""))
-        if device_dp:
-            th.append(
-                "Device-level noise is added on the server: each device's update is clipped to norm S and "
-                "Gaussian noise of standard deviation sigma_u * S is added to the sum. Trust model at device level: "
-                f"{(trust.get('device') or {}).get('name', DEVICE_TRUST)}. The server is trusted to add this noise: it sees the individual "
-                + ("(example-level-private) updates before aggregation" if dp_on
-                   else "updates before aggregation, which carry no noise of their own")
-                + ". The guarantee holds against observers of the released models.")
-        else:
-            th.append("No device-level noise: the server sees each device's individual clipped gradient sum, "
-                      "which is not protected against it: only the noisy aggregate is (see the trust model)."
-                      if aggregate else "No device-level noise: the server sees each device's individual update, "
-                      "which is protected only at example level.")
-        th.append("The server also sees activity counts (how many examples each device holds); these are "
-                  "metadata outside the guarantee.")
-        if reproducible:
-            th.append("Noise source: derived from the seed in config.toml (--reproducible-noise), so the noise and "
-                      "the sampling decisions can be regenerated: no guarantee holds.")
-        else:
-            th.append("Noise source: the noise and every sampling decision the accountant treats as random ("
-                      + ("example sampling" if aggregate else "Poisson batches" if dp_on else "")
-                      + (", " if dp_on else "") + "cohort selection, the Gaussian noise) came from a secret source, "
-                      "a ChaCha20 generator keyed by operating-system entropy, that was never recorded. The seed in "
-                      "config.toml drives only partitioning, initialisation and data splits.")
-        th.append("Everything released is covered: each round's global model is a function of the noisy "
-                  "aggregates up to that round, and epsilon composes every round, so all rounds' models "
-                  "(not only the last) are covered.")
-        if device_dp:
-            th.append("This report and the run directory are for the operator: they record which rounds each "
-                      "device joined and the realised cohort sizes, which the device-level guarantee (for the "
-                      "released models) does not cover.")
-        out.append(("ul", th))
+
+def _headline_items(summary: dict[str, Any], run: _Run) -> list[str]:
+    """The summary's bullet list for a private run: epsilon per unit, trust model, accountant, budgets, utility.
+
+    Without example-level noise the example level is the bound implied by device level (2 x its
+    epsilon, by group privacy); without device-level DP the device level is said to be unprotected.
+    """
+    eps, delta, acc = summary["epsilon"], summary["delta"], summary["accountant"]
+    ex = eps.get("example") or {}
+    dv = eps.get("device")
+    items = []
+    if run.dp_on:
+        items.append(
+            f"Example level (one utterance): epsilon = {fmt(ex.get('max'))} at delta = {fmt(delta)} "
+            f"(maximum over devices; median {fmt(ex.get('median'))}). Strength: {TIER_WORDS[ex.get('tier', 'none')]}.")
+    elif dv:
+        items.append(
+            "Example level (one utterance): no example-level noise (dp = false), but the device-level guarantee "
+            "implies one, because one example is part of one device's data: example-level epsilon <= 2 x "
+            f"device-level epsilon = {fmt(ex.get('max'))} at delta = (1 + e^epsilon_device) delta = "
+            f"{fmt(ex.get('delta'))} (group privacy over removing the device and adding it back with the "
+            f"changed example; see Privacy units and adjacency). Strength: {TIER_WORDS[ex.get('tier', 'none')]}.")
+    if dv:
+        items.append(
+            f"Device level (all of one device's data): epsilon = {fmt(dv.get('max'))} at delta = {fmt(delta)} "
+            f"(maximum over devices; median {fmt(dv.get('median'))}). Strength: {TIER_WORDS[dv.get('tier', 'none')]}.")
     else:
+        items.append("Device level: NOT protected. Device-level DP was off, so there is no guarantee "
+                     "for a device's data as a whole (epsilon = infinity at device level); the server "
+                     + ("sees each device's clipped gradient sum, which carries no noise of its own."
+                        if run.aggregate else "sees each device's individual update."))
+    names = [f"{u} level: {t['name']}" for u, t in (("example", run.trust.get("example")),
+                                                    ("device", run.trust.get("device"))) if t]
+    if names:
+        items.append("Trust model: " + "; ".join(names) + ".")
+    items.append(f"Accountant: {acc.upper()} ({'privacy loss distributions, tight' if acc == 'pld' else 'Renyi DP, an upper bound'}); "
+                 "adjacency: add or remove one unit, with the example counts the server uses treated as public "
+                 "(see Privacy units and adjacency); sampling: Poisson.")
+    items.append(_budget_headline(summary))
+    items.append(_task_metrics_text(summary))
+    return items
+
+
+# ------------------------------------------------------------------------- setting and threat model
+
+
+def _setting_blocks(summary: dict[str, Any], run: _Run) -> list[Block]:
+    """The "Setting and threat model" section: where the noise is added, whom each unit trusts, what is released.
+
+    The bullets run: example-level noise and its trust model (:func:`_example_noise_items`),
+    device-level noise (:func:`_device_noise_item`), the metadata the server sees, the noise
+    source (:func:`_noise_source_item`), and that every round's model is covered.
+    """
+    out: list[Block] = [("h", 2, "Setting and threat model")]
+    if not run.any_dp:
         out.append(("p", "No differential privacy: updates are neither clipped nor noised for privacy, and the "
                          "server sees each device's update."))
+        return out
+    th = _example_noise_items(run)
+    th.append(_device_noise_item(run))
+    th.append("The server also sees activity counts (how many examples each device holds); these are "
+              "metadata outside the guarantee.")
+    th.append(_noise_source_item(run))
+    th.append("Everything released is covered: each round's global model is a function of the noisy "
+              "aggregates up to that round, and epsilon composes every round, so all rounds' models "
+              "(not only the last) are covered.")
+    if run.device_dp:
+        th.append("This report and the run directory are for the operator: they record which rounds each "
+                  "device joined and the realised cohort sizes, which the device-level guarantee (for the "
+                  "released models) does not cover.")
+    out.append(("ul", th))
+    return out
 
-    out.append(("h", 3, "Privacy units and adjacency"))
-    if not any_dp:
+
+def _example_noise_items(run: _Run) -> list[str]:
+    """Where example-level noise is added (on the device, on the aggregate, or not at all) and its trust model.
+
+    On the aggregate the server sees each device's clipped sum, so the run assumes it does not look.
+    """
+    cfg = run.cfg
+    th = []
+    ex_trust = run.trust.get("example")
+    if run.dp_on and not run.aggregate:
+        th.append(
+            "Example-level noise is added on the device: each device trains with DP-SGD (per-example "
+            "clipping to C, Gaussian noise of standard deviation sigma * C added to the summed clipped "
+            "gradients of each Poisson-sampled batch). The update that leaves the device is already private "
+            "for each of its examples.")
+    elif run.aggregate:
+        th.append(
+            f"Example-level noise is added on the aggregate: each selected device Poisson-samples its examples "
+            f"at rate p = {_param(cfg, 'sample_rate')}, clips each example's gradient to C and sends only the sum "
+            "of the clipped gradients (no loss, no sample count, no timing). The server adds Gaussian noise of "
+            "standard deviation sigma * C once per round to the cohort's sum, divides by the expected number of "
+            "sampled examples (the sum of p n_k over the cohort, from the public counts) and takes a server "
+            f"optimizer step (strategy {_param(cfg, 'strategy')}). A device's clipped sum carries no noise of "
+            "its own.")
+    else:
+        th.append("No example-level noise (dp = false): devices train without DP-SGD. The guarantee comes from "
+                  "device-level DP alone.")
+    if ex_trust:
+        th.append(f"Trust model at example level: {ex_trust['name']}. Trusted: {ex_trust['trusted']}. "
+                  f"The guarantee holds against {ex_trust['holds_against']}."
+                  + (" Here the server does see the individual clipped sums: the run assumes it does not "
+                     "look at them." if run.aggregate else ""))
+    return th
+
+
+def _device_noise_item(run: _Run) -> str:
+    """Device-level noise added on the server and its trust model, or what the server sees without it."""
+    if run.device_dp:
+        return (
+            "Device-level noise is added on the server: each device's update is clipped to norm S and "
+            "Gaussian noise of standard deviation sigma_u * S is added to the sum. Trust model at device level: "
+            f"{(run.trust.get('device') or {}).get('name', DEVICE_TRUST)}. The server is trusted to add this noise: it sees the individual "
+            + ("(example-level-private) updates before aggregation" if run.dp_on
+               else "updates before aggregation, which carry no noise of their own")
+            + ". The guarantee holds against observers of the released models.")
+    return ("No device-level noise: the server sees each device's individual clipped gradient sum, "
+            "which is not protected against it: only the noisy aggregate is (see the trust model)."
+            if run.aggregate else "No device-level noise: the server sees each device's individual update, "
+            "which is protected only at example level.")
+
+
+def _noise_source_item(run: _Run) -> str:
+    """Where the noise and the secret sampling decisions came from: the recorded seed (no guarantee) or a secret source."""
+    if run.reproducible:
+        return ("Noise source: derived from the seed in config.toml (--reproducible-noise), so the noise and "
+                "the sampling decisions can be regenerated: no guarantee holds.")
+    return ("Noise source: the noise and every sampling decision the accountant treats as random ("
+            + ("example sampling" if run.aggregate else "Poisson batches" if run.dp_on else "")
+            + (", " if run.dp_on else "") + "cohort selection, the Gaussian noise) came from a secret source, "
+            "a ChaCha20 generator keyed by operating-system entropy, that was never recorded. The seed in "
+            "config.toml drives only partitioning, initialisation and data splits.")
+
+
+# ------------------------------------------------------------------------- units, accountant and delta
+
+
+def _units_blocks(summary: dict[str, Any], run: _Run) -> list[Block]:
+    """The "Privacy units and adjacency" subsection: what one example and one device are, and who their neighbours are.
+
+    A private run adds the paragraph on public example counts (:func:`_counts_paragraph`); a
+    non-private run shows the units for reference only.
+    """
+    out: list[Block] = [("h", 3, "Privacy units and adjacency")]
+    if not run.any_dp:
         out.append(("p", "For reference only: the units a private run would protect. This run protects neither."))
     ex_unit = ("Example level: the unit is one example (one utterance). Two datasets are neighbours if one is the "
                "other with one example added or removed. An example lives on one device, so the run's example-level "
                "epsilon is the maximum over devices of each device's own composition.")
-    if aggregate:
+    if run.aggregate:
         ex_unit += (" With noise on the aggregate, each round a device joined is one Poisson-subsampled Gaussian "
                     "(rate p, noise multiplier sigma) for each of its examples: one example changes the cohort's "
                     "clipped sum by at most C. No amplification by device selection is claimed at example level: an "
@@ -327,68 +466,95 @@ def blocks(summary: dict[str, Any], images: dict[str, Path]) -> list[Block]:
     dev_unit = ("Device level: the unit is one device with all of its data (add or remove one device). With Poisson "
                 "selection each device's guarantee depends on its own inclusion probability q_k, so each device is "
                 "accounted individually.")
-    if device_dp and not dp_on:
+    if run.device_dp and not run.dp_on:
         dev_unit += (" It also bounds the example level: changing one example of device k is at most removing the "
                      "device and adding it back with the changed data (same public count, same q_k), so group "
                      "privacy gives (2 epsilon_k, (1 + e^epsilon_k) delta) per example. The factor 2 is needed: one "
                      "changed example can move a device's clipped update by up to 2 S.")
     out.append(("ul", [ex_unit, dev_unit]))
-    if any_dp:
+    if run.any_dp:
         out.append(("p", _counts_paragraph(summary)))
+    return out
 
-    if any_dp:
-        out.append(("h", 3, "Accountant and delta"))
-        dvu = summary.get("delta_vs_units") or {}
-        n_ex, n_dev = summary.get("num_examples"), summary.get("num_devices")
-        where = []
-        if dp_on:
-            where.append("example level: " + ("each example's inclusion in its device's clipped sum, rate p"
-                                              if aggregate else "local batches"))
-        if device_dp:
-            where.append("device level: cohort selection")
-        dl = [
-            f"Accountant: {acc} ({'dp-accounting privacy loss distributions with pessimistic discretisation: an upper bound on epsilon (Koskela et al. 2020; Google dp-accounting)' if acc == 'pld' else 'dp-accounting Renyi DP (Mironov 2017) converted to (epsilon, delta) following Balle et al. 2020'}). "
-            "It assumes Poisson sampling: each unit is included in each step independently with probability q "
-            f"({'; '.join(where)}). Every epsilon in this report was recomputed from the ledger's privacy events.",
-            f"delta = {fmt(delta)}, the probability with which the epsilon bound may fail. It must be far below "
-            "1/N, since a mechanism that publishes one random unit's data outright is (0, 1/N)-DP.",
-        ]
-        if dvu.get("one_over_examples") and dp_on:
-            dl.append(f"Example level: N = {n_ex} training examples, 1/N = {fmt(dvu['one_over_examples'])}; "
-                      f"delta is {fmt(dvu['one_over_examples'] / delta, 3)} times smaller."
-                      + ("" if delta * 10 <= dvu["one_over_examples"] else " WARNING: delta is not far below 1/N."))
-        if dvu.get("one_over_devices") and device_dp:
-            dl.append(f"Device level: N = {n_dev} devices, 1/N = {fmt(dvu['one_over_devices'])}; "
-                      f"delta is {fmt(dvu['one_over_devices'] / delta, 3)} times smaller."
-                      + ("" if delta * 10 <= dvu["one_over_devices"] else " WARNING: delta is not far below 1/N."))
-        out.append(("ul", dl))
 
-    # ---------------------------------------------------------------- mechanism
-    out.append(("h", 3, "Mechanism parameters"))
+def _accountant_blocks(summary: dict[str, Any], run: _Run) -> list[Block]:
+    """The "Accountant and delta" subsection of a private run: the accountant, its sampling assumption, and delta against 1/N.
+
+    delta is set beside 1/N for examples and for devices, with a warning when it is not far below.
+    """
+    if not run.any_dp:
+        return []
+    acc, delta = summary["accountant"], summary["delta"]
+    dvu = summary.get("delta_vs_units") or {}
+    n_ex, n_dev = summary.get("num_examples"), summary.get("num_devices")
+    where = []
+    if run.dp_on:
+        where.append("example level: " + ("each example's inclusion in its device's clipped sum, rate p"
+                                          if run.aggregate else "local batches"))
+    if run.device_dp:
+        where.append("device level: cohort selection")
+    dl = [
+        f"Accountant: {acc} ({'dp-accounting privacy loss distributions with pessimistic discretisation: an upper bound on epsilon (Koskela et al. 2020; Google dp-accounting)' if acc == 'pld' else 'dp-accounting Renyi DP (Mironov 2017) converted to (epsilon, delta) following Balle et al. 2020'}). "
+        "It assumes Poisson sampling: each unit is included in each step independently with probability q "
+        f"({'; '.join(where)}). Every epsilon in this report was recomputed from the ledger's privacy events.",
+        f"delta = {fmt(delta)}, the probability with which the epsilon bound may fail. It must be far below "
+        "1/N, since a mechanism that publishes one random unit's data outright is (0, 1/N)-DP.",
+    ]
+    if dvu.get("one_over_examples") and run.dp_on:
+        dl.append(f"Example level: N = {n_ex} training examples, 1/N = {fmt(dvu['one_over_examples'])}; "
+                  f"delta is {fmt(dvu['one_over_examples'] / delta, 3)} times smaller."
+                  + ("" if delta * 10 <= dvu["one_over_examples"] else " WARNING: delta is not far below 1/N."))
+    if dvu.get("one_over_devices") and run.device_dp:
+        dl.append(f"Device level: N = {n_dev} devices, 1/N = {fmt(dvu['one_over_devices'])}; "
+                  f"delta is {fmt(dvu['one_over_devices'] / delta, 3)} times smaller."
+                  + ("" if delta * 10 <= dvu["one_over_devices"] else " WARNING: delta is not far below 1/N."))
+    return [("h", 3, "Accountant and delta"), ("ul", dl)]
+
+
+# ------------------------------------------------------------------------- mechanism parameters and selection
+
+
+def _mechanism_blocks(summary: dict[str, Any], run: _Run) -> list[Block]:
+    """The "Mechanism parameters" table: schedule, example-level and device-level mechanism, strategy, model, data.
+
+    Configured values come from config.toml; the ranges "in the ledger" from the privacy events.
+    """
+    cfg = run.cfg
     rows = [
         ["rounds (planned / committed)", f"{fmt(summary['rounds_planned'])} / {summary['rounds_completed']}"],
         ["expected cohort size", _param(cfg, "cohort_size")],
         ["devices", fmt(summary.get("num_devices"))],
     ]
-    if not aggregate:
+    if not run.aggregate:
         rows += [["local epochs", _param(cfg, "local_epochs")],
                  ["expected local batch size", _param(cfg, "batch_size")]]
-    if dp_on:
+    rows += _example_mechanism_rows(summary, run)
+    rows += _device_mechanism_rows(summary, run)
+    rows += [["strategy", _param(cfg, "strategy")], ["model", _param(cfg, "model")],
+             ["dataset", _param(cfg, "dataset") if "dataset" in cfg else (_param(cfg, "data_dir") if "data_dir" in cfg else "built-in synthetic home-assistant set (generated)")]]
+    return [("h", 3, "Mechanism parameters"), ("table", ["parameter", "value"], rows)]
+
+
+def _example_mechanism_rows(summary: dict[str, Any], run: _Run) -> list[list[str]]:
+    """The mechanism table's example-level rows: where the noise goes, sigma, C, p, and the ledger's ranges."""
+    cfg = run.cfg
+    rows: list[list[str]] = []
+    if run.dp_on:
         rows += [
             ["example level: noise added", "on the aggregate (by the server, once per round, to the cohort's sum)"
-             if aggregate else "on the device (DP-SGD, at every local step)"],
+             if run.aggregate else "on the device (DP-SGD, at every local step)"],
             ["example level: noise multiplier sigma", _param(cfg, "noise_multiplier")],
             ["example level: clipping norm C (max_grad_norm)", _param(cfg, "max_grad_norm")],
         ]
-        if aggregate:
+        if run.aggregate:
             rows += [["example level: example sampling rate p", _param(cfg, "sample_rate")],
                      ["server learning rate", _param(cfg, "server_learning_rate")]]
     else:
         rows.append(["example-level noise and clipping", "not applied (dp = false)"])
-    ex = eps.get("example") if dp_on else None
+    ex = summary["epsilon"].get("example") if run.dp_on else None
     if ex and ex.get("mechanism"):
         m = ex["mechanism"]
-        if aggregate:
+        if run.aggregate:
             rows += [
                 ["example level: sampling rate p in the ledger", _range(m["sample_rate"])],
                 ["example level: noisy sums per round joined", _range(m["steps_per_event"])],
@@ -401,85 +567,122 @@ def blocks(summary: dict[str, Any], images: dict[str, Path]) -> list[Block]:
                 ["example level: local steps per round", _range(m["steps_per_event"])],
                 ["example level: total steps, most-trained device", fmt(m["total_steps_max_device"])],
             ]
-    rows += [
-        ["device-level DP", fmt(device_dp)],
-    ]
-    dv = eps.get("device") if device_dp else None
-    if device_dp:
+    return rows
+
+
+def _device_mechanism_rows(summary: dict[str, Any], run: _Run) -> list[list[str]]:
+    """The mechanism table's device-level rows: whether it is on, sigma_u, S and the ledger's inclusion probabilities."""
+    rows = [["device-level DP", fmt(run.device_dp)]]
+    dv = summary["epsilon"].get("device") if run.device_dp else None
+    if run.device_dp:
         rows += [
-            ["device level: noise multiplier sigma_u", _param(cfg, "device_noise_multiplier")],
-            ["device level: update clip norm S", _param(cfg, "update_clip_norm")],
+            ["device level: noise multiplier sigma_u", _param(run.cfg, "device_noise_multiplier")],
+            ["device level: update clip norm S", _param(run.cfg, "update_clip_norm")],
         ]
         if dv and dv.get("mechanism"):
             rows.append(["device level: inclusion probability q_k per round", _range(dv["mechanism"]["sample_rate"])])
-    rows += [["strategy", _param(cfg, "strategy")], ["model", _param(cfg, "model")],
-             ["dataset", _param(cfg, "dataset") if "dataset" in cfg else (_param(cfg, "data_dir") if "data_dir" in cfg else "built-in synthetic home-assistant set (generated)")]]
-    out.append(("table", ["parameter", "value"], rows))
+    return rows
 
+
+def _selection_blocks(summary: dict[str, Any], run: _Run) -> list[Block]:
+    """The "Selection" subsection: how q_k follows activity, the expected cohort, and the calibration of c.
+
+    Under example-level DP it adds that the accounting is conditioned on participation.
+    """
     sel = summary["selection"]
-    out.append(("h", 3, "Selection"))
     sel_text = [
         f"Selection: {fmt(sel['mode'])}; q_k = min(1, c * a_k^alpha) with alpha = {fmt(sel['activity_exponent'])} "
         f"and c = {fmt(sel['selection_constant'])}; expected cohort size {fmt(sel['expected_cohort_size'])}.",
         "Selection used activity counts (the number of examples each device holds), which the server sees.",
     ]
-    if dp_on:
+    if run.dp_on:
         sel_text.append(
             "Example-level accounting is conditioned on participation: each device composes the steps of the "
             "rounds it actually joined, so the example-level guarantee does not cover the fact of being selected.")
     if sel.get("calibration_note"):
         sel_text.append(f"Calibration: {sel['calibration_note']}")
-    out.append(("ul", sel_text))
+    return [("h", 3, "Selection"), ("ul", sel_text)]
 
-    # ---------------------------------------------------------------- epsilon per unit
-    if any_dp:
-        out.append(("h", 2, "Epsilon per privacy unit"))
-        header = ["unit", "max", "median", "p90", "min", "devices accounted", "strength", "ledger's cached max"]
-        trows = []
-        for unit in ("example", "device"):
-            st = eps.get(unit)
-            if st and st.get("implied_by") == "device":
-                trows.append([unit, f"<= {fmt(st['max'])} (2 x device level, at delta {fmt(st.get('delta'))})",
-                              f"<= {fmt(st['median'])}", "", "", str(st.get("devices_accounted", "")),
-                              TIER_WORDS[st["tier"]], ""])
-                continue
-            if not st or "per_device" not in st:
-                trows.append([unit, "∞ (not protected)", "", "", "", "", "none", ""])
-                continue
-            trows.append([unit, fmt(st["max"]), fmt(st["median"]), fmt(st["p90"]), fmt(st["min"]),
-                          str(st["devices_accounted"]), TIER_WORDS[st["tier"]], fmt(st["ledger_max"])])
-        out.append(("table", header, trows))
-        accounted = [u for u in ("example", "device") if (eps.get(u) or {}).get("per_device") is not None]
-        out.append(("p", f"All epsilons are at delta = {fmt(delta)} unless stated. The median is over devices with "
-                         "at least one event of that unit; devices that never trained have epsilon 0 (median over all "
-                         "devices: " + ", ".join(f"{u} {fmt(eps[u]['median_all_devices'])}" for u in accounted)
-                         + "). Strength tiers: <= 1 strong, <= 10 reasonable, > 10 weak."
-                         + (" These epsilons do NOT hold for this run (--reproducible-noise)." if reproducible else "")))
-        oe = (eps.get("example") or {}).get("over_examples")
-        if oe and oe.get("examples"):
-            how = ("the rounds in which its device trained while holding it (the ledger's example holdings: "
-                   "examples that arrived late or were deleted early compose fewer rounds)"
-                   if oe["source"] == "holdings" else "every round its device trained (static data: an example "
-                   "inherits its device's epsilon)")
-            out.append(("p", f"Over examples instead of devices: each example's epsilon composes {how}. Over "
-                             f"{oe['examples']} examples ({oe['examples_trained']} touched by training): max "
-                             f"{fmt(oe['max'])}, median {fmt(oe['median'])}, p90 {fmt(oe['p90'])}, mean "
-                             f"{fmt(oe['mean'])}, at delta = {fmt(delta)}."))
-        if "epsilon_vs_round" in images:
-            out.append(("img", "epsilon_vs_round", "Epsilon against round (max and median over devices), "
-                        "recomputed from the ledger by composing each device's events up to that round."))
-        if "epsilon_vs_activity" in images:
-            out.append(("img", "epsilon_vs_activity", "Each device's epsilon against its starting activity."))
-        if "epsilon_distribution" in images:
-            out.append(("img", "epsilon_distribution", "Distribution of per-device epsilon."))
 
-    out += audit_blocks(summary, images)
-    out += budget_blocks(summary)
-    out += utility_blocks(summary, images)
+# ------------------------------------------------------------------------- epsilon per privacy unit
+
+
+def _epsilon_blocks(summary: dict[str, Any], images: dict[str, Path], run: _Run) -> list[Block]:
+    """The "Epsilon per privacy unit" section of a private run: the table, how to read it, epsilon over examples, figures."""
+    if not run.any_dp:
+        return []
+    out: list[Block] = [("h", 2, "Epsilon per privacy unit")]
+    out.append(_epsilon_table(summary))
+    out.append(("p", _epsilon_note(summary, run)))
+    out += _over_examples_blocks(summary)
+    out += _epsilon_figures(images)
+    return out
+
+
+def _epsilon_table(summary: dict[str, Any]) -> Block:
+    """One row per unit: max, median, p90, min over devices, devices accounted, strength and the ledger's cached max.
+
+    An example level implied by device level shows its bound (<=); an unprotected unit shows infinity.
+    """
+    eps = summary["epsilon"]
+    header = ["unit", "max", "median", "p90", "min", "devices accounted", "strength", "ledger's cached max"]
+    trows = []
+    for unit in ("example", "device"):
+        st = eps.get(unit)
+        if st and st.get("implied_by") == "device":
+            trows.append([unit, f"<= {fmt(st['max'])} (2 x device level, at delta {fmt(st.get('delta'))})",
+                          f"<= {fmt(st['median'])}", "", "", str(st.get("devices_accounted", "")),
+                          TIER_WORDS[st["tier"]], ""])
+            continue
+        if not st or "per_device" not in st:
+            trows.append([unit, "∞ (not protected)", "", "", "", "", "none", ""])
+            continue
+        trows.append([unit, fmt(st["max"]), fmt(st["median"]), fmt(st["p90"]), fmt(st["min"]),
+                      str(st["devices_accounted"]), TIER_WORDS[st["tier"]], fmt(st["ledger_max"])])
+    return ("table", header, trows)
+
+
+def _epsilon_note(summary: dict[str, Any], run: _Run) -> str:
+    """How to read the epsilon table: the delta, what the medians are over, the strength tiers."""
+    eps, delta = summary["epsilon"], summary["delta"]
+    accounted = [u for u in ("example", "device") if (eps.get(u) or {}).get("per_device") is not None]
+    return (f"All epsilons are at delta = {fmt(delta)} unless stated. The median is over devices with "
+            "at least one event of that unit; devices that never trained have epsilon 0 (median over all "
+            "devices: " + ", ".join(f"{u} {fmt(eps[u]['median_all_devices'])}" for u in accounted)
+            + "). Strength tiers: <= 1 strong, <= 10 reasonable, > 10 weak."
+            + (" These epsilons do NOT hold for this run (--reproducible-noise)." if run.reproducible else ""))
+
+
+def _over_examples_blocks(summary: dict[str, Any]) -> list[Block]:
+    """Example-level epsilon over examples instead of devices (from the ledger's holdings, or static data), when computed."""
+    oe = (summary["epsilon"].get("example") or {}).get("over_examples")
+    if not (oe and oe.get("examples")):
+        return []
+    how = ("the rounds in which its device trained while holding it (the ledger's example holdings: "
+           "examples that arrived late or were deleted early compose fewer rounds)"
+           if oe["source"] == "holdings" else "every round its device trained (static data: an example "
+           "inherits its device's epsilon)")
+    return [("p", f"Over examples instead of devices: each example's epsilon composes {how}. Over "
+                  f"{oe['examples']} examples ({oe['examples_trained']} touched by training): max "
+                  f"{fmt(oe['max'])}, median {fmt(oe['median'])}, p90 {fmt(oe['p90'])}, mean "
+                  f"{fmt(oe['mean'])}, at delta = {fmt(summary['delta'])}.")]
+
+
+def _epsilon_figures(images: dict[str, Path]) -> list[Block]:
+    """The epsilon figures that were drawn: against round, against activity, and the distribution over devices."""
+    out: list[Block] = []
+    if "epsilon_vs_round" in images:
+        out.append(("img", "epsilon_vs_round", "Epsilon against round (max and median over devices), "
+                    "recomputed from the ledger by composing each device's events up to that round."))
+    if "epsilon_vs_activity" in images:
+        out.append(("img", "epsilon_vs_activity", "Each device's epsilon against its starting activity."))
+    if "epsilon_distribution" in images:
+        out.append(("img", "epsilon_distribution", "Distribution of per-device epsilon."))
     return out
 
 
 def _has(metrics: list[dict[str, Any]], key: str) -> bool:
+    """Whether some round of ``metrics`` has a number (not a flag or null) under ``key``."""
     return any(isinstance(m.get(key), (int, float)) and not isinstance(m.get(key), bool) for m in metrics)
 
 
@@ -490,23 +693,37 @@ def utility_blocks(summary: dict[str, Any], images: dict[str, Path]) -> list[Blo
     loss, and a non-private run has no epsilon.
     """
     out: list[Block] = [("h", 2, "Utility beside privacy")]
-    any_dp = summary["dp"] or bool(summary.get("device_dp"))
-    base = summary.get("baseline")
-    if base:
-        da = (summary["final_accuracy"] - base["final_accuracy"]
-              if summary["final_accuracy"] is not None and base["final_accuracy"] is not None else None)
-        out.append(("p", f"Final accuracy {fmt(summary['final_accuracy'])} against {fmt(base['final_accuracy'])} "
-                         f"for the non-private baseline ({base['run_dir']}); difference {fmt(da)}. "
-                         f"Final macro-F1 {fmt(summary['final_macro_f1'])} against {fmt(base['final_macro_f1'])}."
-                         + (f" Final slot F1 {fmt(summary.get('final_slot_f1'))} against {fmt(base.get('final_slot_f1'))}; "
-                            f"sentence accuracy {fmt(summary.get('final_sentence_accuracy'))} against "
-                            f"{fmt(base.get('final_sentence_accuracy'))}." if summary.get("final_slot_f1") is not None else "")))
+    if summary.get("baseline"):
+        out.append(("p", _baseline_paragraph(summary)))
     if "accuracy_vs_round" in images:
         out.append(("img", "accuracy_vs_round", "Accuracy and macro-F1 against round."))
+    out += _per_round_blocks(summary)
+    out.append(("p", "Sources: Mironov 2017 (Renyi DP); Koskela, Jalko & Honkela 2020 and Google's dp-accounting "
+                     "(privacy loss distributions); Balle et al. 2020 (RDP to (epsilon, delta)); Abadi et al. 2016 "
+                     "(DP-SGD); McMahan et al. 2018 (DP-FedAvg)."))
+    return out
+
+
+def _baseline_paragraph(summary: dict[str, Any]) -> str:
+    """Final accuracy and macro-F1 (and slot F1 and sentence accuracy for slot tasks) against the non-private baseline's."""
+    base = summary["baseline"]
+    da = (summary["final_accuracy"] - base["final_accuracy"]
+          if summary["final_accuracy"] is not None and base["final_accuracy"] is not None else None)
+    return (f"Final accuracy {fmt(summary['final_accuracy'])} against {fmt(base['final_accuracy'])} "
+            f"for the non-private baseline ({base['run_dir']}); difference {fmt(da)}. "
+            f"Final macro-F1 {fmt(summary['final_macro_f1'])} against {fmt(base['final_macro_f1'])}."
+            + (f" Final slot F1 {fmt(summary.get('final_slot_f1'))} against {fmt(base.get('final_slot_f1'))}; "
+               f"sentence accuracy {fmt(summary.get('final_sentence_accuracy'))} against "
+               f"{fmt(base.get('final_sentence_accuracy'))}." if summary.get("final_slot_f1") is not None else ""))
+
+
+def _metric_columns(summary: dict[str, Any]) -> list[tuple[str, str]]:
+    """The per-round table's optional columns as (header, metrics key), each only when some round has a value.
+
+    The realised cohort size is left out under device-level DP, whose accounting treats the cohort as secret.
+    """
     metrics = summary.get("metrics", [])
     slots = any("slot_f1" in m for m in metrics)
-    # (header, key) per optional column; the realised cohort size is left out under device-level DP,
-    # whose accounting treats the cohort as secret.
     cols = [("cohort", "cohort_size")] if not summary.get("device_dp") else []
     cols += [("train loss", "train_loss")] if _has(metrics, "train_loss") else []
     cols += [("accuracy", "accuracy"), ("macro-F1", "macro_f1")]
@@ -514,31 +731,43 @@ def utility_blocks(summary: dict[str, Any], images: dict[str, Path]) -> list[Blo
     cols += [("slot F1", "slot_f1"), ("sentence accuracy", "sentence_accuracy")] if slots else []
     cols += [("example eps (server, max)", "epsilon_example_max")] if _has(metrics, "epsilon_example_max") else []
     cols += [("device eps (server, max)", "epsilon_device_max")] if _has(metrics, "epsilon_device_max") else []
+    return cols
+
+
+def _per_round_blocks(summary: dict[str, Any]) -> list[Block]:
+    """The per-round table (round, skipped, then :func:`_metric_columns`) and the paragraph on its sources, or "No metrics recorded yet."."""
+    metrics = summary.get("metrics", [])
+    cols = _metric_columns(summary)
     mrows = [[str(m["round"])] + ["yes" if m.get("skipped") else ""] + [fmt(m.get(k)) for _, k in cols]
              for m in metrics]
-    if mrows:
-        out.append(("table", ["round", "skipped"] + [h for h, _ in cols], mrows))
-        src = ("Per-round figures: accuracy, macro-F1" + (", test loss" if _has(metrics, "test_loss") else "")
-               + (", slot F1 and sentence accuracy" if slots else "") + " are computed on the test split"
-               + ("; the epsilon columns are the server's accountant's running maxima (privacy quantities from "
-                  "public counts and the rounds joined, not from device data)."
-                  if _has(metrics, "epsilon_example_max") or _has(metrics, "epsilon_device_max") else "."))
-        if _has(metrics, "train_loss"):
-            src += (" The train loss is the example-weighted mean of the losses the devices reported, which only a "
-                    "run without DP sends" + (": this run's config says DP was on, so check it." if any_dp else "."))
-        elif any_dp:
-            src += (" No training loss is shown: a private run's devices send no loss or other un-noised "
-                    "statistic of their data.")
-        if summary.get("device_dp"):
-            src += (" The realised cohort size is not shown (the device-level accounting treats the cohort as "
-                    "secret); the expected cohort size is in the mechanism table.")
-        out.append(("p", src))
-    else:
-        out.append(("p", "No metrics recorded yet."))
-    out.append(("p", "Sources: Mironov 2017 (Renyi DP); Koskela, Jalko & Honkela 2020 and Google's dp-accounting "
-                     "(privacy loss distributions); Balle et al. 2020 (RDP to (epsilon, delta)); Abadi et al. 2016 "
-                     "(DP-SGD); McMahan et al. 2018 (DP-FedAvg)."))
-    return out
+    if not mrows:
+        return [("p", "No metrics recorded yet.")]
+    return [("table", ["round", "skipped"] + [h for h, _ in cols], mrows), ("p", _per_round_sources(summary))]
+
+
+def _per_round_sources(summary: dict[str, Any]) -> str:
+    """Where the per-round figures come from (test split, the server's accountant), and why a column is absent.
+
+    A private run's devices send no training loss; under device-level DP the realised cohort is secret.
+    """
+    metrics = summary.get("metrics", [])
+    any_dp = summary["dp"] or bool(summary.get("device_dp"))
+    slots = any("slot_f1" in m for m in metrics)
+    src = ("Per-round figures: accuracy, macro-F1" + (", test loss" if _has(metrics, "test_loss") else "")
+           + (", slot F1 and sentence accuracy" if slots else "") + " are computed on the test split"
+           + ("; the epsilon columns are the server's accountant's running maxima (privacy quantities from "
+              "public counts and the rounds joined, not from device data)."
+              if _has(metrics, "epsilon_example_max") or _has(metrics, "epsilon_device_max") else "."))
+    if _has(metrics, "train_loss"):
+        src += (" The train loss is the example-weighted mean of the losses the devices reported, which only a "
+                "run without DP sends" + (": this run's config says DP was on, so check it." if any_dp else "."))
+    elif any_dp:
+        src += (" No training loss is shown: a private run's devices send no loss or other un-noised "
+                "statistic of their data.")
+    if summary.get("device_dp"):
+        src += (" The realised cohort size is not shown (the device-level accounting treats the cohort as "
+                "secret); the expected cohort size is in the mechanism table.")
+    return src
 
 
 def _task_metrics_text(summary: dict[str, Any]) -> str:
@@ -555,36 +784,52 @@ def _task_metrics_text(summary: dict[str, Any]) -> str:
 
 
 def _eps_text(x: Any) -> str:
+    """An accounted epsilon as text, infinity (or audit.json's "inf") as no guarantee."""
     return "∞ (no guarantee)" if x == "inf" or (isinstance(x, float) and math.isinf(x)) else fmt(x)
 
 
 def audit_blocks(summary: dict[str, Any], images: dict[str, Path]) -> list[Block]:
-    """The "Measured leakage" section (from RUN_DIR/audit/audit.json, written by ``dpfl audit``)."""
+    """The "Measured leakage" section (from RUN_DIR/audit/audit.json, written by ``dpfl audit``).
+
+    Without an audit it says how to run one. With one: what an audit can and cannot show, the
+    table of measures (:func:`_audit_rows`), the verdict beside the accounted epsilon
+    (:func:`_audit_verdict`), the method notes, the audit's warnings and the ROC figure.
+    """
     out: list[Block] = [("h", 2, "Measured leakage: privacy audit")]
     a = summary.get("audit")
-    cfg = summary.get("config") or {}
     if not a:
-        if cfg.get("canaries"):
-            out.append(("p", f"This run inserted {cfg['canaries']} canaries, but no audit has been run yet: "
-                             "run `dpfl audit RUN_DIR`, then this section shows the measured leakage."))
-        else:
-            out.append(("p", "No privacy audit was run. Insert canaries with `--canaries M` when training and "
-                             "run `dpfl audit RUN_DIR` to measure leakage beside the guarantee."))
-        return out
-    d = a.get("details") or {}
-    lb = d.get("epsilon_lower_bound") or {}
-    theo = d.get("theoretical") or {}
-    can = d.get("canaries") or {}
-    mem = d.get("membership") or {}
-    ex = d.get("exposure") or {}
-    xt = d.get("extraction") or {}
-    conf = a.get("confidence")
-    delta = a.get("delta")
+        return out + [_no_audit_paragraph(summary)]
     out.append(("p", "An audit attacks the released model and measures what leaks. The empirical epsilon it implies "
                      "is a LOWER bound: with the stated confidence the run is not (epsilon, delta)-DP for any "
                      "smaller epsilon. It can show that a run is less private than claimed, never that it is "
                      "private; the accounted epsilon above is the guarantee (an upper bound). A correct "
                      "implementation keeps the lower bound below the accounted epsilon."))
+    out.append(("table", ["measure", "value"], _audit_rows(a)))
+    out += _audit_verdict(summary, a)
+    out.append(("p", _audit_method_notes(a)))
+    for w in (a.get("details") or {}).get("warnings") or []:
+        out.append(("p", f"Note: {w}"))
+    if "audit_roc" in images:
+        out.append(("img", "audit_roc", "ROC curves of the loss-based membership attacks (left linear, right "
+                                        "log-log to show the low-FPR region); the dotted line is chance."))
+    return out
+
+
+def _no_audit_paragraph(summary: dict[str, Any]) -> Block:
+    """What to do when no audit was run: run ``dpfl audit`` on a run with canaries, or insert canaries first."""
+    cfg = summary.get("config") or {}
+    if cfg.get("canaries"):
+        return ("p", f"This run inserted {cfg['canaries']} canaries, but no audit has been run yet: "
+                     "run `dpfl audit RUN_DIR`, then this section shows the measured leakage.")
+    return ("p", "No privacy audit was run. Insert canaries with `--canaries M` when training and "
+                 "run `dpfl audit RUN_DIR` to measure leakage beside the guarantee.")
+
+
+def _audit_rows(a: dict[str, Any]) -> list[list[str]]:
+    """The audit table: model and canaries, membership inference, the epsilon lower bounds, the accounted epsilon, exposure and extraction."""
+    d = a.get("details") or {}
+    can = d.get("canaries") or {}
+    mem = d.get("membership") or {}
     rep = can.get("repeats") or 1
     rows = [
         ["model audited", f"final global model (round {fmt(d.get('checkpoint_round'))})"],
@@ -598,8 +843,18 @@ def audit_blocks(summary: dict[str, Any], images: dict[str, Path]) -> list[Block
             rows.append([name, f"AUC {fmt(m['auc'])}; TPR {fmt(m['tpr_at_1pct_fpr'])} at 1% FPR, "
                                f"{fmt(m['tpr_at_0_1pct_fpr'])} at 0.1% FPR ({m['n_members']} members, "
                                f"{m['n_nonmembers']} non-members; chance: AUC 0.5, TPR = FPR)"])
-    rows.append(["empirical epsilon lower bound (larger of the two below)",
-                 f"{fmt(a.get('epsilon_lower_bound'))} at delta = {fmt(delta)}, confidence {fmt(conf)}"])
+    rows += _lower_bound_rows(a)
+    rows += _accounted_rows(a, rep)
+    rows += _exposure_rows(d.get("exposure") or {})
+    rows += _extraction_rows(d.get("extraction") or {})
+    return rows
+
+
+def _lower_bound_rows(a: dict[str, Any]) -> list[list[str]]:
+    """The empirical epsilon lower bound, then the one-run and Clopper-Pearson bounds it is the larger of."""
+    lb = (a.get("details") or {}).get("epsilon_lower_bound") or {}
+    rows = [["empirical epsilon lower bound (larger of the two below)",
+             f"{fmt(a.get('epsilon_lower_bound'))} at delta = {fmt(a.get('delta'))}, confidence {fmt(a.get('confidence'))}"]]
     one = lb.get("one_run")
     if one:
         rows.append(["  one-run lower bound (Steinke, Nasr & Jagielski 2023)",
@@ -610,74 +865,101 @@ def audit_blocks(summary: dict[str, Any], images: dict[str, Path]) -> list[Block
         rows.append(["  Clopper-Pearson lower bound (Jagielski, Ullman & Oprea 2020)",
                      f"{fmt(cp['epsilon_lower_bound'])} (TP {cp['true_positives']}/{cp['n_positives']}, "
                      f"FP {cp['false_positives']}/{cp['n_negatives']})"])
-    rows.append(["accounted (theoretical) epsilon, example level", _eps_text(theo.get("epsilon_example_max"))
-                 + f" at delta = {fmt(delta)} (maximum over devices)"])
+    return rows
+
+
+def _accounted_rows(a: dict[str, Any], rep: int) -> list[list[str]]:
+    """The accounted example-level epsilon, and for canaries of ``rep`` copies the group (or device-level) epsilon."""
+    theo = (a.get("details") or {}).get("theoretical") or {}
+    delta = a.get("delta")
+    rows = [["accounted (theoretical) epsilon, example level", _eps_text(theo.get("epsilon_example_max"))
+             + f" at delta = {fmt(delta)} (maximum over devices)"]]
     if rep > 1 and theo.get("epsilon_group") not in (None, "inf"):
         dg = theo.get("delta_group")
         rows.append([f"accounted epsilon for a group of {rep} copies on one device",
                      f"{fmt(theo.get('epsilon_group'))} (group privacy{' or device level' if theo.get('epsilon_device_max') is not None else ''}; "
                      + (f"delta {fmt(dg)})" if isinstance(dg, (int, float)) and dg < 1 else
                         "its delta R e^((R-1) epsilon) delta reaches 1, so group privacy gives no meaningful bound here)")])
-    if ex:
-        rows.append(["exposure (Carlini et al. 2019), bits",
-                     f"included canaries mean {fmt(ex.get('mean_included'))} (max {fmt(ex.get('max_included'))}); "
-                     f"excluded {fmt(ex.get('mean_excluded'))}; chance {fmt(ex.get('chance'))}; maximum "
-                     f"{fmt(ex.get('max_possible'))} ({ex.get('method')}"
-                     + (f", {ex.get('samples')} sampled candidates per canary" if ex.get("samples") else
-                        f", all {ex.get('n_candidates')} candidates") + ")"])
-    if xt:
-        parts = []
-        for key in ("included", "excluded"):
-            g = xt.get(key)
-            if g:
-                parts.append(f"{key}: {g['n_exact']} of {g['n']} secrets recovered exactly (digit accuracy "
-                             f"{fmt(g['digit_accuracy'])})")
-        rows.append(["extraction by model inversion (Parikh et al. 2022)",
-                     "; ".join(parts) + f"; chance {fmt(xt.get('chance_rate'))} per secret, 0.1 per digit "
-                     f"({xt.get('steps')} steps, {xt.get('restarts')} restarts)"])
-    out.append(("table", ["measure", "value"], rows))
+    return rows
+
+
+def _exposure_rows(ex: dict[str, Any]) -> list[list[str]]:
+    """The exposure row (Carlini et al. 2019): included against excluded canaries, chance and the maximum; none without exposure."""
+    if not ex:
+        return []
+    return [["exposure (Carlini et al. 2019), bits",
+             f"included canaries mean {fmt(ex.get('mean_included'))} (max {fmt(ex.get('max_included'))}); "
+             f"excluded {fmt(ex.get('mean_excluded'))}; chance {fmt(ex.get('chance'))}; maximum "
+             f"{fmt(ex.get('max_possible'))} ({ex.get('method')}"
+             + (f", {ex.get('samples')} sampled candidates per canary" if ex.get("samples") else
+                f", all {ex.get('n_candidates')} candidates") + ")"]]
+
+
+def _extraction_rows(xt: dict[str, Any]) -> list[list[str]]:
+    """The model-inversion row (Parikh et al. 2022): secrets recovered among included and excluded canaries; none without extraction."""
+    if not xt:
+        return []
+    parts = []
+    for key in ("included", "excluded"):
+        g = xt.get(key)
+        if g:
+            parts.append(f"{key}: {g['n_exact']} of {g['n']} secrets recovered exactly (digit accuracy "
+                         f"{fmt(g['digit_accuracy'])})")
+    return [["extraction by model inversion (Parikh et al. 2022)",
+             "; ".join(parts) + f"; chance {fmt(xt.get('chance_rate'))} per secret, 0.1 per digit "
+             f"({xt.get('steps')} steps, {xt.get('restarts')} restarts)"]]
+
+
+def _audit_verdict(summary: dict[str, Any], a: dict[str, Any]) -> list[Block]:
+    """The lower bound set beside the guarantee: consistent, consistent with the canaries' group bound, or a WARNING.
+
+    A run without a guarantee only states what the audit certified; a device-level-only run compares
+    with the example-level bound that device level implies.
+    """
+    theo = (a.get("details") or {}).get("theoretical") or {}
+    rep = ((a.get("details") or {}).get("canaries") or {}).get("repeats") or 1
     lbv = a.get("epsilon_lower_bound")
     theo_ex = theo.get("epsilon_example_max")
     implied = (summary.get("epsilon") or {}).get("example") or {}
     if summary.get("not_private"):
-        out.append(("p", f"This run has no privacy guarantee ({summary['not_private']}); the empirical lower "
-                         f"bound {fmt(lbv)} shows the leakage the audit could certify without one."))
-    elif implied.get("implied_by") == "device":
-        if isinstance(lbv, (int, float)):
-            out.append(("p", f"No example-level noise: the empirical lower bound {fmt(lbv)} is to be set beside "
-                             f"the example-level bound implied by device level, {fmt(implied.get('max'))} at delta "
-                             f"{fmt(implied.get('delta'))}"
-                             + (" (consistent)." if lbv <= implied.get("max", math.inf) else
-                                ". WARNING: it exceeds that bound; if the audit's assumptions hold, the accounting "
-                                "or the DP implementation is wrong for this run.")))
-    elif isinstance(lbv, (int, float)) and isinstance(theo_ex, (int, float)):
-        group = theo.get("epsilon_group") if rep > 1 else theo_ex
-        if lbv <= theo_ex:
-            out.append(("p", f"The empirical lower bound {fmt(lbv)} is below the accounted epsilon {fmt(theo_ex)}: "
-                             "consistent with the guarantee (the audit is a lower bound, the accounting an upper one)."))
-        elif isinstance(group, (int, float)) and lbv <= group:
-            out.append(("p", f"The empirical lower bound {fmt(lbv)} exceeds the per-example epsilon {fmt(theo_ex)} "
-                             f"but not the guarantee for the {rep} copies of a canary ({fmt(group)}), which is what "
-                             "the canaries test: consistent."))
-        else:
-            out.append(("p", f"WARNING: the empirical lower bound {fmt(lbv)} exceeds the accounted epsilon "
-                             f"{fmt(theo_ex)}. If the audit's assumptions hold, the accounting or the DP "
-                             "implementation is wrong for this run."))
-    out.append(("p", "Method notes: membership scores are the model's loss on the canary's (or example's) "
-                     "label (Yeom et al. 2018), lower loss = member; TPR at low FPR as in Carlini et al. 2022. "
-                     "Each bound is computed at confidence " + fmt(lb.get("per_method_confidence"))
-                     + " so that the larger of the two holds at " + fmt(conf) + " (union bound). The "
-                     "Clopper-Pearson bound treats the canaries of one run as independent trials (Jagielski et "
-                     "al. train one model per trial); the one-run bound is the one whose assumptions hold for "
-                     "many canaries in one run. Exposure: log2(candidates) - log2(rank of the true secret). "
-                     "Real-data membership compares training examples of devices that trained with held-out "
-                     "test examples."))
-    for w in d.get("warnings") or []:
-        out.append(("p", f"Note: {w}"))
-    if "audit_roc" in images:
-        out.append(("img", "audit_roc", "ROC curves of the loss-based membership attacks (left linear, right "
-                                        "log-log to show the low-FPR region); the dotted line is chance."))
-    return out
+        return [("p", f"This run has no privacy guarantee ({summary['not_private']}); the empirical lower "
+                      f"bound {fmt(lbv)} shows the leakage the audit could certify without one.")]
+    if implied.get("implied_by") == "device":
+        if not isinstance(lbv, (int, float)):
+            return []
+        return [("p", f"No example-level noise: the empirical lower bound {fmt(lbv)} is to be set beside "
+                      f"the example-level bound implied by device level, {fmt(implied.get('max'))} at delta "
+                      f"{fmt(implied.get('delta'))}"
+                      + (" (consistent)." if lbv <= implied.get("max", math.inf) else
+                         ". WARNING: it exceeds that bound; if the audit's assumptions hold, the accounting "
+                         "or the DP implementation is wrong for this run."))]
+    if not (isinstance(lbv, (int, float)) and isinstance(theo_ex, (int, float))):
+        return []
+    group = theo.get("epsilon_group") if rep > 1 else theo_ex
+    if lbv <= theo_ex:
+        return [("p", f"The empirical lower bound {fmt(lbv)} is below the accounted epsilon {fmt(theo_ex)}: "
+                      "consistent with the guarantee (the audit is a lower bound, the accounting an upper one).")]
+    if isinstance(group, (int, float)) and lbv <= group:
+        return [("p", f"The empirical lower bound {fmt(lbv)} exceeds the per-example epsilon {fmt(theo_ex)} "
+                      f"but not the guarantee for the {rep} copies of a canary ({fmt(group)}), which is what "
+                      "the canaries test: consistent.")]
+    return [("p", f"WARNING: the empirical lower bound {fmt(lbv)} exceeds the accounted epsilon "
+                  f"{fmt(theo_ex)}. If the audit's assumptions hold, the accounting or the DP "
+                  "implementation is wrong for this run.")]
+
+
+def _audit_method_notes(a: dict[str, Any]) -> str:
+    """How the audit's numbers are made: loss-based membership scores, the union bound over the two bounds, exposure."""
+    lb = (a.get("details") or {}).get("epsilon_lower_bound") or {}
+    return ("Method notes: membership scores are the model's loss on the canary's (or example's) "
+            "label (Yeom et al. 2018), lower loss = member; TPR at low FPR as in Carlini et al. 2022. "
+            "Each bound is computed at confidence " + fmt(lb.get("per_method_confidence"))
+            + " so that the larger of the two holds at " + fmt(a.get("confidence")) + " (union bound). The "
+            "Clopper-Pearson bound treats the canaries of one run as independent trials (Jagielski et "
+            "al. train one model per trial); the one-run bound is the one whose assumptions hold for "
+            "many canaries in one run. Exposure: log2(candidates) - log2(rank of the true secret). "
+            "Real-data membership compares training examples of devices that trained with held-out "
+            "test examples.")
 
 
 # ------------------------------------------------------------------------- writers
