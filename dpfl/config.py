@@ -472,6 +472,7 @@ class RunConfig:
         return d
 
     def to_toml(self) -> str:
+        """The settings as TOML (the run directory's ``config.toml``)."""
         return tomli_w.dumps(self.to_dict())
 
     @classmethod
@@ -495,10 +496,12 @@ class RunConfig:
 
     @classmethod
     def from_toml(cls, path: str | Path) -> "RunConfig":
+        """Read a ``config.toml`` (see :meth:`from_mapping` for the errors)."""
         with open(path, "rb") as fh:
             return cls.from_mapping(tomllib.load(fh))
 
     def replace(self, **changes: Any) -> "RunConfig":
+        """A copy with ``changes`` applied (not validated)."""
         return dataclasses.replace(self, **changes)
 
 

@@ -116,9 +116,11 @@ def _plot_labels(train, devices: list, label_names: list[str], shown: np.ndarray
 
         @property
         def num_partitions(self) -> int:
+            """The number of shown devices."""
             return len(self._parts)
 
         def load_partition(self, partition_id: int):
+            """The rows of shown device ``partition_id``."""
             return self.dataset.select(self._parts[partition_id])
 
     labels = np.asarray(train.select_columns(["label"]).with_format("numpy")[:]["label"], dtype=np.int64)
