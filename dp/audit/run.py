@@ -182,6 +182,7 @@ class _InversionAdapter(nn.Module):
 
 
 def _for_inversion(model: nn.Module) -> nn.Module:
+    """The model as the inversion attack needs it: as is, wrapped in :class:`_InversionAdapter`, or :class:`AuditError`."""
     if hasattr(model, "get_input_embeddings"):
         return model
     if hasattr(model, "encoder") and hasattr(model, "classifier"):
@@ -190,6 +191,7 @@ def _for_inversion(model: nn.Module) -> nn.Module:
 
 
 def _clean(x: Any) -> Any:
+    """``x`` made JSON-ready: numpy scalars as Python numbers, NaN as None, infinity as ``"inf"``, keys as strings."""
     if isinstance(x, dict):
         return {str(k): _clean(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
@@ -262,6 +264,7 @@ def _theoretical(run_dir: Path, dp_on: bool, delta: float, canary_devices: set[i
 
 
 def _membership(scores: np.ndarray, labels: np.ndarray) -> tuple[dict | None, dict | None]:
+    """Membership metrics and ROC curve of ``scores`` against ``labels`` (member = True); None, None without both classes."""
     y = np.asarray(labels, dtype=bool)
     if y.size == 0 or y.all() or (~y).all():
         return None, None
@@ -270,9 +273,56 @@ def _membership(scores: np.ndarray, labels: np.ndarray) -> tuple[dict | None, di
     return asdict(m), {"fpr": fpr.tolist(), "tpr": tpr.tolist()}
 
 
+@dataclass
+class _Loaded:
+    """What every stage of the audit reads: the run's settings, data, canaries on record and final model.
+
+    ``devices`` maps canary_id to the device that holds its copies (None for an excluded canary);
+    ``source`` says where the canaries came from (``canaries.json`` or rebuilt from the settings);
+    ``label2id`` maps label names to the model's class indices; ``ck_round`` is the round of the
+    checkpoint audited; ``delta`` is the run's target delta.
+    """
+
+    run_dir: Path
+    cfg: Any
+    pop: Any
+    canaries: list[Canary]
+    devices: dict[int, int | None]
+    source: str
+    label2id: dict[str, int]
+    delta: float
+    model: nn.Module
+    tok: Any
+    ck_round: int | None
+
+    @property
+    def included(self) -> np.ndarray:
+        """Each canary's inclusion flag (member = True), in canary order."""
+        return np.array([c.included for c in self.canaries], dtype=bool)
+
+
+@dataclass
+class _MembershipResult:
+    """Membership inference on canaries and on real examples: metrics, ROC curves and the canaries' scores.
+
+    ``c_scores`` are the canaries' membership scores (negated losses), which the lower bounds
+    reuse; ``members_from`` says how the training devices behind the real members were found.
+    """
+
+    c_scores: np.ndarray
+    mi_can: dict | None
+    roc_can: dict | None
+    mi_real: dict | None
+    roc_real: dict | None
+    members_from: str
+
+
 def audit_run(run_dir: str | os.PathLike, options: AuditOptions | None = None,
               log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Audit a finished run's final model; write ``RUN_DIR/audit/audit.json`` and ``roc.json``.
+
+    The stages run in order: load the run, membership inference, epsilon lower bounds and the
+    accounted epsilons, exposure, extraction, then the records are written.
 
     Parameters
     ----------
@@ -293,16 +343,38 @@ def audit_run(run_dir: str | os.PathLike, options: AuditOptions | None = None,
         If the run directory lacks its config or checkpoint, the task is not intent
         classification, or the canaries cannot be read.
     """
-    from dpfl.config import RunConfig
-    from nlu.model import build_model, load_tokenizer
-    from partitions.population import build_population
-
     opts = options or AuditOptions()
     say = log or (lambda s: None)
     run_dir = Path(run_dir)
     t_start = time.perf_counter()
     seconds: dict[str, float] = {}
     warnings: list[str] = []
+    cfg = _check_run(run_dir, opts)
+    run = _load_run(run_dir, cfg, warnings, seconds, say)
+    mem = _membership_stage(run, opts, seconds, say)
+    bounds = _lower_bounds(run, mem, opts)
+    theo = _accounted(run, warnings)
+    exposure, exp_vals = _exposure_stage(run, opts, seconds, say)
+    extraction, recovered = _extraction_stage(run, opts, seconds, say)
+    seconds["total"] = time.perf_counter() - t_start
+    audit = _audit_record(run, opts, mem, bounds, theo, exposure, extraction,
+                          _per_canary(run, mem, exp_vals, recovered), seconds, warnings)
+    write_audit(run_dir, _clean(audit), _clean({"canaries": mem.roc_can, "real": mem.roc_real}))
+    return _clean(audit)
+
+
+# ----------------------------------------------------------------------------- load the run
+
+
+def _check_run(run_dir: Path, opts: AuditOptions) -> Any:
+    """The run's :class:`dpfl.config.RunConfig`, once the run directory is known to be auditable.
+
+    Checks that ``config.toml`` and the global checkpoint exist, that the confidence is in (0, 1)
+    and that the task is intent classification (raising :class:`AuditError` otherwise), and sets
+    torch's CPU threads when ``opts.threads`` asks for it.
+    """
+    from dpfl.config import RunConfig
+
     if not config_path(run_dir).exists():
         raise AuditError(f"{run_dir} has no config.toml: not a run directory")
     ckpt = global_model_path(run_dir)
@@ -315,11 +387,49 @@ def audit_run(run_dir: str | os.PathLike, options: AuditOptions | None = None,
         raise AuditError(f"the audit supports --task intent only (this run: {cfg.task})")
     if opts.threads:
         torch.set_num_threads(int(opts.threads))
+    return cfg
+
+
+def _load_run(run_dir: Path, cfg: Any, warnings: list[str], seconds: dict[str, float],
+              say: Callable[[str], None]) -> _Loaded:
+    """Rebuild the run's population, read its canaries (:func:`_run_canaries`) and load its final global model.
+
+    The delta is the run's ``--target-delta``, or the one the settings resolve for its training set.
+    Records the time taken as ``seconds["load"]``; raises :class:`AuditError` when the checkpoint
+    does not fit the run's model.
+    """
+    from nlu.model import build_model, load_tokenizer
+    from partitions.population import build_population
 
     t0 = time.perf_counter()
     pop = build_population(cfg)
     names = list(pop.data.label_names)
     label2id = {n: i for i, n in enumerate(names)}
+    canaries, devices, source = _run_canaries(run_dir, pop, label2id, warnings)
+    delta = cfg.target_delta if cfg.target_delta is not None else cfg.resolve_delta(len(pop.data.train))
+    model = build_model(cfg.model, len(names), seed=cfg.seed, pooling=cfg.pooling)
+    ckpt = global_model_path(run_dir)
+    try:
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        model.load_state_dict(state)
+    except (RuntimeError, OSError, ValueError) as exc:
+        raise AuditError(f"cannot load {ckpt} into the run's model: {str(exc).splitlines()[0]}") from exc
+    model.eval()
+    tok = load_tokenizer(cfg.model)
+    ck_round = (read_checkpoint_state(run_dir) or {}).get("round")
+    seconds["load"] = time.perf_counter() - t0
+    say(f"loaded the model of round {ck_round} and {len(canaries)} canaries ({source})")
+    return _Loaded(run_dir, cfg, pop, canaries, devices, source, label2id, delta, model, tok, ck_round)
+
+
+def _run_canaries(run_dir: Path, pop: Any, label2id: dict[str, int],
+                  warnings: list[str]) -> tuple[list[Canary], dict[int, int | None], str]:
+    """The canaries to audit, canary_id -> device, and where they came from: ``canaries.json``, else rebuilt.
+
+    Rebuilt canaries (no ``canaries.json``) or a ``canaries.json`` that differs from the rebuilt
+    ones add a warning. Every canary's label must be a label of the data set (else
+    :class:`AuditError`); labels are returned as strings.
+    """
     on_record = read_canaries(run_dir)
     if on_record is not None:
         canaries, devices = on_record
@@ -340,72 +450,114 @@ def audit_run(run_dir: str | os.PathLike, options: AuditOptions | None = None,
             raise AuditError(f"canary {c.canary_id}'s label {c.label!r} is not a label of the data set")
     canaries = [Canary(c.canary_id, c.text, c.prefix, c.secret, str(c.label), c.included, c.repeats, c.suffix)
                 for c in canaries]
-    delta = cfg.target_delta if cfg.target_delta is not None else cfg.resolve_delta(len(pop.data.train))
-    model = build_model(cfg.model, len(names), seed=cfg.seed, pooling=cfg.pooling)
-    try:
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)
-        model.load_state_dict(state)
-    except (RuntimeError, OSError, ValueError) as exc:
-        raise AuditError(f"cannot load {ckpt} into the run's model: {str(exc).splitlines()[0]}") from exc
-    model.eval()
-    tok = load_tokenizer(cfg.model)
-    ck_round = (read_checkpoint_state(run_dir) or {}).get("round")
-    seconds["load"] = time.perf_counter() - t0
-    say(f"loaded the model of round {ck_round} and {len(canaries)} canaries ({source})")
+    return canaries, devices, source
 
-    # ----------------------------------------------------------------- membership inference
+
+# ----------------------------------------------------------------------------- membership inference
+
+
+def _membership_stage(run: _Loaded, opts: AuditOptions, seconds: dict[str, float],
+                      say: Callable[[str], None]) -> _MembershipResult:
+    """Membership inference by loss: included against excluded canaries, then real training against held-out examples.
+
+    Records the time taken as ``seconds["membership"]``.
+    """
     t0 = time.perf_counter()
-    m = len(canaries)
-    included = np.array([c.included for c in canaries], dtype=bool)
-    c_scores = loss_scores(model, tok, [c.text for c in canaries], [label2id[c.label] for c in canaries],
-                           batch_size=opts.batch_size, max_length=cfg.max_length) if m else np.zeros(0)
-    mi_can, roc_can = _membership(c_scores, included)
+    canaries, cfg = run.canaries, run.cfg
+    c_scores = loss_scores(run.model, run.tok, [c.text for c in canaries],
+                           [run.label2id[c.label] for c in canaries],
+                           batch_size=opts.batch_size, max_length=cfg.max_length) if canaries else np.zeros(0)
+    mi_can, roc_can = _membership(c_scores, run.included)
+    mi_real, roc_real, members_from = _real_membership(run, opts)
+    seconds["membership"] = time.perf_counter() - t0
+    say(f"membership: canaries AUC {mi_can['auc'] if mi_can else None}, real AUC {mi_real['auc'] if mi_real else None}")
+    return _MembershipResult(c_scores, mi_can, roc_can, mi_real, roc_real, members_from)
+
+
+def _real_membership(run: _Loaded, opts: AuditOptions) -> tuple[dict | None, dict | None, str]:
+    """Membership metrics and ROC of real examples: a sample from devices that trained against held-out test examples.
+
+    Up to ``opts.real_samples`` of each, drawn with seed ``[opts.seed, 17]``; canary copies are not
+    members here. Also returns how the training devices were found (:func:`_trained_devices`).
+    """
+    pop, cfg = run.pop, run.cfg
     rng = np.random.default_rng([opts.seed, 17])
-    trained, members_from = _trained_devices(run_dir, cfg.run_id, pop.num_devices)
+    trained, members_from = _trained_devices(run.run_dir, cfg.run_id, pop.num_devices)
     rows = np.concatenate([pop.devices[d] for d in trained if d < pop.num_devices] or [np.zeros(0, np.int64)])
     if rows.size:
         rows = rows[pop.uids(rows) >= 0]  # real examples only, not canary copies
     rows = np.unique(rows)
     n_tr = min(opts.real_samples, rows.size)
     n_te = min(opts.real_samples, len(pop.data.test))
-    mi_real = roc_real = None
-    if n_tr and n_te:
-        tr_rows = np.sort(rng.choice(rows, size=n_tr, replace=False))
-        te_rows = np.sort(rng.choice(len(pop.data.test), size=n_te, replace=False))
-        tr = pop.data.train.select(tr_rows.tolist())
-        te = pop.data.test.select(te_rows.tolist())
-        s_tr = loss_scores(model, tok, tr["text"], tr["label"], opts.batch_size, cfg.max_length)
-        s_te = loss_scores(model, tok, te["text"], te["label"], opts.batch_size, cfg.max_length)
-        mi_real, roc_real = _membership(np.r_[s_tr, s_te], np.r_[np.ones(n_tr, bool), np.zeros(n_te, bool)])
-    seconds["membership"] = time.perf_counter() - t0
-    say(f"membership: canaries AUC {mi_can['auc'] if mi_can else None}, real AUC {mi_real['auc'] if mi_real else None}")
+    if not (n_tr and n_te):
+        return None, None, members_from
+    tr_rows = np.sort(rng.choice(rows, size=n_tr, replace=False))
+    te_rows = np.sort(rng.choice(len(pop.data.test), size=n_te, replace=False))
+    tr = pop.data.train.select(tr_rows.tolist())
+    te = pop.data.test.select(te_rows.tolist())
+    s_tr = loss_scores(run.model, run.tok, tr["text"], tr["label"], opts.batch_size, cfg.max_length)
+    s_te = loss_scores(run.model, run.tok, te["text"], te["label"], opts.batch_size, cfg.max_length)
+    mi_real, roc_real = _membership(np.r_[s_tr, s_te], np.r_[np.ones(n_tr, bool), np.zeros(n_te, bool)])
+    return mi_real, roc_real, members_from
 
-    # ----------------------------------------------------------------- epsilon lower bounds
+
+# ----------------------------------------------------------------------------- bounds
+
+
+def _lower_bounds(run: _Loaded, mem: _MembershipResult, opts: AuditOptions) -> dict[str, Any]:
+    """Empirical epsilon lower bounds from the canary guesses: one-run and Clopper-Pearson, and the larger of the two.
+
+    Each is computed at ``1 - (1 - confidence) / 2`` so that the larger holds at ``confidence``.
+    The one-run result carries its ``ceiling``: what it could show with these canaries if every
+    guess were right. Returns ``per_method``, ``one_run``, ``cp`` and ``value`` (None without canaries).
+    """
     per_method = 1.0 - (1.0 - opts.confidence) / 2.0
     one_run = cp = None
-    if m and mi_can is not None:
-        r1 = one_run_audit_from_scores(c_scores, included, delta, per_method)
+    included = run.included
+    if run.canaries and mem.mi_can is not None:
+        r1 = one_run_audit_from_scores(mem.c_scores, included, run.delta, per_method)
         one_run = asdict(r1)
-        r2 = clopper_pearson_threshold_sweep(c_scores, included, delta, per_method)
+        r2 = clopper_pearson_threshold_sweep(mem.c_scores, included, run.delta, per_method)
         cp = asdict(r2)
         # What the one-run audit could show at best with these m canaries (every guess right):
         # a small m caps the lower bound whatever the leakage.
-        best = one_run_audit_from_scores(included.astype(float), included, delta, per_method)
+        best = one_run_audit_from_scores(included.astype(float), included, run.delta, per_method)
         one_run["ceiling"] = best.epsilon_lower_bound
     values = [x["epsilon_lower_bound"] for x in (one_run, cp) if x is not None]
-    eps_lb = max(values) if values else None
-    canary_devs = {int(d) for c in canaries if c.included and (d := devices.get(c.canary_id)) is not None}
-    repeats = canaries[0].repeats if canaries else 1
-    theo = _theoretical(run_dir, bool(cfg.dp) or bool(getattr(cfg, "device_dp", False)), delta, canary_devs, repeats, warnings)
+    return {"per_method": per_method, "one_run": one_run, "cp": cp, "value": max(values) if values else None}
 
-    # ----------------------------------------------------------------- exposure
+
+def _accounted(run: _Loaded, warnings: list[str]) -> dict[str, Any]:
+    """The accounted epsilons to set beside the bounds (:func:`_theoretical`), for the devices of the included canaries.
+
+    The group size is the canaries' number of copies (1 without canaries).
+    """
+    canaries, cfg = run.canaries, run.cfg
+    canary_devs = {int(d) for c in canaries if c.included and (d := run.devices.get(c.canary_id)) is not None}
+    repeats = canaries[0].repeats if canaries else 1
+    return _theoretical(run.run_dir, bool(cfg.dp) or bool(getattr(cfg, "device_dp", False)), run.delta,
+                        canary_devs, repeats, warnings)
+
+
+# ----------------------------------------------------------------------------- exposure
+
+
+def _exposure_stage(run: _Loaded, opts: AuditOptions, seconds: dict[str, float],
+                    say: Callable[[str], None]) -> tuple[dict[str, Any] | None, np.ndarray]:
+    """Exposure of each canary's secret among the 10**d candidates (exact, or from ``opts.exposure_samples`` sampled ones).
+
+    Returns the exposure record (None without canaries) and each canary's exposure in bits (NaN
+    without canaries). Records the time taken as ``seconds["exposure"]``.
+    """
     t0 = time.perf_counter()
+    canaries, included = run.canaries, run.included
+    m = len(canaries)
     exp_block = None
     exp_vals = np.full(m, np.nan)
     if m:
         n_cand = 10 ** canaries[0].n_digits
         samples = opts.exposure_samples if opts.exposure_samples and opts.exposure_samples < n_cand - 1 else None
-        exp_vals = exposures(model, tok, canaries, label2id, batch_size=max(opts.batch_size, 512),
+        exp_vals = exposures(run.model, run.tok, canaries, run.label2id, batch_size=max(opts.batch_size, 512),
                              n_samples=samples, seed=opts.seed)
         exp_block = {
             "method": "exact" if samples is None else "sampled",
@@ -419,9 +571,22 @@ def audit_run(run_dir: str | os.PathLike, options: AuditOptions | None = None,
     say(f"exposure ({exp_block['method'] if exp_block else 'no canaries'}): "
         f"included {exp_block and exp_block['mean_included']}, excluded {exp_block and exp_block['mean_excluded']} "
         f"({seconds['exposure']:.0f} s)")
+    return exp_block, exp_vals
 
-    # ----------------------------------------------------------------- extraction
+
+# ----------------------------------------------------------------------------- extraction
+
+
+def _extraction_stage(run: _Loaded, opts: AuditOptions, seconds: dict[str, float],
+                      say: Callable[[str], None]) -> tuple[dict[str, Any] | None, dict[int, str]]:
+    """Extraction by model inversion of ``opts.extraction_canaries`` canaries (half included, half excluded, lowest ids first).
+
+    Returns the extraction record (None when no canary is attacked) and canary_id -> recovered
+    secret. Records the time taken as ``seconds["extraction"]``.
+    """
     t0 = time.perf_counter()
+    canaries = run.canaries
+    m = len(canaries)
     ext_block = None
     recovered: dict[int, str] = {}
     k = m if opts.extraction_canaries < 0 else min(m, opts.extraction_canaries)
@@ -430,14 +595,14 @@ def audit_run(run_dir: str | os.PathLike, options: AuditOptions | None = None,
         exc = [c for c in canaries if not c.included]
         n_inc = min(len(inc), max(k - min(len(exc), k // 2), 0))
         chosen_inc, chosen_exc = inc[:n_inc], exc[: k - n_inc]
-        attack = _for_inversion(model)
+        attack = _for_inversion(run.model)
         kw = dict(steps=opts.extraction_steps, restarts=opts.extraction_restarts, seed=opts.seed)
         parts = {}
         for name, group in (("included", chosen_inc), ("excluded", chosen_exc)):
             if not group:
                 parts[name] = None
                 continue
-            rep = extraction_audit(attack, tok, group, label2id, **kw)
+            rep = extraction_audit(attack, run.tok, group, run.label2id, **kw)
             recovered.update(rep.recovered)
             parts[name] = {"n": rep.n_canaries, "n_exact": rep.n_exact, "rate": rep.exact_rate,
                            "digit_accuracy": rep.digit_accuracy}
@@ -447,28 +612,44 @@ def audit_run(run_dir: str | os.PathLike, options: AuditOptions | None = None,
     if ext_block:
         say(f"extraction: included {ext_block['included']}, excluded {ext_block['excluded']} "
             f"({seconds['extraction']:.0f} s)")
-    seconds["total"] = time.perf_counter() - t_start
+    return ext_block, recovered
 
-    # ----------------------------------------------------------------- write
-    per_canary = [
-        {"canary_id": c.canary_id, "included": c.included, "device_id": devices.get(c.canary_id),
-         "label": c.label, "secret": c.secret, "text": c.text, "loss": float(-c_scores[i]),
+
+# ----------------------------------------------------------------------------- write records
+
+
+def _per_canary(run: _Loaded, mem: _MembershipResult, exp_vals: np.ndarray,
+                recovered: dict[int, str]) -> list[dict[str, Any]]:
+    """One entry per canary: id, inclusion, device, label, secret, text, loss, exposure and the secret extracted (if any)."""
+    m = len(run.canaries)
+    return [
+        {"canary_id": c.canary_id, "included": c.included, "device_id": run.devices.get(c.canary_id),
+         "label": c.label, "secret": c.secret, "text": c.text, "loss": float(-mem.c_scores[i]),
          "exposure": float(exp_vals[i]) if m else None, "extracted": recovered.get(c.canary_id)}
-        for i, c in enumerate(canaries)
+        for i, c in enumerate(run.canaries)
     ]
-    main_mi = mi_can or mi_real
-    theo_eps = theo.get("epsilon_example_max")
-    audit = {
-        "version": 1, "run_id": cfg.run_id, "run_dir": str(run_dir), "model": cfg.model,
-        "checkpoint_round": ck_round, "dp": bool(cfg.dp), "device_dp": bool(cfg.device_dp),
-        "delta": delta, "confidence": opts.confidence,
-        "canaries": {"m": m, "included": int(included.sum()), "repeats": repeats,
-                     "n_digits": canaries[0].n_digits if m else None, "source": source},
-        "membership": {"canaries": mi_can, "real": mi_real, "real_members": members_from,
+
+
+def _audit_record(run: _Loaded, opts: AuditOptions, mem: _MembershipResult, bounds: dict[str, Any],
+                  theo: dict[str, Any], exp_block: dict[str, Any] | None, ext_block: dict[str, Any] | None,
+                  per_canary: list[dict[str, Any]], seconds: dict[str, float], warnings: list[str]) -> dict[str, Any]:
+    """The ``audit.json`` record (module docstring) from the stages' results, before infinities become ``"inf"``.
+
+    Its ``summary`` (:func:`_audit_summary`) is what ``dpfl report`` shows.
+    """
+    cfg, canaries = run.cfg, run.canaries
+    m = len(canaries)
+    return {
+        "version": 1, "run_id": cfg.run_id, "run_dir": str(run.run_dir), "model": cfg.model,
+        "checkpoint_round": run.ck_round, "dp": bool(cfg.dp), "device_dp": bool(cfg.device_dp),
+        "delta": run.delta, "confidence": opts.confidence,
+        "canaries": {"m": m, "included": int(run.included.sum()), "repeats": canaries[0].repeats if canaries else 1,
+                     "n_digits": canaries[0].n_digits if m else None, "source": run.source},
+        "membership": {"canaries": mem.mi_can, "real": mem.mi_real, "real_members": mem.members_from,
                        "real_nonmembers": "test split"},
         "epsilon_lower_bound": {
-            "value": eps_lb, "confidence": opts.confidence, "per_method_confidence": per_method,
-            "one_run": one_run, "clopper_pearson": cp,
+            "value": bounds["value"], "confidence": opts.confidence, "per_method_confidence": bounds["per_method"],
+            "one_run": bounds["one_run"], "clopper_pearson": bounds["cp"],
             "note": "Empirical LOWER bounds: with the stated confidence the run is not (epsilon, delta)-DP "
                     "for any epsilon below the value; they never certify privacy. The Clopper-Pearson bound "
                     "treats the canaries as independent trials (Jagielski et al. use one canary per training "
@@ -482,25 +663,35 @@ def audit_run(run_dir: str | os.PathLike, options: AuditOptions | None = None,
         "options": asdict(opts),
         "seconds": seconds,
         "warnings": warnings,
-        "summary": {
-            "epsilon_lower_bound": eps_lb,
-            "confidence": opts.confidence,
-            "delta": delta,
-            "membership_target": "canaries" if mi_can else ("real examples" if mi_real else None),
-            "auc": main_mi["auc"] if main_mi else None,
-            "tpr_at_1pct_fpr": main_mi["tpr_at_1pct_fpr"] if main_mi else None,
-            "tpr_at_0_1pct_fpr": main_mi["tpr_at_0_1pct_fpr"] if main_mi else None,
-            "auc_real": mi_real["auc"] if mi_real else None,
-            "mean_exposure": exp_block["mean_included"] if exp_block else None,
-            "mean_exposure_excluded": exp_block["mean_excluded"] if exp_block else None,
-            "chance_exposure": exp_block["chance"] if exp_block else None,
-            "extraction_rate": (ext_block.get("included") or {}).get("rate") if ext_block else None,
-            "extraction_rate_excluded": (ext_block.get("excluded") or {}).get("rate") if ext_block else None,
-            "epsilon_lower_bound_ceiling": one_run["ceiling"] if one_run else None,
-            "epsilon_theoretical": theo_eps,
-            "epsilon_theoretical_group": theo.get("epsilon_group"),
-            "canaries": m, "canary_repeats": repeats,
-        },
+        "summary": _audit_summary(run, opts, mem, bounds, theo, exp_block, ext_block),
     }
-    write_audit(run_dir, _clean(audit), _clean({"canaries": roc_can, "real": roc_real}))
-    return _clean(audit)
+
+
+def _audit_summary(run: _Loaded, opts: AuditOptions, mem: _MembershipResult, bounds: dict[str, Any],
+                   theo: dict[str, Any], exp_block: dict[str, Any] | None,
+                   ext_block: dict[str, Any] | None) -> dict[str, Any]:
+    """The record's ``summary``: the headline numbers (lower bound, AUC and TPRs, exposure, extraction rates, accounted epsilon).
+
+    The membership headline is the canaries' when they were scored, else the real examples'.
+    """
+    mi_can, mi_real, one_run = mem.mi_can, mem.mi_real, bounds["one_run"]
+    main_mi = mi_can or mi_real
+    return {
+        "epsilon_lower_bound": bounds["value"],
+        "confidence": opts.confidence,
+        "delta": run.delta,
+        "membership_target": "canaries" if mi_can else ("real examples" if mi_real else None),
+        "auc": main_mi["auc"] if main_mi else None,
+        "tpr_at_1pct_fpr": main_mi["tpr_at_1pct_fpr"] if main_mi else None,
+        "tpr_at_0_1pct_fpr": main_mi["tpr_at_0_1pct_fpr"] if main_mi else None,
+        "auc_real": mi_real["auc"] if mi_real else None,
+        "mean_exposure": exp_block["mean_included"] if exp_block else None,
+        "mean_exposure_excluded": exp_block["mean_excluded"] if exp_block else None,
+        "chance_exposure": exp_block["chance"] if exp_block else None,
+        "extraction_rate": (ext_block.get("included") or {}).get("rate") if ext_block else None,
+        "extraction_rate_excluded": (ext_block.get("excluded") or {}).get("rate") if ext_block else None,
+        "epsilon_lower_bound_ceiling": one_run["ceiling"] if one_run else None,
+        "epsilon_theoretical": theo.get("epsilon_example_max"),
+        "epsilon_theoretical_group": theo.get("epsilon_group"),
+        "canaries": len(run.canaries), "canary_repeats": run.canaries[0].repeats if run.canaries else 1,
+    }
