@@ -86,7 +86,7 @@ class RunConfig:
         default=0,
         metadata={"help": "seed of partitioning, initialization and splits (never of the noise or the sampling)"},
     )
-    rounds: int = field(default=5, metadata={"help": "number of federated rounds"})
+    rounds: int = field(default=30, metadata={"help": "number of federated rounds"})
     eval_every: int = field(
         default=1,
         metadata={"help": "evaluate the global model every N rounds (and after the last)"},
@@ -161,7 +161,7 @@ class RunConfig:
         metadata={"help": "mean (mean-pooled token states) | cls (transformers' classification head)"},
     )
     trainable: str = field(
-        default="all",
+        default="head",
         metadata={"help": "which parameters train: all (embeddings included) | head (frozen encoder) | topN (head + "
                           "last N layers) | lora (LoRA adapters + head, through peft)"},
     )
@@ -194,7 +194,7 @@ class RunConfig:
         metadata={"help": "example-level DP (--no-dp trains without it: the non-private baseline)"},
     )
     noise_at: str = field(
-        default="device",
+        default="aggregate",
         metadata={"help": "where the example-level noise is added: device (local DP-SGD at every step; trusts nobody) | "
                           "aggregate (each device sends its clipped gradient sum, the server adds the noise once per "
                           "round to the cohort's sum; trusts the aggregator)"},
@@ -264,12 +264,12 @@ class RunConfig:
         metadata={"help": "mu of FedProx's proximal term (mu/2 ||w - w_global||^2 in the local loss)"},
     )
     server_learning_rate: float = field(
-        default=0.01,
+        default=0.2,
         metadata={"help": "server step size: FedAdam's eta, or with --noise-at aggregate and fedavg the SGD step on "
                           "the noisy mean gradient"},
     )
     server_ema: float = field(
-        default=0.0,
+        default=0.9,
         metadata={"help": "release the exponential moving average of the global models with this decay (0: off; "
                           "post-processing, no privacy cost)"},
     )
