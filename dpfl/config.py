@@ -383,9 +383,10 @@ class RunConfig:
         need(0 <= self.server_ema < 1, "server_ema", f"must be in [0, 1), got {self.server_ema}")
         need(0 < self.sample_rate <= 1, "sample_rate", f"must be in (0, 1], got {self.sample_rate}")
         need(
-            not (self.noise_at == "aggregate" and self.device_dp),
+            not (self.dp and self.noise_at == "aggregate" and self.device_dp),
             "noise_at",
-            "--noise-at aggregate and --device-dp are two different releases; choose one",
+            "noise on the aggregate and --device-dp are two different releases: for device-level DP alone add "
+            "--no-dp, for both units add --noise-at device",
         )
         need(self.lora_rank >= 1, "lora_rank", f"must be >= 1, got {self.lora_rank}")
         need(self.lora_alpha > 0, "lora_alpha", f"must be > 0, got {self.lora_alpha}")
