@@ -160,7 +160,8 @@ def run_arm(arm: str, out: Path, data_dir: str, seed: int, extra: list[str]) -> 
         print(f"[run] {text}", file=sys.stderr, flush=True)
         exe = Path(sys.executable).with_name("dpfl")
         t0 = time.perf_counter()
-        subprocess.run([str(exe) if exe.exists() else run[0], *run[1:]], check=True)
+        # the run's own output goes to stderr: stdout carries only the JSON records (--json)
+        subprocess.run([str(exe) if exe.exists() else run[0], *run[1:]], check=True, stdout=sys.stderr)
         seconds = time.perf_counter() - t0
         rows = _metrics(run_dir)
     else:
