@@ -10,7 +10,9 @@ An arm is ``NOISE:TRAINABLE:EPS``:
   of per-example-clipped gradients (central DP; trusts the aggregator);
 * NOISE ``device-level``: DP-FedAvg (each device's update clipped and noised on the server)
   over 1,000 devices of about 10 examples, expected cohort 100; EPS is the device-level epsilon;
-* NOISE ``none``: the same federation without DP (EPS ignored, write ``-``);
+* NOISE ``nonoise``: the ``aggregate`` arm's algorithm with noise multiplier 0 (clipped sums,
+  no noise: what the noise costs; epsilon infinity; EPS ignored, write ``-``);
+* NOISE ``none``: federated training without DP (FedAvg of local training; EPS ignored);
 * NOISE ``central``: centralized training without DP (all examples on one device).
 
 TRAINABLE is ``head`` (frozen encoder: a private linear probe), ``lora`` or ``all``. EPS is the
@@ -44,7 +46,7 @@ import time
 from pathlib import Path
 
 DEFAULT_ARMS = (
-    "none:head:-,central:head:-,"
+    "nonoise:head:-,none:head:-,central:head:-,"
     "aggregate:head:1,aggregate:head:3,aggregate:head:8,"
     "device:head:8,device-level:head:8,aggregate:lora:8"
 )
@@ -61,6 +63,9 @@ SETTINGS = {
     "device-level": ["--no-dp", "--device-dp", "--num-devices", "1000", "--cohort-size", "100",
                      "--selection", "uniform", "--rounds", "40", "--local-epochs", "2", "--update-clip-norm", "1.0",
                      "--strategy", "fedadam", "--server-learning-rate", "0.1", "--server-ema", "0.9"],
+    "nonoise": ["--noise-at", "aggregate", "--num-devices", "100", "--cohort-size", "10", "--rounds", "60",
+                "--activity-exponent", "2", "--strategy", "fedadam", "--server-learning-rate", "0.2",
+                "--server-ema", "0.9", "--max-grad-norm", "1.0", "--noise-multiplier", "0"],
     "none": ["--no-dp", "--num-devices", "100", "--cohort-size", "10", "--rounds", "30", "--activity-exponent", "2",
              "--local-epochs", "1", "--strategy", "fedavg", "--server-ema", "0"],
     "central": ["--no-dp", "--num-devices", "1", "--cohort-size", "1", "--partitioner", "iid", "--rounds", "5",
@@ -92,7 +97,7 @@ def parse_arm(text: str) -> tuple[str, str, float | None]:
         raise SystemExit(f"--arms: NOISE must be one of {sorted(SETTINGS)}, got {noise!r}")
     if trainable not in TRAINABLE_SETTINGS:
         raise SystemExit(f"--arms: TRAINABLE must be one of {sorted(TRAINABLE_SETTINGS)}, got {trainable!r}")
-    if noise in ("none", "central"):
+    if noise in ("none", "nonoise", "central"):
         return noise, trainable, None
     try:
         value = float(eps)
@@ -115,7 +120,7 @@ def arm_command(noise: str, trainable: str, eps: float | None, run_dir: Path, da
     """The exact ``dpfl simulate`` command of one arm."""
     args = ["dpfl", "simulate", "--run-dir", str(run_dir), "--data-dir", data_dir, "--seed", str(seed),
             "--no-progress", *COMMON, *SETTINGS[noise]]
-    if noise == "aggregate" or trainable != "lora":
+    if noise in ("aggregate", "nonoise") or trainable != "lora":
         args += TRAINABLE_SETTINGS[trainable]  # (the later of two equal flags wins: arm settings override)
     else:
         args += ["--trainable", "lora"]
@@ -217,8 +222,8 @@ def write_outputs(results: list[dict], out: Path) -> None:
         unit = "device-level eps" if noise == "device-level" else "example-level eps"
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{noise} / {trainable} ({unit})")
     for r in results:
-        if r["noise"] in ("none", "central") and r["accuracy"] is not None:
-            ax.axhline(r["accuracy"], linestyle="--", linewidth=1, color="grey" if r["noise"] == "none" else "black")
+        if r["noise"] in ("none", "nonoise", "central") and r["accuracy"] is not None:
+            ax.axhline(r["accuracy"], linestyle="--", linewidth=1, color="black" if r["noise"] == "central" else "grey")
             ax.text(0.02, r["accuracy"], f" {r['noise']} (no DP) {r['accuracy']:.3f}", transform=ax.get_yaxis_transform(),
                     va="bottom", fontsize=8)
     ax.set_xlabel(f"epsilon at delta={DELTA:g}")
