@@ -40,3 +40,15 @@ def test_bad_input_is_one_line_and_exit_2(argv, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("dpfl: error: ") and err.count("\n") == 1
+
+
+def test_preflight_accepts_lora_and_rejects_too_many_top_layers():
+    """`dpfl simulate --trainable lora` passes the preflight (it once rejected 'lora' as not all/head/topN)."""
+    from dpfl.commands.simulate import preflight
+    from dpfl.config import ConfigError, RunConfig
+
+    preflight(RunConfig(model="tiny", trainable="lora", num_devices=4, cohort_size=2, max_examples=100).validate())
+    import pytest
+
+    with pytest.raises(ConfigError, match="transformer layers"):
+        preflight(RunConfig(model="tiny", trainable="top99", num_devices=4, cohort_size=2, max_examples=100).validate())

@@ -61,7 +61,7 @@ def preflight(cfg: RunConfig, resume: bool = False) -> None:
     task_for_data(cfg.task, pop.data, cfg.slot_loss_weight)
     if pop.num_devices != cfg.num_devices:
         raise ValueError(f"--num-devices: the partition has {pop.num_devices} devices, expected {cfg.num_devices}")
-    top = parse_trainable(cfg.trainable)
+    top = None if cfg.trainable.strip().lower() == "lora" else parse_trainable(cfg.trainable)
     if top and top > num_encoder_layers(cfg.model):
         raise ConfigError(f"--trainable {cfg.trainable}: {cfg.model} has {num_encoder_layers(cfg.model)} "
                           "transformer layers; choose a smaller N")
