@@ -287,6 +287,8 @@ def test_kill_resume_interrupt_resume(tmp_path, data_dir):
         "--model", "tiny", "--num-devices", "4", "--cohort-size", "3", "--rounds", "6", "--max-length", "16",
         "--data-dir", str(data_dir), "--batch-size", "4", "--local-epochs", "1", "--strategy", "fedadam",
         "--fault-rate", "0.3", "--fault-kind", "raise", "--run-dir", str(rd), "--seed", "1",
+        # local DP-SGD on every parameter, as this test was written for: rounds long enough to interrupt
+        "--noise-at", "device", "--trainable", "all", "--noise-multiplier", "1.0",
     ]
     with open(log_path, "ab") as log:
         # 1. SIGKILL the whole process group in the middle of round 3
