@@ -285,7 +285,8 @@ def collect(server, grid: Grid, msgs: list[Message], sel: Selection, out: RoundO
         handle(r)
 
     _receive(grid, msgs, cfg.round_timeout, timed)
-    if latencies:  # measured by the server (a private run's devices send no timings)
+    if latencies and not (cfg.dp or cfg.device_dp):
+        # only for non-private runs: a DP-SGD device's time depends on its secret Poisson batch sizes
         out.extra["reply_seconds_mean"] = float(np.mean(latencies))
     for d in sorted(set(map(int, sel.cohort)) - answered):
         out.timeouts += 1

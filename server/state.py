@@ -20,7 +20,7 @@ from dp.accounting import SubsampledGaussianEvent
 from dp.secure_random import NoiseSource
 from dpfl.config import RunConfig
 from nlu.features import cache_frozen_encoder
-from nlu.model import load_tokenizer, set_trainable, trainable_state_keys
+from nlu.model import load_tokenizer, set_trainable
 from nlu.tasks import task_for_data
 from partitions.canary_record import write_canaries
 from partitions.population import Population, build_population
@@ -117,7 +117,6 @@ class Server:
             max_epsilon=self.example_budget(),
             max_epsilon_device=cfg.target_epsilon_device if cfg.device_dp else None,
         )
-        self.keys = trainable_state_keys(self.model)
         self.expected = {k: (tuple(v.shape), str(v.dtype).replace("torch.", "")) for k, v in trainable_state(self.model).items()}
         self.attempt = self.ledger.next_attempt()
         self.start_round = 1
