@@ -216,7 +216,7 @@ def _inject(fault: str | None, state: dict, cfg: RunConfig, round_cfg, device_id
         raise InjectedFault(f"injected fault: device {device_id} failed after training in round {server_round}")
     if fault == "hang":
         # reply just after the server stopped waiting for this round (late: counted as a timeout)
-        deadline = float(round_cfg.get("deadline", time.time() + cfg.round_timeout))
+        deadline = float(round_cfg.get("deadline", time.time() + cfg.round_deadline_seconds()))
         time.sleep(max(0.0, deadline - time.time()) + 1.0)
     elif fault == "nan":
         key = next(k for k, v in state.items() if v.is_floating_point())

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import secrets
 import time
 import tomllib
 from dataclasses import dataclass, field, fields
@@ -28,6 +29,12 @@ SELECTIONS = ("uniform", "activity")
 STRATEGIES = ("auto", "fedavg", "fedprox", "fedadam")
 #: The example-level target when neither --noise-multiplier nor --target-epsilon is given.
 DEFAULT_TARGET_EPSILON = 8.0
+#: The adaptive round deadline (``round_timeout`` unset): the longest any round waits, in seconds ...
+ROUND_TIMEOUT_CAP = 3600.0
+#: ... the stragglers' allowance once half the cohort has replied, as a multiple of the time that took ...
+ROUND_TIMEOUT_FACTOR = 10.0
+#: ... and never less than this many seconds.
+ROUND_TIMEOUT_FLOOR = 30.0
 PARTITIONERS = ("auto", "iid", "dirichlet", "quantity", "quantity-label", "cluster", "natural")
 ACCOUNTANTS = ("pld", "rdp")
 DP_ENGINES = ("dpfl", "opacus")
@@ -238,6 +245,11 @@ class RunConfig:
         default=1.0,
         metadata={"help": "sigma_u: server noise std / S (device-level DP)"},
     )
+    allow_zero_noise: bool = field(
+        default=False,
+        metadata={"help": "testing only: accept a noise multiplier of 0 with DP on (clipping without noise); the "
+                          "run is NOT private (epsilon infinity) and its report says so first"},
+    )
     target_epsilon_device: float | None = field(
         default=None,
         metadata={"help": "device-level epsilon budget per device (needs --device-dp)"},
@@ -263,10 +275,11 @@ class RunConfig:
         default=0.01,
         metadata={"help": "mu of FedProx's proximal term (mu/2 ||w - w_global||^2 in the local loss)"},
     )
-    server_learning_rate: float = field(
-        default=0.2,
-        metadata={"help": "server step size: FedAdam's eta, or with --noise-at aggregate and fedavg the SGD step on "
-                          "the noisy mean gradient"},
+    server_learning_rate: float | None = field(
+        default=None,
+        metadata={"help": "server step size: FedAdam's eta (default 0.2); with fedavg, the SGD step on the noisy mean "
+                          "gradient of --noise-at aggregate (default 0.2) or on the noisy mean update of --device-dp "
+                          "(default 1.0: plain FedAvg)"},
     )
     server_ema: float = field(
         default=0.9,
@@ -288,10 +301,11 @@ class RunConfig:
         metadata={"help": "address of an existing Ray cluster to run on (set by dpfl launch --address)"},
     )
     # reliability: round deadline and injected device faults (testing)
-    round_timeout: float = field(
-        default=3600.0,
-        metadata={"help": "seconds a round waits for the cohort's replies before it goes on without the "
-                          "missing ones"},
+    round_timeout: float | None = field(
+        default=None,
+        metadata={"help": "seconds a round waits for the cohort's replies before it goes on without the missing "
+                          "ones (default: adaptive: once half the cohort has replied, the rest get 10 times as long "
+                          "as that took, at least 30 s, at most an hour); changeable on --resume"},
     )
     fault_rate: float = field(
         default=0.0,
@@ -354,10 +368,15 @@ class RunConfig:
                 need(False, "trainable", str(exc).replace("or 'topN'", "'topN'") + " (or 'lora')")
         need(self.noise_multiplier is None or self.noise_multiplier >= 0, "noise_multiplier",
              f"must be >= 0, got {self.noise_multiplier}")
+        need(not (self.dp and self.noise_multiplier == 0 and not self.allow_zero_noise), "noise_multiplier",
+             "0 with DP on adds no noise and gives no privacy (epsilon infinity): give a value > 0 or "
+             "--target-epsilon, train without DP (--no-dp), or pass --allow-zero-noise for a clipped, "
+             "non-private run")
         need(self.max_grad_norm > 0, "max_grad_norm", f"must be > 0, got {self.max_grad_norm}")
         need(self.batch_size >= 1, "batch_size", "must be >= 1")
         need(self.physical_batch_size >= 1, "physical_batch_size", "must be >= 1")
-        need(self.local_epochs >= 0, "local_epochs", "must be >= 0")
+        need(self.local_epochs >= 1, "local_epochs",
+             f"must be >= 1, got {self.local_epochs} (with 0 no device would train)")
         need(self.learning_rate > 0, "learning_rate", "must be > 0")
         need(self.head_learning_rate is None or self.head_learning_rate > 0, "head_learning_rate", "must be > 0")
         need(self.max_length >= 4, "max_length", "must be >= 4")
@@ -393,6 +412,10 @@ class RunConfig:
         need(0 <= self.lora_dropout < 1, "lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")
         need(self.update_clip_norm > 0, "update_clip_norm", "must be > 0")
         need(self.device_noise_multiplier >= 0, "device_noise_multiplier", "must be >= 0")
+        need(not (self.device_dp and self.device_noise_multiplier == 0 and not self.allow_zero_noise),
+             "device_noise_multiplier",
+             "0 with --device-dp adds no noise and gives no device-level privacy (epsilon infinity): give a "
+             "value > 0, drop --device-dp, or pass --allow-zero-noise for a clipped, non-private run")
         need(
             self.target_epsilon_device is None or self.target_epsilon_device > 0,
             "target_epsilon_device",
@@ -406,9 +429,11 @@ class RunConfig:
         )
         need(self.canaries >= 0, "canaries", f"must be >= 0, got {self.canaries}")
         need(1 <= self.canary_repeats < 1_000_000, "canary_repeats", f"must be in [1, 1000000), got {self.canary_repeats}")
-        need(self.round_timeout > 0, "round_timeout", f"must be > 0 seconds, got {self.round_timeout}")
+        need(self.round_timeout is None or self.round_timeout > 0, "round_timeout",
+             f"must be > 0 seconds, got {self.round_timeout}")
         need(0 <= self.fault_rate <= 1, "fault_rate", f"must be in [0, 1], got {self.fault_rate}")
         need(self.fault_kind in FAULT_KINDS, "fault_kind", f"must be one of {FAULT_KINDS}")
+        need(self.server_learning_rate is None or self.server_learning_rate > 0, "server_learning_rate", "must be > 0")
         need(self.client_cpus > 0, "client_cpus", "must be > 0")
         need(self.client_gpus >= 0, "client_gpus", "must be >= 0")
         return self
@@ -429,6 +454,25 @@ class RunConfig:
             return self.strategy
         return "fedadam" if self.dp and self.noise_at == "aggregate" else "fedavg"
 
+    def resolved_server_learning_rate(self) -> float:
+        """``--server-learning-rate``, or its default for the run's mode.
+
+        1.0 for device-level DP with FedAvg/FedProx (the server adds the mean of the clipped,
+        noised updates, as FedAvg does; McMahan et al. 2018, "Learning differentially private
+        recurrent language models", Algorithm 1 with server learning rate 1); 0.2 otherwise
+        (FedAdam's eta, or server SGD on the aggregate placement's noisy mean gradient: the
+        values the privacy-utility benchmark found best near epsilon 8).
+        """
+        if self.server_learning_rate is not None:
+            return float(self.server_learning_rate)
+        if self.device_dp and self.resolved_strategy() in ("fedavg", "fedprox"):
+            return 1.0
+        return 0.2
+
+    def round_deadline_seconds(self) -> float:
+        """The longest a round waits: ``--round-timeout``, or :data:`ROUND_TIMEOUT_CAP` when it is adaptive."""
+        return float(self.round_timeout) if self.round_timeout is not None else ROUND_TIMEOUT_CAP
+
     def lora_options(self) -> dict[str, Any]:
         """Keyword arguments of :func:`nlu.model.set_trainable` for the LoRA settings (and the seed)."""
         targets = tuple(t.strip() for t in self.lora_targets.split(",") if t.strip()) or None
@@ -448,9 +492,13 @@ class RunConfig:
         return 10.0 ** math.floor(math.log10(1.0 / (10.0 * n)))
 
     def with_defaults(self) -> "RunConfig":
-        """Fill run_id and run_dir when empty (``runs/<timestamp>``)."""
+        """Fill run_id and run_dir when empty (``runs/<timestamp>-<6 random hex digits>``).
+
+        The random suffix keeps runs started in the same second apart; the directory itself is
+        created atomically when the run starts (:func:`rundir.claim_run_dir`).
+        """
         if not self.run_id:
-            self.run_id = time.strftime("%Y%m%d-%H%M%S")
+            self.run_id = time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
         if not self.run_dir:
             self.run_dir = str(Path("runs") / self.run_id)
         return self

@@ -153,7 +153,9 @@ def read_jsonl(
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise DataError(f"{where}: not valid JSON: {exc.msg} (column {exc.colno})") from exc
+                near = line[max(exc.pos - 15, 0) : exc.pos + 15].rstrip("\r\n")
+                raise DataError(f"{where}: not valid JSON: {exc.msg} (column {exc.colno}, at character {exc.pos + 1} "
+                                f"of the line, near {near!r})") from exc
             if not isinstance(rec, dict):
                 raise DataError(f"{where}: record must be a JSON object, got {type(rec).__name__}")
 
@@ -277,6 +279,9 @@ def read_jsonl_dir(
         test line with it); slots in one file but not the other.
     """
     data_dir = Path(data_dir)
+    if data_dir.is_file():
+        raise DataError(f"--data-dir {data_dir}: is a file; give the directory that holds train.jsonl and test.jsonl"
+                        + (f" (here: {data_dir.parent})" if data_dir.name in ("train.jsonl", "test.jsonl") else ""))
     if not data_dir.is_dir():
         raise DataError(f"{data_dir}: data directory not found (it must hold train.jsonl and test.jsonl)")
     for name in ("train.jsonl", "test.jsonl"):

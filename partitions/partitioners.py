@@ -124,8 +124,8 @@ def pareto_sizes(n: int, num_devices: int, beta: float, rng: np.random.Generator
         raise ValueError(f"quantity_beta must be > 0, got {beta}")
     rest = n - min_size * num_devices
     if rest < 0:
-        raise ValueError(f"min_partition_size={min_size} times num_devices={num_devices} exceeds the "
-                         f"{n} training examples: lower min_partition_size or num_devices")
+        raise ValueError(f"--num-devices {num_devices} devices of at least min_partition_size={min_size} examples "
+                         f"each need more than the {n} training examples: lower --num-devices or min_partition_size")
     w = rng.pareto(beta, num_devices) + 1.0  # classical Pareto, x_min = 1, tail index beta
     share = w / w.sum() * rest
     sizes = np.floor(share).astype(np.int64)
@@ -286,9 +286,9 @@ def partition(
 
     if partitioner in ("iid", "dirichlet", "cluster") and num_devices > n:
         raise ValueError(
-            f"num_devices={num_devices} is larger than the {n} training examples, so the {partitioner!r} "
-            f"partitioner cannot give every device an example: lower num_devices, raise max_examples "
-            f"(or drop the cap), or use partitioner='quantity', which allows empty devices"
+            f"--num-devices {num_devices} is larger than the {n} training examples, so the {partitioner!r} "
+            f"partitioner cannot give every device an example: lower --num-devices, raise --max-examples "
+            f"(or drop the cap), or use --partitioner quantity, which allows empty devices"
         )
 
     if partitioner == "iid":
@@ -342,7 +342,7 @@ def partition(
         k = len(ids)
         if num_devices < k:
             raise ValueError(f"the data has {k} natural devices (distinct values of column {device_column!r}) "
-                             f"but num_devices={num_devices}: set --num-devices {k}"
+                             f"but --num-devices is {num_devices}: set --num-devices {k}"
                              + (" (or generate fewer with synthetic_devices)" if device_column == "device" else ""))
         # == NaturalIdPartitioner(partition_by=device_column) (a test checks it): grouped with
         # numpy, as the flwr-datasets one loops in Python behind a tqdm progress bar.

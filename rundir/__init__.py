@@ -19,6 +19,7 @@ from .layout import (
     RunDirError,
     audit_dir,
     canaries_path,
+    claim_run_dir,
     config_path,
     global_model_path,
     is_run_dir,
@@ -57,7 +58,7 @@ from .records import (
 )
 
 __all__ = [
-    "RunDir", "RunDirError", "audit_dir", "canaries_path", "config_path", "global_model_path", "is_run_dir",
+    "RunDir", "RunDirError", "audit_dir", "canaries_path", "claim_run_dir", "config_path", "global_model_path", "is_run_dir",
     "ledger_path", "metrics_path", "read_checkpoint_state", "report_dir",
     "Ledger", "LedgerReader", "LedgerError", "EventRow", "record_canaries",
     "RunRow", "DeviceRow", "RoundRow", "PrivacyEvent", "LostUpdate", "BudgetEvent", "Holding", "CanaryRow",

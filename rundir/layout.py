@@ -105,6 +105,31 @@ def read_checkpoint_state(run_dir: str | os.PathLike) -> dict[str, Any] | None:
     return state if isinstance(state, dict) else None
 
 
+def claim_run_dir(run_dir: str | os.PathLike) -> Path:
+    """Create a new run's directory atomically (its parents as needed) and return it.
+
+    ``os.mkdir`` either creates the directory or fails, so two runs given (or generating) the
+    same path can never share it: the second is refused. An existing *empty* directory is
+    accepted (a folder the user made for the run).
+
+    Raises
+    ------
+    RunDirError
+        If ``run_dir`` exists and is not an empty directory.
+    """
+    path = Path(run_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.mkdir(path)
+    except FileExistsError:
+        if not path.is_dir():
+            raise RunDirError(f"--run-dir {path} is a file; choose a new --run-dir") from None
+        if any(path.iterdir()):
+            raise RunDirError(f"--run-dir {path} already exists and is not empty (another run may be using it); "
+                              "choose a new --run-dir, or --resume the run there") from None
+    return path
+
+
 class RunDir:
     """Files of one run (the server's writer). Creating it on a directory that already holds a run is refused.
 

@@ -134,10 +134,13 @@ class MeanAggregator(Aggregator):
 class DeviceDPAggregator(Aggregator):
     """DP-FedAvg: clip each device's update to S, sum, add N(0, (sigma_u S)^2 I) once, divide by m.
 
-    The result is ``w + (sum_k clip_S(w_k - w) + N(0, (sigma_u S)^2 I)) / m`` over the floating
-    arrays, with m = :attr:`RoundPlan.expected_cohort` (a fixed denominator, as the
-    Poisson-subsampled Gaussian analysis requires). With no accepted reply the release is
-    noise only (every device that could have been selected was accounted).
+    The proposal is ``w + eta * lr_factor * (sum_k clip_S(w_k - w) + N(0, (sigma_u S)^2 I)) / m``
+    over the floating arrays (McMahan et al. 2018, "Learning differentially private recurrent
+    language models", Algorithm 1, with the fixed-denominator estimator), with m =
+    :attr:`RoundPlan.expected_cohort` (a fixed denominator, as the Poisson-subsampled Gaussian
+    analysis requires) and ``eta`` the server step size (1 for FedAvg; with FedAdam it is 1
+    and the strategy's optimizer takes the step). With no accepted reply the release is noise
+    only (every device that could have been selected was accounted).
 
     Parameters
     ----------
@@ -146,14 +149,17 @@ class DeviceDPAggregator(Aggregator):
     noise_multiplier : float
         sigma_u.
     noise : dp.secure_random.NoiseSource
+    step_size : float
+        eta (see above).
     """
 
     name = "device-dp"
 
-    def __init__(self, clip_norm: float, noise_multiplier: float, noise: NoiseSource):
+    def __init__(self, clip_norm: float, noise_multiplier: float, noise: NoiseSource, step_size: float = 1.0):
         self.clip_norm = float(clip_norm)
         self.noise_multiplier = float(noise_multiplier)
         self.noise = noise
+        self.step_size = float(step_size)
         self.norms: list[float] = []
 
     def begin(self, round_, current, plan):
@@ -175,7 +181,8 @@ class DeviceDPAggregator(Aggregator):
         for k, s in self.total.items():
             if std > 0:
                 s = s + self.noise.normal_numpy(s.shape, std)
-            out[k] = (self.current[k] + s / self.plan.expected_cohort).astype(self.current[k].dtype)
+            step = self.step_size * self.plan.lr_factor / self.plan.expected_cohort
+            out[k] = (self.current[k] + step * s).astype(self.current[k].dtype)
         return out
 
 
@@ -347,12 +354,13 @@ def make_aggregator(cfg, noise: NoiseSource) -> Aggregator:
     """The aggregator of a run: device-level DP, noise on the aggregate, or FedAvg's mean.
 
     ``cfg`` is the RunConfig (``device_dp``, ``noise_at``, ``dp``, noise settings,
-    ``strategy``, ``server_learning_rate``). Device-level DP and the aggregate placement
+    ``strategy``, ``resolved_server_learning_rate()``). Device-level DP and the aggregate placement
     together are refused by config validation.
     """
+    sgd = cfg.resolved_strategy() in ("fedavg", "fedprox")
+    step = cfg.resolved_server_learning_rate() if sgd else 1.0
     if cfg.device_dp:
-        return DeviceDPAggregator(cfg.update_clip_norm, cfg.device_noise_multiplier, noise)
+        return DeviceDPAggregator(cfg.update_clip_norm, cfg.device_noise_multiplier, noise, step)
     if cfg.dp and cfg.noise_at == "aggregate":
-        step = cfg.server_learning_rate if cfg.resolved_strategy() in ("fedavg", "fedprox") else 1.0
         return AggregateNoiseAggregator(cfg.noise_multiplier, cfg.max_grad_norm, step, noise)
     return MeanAggregator()

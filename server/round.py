@@ -190,7 +190,7 @@ def dispatch(server, grid: Grid, sel: Selection, arrays: ArrayRecord, prior: dic
     device placement, the device's past example-level events.
     """
     cfg = server.cfg
-    round_cfg = {"num-labels": server.num_labels, "target-delta": server.delta, "deadline": time.time() + cfg.round_timeout}
+    round_cfg = {"num-labels": server.num_labels, "target-delta": server.delta, "deadline": time.time() + cfg.round_deadline_seconds()}
     if server.placement == "aggregate":
         round_cfg["sample-rate"] = float(cfg.sample_rate)
     run_record = ConfigRecord(cfg.to_dict_flat())
@@ -224,11 +224,29 @@ def _short_reason(reason: str) -> str:
     return line.strip().rstrip("'>").strip()[:300]
 
 
-def _receive(grid: Grid, msgs: list[Message], timeout: float, on_reply) -> None:
-    """Push ``msgs``; call ``on_reply`` on each reply as it is pulled, for ``timeout`` seconds or until STOP."""
+def _receive(grid: Grid, msgs: list[Message], timeout: float, on_reply, adaptive: bool = False) -> float:
+    """Push ``msgs``; call ``on_reply`` on each reply as it is pulled, until every reply is in,
+    ``timeout`` seconds have passed, or STOP; return the seconds waited.
+
+    ``adaptive`` (``--round-timeout`` unset): once half of the messages have been answered,
+    after h seconds, the rest get ``max(ROUND_TIMEOUT_FLOOR, ROUND_TIMEOUT_FACTOR * h)`` more
+    seconds (never past ``timeout``), so a hung device costs the round about ten times a
+    typical device's time, not an hour.
+
+    Raises
+    ------
+    dpfl.interrupt.Interrupted
+        When :data:`STOP` is set (Ctrl-C); the round is abandoned at once (its privacy events
+        are already in the ledger).
+    """
+    from dpfl.config import ROUND_TIMEOUT_FACTOR, ROUND_TIMEOUT_FLOOR
+
     ids = set(grid.push_messages(msgs))
+    total = len(ids)
     del msgs
-    end = time.time() + timeout
+    start = time.time()
+    end = start + timeout
+    half_done = False
     while ids and time.time() < end:
         got = list(grid.pull_messages(ids))
         ids -= {m.metadata.reply_to_message_id for m in got}
@@ -236,8 +254,13 @@ def _receive(grid: Grid, msgs: list[Message], timeout: float, on_reply) -> None:
             on_reply(m)
         if STOP.is_set():
             raise Interrupted("interrupted")
+        if adaptive and not half_done and total - len(ids) >= (total + 1) // 2:
+            half_done = True
+            h = time.time() - start
+            end = min(end, time.time() + max(ROUND_TIMEOUT_FLOOR, ROUND_TIMEOUT_FACTOR * h))
         if ids:
             time.sleep(0.1)
+    return time.time() - start
 
 
 def collect(server, grid: Grid, msgs: list[Message], sel: Selection, out: RoundOutcome, node_of: dict[int, int]) -> list[tuple[int, str, str]]:
@@ -284,15 +307,16 @@ def collect(server, grid: Grid, msgs: list[Message], sel: Selection, out: RoundO
         latencies.append(time.perf_counter() - sent)
         handle(r)
 
-    _receive(grid, msgs, cfg.round_timeout, timed)
+    waited = _receive(grid, msgs, cfg.round_deadline_seconds(), timed, adaptive=cfg.round_timeout is None)
     if latencies and not (cfg.dp or cfg.device_dp):
         # only for non-private runs: a DP-SGD device's time depends on its secret Poisson batch sizes
         out.extra["reply_seconds_mean"] = float(np.mean(latencies))
     for d in sorted(set(map(int, sel.cohort)) - answered):
         out.timeouts += 1
-        lost.append((d, "timeout", f"no reply within --round-timeout {cfg.round_timeout:g}s"))
+        lost.append((d, "timeout", f"no reply within {waited:.0f}s (" + (
+            f"--round-timeout {cfg.round_timeout:g}s)" if cfg.round_timeout is not None else "the adaptive round deadline)")))
     if out.timeouts:
-        log.warning("round %d: %d devices did not reply within %gs", t, out.timeouts, cfg.round_timeout)
+        log.warning("round %d: %d devices did not reply within %.0fs", t, out.timeouts, waited)
     out.replies = len(kept)
     _reply_stats(kept, out)
     return lost

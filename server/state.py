@@ -91,6 +91,7 @@ class Server:
             cfg.target_epsilon = target  # the calibration target is also every device's budget
             cfg.noise_multiplier = calibrate_example_noise(cfg, planned.ravel(), self.delta)
             log.warning("target epsilon %g: noise multiplier calibrated to %.4f", target, cfg.noise_multiplier)
+        cfg.server_learning_rate = cfg.resolved_server_learning_rate()  # config.toml records the step used
         alpha = cfg.activity_exponent if cfg.selection == "activity" else 0.0
         self.selector = ActivitySelector(planned, alpha, cfg.cohort_size, cfg.selection_constant)
         self.ledger = Ledger(self.rundir.ledger_path, cfg.run_id)

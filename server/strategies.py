@@ -55,5 +55,5 @@ def make_strategy(cfg):
     if name == "fedprox":
         return FedProx(proximal_mu=cfg.proximal_mu, **common)
     if name == "fedadam":
-        return FedAdam(eta=cfg.server_learning_rate, **common)
+        return FedAdam(eta=cfg.resolved_server_learning_rate(), **common)
     raise ValueError(f"--strategy: unknown strategy {cfg.strategy!r}")

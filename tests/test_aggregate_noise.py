@@ -185,7 +185,7 @@ def test_reply_is_exactly_the_clipped_sum(tmp_path, data_dir, no_dropout, traina
     C = float(np.median(norms))
     lr = 0.5
     cfg = _cfg(tmp_path, data_dir, trainable=trainable, num_devices=4, cohort_size=4, rounds=1, sample_rate=1.0,
-               noise_multiplier=0.0, max_grad_norm=C, server_learning_rate=lr)
+               noise_multiplier=0.0, allow_zero_noise=True, max_grad_norm=C, server_learning_rate=lr)
     server, grid, released, outs = run_rounds(cfg)
     keys = trainable_state_keys(server.model)
     assert len(grid.outgoing) == cfg.num_devices == outs[0].replies  # q = 1: every device trained and replied

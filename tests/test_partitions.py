@@ -121,9 +121,9 @@ def test_quantity_allows_more_devices_than_rows(small):
 def test_errors(small):
     with pytest.raises(ValueError, match="iid, dirichlet, quantity, quantity-label, cluster, natural"):
         partition(small, 10, "shards")
-    with pytest.raises(ValueError, match="num_devices"):
+    with pytest.raises(ValueError, match="--num-devices"):
         partition(small, 3001, "iid")
-    with pytest.raises(ValueError, match="max_examples"):
+    with pytest.raises(ValueError, match="--max-examples"):
         partition(small, 3001, "dirichlet")
     with pytest.raises(ValueError):
         partition(small, 0)

@@ -352,22 +352,12 @@ def test_kill_resume_interrupt_resume(tmp_path, data_dir):
         assert t not in text
 
 
-def test_local_epochs_zero_returns_the_weights_untrained(tmp_path, data_dir):
-    """--local-epochs 0: every device loads the global weights and sends them back; zero-step privacy events."""
-    cfg = _cfg(tmp_path, data_dir, rounds=2, cohort_size=3, local_epochs=0)
-    server, grid, arrays, outs = run_rounds(cfg)
-    init = server.task.build_model(cfg.model, seed=cfg.seed).state_dict()
-    assert sum(o.replies for o in outs) > 0 and all(o.failures + o.rejected + o.timeouts == 0 for o in outs)
-    final = arrays.to_torch_state_dict()
-    assert final.keys() == init.keys()
-    for k, v in init.items():
-        assert torch.allclose(final[k].to(v.dtype), v, rtol=0, atol=1e-6), k
-    assert all(o.train_loss is None for o in outs)
-    ledger = LedgerReader(Path(cfg.run_dir) / "ledger.sqlite")
-    steps = [e.steps for e in ledger.events("example")]
-    assert steps and all(s == 0 for s in steps)
-    assert all(e == 0.0 for e in ledger.device_epsilons("example").values())
-    assert all(float(c["metrics"]["epsilon"]) == 0.0 and int(c["privacy"]["steps"]) == 0 for _, c in grid.outgoing)
+def test_local_epochs_zero_is_refused(tmp_path, data_dir):
+    """--local-epochs 0 would "succeed" with nothing trained: the settings are refused, naming the flag."""
+    from dpfl.config import ConfigError
+
+    with pytest.raises(ConfigError, match="--local-epochs: must be >= 1"):
+        _cfg(tmp_path, data_dir, rounds=2, cohort_size=3, local_epochs=0)
 
 
 @pytest.mark.parametrize("unit", ["example", "device"])

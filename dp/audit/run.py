@@ -383,6 +383,12 @@ def _check_run(run_dir: Path, opts: AuditOptions) -> Any:
     if not 0.0 < opts.confidence < 1.0:
         raise AuditError(f"--confidence must be in (0, 1), got {opts.confidence}")
     cfg = RunConfig.from_toml(config_path(run_dir))
+    if not int(cfg.canaries or 0) and read_canaries(run_dir) is None:
+        raise AuditError(
+            f"{run_dir} was trained without canaries, so there is nothing to audit (nothing was written): "
+            "start a run with --canaries M (e.g. dpfl simulate --canaries 100 ...; --canary-repeats R plants "
+            "R copies of each) and audit that run"
+        )
     if cfg.task != "intent":
         raise AuditError(f"the audit supports --task intent only (this run: {cfg.task})")
     if opts.threads:

@@ -408,7 +408,7 @@ DEVICE_TRUST_MODEL: dict[str, str] = {
 OVER_BUDGET_TOLERANCE = 1e-9
 
 
-def not_private_reason(any_dp: bool, reproducible: bool) -> str | None:
+def not_private_reason(any_dp: bool, reproducible: bool, zero_noise: tuple[str, ...] = ()) -> str | None:
     """Why the run has no privacy guarantee (None when it has one); the report's first line states it.
 
     Parameters
@@ -417,7 +417,14 @@ def not_private_reason(any_dp: bool, reproducible: bool) -> str | None:
         Example-level (``dp``) or device-level (``device_dp``) DP was on.
     reproducible : bool
         ``reproducible_noise`` in config.toml: the noise was derived from the recorded seed.
+    zero_noise : tuple of str
+        The DP levels that were on with a noise multiplier of 0 (``--allow-zero-noise``):
+        ``"example"`` and/or ``"device"``.
     """
+    if zero_noise:
+        return (f"the {' and '.join(zero_noise)}-level noise multiplier is 0 (--allow-zero-noise): updates were "
+                "clipped but no noise was added, so epsilon is infinite and no differential privacy guarantee "
+                "holds")
     if not any_dp:
         return ("dp = false and device_dp = false; no noise was added, so no differential privacy "
                 "guarantee holds")
@@ -560,7 +567,10 @@ def compute_summary(data: RunData, baseline: RunData | None = None,
     )
 
     summary: dict[str, Any] = {}
-    reason = not_private_reason(any_dp, reproducible)
+    zero_noise = tuple(level for level, on, key in (("example", dp_on, "noise_multiplier"),
+                                                     ("device", device_dp, "device_noise_multiplier"))
+                       if on and cfg.get(key) is not None and float(cfg[key]) == 0.0)
+    reason = not_private_reason(any_dp, reproducible, zero_noise)
     if reason is not None:
         summary["not_private"] = reason  # first key, so the file's first line says it
     summary.update({

@@ -578,6 +578,7 @@ def _device_mechanism_rows(summary: dict[str, Any], run: _Run) -> list[list[str]
         rows += [
             ["device level: noise multiplier sigma_u", _param(run.cfg, "device_noise_multiplier")],
             ["device level: update clip norm S", _param(run.cfg, "update_clip_norm")],
+            ["server learning rate", _param(run.cfg, "server_learning_rate")],
         ]
         if dv and dv.get("mechanism"):
             rows.append(["device level: inclusion probability q_k per round", _range(dv["mechanism"]["sample_rate"])])

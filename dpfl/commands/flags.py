@@ -13,7 +13,7 @@ from typing import Any, get_type_hints
 
 from dpfl.config import ConfigError, RunConfig
 
-__all__ = ["SKIP", "add_config_args", "config_from_args", "given_settings", "reject_settings_on_resume"]
+__all__ = ["RESUMABLE_SETTINGS", "SKIP", "add_config_args", "config_from_args", "given_settings", "reject_settings_on_resume"]
 
 #: Fields without a flag of their own: set from elsewhere (``--no-dp``, ``dpfl launch --address``)
 #: or not settable from the command line.
@@ -70,14 +70,22 @@ def config_from_args(ns: argparse.Namespace) -> RunConfig:
     return RunConfig.from_mapping(given_settings(ns)).with_defaults().validate()
 
 
-def reject_settings_on_resume(ns: argparse.Namespace) -> None:
-    """``--resume`` continues a run with its own settings: refuse any run-setting flag beside it.
+#: Settings ``--resume`` may change: they shape how long the server waits, never what is trained or accounted.
+RESUMABLE_SETTINGS = ("round_timeout",)
+
+
+def reject_settings_on_resume(ns: argparse.Namespace) -> dict[str, Any]:
+    """``--resume`` continues a run with its own settings: refuse any run-setting flag beside it
+    except :data:`RESUMABLE_SETTINGS` (``--round-timeout``), which are returned to apply.
 
     Raises
     ------
     ConfigError
         Naming the flags to drop.
     """
-    given = sorted("--" + k.replace("_", "-") for k in given_settings(ns))
+    settings = given_settings(ns)
+    given = sorted("--" + k.replace("_", "-") for k in settings if k not in RESUMABLE_SETTINGS)
     if given:
-        raise ConfigError(f"--resume continues a run with its own settings (config.toml); drop {', '.join(given)}")
+        raise ConfigError(f"--resume continues a run with its own settings (config.toml); drop {', '.join(given)} "
+                          "(only --round-timeout may change on resume)")
+    return {k: v for k, v in settings.items() if k in RESUMABLE_SETTINGS}

@@ -22,7 +22,7 @@ from dpfl.commands.flags import add_config_args, config_from_args, reject_settin
 from dpfl.config import ConfigError, RunConfig, parse_trainable
 from dpfl.interrupt import Interrupted
 
-__all__ = ["add_parser", "preflight", "print_result", "resume_config", "run", "simulate"]
+__all__ = ["add_parser", "finished", "format_summary", "preflight", "print_result", "resume_config", "run", "run_figures", "simulate"]
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -35,6 +35,38 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="continue the run in RUN_DIR from its last complete round, with its own settings (config.toml)",
     )
     return p
+
+
+def local_cpus() -> int:
+    """CPUs this process may use (its affinity mask where the platform has one), as Ray counts them locally."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - macOS, Windows
+        return os.cpu_count() or 1
+
+
+def check_local_resources(client_cpus: float, client_gpus: float) -> None:
+    """Refuse client resources this machine cannot give one simulated device (before Ray starts).
+
+    Ray would otherwise start, find no worker that fits, and fail with "ActorPool is empty"
+    tracebacks.
+
+    Raises
+    ------
+    ConfigError
+        ``client_cpus`` above the machine's CPUs, or ``client_gpus`` > 0 with fewer GPUs.
+    """
+    cpus = local_cpus()
+    if client_cpus > cpus:
+        raise ConfigError(f"--client-cpus {client_cpus:g}: this machine has {cpus} CPU{'s' if cpus != 1 else ''}, "
+                          f"so no simulated device would fit; use at most {cpus} (fractions such as 0.5 are allowed)")
+    if client_gpus > 0:
+        import torch
+
+        gpus = torch.cuda.device_count()
+        if client_gpus > gpus:
+            raise ConfigError(f"--client-gpus {client_gpus:g}: this machine has {gpus} GPU{'s' if gpus != 1 else ''}; "
+                              f"use at most {gpus}" + (" (0 trains on the CPU)" if gpus == 0 else ""))
 
 
 def preflight(cfg: RunConfig, resume: bool = False) -> None:
@@ -50,6 +82,8 @@ def preflight(cfg: RunConfig, resume: bool = False) -> None:
     from server.privacy import calibrate_example_noise
     from server.selection import calibrate_constant
 
+    if not cfg.ray_address:
+        check_local_resources(cfg.client_cpus, cfg.client_gpus)
     if resume:
         if not config_path(cfg.run_dir).exists():
             raise RunDirError(f"--resume {cfg.run_dir}: no run there (config.toml is missing)")
@@ -106,6 +140,10 @@ def simulate(cfg: RunConfig, progress: bool = True, resume: bool = False) -> dic
         ``run_dir``, ``delta`` and the last round's outcome.
     """
     preflight(cfg, resume=resume)  # before the heavy imports: bad input fails fast
+    if not resume:
+        from rundir import claim_run_dir
+
+        claim_run_dir(cfg.run_dir)  # atomic: two runs never share a directory
 
     from flwr.simulation import run_simulation
 
@@ -161,24 +199,109 @@ def simulate(cfg: RunConfig, progress: bool = True, resume: bool = False) -> dic
     return result
 
 
-def print_result(result: dict) -> None:
-    """Print a finished run's directory, final utility and example-level epsilon (stdout)."""
-    final = result.get("final") or {}
-    print(
-        f"run directory: {result['run_dir']}\n"
-        f"final accuracy: {final.get('accuracy')}  macro-F1: {final.get('macro_f1')}\n"
-        f"example-level epsilon (max over devices): {final.get('epsilon_example_max')} at delta={result['delta']:g}"
-    )
+def _round(x: Any, digits: int = 3) -> str:
+    """A figure for the terminal: ``digits`` decimals, ``n/a`` for None, the infinity sign for inf."""
+    if x is None:
+        return "n/a"
+    x = float(x)
+    return "∞ (infinity)" if x == float("inf") else f"{x:.{digits}f}"
+
+
+def run_figures(run_dir: str) -> dict[str, Any]:
+    """What the final summary says of the run in ``run_dir``, read from its files (no Ray).
+
+    Returns
+    -------
+    dict
+        ``rounds`` (last complete round), ``planned`` (config.toml's rounds), ``trained``
+        (accepted replies over all rounds), ``accuracy`` / ``macro_f1`` (the last evaluated
+        round's, or None), ``evaluated_round``, ``epsilon_example`` / ``epsilon_device`` (max over
+        devices, None where that level is off) and ``delta`` (the ledger's target delta).
+    """
+    import tomllib
+
+    from rundir import LedgerReader, config_path, read_metrics
+
+    rows = read_metrics(run_dir)[0]
+    cfg = tomllib.loads(config_path(run_dir).read_text())
+    delta = cfg.get("target_delta")
+    try:
+        with LedgerReader(run_dir) as ledger:
+            runs = ledger.runs()
+        if runs and runs[-1].target_delta is not None:
+            delta = runs[-1].target_delta
+    except Exception:  # an unreadable ledger leaves the config's delta (or none)
+        pass
+    evaluated = [r for r in rows if r.get("accuracy") is not None]
+    last = rows[-1] if rows else {}
+    return {
+        "rounds": int(last.get("round", 0)),
+        "planned": int(cfg.get("rounds", 0)),
+        "trained": sum(int(r.get("replies") or 0) for r in rows),
+        "accuracy": evaluated[-1]["accuracy"] if evaluated else None,
+        "macro_f1": evaluated[-1].get("macro_f1") if evaluated else None,
+        "evaluated_round": evaluated[-1]["round"] if evaluated else None,
+        "epsilon_example": last.get("epsilon_example_max"),
+        "epsilon_device": last.get("epsilon_device_max"),
+        "dp": bool(cfg.get("dp", True)),
+        "device_dp": bool(cfg.get("device_dp", False)),
+        "delta": delta,
+    }
+
+
+def format_summary(run_dir: str, figures: dict[str, Any]) -> str:
+    """The final summary: rounded figures, the run directory and the next command to run."""
+    f = figures
+    lines = [f"run directory: {run_dir}"]
+    if f["trained"] == 0:
+        lines.append(f"no device trained in any of the {f['rounds']} rounds (every selected device was skipped, "
+                     "failed or over its privacy budget): the model is the initial one, so no figures are given")
+        return "\n".join(lines)
+    if f["accuracy"] is None:
+        lines.append(f"rounds: {f['rounds']} of {f['planned']}; no round was evaluated")
+    else:
+        lines.append(f"accuracy {_round(f['accuracy'])}, macro-F1 {_round(f['macro_f1'])} "
+                     f"(round {f['evaluated_round']} of {f['planned']})")
+    at = f"at delta {f['delta']:g}" if f["delta"] is not None else "(no delta recorded)"
+    if f["dp"]:
+        lines.append(f"example-level epsilon {_round(f['epsilon_example'], 2)} {at} (max over devices)")
+    if f["device_dp"]:
+        lines.append(f"device-level epsilon {_round(f['epsilon_device'], 2)} {at} (max over devices)")
+    if not (f["dp"] or f["device_dp"]):
+        lines.append("not private: DP was off (--no-dp)")
+    lines.append(f"next: dpfl report {run_dir}")
+    return "\n".join(lines)
+
+
+def print_result(result: dict) -> int:
+    """Print a finished run's summary (stdout) from its run directory; return the exit code.
+
+    1 when no device trained in any round (the figures would describe the initial model), else 0.
+    """
+    figures = run_figures(result["run_dir"])
+    print(format_summary(result["run_dir"], figures))
+    return 1 if figures["trained"] == 0 else 0
+
+
+def finished(run_dir: str) -> bool:
+    """True when ``run_dir``'s metrics hold its last planned round."""
+    try:
+        f = run_figures(run_dir)
+    except Exception:
+        return False
+    return f["planned"] > 0 and f["rounds"] >= f["planned"]
 
 
 @exits
 def run(ns: argparse.Namespace) -> int:
     """``dpfl simulate``: a new run from the flags, or ``--resume RUN_DIR``; return the exit code."""
     if ns.resume:
-        reject_settings_on_resume(ns)
-        cfg = resume_config(ns.resume)
+        changes = reject_settings_on_resume(ns)
+        cfg = resume_config(ns.resume).replace(**changes).validate()
+        if finished(cfg.run_dir):
+            print(f"the run in {cfg.run_dir} is complete ({cfg.rounds} rounds); nothing to resume")
+            return print_result({"run_dir": cfg.run_dir})
     else:
         cfg = config_from_args(ns)
     result = simulate(cfg, progress=not ns.no_progress, resume=bool(ns.resume))
-    print_result(result)
-    return 0
+    return print_result(result)
