@@ -8,6 +8,7 @@ Each subcommand is one module of :mod:`dpfl.commands` with ``add_parser(subparse
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from dpfl.commands import audit, launch, partitions, report, simulate
@@ -32,7 +33,13 @@ def main(argv: list[str] | None = None) -> int:
     """Console entry point (``dpfl``): parse ``argv``, run the subcommand, return its exit code."""
     ns = build_parser().parse_args(argv)
     quiet()
-    return COMMANDS[ns.command].run(ns)
+    code = COMMANDS[ns.command].run(ns)
+    if simulate.STUCK.is_set():
+        # a device task never returned: end now instead of waiting for Flower's hung threads
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 if __name__ == "__main__":  # pragma: no cover

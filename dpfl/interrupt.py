@@ -7,8 +7,17 @@ simulation ended because of Ctrl-C. :mod:`dpfl.commands.errors` turns it into ex
 
 from __future__ import annotations
 
-__all__ = ["Interrupted"]
+__all__ = ["BackendLost", "Interrupted"]
 
 
 class Interrupted(Exception):
     """Ctrl-C stopped the run; its directory is resumable (the message says how)."""
+
+
+class BackendLost(Exception):
+    """The simulation backend (Ray) failed during a run; the run directory is resumable (the message says how).
+
+    Raised by the round loop when a backend check (:data:`server.round.BACKEND_CHECKS`) reports
+    a failure, and by ``dpfl simulate`` when the simulation ended because of one.
+    :mod:`dpfl.commands.errors` turns it into one ``dpfl: error:`` line and exit code 1.
+    """

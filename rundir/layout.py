@@ -105,28 +105,37 @@ def read_checkpoint_state(run_dir: str | os.PathLike) -> dict[str, Any] | None:
     return state if isinstance(state, dict) else None
 
 
-def claim_run_dir(run_dir: str | os.PathLike) -> Path:
-    """Create a new run's directory atomically (its parents as needed) and return it.
+#: Created with O_EXCL in a new run's directory by :func:`claim_run_dir`: the run that made it owns the directory.
+CLAIM_FILE = ".dpfl-run"
 
-    ``os.mkdir`` either creates the directory or fails, so two runs given (or generating) the
-    same path can never share it: the second is refused. An existing *empty* directory is
-    accepted (a folder the user made for the run).
+
+def claim_run_dir(run_dir: str | os.PathLike) -> Path:
+    """Claim a new run's directory atomically (creating it and its parents as needed); return it.
+
+    The claim is the file :data:`CLAIM_FILE`, created with ``O_CREAT | O_EXCL``: of two runs
+    given (or generating) the same path, exactly one creates it and the other is refused, so
+    two runs can never share a directory. An existing empty directory (a folder the user made
+    for the run) can be claimed.
 
     Raises
     ------
     RunDirError
-        If ``run_dir`` exists and is not an empty directory.
+        If ``run_dir`` is a file, or a directory that is claimed or not empty.
     """
     path = Path(run_dir)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() and not path.is_dir():
+        raise RunDirError(f"--run-dir {path} is a file; choose a new --run-dir")
+    path.mkdir(parents=True, exist_ok=True)
+    busy = RunDirError(f"--run-dir {path} already exists and is not empty (another run may be using it); "
+                       "choose a new --run-dir, or --resume the run there")
+    if any(p.name != CLAIM_FILE for p in path.iterdir()):
+        raise busy
     try:
-        os.mkdir(path)
+        fd = os.open(path / CLAIM_FILE, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
     except FileExistsError:
-        if not path.is_dir():
-            raise RunDirError(f"--run-dir {path} is a file; choose a new --run-dir") from None
-        if any(path.iterdir()):
-            raise RunDirError(f"--run-dir {path} already exists and is not empty (another run may be using it); "
-                              "choose a new --run-dir, or --resume the run there") from None
+        raise busy from None
+    with os.fdopen(fd, "w") as fh:
+        fh.write(f"{os.getpid()}\n")
     return path
 
 

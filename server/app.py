@@ -31,7 +31,7 @@ from flwr.app import Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from dpfl.config import RunConfig
-from dpfl.interrupt import Interrupted
+from dpfl.interrupt import BackendLost, Interrupted
 from server.round import STOP
 from server.state import Server
 
@@ -138,7 +138,13 @@ def make_server_app(cfg: RunConfig, progress: bool = True, resume: bool = False)
 
     @server_app.main()
     def _main(grid: Grid, context: Context) -> None:
-        _BOUND["result"] = run_server(grid, cfg, progress=progress, resume=resume)
+        try:
+            _BOUND["result"] = run_server(grid, cfg, progress=progress, resume=resume)
+        except BackendLost as exc:  # Flower re-raises it wrapped, or not at all: keep the reason
+            _BOUND["backend_lost"] = {"reason": str(exc)}
+            raise
+        finally:
+            _BOUND["done"] = True  # dpfl simulate stops waiting for a backend that does not stop
 
     return server_app
 

@@ -29,7 +29,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
-from dpfl.interrupt import Interrupted
+from dpfl.interrupt import BackendLost, Interrupted
 from protocol import messages as rec
 from protocol.messages import validate_update
 from rundir import EventRow
@@ -43,6 +43,12 @@ log = logging.getLogger("dpfl.server")
 #: the round in flight is abandoned (its privacy events are already in the ledger) and the run
 #: stays resumable from its last checkpoint.
 STOP = threading.Event()
+#: Health checks of the simulation backend, polled about once a second while a round waits:
+#: each returns None while the backend is healthy, else the reason it failed (``dpfl simulate``
+#: registers one for its own Ray instance). A failure ends the round with :class:`BackendLost`.
+BACKEND_CHECKS: list = []
+#: Seconds between two polls of :data:`BACKEND_CHECKS`.
+BACKEND_CHECK_SECONDS = 1.0
 
 
 @dataclass
@@ -238,6 +244,8 @@ def _receive(grid: Grid, msgs: list[Message], timeout: float, on_reply, adaptive
     dpfl.interrupt.Interrupted
         When :data:`STOP` is set (Ctrl-C); the round is abandoned at once (its privacy events
         are already in the ledger).
+    dpfl.interrupt.BackendLost
+        When a check of :data:`BACKEND_CHECKS` reports a failure (the round is abandoned likewise).
     """
     from dpfl.config import ROUND_TIMEOUT_FACTOR, ROUND_TIMEOUT_FLOOR
 
@@ -247,6 +255,7 @@ def _receive(grid: Grid, msgs: list[Message], timeout: float, on_reply, adaptive
     start = time.time()
     end = start + timeout
     half_done = False
+    checked = start
     while ids and time.time() < end:
         got = list(grid.pull_messages(ids))
         ids -= {m.metadata.reply_to_message_id for m in got}
@@ -254,6 +263,12 @@ def _receive(grid: Grid, msgs: list[Message], timeout: float, on_reply, adaptive
             on_reply(m)
         if STOP.is_set():
             raise Interrupted("interrupted")
+        if BACKEND_CHECKS and time.time() - checked >= BACKEND_CHECK_SECONDS:
+            checked = time.time()
+            for check in BACKEND_CHECKS:
+                reason = check()
+                if reason:
+                    raise BackendLost(reason)
         if adaptive and not half_done and total - len(ids) >= (total + 1) // 2:
             half_done = True
             h = time.time() - start

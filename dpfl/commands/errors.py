@@ -9,7 +9,9 @@ A command's ``run(ns) -> int`` is wrapped in :func:`exits`, which maps:
   ``NodeCheckError``, ``AuditError``, ``ReportError``) is a ``ValueError``, and a missing file is
   a ``FileNotFoundError``;
 - Ctrl-C (:class:`dpfl.interrupt.Interrupted`, or a second Ctrl-C's ``KeyboardInterrupt``) to
-  one line ``dpfl: <message>`` and exit code 130 (:data:`EXIT_INTERRUPTED`, 128 + SIGINT).
+  one line ``dpfl: <message>`` and exit code 130 (:data:`EXIT_INTERRUPTED`, 128 + SIGINT);
+- a backend failure during a run (:class:`dpfl.interrupt.BackendLost`: Ray processes died) to
+  one line ``dpfl: error: <message>`` and exit code 1 (:data:`EXIT_BACKEND_LOST`).
 
 Anything else is a bug and ends in a traceback.
 """
@@ -21,11 +23,12 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from dpfl.interrupt import Interrupted
+from dpfl.interrupt import BackendLost, Interrupted
 
-__all__ = ["BAD_INPUT", "EXIT_BAD_INPUT", "EXIT_INTERRUPTED", "EXIT_OK", "Interrupted", "exits"]
+__all__ = ["BAD_INPUT", "EXIT_BACKEND_LOST", "EXIT_BAD_INPUT", "EXIT_INTERRUPTED", "EXIT_OK", "Interrupted", "exits"]
 
 EXIT_OK = 0
+EXIT_BACKEND_LOST = 1
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
 
@@ -47,6 +50,9 @@ def exits(run: Callable[..., int]) -> Callable[..., int]:
         except Interrupted as exc:
             print(f"dpfl: {exc}", file=sys.stderr)
             return EXIT_INTERRUPTED
+        except BackendLost as exc:
+            print(f"dpfl: error: {exc}", file=sys.stderr)
+            return EXIT_BACKEND_LOST
         except KeyboardInterrupt:
             print("dpfl: interrupted", file=sys.stderr)
             return EXIT_INTERRUPTED

@@ -35,7 +35,11 @@ def quiet() -> None:
 class DropFlowerNoise(logging.Filter):
     """Drop Flower's messages that do not concern a dpfl user (deprecations, debug chatter)."""
 
-    NOISE = ("DEPRECATED FEATURE", "fraction_evaluate is set to 0.0", "deprecated feature", "injected fault")
+    #: Flower's own tracebacks of a device task that failed because Ray did (the round loop reports
+    #: the lost device in one line, and a failed backend ends the run with one error line).
+    RAY_FAILURES = ("ray.exceptions.", "ActorPool is empty")
+    NOISE = ("DEPRECATED FEATURE", "fraction_evaluate is set to 0.0", "deprecated feature", "injected fault",
+             *RAY_FAILURES)
 
     def filter(self, record: logging.LogRecord) -> bool:
         """Keep INFO and above unless the message is one of :attr:`NOISE`."""

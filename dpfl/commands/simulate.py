@@ -15,12 +15,13 @@ import signal
 import sys
 import tempfile
 import threading
+import time
 from typing import Any
 
 from dpfl.commands.errors import exits
 from dpfl.commands.flags import add_config_args, config_from_args, reject_settings_on_resume
 from dpfl.config import ConfigError, RunConfig, parse_trainable
-from dpfl.interrupt import Interrupted
+from dpfl.interrupt import BackendLost, Interrupted
 
 __all__ = ["add_parser", "finished", "format_summary", "preflight", "print_result", "resume_config", "run", "run_figures", "simulate"]
 
@@ -126,6 +127,104 @@ def resume_config(run_dir: str) -> RunConfig:
     return cfg.validate()
 
 
+#: Seconds the process may take to stop once its Ray backend has failed before it exits regardless.
+BACKEND_EXIT_SECONDS = 20.0
+
+
+def local_ray_check(run_dir: str, bound: dict):
+    """A backend check (see :data:`server.round.BACKEND_CHECKS`) for the Ray instance this process started.
+
+    Returns None while every Ray process of the instance is alive (or before Ray has started);
+    else the reason, e.g. ``"Ray processes died: gcs_server, raylet"``. On the first failure
+    it arms a daemon timer: if the process has not ended :data:`BACKEND_EXIT_SECONDS` later
+    (Flower or Ray hanging in shutdown), it prints the error line (unless already printed)
+    and exits with code 1, so a failed backend never leaves the command hanging.
+    """
+    armed = threading.Event()
+
+    def hard_exit(reason: str) -> None:
+        if not bound.get("reported"):
+            print(f"dpfl: error: the Ray backend failed ({reason}); the run is resumable: "
+                  f"dpfl simulate --resume {run_dir}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(1)
+
+    def check() -> str | None:
+        import ray._private.worker as ray_worker
+
+        node = getattr(ray_worker, "_global_node", None)
+        if node is None:
+            return None
+        try:
+            dead = node.dead_processes()
+        except Exception:  # pragma: no cover - a Ray internal changed: do not fail the run on it
+            return None
+        if not dead:
+            return None
+        reason = "Ray processes died: " + ", ".join(sorted({str(kind) for kind, _ in dead}))
+        if not armed.is_set():
+            armed.set()
+            timer = threading.Timer(BACKEND_EXIT_SECONDS, hard_exit, args=(reason,))
+            timer.daemon = True
+            timer.start()
+        return reason
+
+    return check
+
+
+#: Seconds Flower and Ray may take to stop after the server's last round before the run moves on.
+BACKEND_STOP_SECONDS = 15.0
+#: Set when the backend did not stop in time (a device task still hung): the ``dpfl`` command
+#: then ends its process with ``os._exit`` instead of waiting for the hung threads.
+STUCK = threading.Event()
+
+
+def _kill_local_ray() -> None:
+    """Kill the processes of the Ray instance this process started (raylet, GCS; workers die with them)."""
+    try:
+        import ray._private.worker as ray_worker
+
+        node = getattr(ray_worker, "_global_node", None)
+        if node is not None:
+            node.kill_all_processes(check_alive=False, allow_graceful=False)
+    except Exception:  # pragma: no cover - best effort: the process is about to end anyway
+        pass
+
+
+def _run_until_server_done(run_simulation, bound: dict, local: bool) -> None:
+    """Run ``run_simulation()`` in a daemon thread; return when it returns, or when the server is
+    done (``bound["done"]``) and the backend has not stopped :data:`BACKEND_STOP_SECONDS` later.
+
+    A device task that never returns (a hung device) keeps Flower's worker pool, and so
+    ``run_simulation``, waiting forever after the last round; this returns anyway (killing
+    this process's own Ray instance when ``local``) and sets :data:`STUCK`. Exceptions of
+    ``run_simulation`` are re-raised here. The main thread stays free for Ctrl-C.
+    """
+    holder: dict = {}
+
+    def target() -> None:
+        try:
+            run_simulation()
+        except BaseException as exc:  # re-raised in the caller's thread
+            holder["error"] = exc
+
+    STUCK.clear()
+    sim = threading.Thread(target=target, name="dpfl-simulation", daemon=True)
+    sim.start()
+    done_at = None
+    while sim.is_alive():
+        sim.join(0.2)
+        if done_at is None and bound.get("done"):
+            done_at = time.monotonic()
+        if done_at is not None and sim.is_alive() and time.monotonic() - done_at > BACKEND_STOP_SECONDS:
+            STUCK.set()
+            if local:
+                _kill_local_ray()
+            break
+    if "error" in holder:
+        raise holder["error"]
+
+
 def simulate(cfg: RunConfig, progress: bool = True, resume: bool = False) -> dict:
     """Run the federated simulation of ``cfg`` on a local Ray instance (or ``cfg.ray_address``).
 
@@ -149,6 +248,7 @@ def simulate(cfg: RunConfig, progress: bool = True, resume: bool = False) -> dic
 
     from client.app import app as client_app
     from server.app import _BOUND, STOP, make_server_app
+    from server.round import BACKEND_CHECKS
 
     init_args: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.ERROR, "log_to_driver": False}
     if cfg.ray_address:
@@ -165,34 +265,59 @@ def simulate(cfg: RunConfig, progress: bool = True, resume: bool = False) -> dic
         "init_args": init_args,
     }
     _BOUND.pop("result", None)
+    _BOUND.pop("backend_lost", None)
+    _BOUND.pop("done", None)
     STOP.clear()
+    check = None if cfg.ray_address else local_ray_check(cfg.run_dir, _BOUND)
+    if check is not None:
+        BACKEND_CHECKS.append(check)
+
+    def lost() -> BackendLost | None:
+        info = _BOUND.get("backend_lost")
+        if not info:
+            return None
+        info["reported"] = _BOUND["reported"] = True
+        return BackendLost(f"the Ray backend failed during the run ({info['reason']}); the run is resumable: "
+                           f"dpfl simulate --resume {cfg.run_dir}")
+
     old_handler = None
     if threading.current_thread() is threading.main_thread():
 
         def _on_sigint(signum, frame):
             if STOP.is_set():  # second Ctrl-C: abort now
                 signal.signal(signal.SIGINT, signal.default_int_handler)
+                STUCK.set()  # do not wait for Flower's threads on the way out
+                if not cfg.ray_address:
+                    _kill_local_ray()
                 raise KeyboardInterrupt
             print("\ndpfl: stopping after the round in flight is abandoned (Ctrl-C again to abort)", file=sys.stderr)
             STOP.set()
 
         old_handler = signal.signal(signal.SIGINT, _on_sigint)
     try:
-        run_simulation(
+        _run_until_server_done(lambda: run_simulation(
             server_app=make_server_app(cfg, progress=progress, resume=resume),
             client_app=client_app,
             num_supernodes=cfg.num_devices,
             backend_config=backend_config,
-        )
+        ), _BOUND, local=not cfg.ray_address)
     except Exception:
         if STOP.is_set():
             raise Interrupted(f"interrupted; the run is resumable: dpfl simulate --resume {cfg.run_dir}") from None
+        exc = lost()
+        if exc is not None:
+            raise exc from None
         raise
     finally:
         if old_handler is not None:
             signal.signal(signal.SIGINT, old_handler)
+        if check is not None and check in BACKEND_CHECKS:
+            BACKEND_CHECKS.remove(check)
     result = _BOUND.pop("result", None)
     if result is None:
+        exc = lost()
+        if exc is not None:
+            raise exc
         if STOP.is_set():
             raise Interrupted(f"interrupted; the run is resumable: dpfl simulate --resume {cfg.run_dir}")
         raise RuntimeError("the simulation ended without finishing its rounds (see the log above)")
