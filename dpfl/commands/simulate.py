@@ -127,6 +127,20 @@ def resume_config(run_dir: str) -> RunConfig:
     return cfg.validate()
 
 
+#: Longest temp folder Ray's session files fit under: its socket paths add about 70 characters
+#: and a Unix socket path is at most 107 bytes.
+RAY_TEMP_MAX_CHARS = 36
+
+
+def ray_temp_dir() -> str:
+    """A new private folder for this run's Ray instance, under the temp dir (``TMPDIR``), or
+    under ``/tmp`` when that path is too long for Ray's Unix sockets."""
+    base = tempfile.gettempdir()
+    if len(base) > RAY_TEMP_MAX_CHARS and os.path.isdir("/tmp"):
+        base = "/tmp"
+    return tempfile.mkdtemp(prefix="dpfl-ray-", dir=base)
+
+
 #: Seconds the process may take to stop once its Ray backend has failed before it exits regardless.
 BACKEND_EXIT_SECONDS = 20.0
 
@@ -259,7 +273,7 @@ def simulate(cfg: RunConfig, progress: bool = True, resume: bool = False) -> dic
         # a cluster the user did not name (dpfl launch --address attaches to the one it names).
         os.environ.pop("RAY_ADDRESS", None)
         init_args["address"] = "local"
-        init_args["_temp_dir"] = tempfile.mkdtemp(prefix="dpfl-ray-")
+        init_args["_temp_dir"] = ray_temp_dir()
     backend_config = {
         "client_resources": {"num_cpus": cfg.client_cpus, "num_gpus": cfg.client_gpus},
         "init_args": init_args,
