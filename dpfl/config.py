@@ -241,9 +241,10 @@ class RunConfig:
         default=1.0,
         metadata={"help": "S: L2 bound on each device's update (device-level DP)"},
     )
-    device_noise_multiplier: float = field(
-        default=1.0,
-        metadata={"help": "sigma_u: server noise std / S (device-level DP)"},
+    device_noise_multiplier: float | None = field(
+        default=None,
+        metadata={"help": "sigma_u: server noise std / S (device-level DP; default: calibrated for "
+                          "--target-epsilon-device when it is given, else 1.0)"},
     )
     allow_zero_noise: bool = field(
         default=False,
@@ -411,7 +412,8 @@ class RunConfig:
         need(self.lora_alpha > 0, "lora_alpha", f"must be > 0, got {self.lora_alpha}")
         need(0 <= self.lora_dropout < 1, "lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")
         need(self.update_clip_norm > 0, "update_clip_norm", "must be > 0")
-        need(self.device_noise_multiplier >= 0, "device_noise_multiplier", "must be >= 0")
+        need(self.device_noise_multiplier is None or self.device_noise_multiplier >= 0, "device_noise_multiplier",
+             "must be >= 0")
         need(not (self.device_dp and self.device_noise_multiplier == 0 and not self.allow_zero_noise),
              "device_noise_multiplier",
              "0 with --device-dp adds no noise and gives no device-level privacy (epsilon infinity): give a "

@@ -148,3 +148,38 @@ class PrivacyBook:
                 self.exhausted[d] = (unit, e)
                 hits.append((d, unit, e))
         return hits
+
+
+#: sigma_u when device-level DP is on and neither --device-noise-multiplier nor --target-epsilon-device is given.
+DEFAULT_DEVICE_NOISE_MULTIPLIER = 1.0
+
+
+def calibrate_device_noise(cfg, q_max: float, delta: float) -> float:
+    """sigma_u for device-level DP: the smallest that keeps a device selected with probability
+    ``q_max`` (the largest q_k of the run) in each of ``cfg.rounds`` rounds at or below
+    ``cfg.target_epsilon_device`` (one Poisson-subsampled Gaussian per round; DP-FedAvg,
+    McMahan et al. 2018). Every other device has q_k <= q_max and spends less.
+    Without a target: :data:`DEFAULT_DEVICE_NOISE_MULTIPLIER`.
+
+    Raises
+    ------
+    ValueError
+        If the target cannot be met (the message names the settings to change).
+    """
+    if cfg.target_epsilon_device is None:
+        return DEFAULT_DEVICE_NOISE_MULTIPLIER
+    try:
+        return calibrate_noise_multiplier(cfg.target_epsilon_device, delta, schedule=[(float(q_max), cfg.rounds)],
+                                          accountant=cfg.accountant)
+    except ValueError as exc:
+        raise ValueError(
+            f"--target-epsilon-device {cfg.target_epsilon_device:g} is unreachable for a device selected with "
+            f"probability {q_max:.3g} in each of {cfg.rounds} rounds at delta {delta:g}: raise "
+            f"--target-epsilon-device, lower --rounds or --cohort-size ({exc})"
+        ) from exc
+
+
+def largest_selection_probability(selector, planned: np.ndarray) -> float:
+    """max_k q_k over the planned activities (``[K]``, or ``[T, K]`` in the continual setting)."""
+    rows = planned if planned.ndim == 2 else planned[None, :]
+    return float(max(selector.probabilities(np.asarray(r)).max() for r in rows))

@@ -28,7 +28,13 @@ from protocol.arrays import load_into, record_from_numpy, record_from_state, tra
 from rundir import Ledger, RunDir
 from server.aggregation import ModelAverage, ServerStep, make_aggregator
 from server.hooks import DEFAULT_HOOKS
-from server.privacy import PrivacyBook, calibrate_example_noise, example_event
+from server.privacy import (
+    PrivacyBook,
+    calibrate_device_noise,
+    calibrate_example_noise,
+    example_event,
+    largest_selection_probability,
+)
 from server.round import run_round as _run_round
 from server.selection import ActivitySelector
 from server.strategies import make_strategy
@@ -94,6 +100,12 @@ class Server:
         cfg.server_learning_rate = cfg.resolved_server_learning_rate()  # config.toml records the step used
         alpha = cfg.activity_exponent if cfg.selection == "activity" else 0.0
         self.selector = ActivitySelector(planned, alpha, cfg.cohort_size, cfg.selection_constant)
+        if cfg.device_dp and cfg.device_noise_multiplier is None:
+            q_max = largest_selection_probability(self.selector, planned)
+            cfg.device_noise_multiplier = calibrate_device_noise(cfg, q_max, self.delta)
+            if cfg.target_epsilon_device is not None:
+                log.warning("target device-level epsilon %g: device noise multiplier calibrated to %.4f (q_k <= %.3g)",
+                            cfg.target_epsilon_device, cfg.device_noise_multiplier, q_max)
         self.ledger = Ledger(self.rundir.ledger_path, cfg.run_id)
         self.ledger.start_run(
             target_delta=self.delta, accountant=cfg.accountant, selection_constant=self.selector.c,

@@ -337,3 +337,33 @@ def test_a_failed_backend_check_ends_the_round(monkeypatch):
     with pytest.raises(BackendLost, match="raylet"):
         round_mod._receive(_Grid(1), [None] * 4, 60.0, [].append)
     assert time.monotonic() - t0 < 5
+
+
+@pytest.fixture(scope="module")
+def lamp_data(tmp_path_factory):
+    from inprocess import write_lamp_data
+
+    return write_lamp_data(tmp_path_factory.mktemp("cleandata"))
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_target_epsilon_device_calibrates_the_device_noise(tmp_path, lamp_data):
+    """--device-dp --target-epsilon-device E without --device-noise-multiplier: sigma_u is the one
+    dp-accounting's PLD calibration gives for the largest q_k over every round, config.toml records
+    it, and the run's device-level epsilon stays at or below E."""
+    import tomllib
+
+    from dp.accounting import calibrate_noise_multiplier
+    from inprocess import run_rounds, toy_config
+
+    cfg = toy_config(tmp_path / "run", lamp_data, dp=False, device_dp=True, target_epsilon_device=2.0, rounds=3,
+                     cohort_size=2)
+    assert cfg.device_noise_multiplier is None
+    server, _, _, outs = run_rounds(cfg)
+    q_max = 2 / 4  # uniform selection: expected cohort / devices
+    expected = calibrate_noise_multiplier(2.0, server.delta, schedule=[(q_max, 3)], accountant="pld")
+    assert server.cfg.device_noise_multiplier == pytest.approx(expected, rel=1e-9)
+    written = tomllib.loads((tmp_path / "run" / "config.toml").read_text())
+    assert written["device_noise_multiplier"] == pytest.approx(expected, rel=1e-9)
+    assert 0 < outs[-1].epsilon_device_max <= 2.0 * (1 + 1e-9)
+    assert RunConfig(dp=False, device_dp=True).validate().device_noise_multiplier is None  # 1.0 at run start

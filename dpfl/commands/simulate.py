@@ -80,8 +80,8 @@ def preflight(cfg: RunConfig, resume: bool = False) -> None:
     from nlu.tasks import task_for_data
     from partitions.population import build_population
     from rundir import RunDirError, config_path
-    from server.privacy import calibrate_example_noise
-    from server.selection import calibrate_constant
+    from server.privacy import calibrate_device_noise, calibrate_example_noise, largest_selection_probability
+    from server.selection import ActivitySelector, calibrate_constant
 
     if not cfg.ray_address:
         check_local_resources(cfg.client_cpus, cfg.client_gpus)
@@ -107,6 +107,10 @@ def preflight(cfg: RunConfig, resume: bool = False) -> None:
         calibrate_constant(planned, alpha, cfg.cohort_size)
     if cfg.dp and cfg.target_epsilon is not None:
         calibrate_example_noise(cfg, planned.ravel(), cfg.resolve_delta(len(pop.data.train)))
+    if cfg.device_dp and cfg.device_noise_multiplier is None and cfg.target_epsilon_device is not None:
+        selector = ActivitySelector(planned, alpha, cfg.cohort_size, cfg.selection_constant)
+        calibrate_device_noise(cfg, largest_selection_probability(selector, planned),
+                               cfg.resolve_delta(len(pop.data.train)))
 
 
 def resume_config(run_dir: str) -> RunConfig:
