@@ -516,3 +516,74 @@ def test_per_round_table_shows_train_loss_only_when_sent(tmp_path):
     assert "train loss" in header and "cohort" in header
     assert "eps" not in header  # epsilons are null in a non-private run's metrics
     assert "| 2 |  | 2 | 1 | 0.4 | 0.3 |" in md
+
+
+# --------------------------------------------------------------------- releases (NFR / PFR per release)
+
+
+def _set_releases(run, releases):
+    """Mark rounds of ``run``'s metrics.jsonl as releases: ``releases`` maps round -> extra keys of its line."""
+    path = run / "metrics.jsonl"
+    rows = read_metric_lines(path)
+    for r in rows:
+        if r["round"] in releases:
+            r.update({"release": True, "nfr": None, "pfr": None, "nfr_baseline": None, "pfr_baseline": None},
+                     **releases[r["round"]])
+        elif releases:
+            r["release"] = False
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_releases_section_with_flip_rates(tmp_path):
+    run = make_run(tmp_path, half_line=False)
+    _set_releases(run, {2: {}, 3: {"nfr": 0.05, "pfr": 0.125}, 4: {"nfr": 0.0125, "pfr": 0.25}})
+    summary = build_report(run)
+    assert summary["releases"] == [
+        {"round": 2, "accuracy": pytest.approx(0.4), "nfr": None, "pfr": None, "nfr_baseline": None, "pfr_baseline": None},
+        {"round": 3, "accuracy": pytest.approx(0.6), "nfr": 0.05, "pfr": 0.125, "nfr_baseline": None, "pfr_baseline": None},
+        {"round": 4, "accuracy": pytest.approx(0.8), "nfr": 0.0125, "pfr": 0.25, "nfr_baseline": None, "pfr_baseline": None},
+    ]
+    assert read_summary(run).to_dict()["releases"] == summary["releases"]
+    md = _md(run)
+    assert "## Releases" in md
+    assert md.index("## Utility beside privacy") < md.index("## Releases")
+    assert "| release round | accuracy | NFR vs previous | PFR vs previous |\n" in md
+    assert "| 2 | 0.4 | n/a | n/a |" in md
+    assert "| 3 | 0.6 | 0.05 | 0.125 |" in md
+    assert "| 4 | 0.8 | 0.0125 | 0.25 |" in md
+    assert "vs baseline" not in md
+    assert "on the test split" in md and "Yan et al. 2021" in md
+    assert "previous release classified correctly and this release classifies wrongly" in md
+    assert (run / "report" / "accuracy_nfr_per_release.png").exists()
+    assert summary["plots"]["accuracy_nfr_per_release"] == "accuracy_nfr_per_release.png"
+    assert "accuracy_nfr_per_release.png" in md
+    assert "<h2>Releases</h2>" in _html(run)
+
+
+def test_no_releases_section_for_older_runs(tmp_path):
+    run = make_run(tmp_path)
+    summary = build_report(run)
+    assert "releases" not in summary and "releases" not in read_summary(run).to_dict()
+    md = _md(run)
+    assert "Releases" not in md and "NFR" not in md
+    assert not (run / "report" / "accuracy_nfr_per_release.png").exists()
+    # "release": false on every line is no release either.
+    flagged = make_run(tmp_path, name="flagged", half_line=False)
+    path = flagged / "metrics.jsonl"
+    path.write_text("".join(json.dumps({**r, "release": False}) + "\n" for r in read_metric_lines(path)))
+    assert "releases" not in build_report(flagged)
+    assert "## Releases" not in _md(flagged)
+
+
+def test_release_baseline_columns_only_with_baseline_model(tmp_path):
+    run = make_run(tmp_path, half_line=False)
+    _set_releases(run, {4: {"nfr_baseline": 0.0625, "pfr_baseline": 0.1875}})
+    summary = build_report(run)
+    assert summary["releases"] == [{"round": 4, "accuracy": pytest.approx(0.8), "nfr": None, "pfr": None,
+                                    "nfr_baseline": 0.0625, "pfr_baseline": 0.1875}]
+    md = _md(run)
+    assert ("| release round | accuracy | NFR vs previous | PFR vs previous | NFR vs baseline | PFR vs baseline |"
+            in md)
+    assert "| 4 | 0.8 | n/a | n/a | 0.0625 | 0.1875 |" in md
+    assert "--baseline-model" in md
+    assert not (run / "report" / "accuracy_nfr_per_release.png").exists()  # one release: no plot

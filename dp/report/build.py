@@ -38,6 +38,12 @@ written as the string ``"inf"`` because JSON has no infinity)::
       "final_slot_f1": float | null, "final_sentence_accuracy": float | null,   # slots/joint tasks
       "baseline": {"final_accuracy", "final_macro_f1", "final_slot_f1",
                    "final_sentence_accuracy", "run_dir"} | null,
+      "releases": [{"round", "accuracy", "nfr", "pfr", "nfr_baseline", "pfr_baseline"}],
+                                                   # present only when some round's model is a release
+                                                   # ("release": true in metrics.jsonl), in round order;
+                                                   # nfr/pfr: flip rates on the test split against the
+                                                   # previous release (null at the first), *_baseline
+                                                   # against --baseline-model (null without one)
       "metrics_lines_skipped": int, "warnings": [str],
       "audit": {"epsilon_lower_bound", "confidence", "delta", "auc", "tpr_at_1pct_fpr",
                 "tpr_at_0_1pct_fpr", "mean_exposure", "extraction_rate", ...} | null
@@ -374,6 +380,27 @@ def _unit_stats(data: RunData, unit: str, eps: dict[int, float]) -> dict[str, An
     }
 
 
+RELEASE_KEYS = ("accuracy", "nfr", "pfr", "nfr_baseline", "pfr_baseline")
+
+
+def _number(x: Any) -> float | None:
+    """``x`` as a float when it is a number (not a bool), else None."""
+    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else None
+
+
+def releases(metrics: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The release rounds of ``metrics`` (lines with ``"release": true``), in round order.
+
+    Each is ``{"round", "accuracy", "nfr", "pfr", "nfr_baseline", "pfr_baseline"}``: the release's
+    test accuracy and its negative / positive flip rates on the test split against the previous
+    release (None at the first release) and against the ``--baseline-model`` (None without one).
+    Empty for a run without releases (older runs have no such keys).
+    """
+    rows = [m for m in metrics if m.get("release") is True]
+    return [{"round": m["round"], **{k: _number(m.get(k)) for k in RELEASE_KEYS}}
+            for m in sorted(rows, key=lambda m: m["round"])]
+
+
 def _final(metrics: list[dict[str, Any]], key: str) -> float | None:
     for row in reversed(metrics):
         v = row.get(key)
@@ -646,6 +673,9 @@ def compute_summary(data: RunData, baseline: RunData | None = None,
     summary["final_slot_f1"] = _final(data.metrics, "slot_f1")
     summary["final_sentence_accuracy"] = _final(data.metrics, "sentence_accuracy")
     summary["metrics"] = data.metrics
+    rel = releases(data.metrics)
+    if rel:
+        summary["releases"] = rel
     summary["skipped_rounds"] = [m["round"] for m in data.metrics if m.get("skipped")]
     if delta is not None:
         summary["delta_vs_units"] = {
@@ -736,12 +766,53 @@ def build_report(run_dir: Path, baseline_dir: Path | None = None, *,
     out_dir = run_dir / "report"
     out_dir.mkdir(exist_ok=True)
     images = plots.make_plots(summary, data, out_dir)
+    _register_plot(images, RELEASES_PLOT, out_dir, releases_plot(summary, out_dir / f"{RELEASES_PLOT}.png"))
     js = json_summary(summary)
     js["plots"] = {k: p.name for k, p in images.items()}
     (out_dir / "report.md").write_text(render.markdown(summary, images), encoding="utf-8")
     (out_dir / "report.html").write_text(render.html(summary, images), encoding="utf-8")
     write_summary(run_dir, _NotPrivateFirst.from_dict(js))
     return js
+
+
+#: Name of the releases plot (``report/accuracy_nfr_per_release.png``, ``plots`` in summary.json).
+RELEASES_PLOT = "accuracy_nfr_per_release"
+
+
+def releases_plot(summary: dict[str, Any], path: Path) -> Path | None:
+    """Accuracy and NFR against the previous release, per release round (matplotlib, as :mod:`dp.report.plots`).
+
+    None (no file) with fewer than two releases: the first release has no NFR, so one point says nothing.
+    """
+    rel = summary.get("releases") or []
+    if len(rel) < 2:
+        return None
+    from dp.report import plots
+
+    fig, ax = plots.plt.subplots(figsize=(6.4, 3.6))
+    acc = [(r["round"], r["accuracy"]) for r in rel if r["accuracy"] is not None]
+    nfr = [(r["round"], r["nfr"]) for r in rel if r["nfr"] is not None]
+    if acc:
+        ax.plot(*zip(*acc), "o-", label="accuracy (test split)")
+    if nfr:
+        ax.plot(*zip(*nfr), "s-", color="#d62728", label="NFR vs previous release (test split)")
+    ax.set_xlabel("release round")
+    ax.xaxis.set_major_locator(plots.MaxNLocator(integer=True))
+    ax.set_ylabel("share of test examples")
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return plots._save(fig, path)
+
+
+def _register_plot(images: dict[str, Path], name: str, out_dir: Path, written: Path | None) -> None:
+    """Add a written plot to ``images`` as :func:`dp.report.plots.make_plots` does, or remove a stale PNG of that name."""
+    if written is not None:
+        images[name] = written
+        return
+    stale = out_dir / f"{name}.png"
+    if stale.exists():
+        stale.unlink()
 
 
 class _NotPrivateFirst(Summary):

@@ -258,6 +258,7 @@ def blocks(summary: dict[str, Any], images: dict[str, Path]) -> list[Block]:
     out += audit_blocks(summary, images)
     out += budget_blocks(summary)
     out += utility_blocks(summary, images)
+    out += releases_blocks(summary, images)
     return out
 
 
@@ -702,6 +703,43 @@ def utility_blocks(summary: dict[str, Any], images: dict[str, Path]) -> list[Blo
     out.append(("p", "Sources: Mironov 2017 (Renyi DP); Koskela, Jalko & Honkela 2020 and Google's dp-accounting "
                      "(privacy loss distributions); Balle et al. 2020 (RDP to (epsilon, delta)); Abadi et al. 2016 "
                      "(DP-SGD); McMahan et al. 2018 (DP-FedAvg)."))
+    return out
+
+
+def releases_blocks(summary: dict[str, Any], images: dict[str, Path]) -> list[Block]:
+    """The "Releases" section: accuracy, NFR and PFR of each release, and their plot; nothing for a run without releases.
+
+    The baseline columns appear only when some release was compared with a ``--baseline-model``;
+    the plot (accuracy and NFR per release) only with two releases or more.
+    """
+    rel = summary.get("releases") or []
+    if not rel:
+        return []
+    with_baseline = any(r.get("nfr_baseline") is not None or r.get("pfr_baseline") is not None for r in rel)
+    rounds = ", ".join(str(r["round"]) for r in rel)
+    out: list[Block] = [("h", 2, "Releases")]
+    out.append(("p", f"{len(rel)} release{'' if len(rel) == 1 else 's'}: the model{'' if len(rel) == 1 else 's'} "
+                     f"of round{'' if len(rel) == 1 else 's'} {rounds}. For each release the server measured on the "
+                     "test split its accuracy, the negative flip rate NFR, the share of test examples the previous release "
+                     "classified correctly and this release classifies wrongly, and the positive flip rate PFR, "
+                     "the share the previous release got wrong and this one gets right (Yan et al. 2021, "
+                     "\"Positive-congruent training: towards regression-free model updates\", CVPR)."
+                     + (" The first release has no previous release, so its flip rates against it are n/a."
+                        if rel[0].get("nfr") is None else "")))
+    header = ["release round", "accuracy", "NFR vs previous", "PFR vs previous"]
+    keys = ["accuracy", "nfr", "pfr"]
+    if with_baseline:
+        header += ["NFR vs baseline", "PFR vs baseline"]
+        keys += ["nfr_baseline", "pfr_baseline"]
+    out.append(("table", header, [[str(r["round"])] + [fmt(r.get(k)) for k in keys] for r in rel]))
+    if with_baseline:
+        out.append(("p", "The baseline columns measure the same flips, on the same test split, against the model "
+                         "given with --baseline-model instead of the previous release"
+                         + (" (not the non-private baseline run of the utility section)." if summary.get("baseline")
+                            else ".")))
+    if "accuracy_nfr_per_release" in images:
+        out.append(("img", "accuracy_nfr_per_release", "Accuracy and NFR per release (test split; x = release "
+                                                       "round; NFR against the previous release)."))
     return out
 
 
