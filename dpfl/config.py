@@ -98,6 +98,16 @@ class RunConfig:
         default=1,
         metadata={"help": "evaluate the global model every N rounds (and after the last)"},
     )
+    release_every: int | None = field(
+        default=None,
+        metadata={"help": "mark every R-th round's model (and the last) as a release, evaluated with its negative "
+                          "and positive flip rates against the previous release (default: the evaluation rounds)"},
+    )
+    baseline_model: str | None = field(
+        default=None,
+        metadata={"help": "a model the user already ships (a state dict .pt of the run's model, e.g. another run's "
+                          "checkpoints/global.pt): every release's flip rates are also given against it"},
+    )
     # data and devices
     data_dir: str | None = field(
         default=None,
@@ -382,6 +392,7 @@ class RunConfig:
         need(self.head_learning_rate is None or self.head_learning_rate > 0, "head_learning_rate", "must be > 0")
         need(self.max_length >= 4, "max_length", "must be >= 4")
         need(self.eval_every >= 1, "eval_every", "must be >= 1")
+        need(self.release_every is None or self.release_every >= 1, "release_every", "must be >= 1")
         need(self.max_examples is None or self.max_examples >= 1, "max_examples", "must be >= 1")
         need(
             self.target_delta is None or 0 < self.target_delta < 1,

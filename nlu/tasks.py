@@ -90,8 +90,13 @@ class Task:
         """The task's model, every parameter trainable, in train mode."""
         raise NotImplementedError
 
-    def evaluate(self, model: nn.Module, enc, batch_size: int = 128) -> dict[str, float]:  # pragma: no cover
-        """Metrics of ``model`` on ``enc`` (eval mode for the pass, restored afterwards)."""
+    def evaluate(self, model: nn.Module, enc, batch_size: int = 128, with_correct: bool = False) -> dict[str, float]:  # pragma: no cover
+        """Metrics of ``model`` on ``enc`` (eval mode for the pass, restored afterwards).
+
+        ``with_correct`` adds ``"correct"``: a bool array [N], whether each example's intent is
+        predicted correctly (for ``slots``: whether every word tag is), for flip rates
+        (:mod:`server.releases`).
+        """
         raise NotImplementedError
 
 
@@ -116,10 +121,12 @@ class IntentTask(Task):
             return build_model(model_name, self.num_labels, seed=seed)
         return build_model(model_name, self.num_labels, seed=seed, pooling=self.pooling)
 
-    def evaluate(self, model, enc, batch_size: int = 128) -> dict[str, float]:
+    def evaluate(self, model, enc, batch_size: int = 128, with_correct: bool = False) -> dict[str, float]:
         preds, loss = _intent.predict(model, enc, batch_size=batch_size)
         out = intent_metrics(enc.labels, preds, self.num_labels)
         out["test_loss"] = loss
+        if with_correct:
+            out["correct"] = np.asarray(preds) == np.asarray(enc.labels)
         return out
 
 
@@ -236,7 +243,7 @@ class SlotTask(Task):
         mean = (lambda s: s / n) if n else (lambda s: float("nan"))
         return intents, tags, mean(total), mean(total_slot)
 
-    def evaluate(self, model, enc: SlotEncoded, batch_size: int = 128) -> dict[str, float]:
+    def evaluate(self, model, enc: SlotEncoded, batch_size: int = 128, with_correct: bool = False) -> dict[str, float]:
         """Intent accuracy and macro-F1 (NaN for ``slots``), mean per-utterance loss (``test_loss``),
         span-level slot precision/recall/F1 (seqeval, conlleval style) and sentence accuracy
         (intent and every word tag right; for ``slots`` every word tag right)."""
@@ -251,6 +258,11 @@ class SlotTask(Task):
         out["sentence_accuracy"] = sentence_accuracy(
             enc.gold_tags, tags, enc.labels if intents is not None else None, intents
         )
+        if with_correct:
+            if intents is not None:
+                out["correct"] = np.asarray(intents) == np.asarray(enc.labels)
+            else:
+                out["correct"] = np.array([list(g) == list(p) for g, p in zip(enc.gold_tags, tags)], dtype=bool)
         return out
 
 

@@ -10,13 +10,20 @@ from __future__ import annotations
 
 import time
 
+from server.releases import is_release
+
 
 def evaluate(server, t: int, arrays, out, clock) -> None:
-    """Every ``--eval-every`` rounds and at the last round: the task's metrics on the test split."""
+    """Every ``--eval-every`` rounds, at every release and at the last round: the task's metrics on
+    the test split; at a release also its flip rates (:mod:`server.releases`: ``release``,
+    ``nfr``, ``pfr``, ``nfr_baseline``, ``pfr_baseline`` in the metrics line)."""
     cfg = server.cfg
-    if not (t % cfg.eval_every == 0 or t == cfg.rounds):
+    release = is_release(t, cfg.rounds, cfg.release_every, cfg.eval_every)
+    if not (t % cfg.eval_every == 0 or t == cfg.rounds or release):
         return
-    m = server.evaluate(arrays)
+    m = server.evaluate(arrays, with_correct=release)
+    if release:
+        out.extra.update(server.releases.release(t, m.pop("correct")))
     for k in server.task.metric_names:
         if k in m:
             if k in ("accuracy", "macro_f1", "test_loss"):

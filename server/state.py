@@ -35,6 +35,7 @@ from server.privacy import (
     example_event,
     largest_selection_probability,
 )
+from server.releases import ReleaseTracker
 from server.round import run_round as _run_round
 from server.selection import ActivitySelector
 from server.strategies import make_strategy
@@ -135,6 +136,7 @@ class Server:
         self.start_round = 1
         self.arrays: ArrayRecord = record_from_state(trainable_state(self.model))
         self.hooks = list(DEFAULT_HOOKS)
+        self.releases = ReleaseTracker(self._baseline_correct())
         if resume:
             self._resume()
 
@@ -179,17 +181,40 @@ class Server:
             out.extra["activity_total"] = int(self.activity.sum())
 
     # ------------------------------------------------------------------ model
-    def evaluate(self, arrays: ArrayRecord) -> dict[str, float]:
-        """The task's metrics of the global model ``arrays`` (trainable entries) on the test split."""
+    def evaluate(self, arrays: ArrayRecord, with_correct: bool = False) -> dict[str, float]:
+        """The task's metrics of the global model ``arrays`` (trainable entries) on the test split
+        (``with_correct``: also the per-example correctness, see :meth:`nlu.tasks.Task.evaluate`)."""
         load_into(self.model, arrays, partial=True)
-        return self.task.evaluate(self.model, self.test_enc)
+        return self.task.evaluate(self.model, self.test_enc, with_correct=with_correct)
+
+    def _baseline_correct(self):
+        """Per-example correctness [N] of ``--baseline-model`` on the test split (None without one).
+
+        Raises
+        ------
+        ValueError
+            If the file cannot be loaded into the run's model.
+        """
+        path = self.cfg.baseline_model
+        if not path:
+            return None
+        import torch
+
+        model = self.task.build_model(self.cfg.model, seed=self.cfg.seed)
+        try:
+            model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        except (RuntimeError, OSError, ValueError, KeyError) as exc:
+            raise ValueError(f"--baseline-model {path}: cannot load it into the run's model "
+                             f"({str(exc).splitlines()[0][:200]})") from exc
+        return self.task.evaluate(model, self.test_enc, with_correct=True)["correct"]
 
     def save_checkpoint(self, released: ArrayRecord, t: int, out, iterate: ArrayRecord | None = None) -> None:
         """Checkpoint round ``t``: the released global model (whole, frozen parts included), attempt,
         metrics line, and the server state (strategy, aggregator, model average and, with
         ``--server-ema``, the current iterate ``iterate`` that training continues from)."""
         load_into(self.model, released, partial=True)
-        server_state = {"strategy": self.server_step.state_dict(), "aggregator": self.aggregator.state_dict()}
+        server_state = {"strategy": self.server_step.state_dict(), "aggregator": self.aggregator.state_dict(),
+                        "releases": self.releases.state_dict()}
         if self.average is not None:
             server_state["average"] = self.average.state_dict()
             server_state["iterate"] = {k: v.numpy() for k, v in (iterate or released).items()}
@@ -217,6 +242,7 @@ class Server:
             last_line = state.get("metrics")
             self.server_step.load_state_dict((server_state or {}).get("strategy") or {})
             self.aggregator.load_state_dict((server_state or {}).get("aggregator") or {})
+            self.releases.load_state_dict((server_state or {}).get("releases") or {})
             if self.average is not None and (server_state or {}).get("iterate") is not None:
                 self.average.load_state_dict(server_state.get("average") or {})
                 self.arrays = record_from_numpy(server_state["iterate"])

@@ -365,7 +365,9 @@ def test_budget_filter_a_device_never_trains_past_its_budget(tmp_path, data_dir,
     """With a per-device budget, no device's epsilon in the ledger ever exceeds it, and devices
     that would exceed it are recorded in budget_events and never selected afterwards."""
     budget = 6.0
-    kw = {"max_epsilon": budget} if unit == "example" else {"device_dp": True, "target_epsilon_device": budget}
+    # (an explicit sigma_u: without one, --target-epsilon-device calibrates it so the budget is never reached)
+    kw = ({"max_epsilon": budget} if unit == "example"
+          else {"device_dp": True, "target_epsilon_device": budget, "device_noise_multiplier": 1.0})
     cfg = _cfg(tmp_path, data_dir, rounds=6, cohort_size=3, num_devices=4, **kw)
     server, grid, _, outs = run_rounds(cfg)
     ledger = LedgerReader(Path(cfg.run_dir) / "ledger.sqlite")

@@ -16,6 +16,7 @@ import sys
 import tempfile
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from dpfl.commands.errors import exits
@@ -90,6 +91,9 @@ def preflight(cfg: RunConfig, resume: bool = False) -> None:
             raise RunDirError(f"--resume {cfg.run_dir}: no run there (config.toml is missing)")
     elif config_path(cfg.run_dir).exists():
         raise RunDirError(f"--run-dir {cfg.run_dir} already holds a run; choose a new --run-dir (or --resume it)")
+    if cfg.baseline_model and not Path(cfg.baseline_model).is_file():
+        raise ConfigError(f"--baseline-model {cfg.baseline_model}: file not found (give a state dict .pt of the "
+                          "run's model, e.g. RUN_DIR/checkpoints/global.pt of another run)")
     resolve_model_path(cfg.model)
     load_tokenizer(cfg.model)
     pop = build_population(cfg)
