@@ -766,7 +766,6 @@ def build_report(run_dir: Path, baseline_dir: Path | None = None, *,
     out_dir = run_dir / "report"
     out_dir.mkdir(exist_ok=True)
     images = plots.make_plots(summary, data, out_dir)
-    _register_plot(images, RELEASES_PLOT, out_dir, releases_plot(summary, out_dir / f"{RELEASES_PLOT}.png"))
     js = json_summary(summary)
     js["plots"] = {k: p.name for k, p in images.items()}
     (out_dir / "report.md").write_text(render.markdown(summary, images), encoding="utf-8")
@@ -775,44 +774,6 @@ def build_report(run_dir: Path, baseline_dir: Path | None = None, *,
     return js
 
 
-#: Name of the releases plot (``report/accuracy_nfr_per_release.png``, ``plots`` in summary.json).
-RELEASES_PLOT = "accuracy_nfr_per_release"
-
-
-def releases_plot(summary: dict[str, Any], path: Path) -> Path | None:
-    """Accuracy and NFR against the previous release, per release round (matplotlib, as :mod:`dp.report.plots`).
-
-    None (no file) with fewer than two releases: the first release has no NFR, so one point says nothing.
-    """
-    rel = summary.get("releases") or []
-    if len(rel) < 2:
-        return None
-    from dp.report import plots
-
-    fig, ax = plots.plt.subplots(figsize=(6.4, 3.6))
-    acc = [(r["round"], r["accuracy"]) for r in rel if r["accuracy"] is not None]
-    nfr = [(r["round"], r["nfr"]) for r in rel if r["nfr"] is not None]
-    if acc:
-        ax.plot(*zip(*acc), "o-", label="accuracy (test split)")
-    if nfr:
-        ax.plot(*zip(*nfr), "s-", color="#d62728", label="NFR vs previous release (test split)")
-    ax.set_xlabel("release round")
-    ax.xaxis.set_major_locator(plots.MaxNLocator(integer=True))
-    ax.set_ylabel("share of test examples")
-    ax.set_ylim(bottom=0)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    return plots._save(fig, path)
-
-
-def _register_plot(images: dict[str, Path], name: str, out_dir: Path, written: Path | None) -> None:
-    """Add a written plot to ``images`` as :func:`dp.report.plots.make_plots` does, or remove a stale PNG of that name."""
-    if written is not None:
-        images[name] = written
-        return
-    stale = out_dir / f"{name}.png"
-    if stale.exists():
-        stale.unlink()
 
 
 class _NotPrivateFirst(Summary):

@@ -158,6 +158,30 @@ def audit_roc(summary: dict[str, Any], data, path: Path) -> Path | None:
     return _save(fig, path)
 
 
+def accuracy_nfr_per_release(summary: dict[str, Any], path: Path) -> Path | None:
+    """Accuracy and NFR against the previous release, per release round.
+
+    None (no file) with fewer than two releases: the first release has no NFR, so one point says nothing.
+    """
+    rel = summary.get("releases") or []
+    if len(rel) < 2:
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    acc = [(r["round"], r["accuracy"]) for r in rel if r["accuracy"] is not None]
+    nfr = [(r["round"], r["nfr"]) for r in rel if r["nfr"] is not None]
+    if acc:
+        ax.plot(*zip(*acc), "o-", label="accuracy (test split)")
+    if nfr:
+        ax.plot(*zip(*nfr), "s-", color="#d62728", label="NFR vs previous release (test split)")
+    ax.set_xlabel("release round")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel("share of test examples")
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
 def make_plots(summary: dict[str, Any], data, out_dir: Path) -> dict[str, Path]:
     """Write the report's PNGs into ``out_dir``; returns name -> path of those written."""
     out: dict[str, Path] = {}
@@ -167,6 +191,7 @@ def make_plots(summary: dict[str, Any], data, out_dir: Path) -> dict[str, Path]:
         ("epsilon_distribution", lambda p: epsilon_histogram(summary, p)),
         ("accuracy_vs_round", lambda p: accuracy_vs_round(summary, p)),
         ("audit_roc", lambda p: audit_roc(summary, data, p)),
+        ("accuracy_nfr_per_release", lambda p: accuracy_nfr_per_release(summary, p)),
     ):
         path = fn(out_dir / f"{name}.png")
         if path is not None:
