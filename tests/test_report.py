@@ -587,3 +587,28 @@ def test_release_baseline_columns_only_with_baseline_model(tmp_path):
     assert "| 4 | 0.8 | n/a | n/a | 0.0625 | 0.1875 |" in md
     assert "--baseline-model" in md
     assert not (run / "report" / "accuracy_nfr_per_release.png").exists()  # one release: no plot
+
+
+def test_epsilon_by_activity_quartile_matches_hand_accounting(tmp_path):
+    """Devices holding data sorted by activity, four equal groups (Q1 lightest); epsilon median/max
+    from the hand-composed events, 0 for a device that never joined; the report shows the table."""
+    import statistics
+
+    run = make_run(tmp_path)
+    build_report(run)
+    summary = json.loads((run / "report" / "summary.json").read_text())
+    hand = _hand_epsilons("example")
+    held = sorted((a, d) for d, a in enumerate(ACTIVITY) if a > 0)  # 5 devices: groups of 1, 1, 1, 2
+    n = len(held)
+    groups = [held[q * n // 4:(q + 1) * n // 4] for q in range(4)]
+    rows = summary["epsilon"]["example"]["by_activity_quartile"]
+    assert [r["quartile"] for r in rows] == [1, 2, 3, 4]
+    for r, g in zip(rows, groups):
+        vals = [hand.get(d, 0.0) for _, d in g]
+        assert (r["activity_min"], r["activity_max"], r["devices"]) == (g[0][0], g[-1][0], len(g))
+        assert r["epsilon_max"] == pytest.approx(max(vals), rel=1e-6)
+        assert r["epsilon_median"] == pytest.approx(statistics.median(vals), rel=1e-6)
+        joined = [sum(1 for t, c in COHORTS.items() if d in c) for _, d in g]
+        assert r["rounds_joined_mean"] == pytest.approx(sum(joined) / len(g))
+    md = (run / "report" / "report.md").read_text()
+    assert "Example-level epsilon by activity quartile" in md and "| Q1 |" in md

@@ -21,6 +21,9 @@ written as the string ``"inf"`` because JSON has no infinity)::
       "epsilon": {
         "example": {"max", "median", "median_all_devices", "p90", "min", "mean",
                     "devices_accounted", "tier", "max_device", "ledger_max",
+                    "by_activity_quartile": [{"quartile", "activity_min", "activity_max", "devices",
+                                              "devices_joined", "rounds_joined_mean",
+                                              "epsilon_median", "epsilon_max"}],   # Q1 = lightest
                     "over_examples": {"max", "median", "p90", "mean", "examples",
                                       "examples_trained", "source"}},
         "device":  {... same keys ...} | null      # null when device-level DP is off
@@ -348,6 +351,39 @@ def _param_range(values: list[float]) -> dict[str, float] | None:
     return {"min": min(values), "median": _median(values), "max": max(values)}
 
 
+def by_activity_quartile(data: RunData, unit: str, eps: dict[int, float]) -> list[dict[str, Any]]:
+    """Per-device epsilon by activity quartile: who spends the privacy.
+
+    The devices holding data are sorted by starting activity a_k (training examples; ties by
+    device id) and split into four groups of (nearly) equal size, Q1 the lightest. For each:
+    ``quartile`` (1-4), ``activity_min`` / ``activity_max``, ``devices``, ``devices_joined``
+    (with at least one privacy event), ``rounds_joined_mean`` (events per device, devices that
+    never joined counted as 0), ``epsilon_median`` / ``epsilon_max`` (0 for a device that never
+    joined). Empty list with fewer than 4 such devices.
+    """
+    held = sorted((int(info.get("activity") or 0), d) for d, info in data.devices.items()
+                  if int(info.get("activity") or 0) > 0)
+    if len(held) < 4:
+        return []
+    out = []
+    n = len(held)
+    for q in range(4):
+        group = held[q * n // 4:(q + 1) * n // 4]
+        values = [float(eps.get(d, 0.0)) for _, d in group]
+        joined = [len({r[0] for r in data.events[unit].get(d, [])}) for _, d in group]
+        out.append({
+            "quartile": q + 1,
+            "activity_min": group[0][0],
+            "activity_max": group[-1][0],
+            "devices": len(group),
+            "devices_joined": sum(1 for j in joined if j > 0),
+            "rounds_joined_mean": sum(joined) / len(group),
+            "epsilon_median": _median(values),
+            "epsilon_max": max(values),
+        })
+    return out
+
+
 def _unit_stats(data: RunData, unit: str, eps: dict[int, float]) -> dict[str, Any]:
     values = list(eps.values())
     all_devices = set(data.devices) | set(eps)
@@ -367,6 +403,7 @@ def _unit_stats(data: RunData, unit: str, eps: dict[int, float]) -> dict[str, An
         "max_device": max_device,
         "ledger_max": max(ledger.values()) if ledger else None,
         "per_device": dict(sorted(eps.items())),
+        "by_activity_quartile": by_activity_quartile(data, unit, eps),
         "mechanism": {
             "noise_multiplier": _param_range([r[1] for r in rows]),
             "sample_rate": _param_range([r[2] for r in rows]),

@@ -617,7 +617,26 @@ def _epsilon_blocks(summary: dict[str, Any], images: dict[str, Path], run: _Run)
     out.append(_epsilon_table(summary))
     out.append(("p", _epsilon_note(summary, run)))
     out += _over_examples_blocks(summary)
+    out += _quartile_blocks(summary)
     out += _epsilon_figures(images)
+    return out
+
+
+def _quartile_blocks(summary: dict[str, Any]) -> list[Block]:
+    """Per-device epsilon by activity quartile (who spends the privacy), per accounted unit."""
+    out: list[Block] = []
+    for unit in ("example", "device"):
+        rows = (summary["epsilon"].get(unit) or {}).get("by_activity_quartile") or []
+        if not rows:
+            continue
+        out.append(("p", f"{unit.capitalize()}-level epsilon by activity quartile: the devices holding data, "
+                         "sorted by their starting activity (training examples) and split into four groups of "
+                         "equal size, Q1 the lightest; a device that never joined a round counts with epsilon 0."))
+        out.append(("table", ["quartile", "activity", "devices", "devices that joined", "rounds joined (mean)",
+                              "median epsilon", "max epsilon"],
+                    [[f"Q{r['quartile']}", f"{r['activity_min']}-{r['activity_max']}", str(r["devices"]),
+                      str(r["devices_joined"]), f"{r['rounds_joined_mean']:.2f}", fmt(r["epsilon_median"]),
+                      fmt(r["epsilon_max"])] for r in rows]))
     return out
 
 
