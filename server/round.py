@@ -322,16 +322,19 @@ def collect(server, grid: Grid, msgs: list[Message], sel: Selection, out: RoundO
         latencies.append(time.perf_counter() - sent)
         handle(r)
 
-    waited = _receive(grid, msgs, cfg.round_deadline_seconds(), timed, adaptive=cfg.round_timeout is None)
+    _receive(grid, msgs, cfg.round_deadline_seconds(), timed, adaptive=cfg.round_timeout is None)
+    # the adaptive deadline's length follows the replies' times, which depend on the devices'
+    # secret sample sizes: the ledger and the log name it, never its measured length
+    deadline = (f"--round-timeout {cfg.round_timeout:g}s" if cfg.round_timeout is not None
+                else "the adaptive round deadline")
     if latencies and not (cfg.dp or cfg.device_dp):
         # only for non-private runs: a DP-SGD device's time depends on its secret Poisson batch sizes
         out.extra["reply_seconds_mean"] = float(np.mean(latencies))
     for d in sorted(set(map(int, sel.cohort)) - answered):
         out.timeouts += 1
-        lost.append((d, "timeout", f"no reply within {waited:.0f}s (" + (
-            f"--round-timeout {cfg.round_timeout:g}s)" if cfg.round_timeout is not None else "the adaptive round deadline)")))
+        lost.append((d, "timeout", f"no reply within {deadline}"))
     if out.timeouts:
-        log.warning("round %d: %d devices did not reply within %.0fs", t, out.timeouts, waited)
+        log.warning("round %d: %d devices did not reply within %s", t, out.timeouts, deadline)
     out.replies = len(kept)
     _reply_stats(kept, out)
     return lost

@@ -23,6 +23,17 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+def _save_metric_axes(fig, ax, xlabel: str, ylabel: str, path: Path) -> Path:
+    """Finish a per-round metric plot (integer rounds on x, y from 0, legend, grid) and save it."""
+    ax.set_xlabel(xlabel)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
 def _units(summary: dict[str, Any]) -> list[str]:
     """Units with per-device epsilons (accounted from the ledger; not an implied bound)."""
     return [u for u in ("example", "device")
@@ -111,13 +122,7 @@ def accuracy_vs_round(summary: dict[str, Any], path: Path) -> Path | None:
         bpts = [(m["round"], m[key]) for m in base if m.get(key) is not None]
         if bpts:
             ax.plot(*zip(*bpts), style.replace("-", "--"), alpha=0.6, label=f"{key} (non-private baseline)")
-    ax.set_xlabel("round")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_ylabel("test metric")
-    ax.set_ylim(bottom=0)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return _save_metric_axes(fig, ax, "round", "test metric", path)
 
 
 def audit_roc(summary: dict[str, Any], data, path: Path) -> Path | None:
@@ -173,13 +178,7 @@ def accuracy_nfr_per_release(summary: dict[str, Any], path: Path) -> Path | None
         ax.plot(*zip(*acc), "o-", label="accuracy (test split)")
     if nfr:
         ax.plot(*zip(*nfr), "s-", color="#d62728", label="NFR vs previous release (test split)")
-    ax.set_xlabel("release round")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_ylabel("share of test examples")
-    ax.set_ylim(bottom=0)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return _save_metric_axes(fig, ax, "release round", "share of test examples", path)
 
 
 def make_plots(summary: dict[str, Any], data, out_dir: Path) -> dict[str, Path]:

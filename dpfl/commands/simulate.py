@@ -149,6 +149,13 @@ def ray_temp_dir() -> str:
     return tempfile.mkdtemp(prefix="dpfl-ray-", dir=base)
 
 
+def _local_ray_node():
+    """The Ray node (its process table) that ``ray.init`` started in this process, or None."""
+    import ray._private.worker as ray_worker
+
+    return getattr(ray_worker, "_global_node", None)
+
+
 #: Seconds the process may take to stop once its Ray backend has failed before it exits regardless.
 BACKEND_EXIT_SECONDS = 20.0
 
@@ -172,9 +179,7 @@ def local_ray_check(run_dir: str, bound: dict):
         os._exit(1)
 
     def check() -> str | None:
-        import ray._private.worker as ray_worker
-
-        node = getattr(ray_worker, "_global_node", None)
+        node = _local_ray_node()
         if node is None:
             return None
         try:
@@ -204,9 +209,7 @@ STUCK = threading.Event()
 def _kill_local_ray() -> None:
     """Kill the processes of the Ray instance this process started (raylet, GCS; workers die with them)."""
     try:
-        import ray._private.worker as ray_worker
-
-        node = getattr(ray_worker, "_global_node", None)
+        node = _local_ray_node()
         if node is not None:
             node.kill_all_processes(check_alive=False, allow_graceful=False)
     except Exception:  # pragma: no cover - best effort: the process is about to end anyway
@@ -420,23 +423,24 @@ def format_summary(run_dir: str, figures: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def print_result(result: dict) -> int:
-    """Print a finished run's summary (stdout) from its run directory; return the exit code.
+def print_result(result: dict, figures: dict[str, Any] | None = None) -> int:
+    """Print a finished run's summary (stdout) from its run directory (or ``figures`` already read
+    by :func:`run_figures`); return the exit code.
 
     1 when no device trained in any round (the figures would describe the initial model), else 0.
     """
-    figures = run_figures(result["run_dir"])
+    figures = figures or run_figures(result["run_dir"])
     print(format_summary(result["run_dir"], figures))
     return 1 if figures["trained"] == 0 else 0
 
 
-def finished(run_dir: str) -> bool:
-    """True when ``run_dir``'s metrics hold its last planned round."""
+def finished(run_dir: str) -> dict[str, Any] | None:
+    """``run_dir``'s :func:`run_figures` when its metrics hold its last planned round, else None."""
     try:
         f = run_figures(run_dir)
     except Exception:
-        return False
-    return f["planned"] > 0 and f["rounds"] >= f["planned"]
+        return None
+    return f if f["planned"] > 0 and f["rounds"] >= f["planned"] else None
 
 
 @exits
@@ -445,9 +449,10 @@ def run(ns: argparse.Namespace) -> int:
     if ns.resume:
         changes = reject_settings_on_resume(ns)
         cfg = resume_config(ns.resume).replace(**changes).validate()
-        if finished(cfg.run_dir):
+        figures = finished(cfg.run_dir)
+        if figures is not None:
             print(f"the run in {cfg.run_dir} is complete ({cfg.rounds} rounds); nothing to resume")
-            return print_result({"run_dir": cfg.run_dir})
+            return print_result({"run_dir": cfg.run_dir}, figures)
     else:
         cfg = config_from_args(ns)
     result = simulate(cfg, progress=not ns.no_progress, resume=bool(ns.resume))
