@@ -19,6 +19,7 @@ from torch import nn
 from dp.engines import make_engine
 from dp.secure_random import NoiseSource
 from dp.sampling import poisson_batches, sample_rate_for, steps_for
+from nlu.congruent import TEACHER_KEY
 from nlu.data import Encoded, collate, per_example_loss
 from nlu.model import encoder_of, trainable_state_keys
 from nlu.tasks import Task
@@ -92,7 +93,49 @@ def _add_proximal_grad(model: nn.Module, start: list[torch.Tensor], mu: float) -
             p.grad.add_(p.detach() - p0, alpha=mu)
 
 
-def train_local(model: nn.Module, data: Encoded, cfg: LocalTrainConfig, noise: NoiseSource, task: Task | None = None) -> LocalResult:
+@torch.no_grad()
+def teacher_logits(model: nn.Module, data, task: Task, batch_size: int = 128) -> torch.Tensor:
+    """The intent logits [n, C] of ``model`` (loaded with the previous release) on each of the device's
+    n examples, in eval mode (the model's mode is restored), for the focal distillation term of
+    positive-congruent training (nlu/congruent.py). They stay on the device: they enter only the
+    per-example loss that DP-SGD clips.
+
+    Raises
+    ------
+    ValueError
+        If the task has no intent logits (``--task slots``).
+    """
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out = []
+    try:
+        for s in range(0, len(data), batch_size):
+            idx = np.arange(s, min(s + batch_size, len(data)))
+            batch = {k: v.to(device) for k, v in task.collate(data, idx).items()}
+            logits = task.intent_logits(model, batch)
+            if logits is None:
+                raise ValueError(f"--pc-weight: the {task.name} task has no intent logits to distil")
+            out.append(logits.detach())
+    finally:
+        model.train(was_training)
+    return torch.cat(out) if out else torch.zeros(0, task.num_labels)
+
+
+def _collate_with(base_collate, device, teacher: torch.Tensor | None):
+    """A collate function that moves the batch to ``device`` and adds ``teacher[idx]`` (if given)."""
+
+    def collate_fn(enc, idx):
+        batch = {k: v.to(device, non_blocking=True) for k, v in base_collate(enc, idx).items()}
+        if teacher is not None:
+            batch[TEACHER_KEY] = teacher[torch.as_tensor(np.asarray(idx), dtype=torch.long)].to(device)
+        return batch
+
+    return collate_fn
+
+
+def train_local(model: nn.Module, data: Encoded, cfg: LocalTrainConfig, noise: NoiseSource, task: Task | None = None,
+                teacher: torch.Tensor | None = None) -> LocalResult:
     """Train ``model`` in place on one device's examples.
 
     With ``cfg.dp``: ``steps = ceil(E * n / B)`` DP-SGD steps, each on a Poisson batch
@@ -113,6 +156,10 @@ def train_local(model: nn.Module, data: Encoded, cfg: LocalTrainConfig, noise: N
         Source of the Poisson batches, the DP noise and (without DP) the shuffling.
     task : nlu.tasks.Task, optional
         Collation and per-example (per-utterance) loss; default: intent classification.
+    teacher : torch.Tensor [n, C], optional
+        The previous release's logits on the device's examples (:func:`teacher_logits`): with the
+        task's ``pc_weight`` > 0 each example's loss includes the focal distillation term, inside
+        the clipped per-example loss.
 
     Returns
     -------
@@ -121,9 +168,7 @@ def train_local(model: nn.Module, data: Encoded, cfg: LocalTrainConfig, noise: N
     t0 = time.perf_counter()
     base_collate = task.collate if task is not None else collate
     device = next(model.parameters()).device
-
-    def collate_fn(enc, idx):
-        return {k: v.to(device, non_blocking=True) for k, v in base_collate(enc, idx).items()}
+    collate_fn = _collate_with(base_collate, device, teacher)
 
     loss_fn = task.per_example_loss if task is not None else per_example_loss
     n = len(data)
@@ -189,6 +234,7 @@ def clipped_gradient_sum(
     noise: NoiseSource,
     dp_engine: str = "dpfl",
     task: Task | None = None,
+    teacher: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """The device's contribution in the aggregate placement: sum_i clip_C(grad l_i(w)), no noise.
 
@@ -216,6 +262,9 @@ def clipped_gradient_sum(
     dp_engine : str
         "dpfl" (ours) or "opacus".
     task : nlu.tasks.Task, optional
+    teacher : torch.Tensor [n, C], optional
+        The previous release's logits (see :func:`train_local`): the clipped gradients are those
+        of the loss with the focal distillation term.
 
     Returns
     -------
@@ -237,11 +286,11 @@ def clipped_gradient_sum(
     if len(idx) == 0:
         model.train(was_training)
         return {k: torch.zeros_like(by_name[k]) for k in keys}
+    collate_fn = _collate_with(base_collate, device, teacher)
     engine = make_engine(dp_engine, model, noise_multiplier=0.0, max_grad_norm=max_grad_norm, expected_batch_size=1.0)
     try:
         for s in range(0, len(idx), physical_batch_size):
-            batch = {k: v.to(device, non_blocking=True) for k, v in base_collate(data, idx[s : s + physical_batch_size]).items()}
-            engine.accumulate(loss_fn(model, batch))
+            engine.accumulate(loss_fn(model, collate_fn(data, idx[s : s + physical_batch_size])))
         engine.finalize()
         out = {k: by_name[k].grad.detach().clone() for k in keys}
     finally:

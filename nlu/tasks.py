@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nlu import data as _intent
+from nlu.congruent import TEACHER_KEY, focal_distillation
 from nlu.metrics import intent_metrics
 from nlu.slots import IGNORE_INDEX, SlotEncoded, collate_slots, encode_slots, sentence_accuracy, slot_metrics, word_tags
 
@@ -66,10 +67,26 @@ class Task:
     uses_slots: bool = False
     metric_names: tuple[str, ...] = ("accuracy", "macro_f1", "test_loss")
 
-    def __init__(self, num_labels: int, slot_names: list[str] | None = None, pooling: str | None = None):
+    def __init__(self, num_labels: int, slot_names: list[str] | None = None, pooling: str | None = None,
+                 pc_weight: float = 0.0):
         self.num_labels = int(num_labels)
         self.slot_names = None if slot_names is None else list(slot_names)
         self.pooling = pooling
+        if not (pc_weight >= 0 and math.isfinite(pc_weight)):
+            raise ValueError(f"--pc-weight: must be a finite number >= 0, got {pc_weight}")
+        #: weight lambda of the focal distillation term (positive-congruent training, nlu/congruent.py)
+        self.pc_weight = float(pc_weight)
+
+    def _with_pc(self, loss: torch.Tensor, intent_logits: torch.Tensor | None, batch) -> torch.Tensor:
+        """``loss`` [B] plus ``pc_weight`` * the focal distillation term when the batch carries the
+        previous release's logits (``batch["teacher_logits"]`` [B, C]); ``loss`` unchanged otherwise."""
+        if self.pc_weight <= 0 or TEACHER_KEY not in batch or intent_logits is None:
+            return loss
+        return loss + self.pc_weight * focal_distillation(intent_logits, batch[TEACHER_KEY], batch["labels"])
+
+    def intent_logits(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:  # pragma: no cover
+        """Intent logits [B, num_labels] of a collated batch (None for a task without intents)."""
+        raise NotImplementedError
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, num_labels={self.num_labels})"
@@ -83,7 +100,12 @@ class Task:
         raise NotImplementedError
 
     def per_example_loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:  # pragma: no cover
-        """Loss of each utterance, shape [B] (not reduced: DP-SGD clips per utterance)."""
+        """Loss of each utterance, shape [B] (not reduced: DP-SGD clips per utterance).
+
+        With ``pc_weight`` > 0 and the previous release's logits in ``batch["teacher_logits"]``,
+        the loss includes the focal distillation term (:mod:`nlu.congruent`), computed from the
+        same forward pass.
+        """
         raise NotImplementedError
 
     def build_model(self, model_name: str, seed: int = 0) -> nn.Module:  # pragma: no cover - interface
@@ -112,7 +134,13 @@ class IntentTask(Task):
         return _intent.collate(enc, idx)
 
     def per_example_loss(self, model, batch):
-        return _intent.per_example_loss(model, batch)
+        if self.pc_weight <= 0 or TEACHER_KEY not in batch:
+            return _intent.per_example_loss(model, batch)
+        logits = _intent.logits_of(model, batch)
+        return self._with_pc(F.cross_entropy(logits, batch["labels"], reduction="none"), logits, batch)
+
+    def intent_logits(self, model, batch):
+        return _intent.logits_of(model, batch)
 
     def build_model(self, model_name: str, seed: int = 0) -> nn.Module:
         from nlu.model import build_model
@@ -159,8 +187,9 @@ class SlotTask(Task):
         slot_loss_weight: float = 1.0,
         slot_reduction: str = "sum",
         pooling: str | None = None,
+        pc_weight: float = 0.0,
     ):
-        super().__init__(num_labels, slot_names, pooling)
+        super().__init__(num_labels, slot_names, pooling, pc_weight)
         self.with_intent = bool(with_intent)
         self.name = "joint" if with_intent else "slots"
         if not (slot_loss_weight >= 0 and math.isfinite(slot_loss_weight)):
@@ -201,8 +230,14 @@ class SlotTask(Task):
         return slot if intent is None else intent + self.slot_loss_weight * slot
 
     def per_example_loss(self, model, batch):
-        """Per-utterance loss [B]: intent CE + slot_loss_weight * slot loss (joint), or slot loss (slots)."""
-        return self._combine(*self._losses(model(**_model_inputs(batch)), batch))
+        """Per-utterance loss [B]: intent CE + slot_loss_weight * slot loss (joint), or slot loss (slots);
+        with ``pc_weight`` the joint task adds the focal distillation term on its intent logits."""
+        out = model(**_model_inputs(batch))
+        loss = self._combine(*self._losses(out, batch))
+        return self._with_pc(loss, out.intent_logits if self.with_intent else None, batch)
+
+    def intent_logits(self, model, batch):
+        return model(**_model_inputs(batch)).intent_logits if self.with_intent else None
 
     def build_model(self, model_name: str, seed: int = 0) -> nn.Module:
         from nlu.joint import build_joint_model
@@ -274,6 +309,7 @@ def make_task(
     *,
     slot_reduction: str = "sum",
     pooling: str | None = None,
+    pc_weight: float = 0.0,
 ) -> Task:
     """The task ``name`` (``"intent"``, ``"slots"`` or ``"joint"``).
 
@@ -291,6 +327,10 @@ def make_task(
     pooling : {"mean", "cls"}, optional
         Sentence pooling of the intent head (``intent``: passed to :func:`nlu.model.build_model`;
         None keeps its default).
+    pc_weight : float
+        Weight lambda >= 0 of the focal distillation term of positive-congruent training
+        (:mod:`nlu.congruent`), applied to the intent logits when a batch carries the previous
+        release's logits; 0 (default) turns it off. ``slots`` has no intent logits: the term is never added.
 
     Raises
     ------
@@ -300,7 +340,7 @@ def make_task(
     if name not in TASKS:
         raise ValueError(f"--task: unknown task {name!r}; choose one of {TASKS}")
     if name == "intent":
-        return IntentTask(num_labels, slot_names, pooling)
+        return IntentTask(num_labels, slot_names, pooling, pc_weight)
     if not slot_names:
         raise ValueError(
             f"--task {name}: the data has no slot annotations ('tokens' and 'slots' BIO tags per record); "
@@ -314,6 +354,7 @@ def make_task(
         slot_loss_weight=slot_loss_weight,
         slot_reduction=slot_reduction,
         pooling=pooling,
+        pc_weight=pc_weight,
     )
 
 
