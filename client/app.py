@@ -38,9 +38,10 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.train import LocalResult, LocalTrainConfig, clipped_gradient_sum, train_local
+from client.train import LocalResult, LocalTrainConfig, clipped_gradient_sum, teacher_logits, train_local
 from dp.secure_random import NoiseSource
 from nlu.features import cache_frozen_encoder
+from protocol import messages as rec
 from protocol.arrays import load_into, record_from_state, trainable_state
 from dp.accounting import SubsampledGaussianEvent, compute_epsilon
 from dp.sampling import sample_rate_for
@@ -60,13 +61,13 @@ def run_config_from(record: ConfigRecord) -> RunConfig:
 
 
 @lru_cache(maxsize=4)
-def _task(pop_key: tuple, name: str, slot_loss_weight: float, pooling: str) -> Task:
-    return task_for_data(name, population_for_key(pop_key).data, slot_loss_weight, pooling=pooling)
+def _task(pop_key: tuple, name: str, slot_loss_weight: float, pooling: str, pc_weight: float) -> Task:
+    return task_for_data(name, population_for_key(pop_key).data, slot_loss_weight, pooling=pooling, pc_weight=pc_weight)
 
 
 def task_of(cfg: RunConfig) -> Task:
     """The run's task (intent / slots / joint), one object per process and setting."""
-    return _task(population_key(cfg), cfg.task, cfg.slot_loss_weight, cfg.pooling)
+    return _task(population_key(cfg), cfg.task, cfg.slot_loss_weight, cfg.pooling, cfg.pc_weight)
 
 
 @lru_cache(maxsize=1)
@@ -249,6 +250,11 @@ def train(msg: Message, context: Context) -> Message:
     task = task_of(cfg)
     model = _model(task, cfg.model, cfg.seed, max(1, int(cfg.client_cpus)), cfg.client_gpus > 0, cfg.trainable,
                    tuple(sorted(cfg.lora_options().items())))
+    teacher = None
+    if task.pc_weight > 0 and rec.TEACHER in msg.content.array_records:
+        # positive-congruent training: the previous release's logits on this device's examples
+        load_into(model, msg.content[rec.TEACHER], partial=True)
+        teacher = teacher_logits(model, data, task, batch_size=cfg.physical_batch_size)
     load_into(model, msg.content["arrays"], partial=True)
     noise = _noise_source(cfg, server_round, device_id)
     fault = fault_for(cfg.seed, server_round, device_id, cfg.fault_rate, cfg.fault_kind)
@@ -256,6 +262,7 @@ def train(msg: Message, context: Context) -> Message:
         sums = clipped_gradient_sum(
             model, data, sample_rate=float(round_cfg["sample-rate"]), max_grad_norm=cfg.max_grad_norm,
             physical_batch_size=cfg.physical_batch_size, noise=noise, dp_engine=cfg.dp_engine, task=task,
+            teacher=teacher,
         )
         sums = _inject(fault, sums, cfg, round_cfg, device_id, server_round)
         return Message(RecordDict({"arrays": record_from_state(sums)}), reply_to=msg)
@@ -264,7 +271,7 @@ def train(msg: Message, context: Context) -> Message:
         q = sample_rate_for(len(data), cfg.batch_size) if cfg.dp else 0.0
         result = LocalResult(len(data), 0, q, float("nan"), 0.0)
     else:
-        result = train_local(model, data, local, noise=noise, task=task)
+        result = train_local(model, data, local, noise=noise, task=task, teacher=teacher)
     metrics = {"num-examples": result.num_examples}
     content = RecordDict({"info": ConfigRecord({"ray-node": _ray_node_id(), "device-id": device_id})})
     if cfg.dp:
@@ -276,3 +283,36 @@ def train(msg: Message, context: Context) -> Message:
     content["arrays"] = record_from_state(state)
     content["metrics"] = MetricRecord(metrics)
     return Message(content, reply_to=msg)
+
+
+def holdout_examples(cfg: RunConfig, device_id: int) -> Encoded:
+    """The tokenised holdout examples ``device_id`` keeps out of training (``--holdout-per-device``; cached)."""
+    key = population_key(cfg)
+    rows = tuple(int(r) for r in population_for_key(key).holdout_rows(device_id))
+    return _encoded(key, rows, cfg.model, cfg.max_length, task_of(cfg))
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Holdout evaluation: how many of this device's holdout examples the released model gets right.
+
+    The count gets Gaussian noise of std ``holdout-noise`` (from the secret NoiseSource) here when
+    the run adds its noise on the device; with the noise on the aggregate the server adds it once
+    to each quartile's sum (``holdout-noise`` 0). The reply holds the count alone
+    (protocol/messages.py).
+    """
+    cfg = run_config_from(msg.content["run"])
+    device_id = device_id_of(context, msg)
+    data = holdout_examples(cfg, device_id)
+    correct = 0.0
+    if len(data):
+        task = task_of(cfg)
+        model = _model(task, cfg.model, cfg.seed, max(1, int(cfg.client_cpus)), cfg.client_gpus > 0, cfg.trainable,
+                       tuple(sorted(cfg.lora_options().items())))
+        load_into(model, msg.content["arrays"], partial=True)
+        correct = float(np.asarray(task.evaluate(model, data, with_correct=True)["correct"]).sum())
+    sigma = float(msg.content["config"]["holdout-noise"])
+    if sigma > 0:
+        noise = _noise_source(cfg, int(msg.content["config"]["server-round"]), device_id)
+        correct += float(noise.normal_numpy((1,), sigma)[0])
+    return Message(RecordDict({rec.HOLDOUT: MetricRecord({"correct": correct})}), reply_to=msg)

@@ -11,13 +11,14 @@ import argparse
 import os
 import sys
 
-from dpfl.commands import audit, launch, partitions, report, simulate
+from dpfl.commands import audit, launch, partitions, report, retrain, simulate
 from dpfl.commands.logs import quiet
 
 __all__ = ["COMMANDS", "build_parser", "main"]
 
 #: The subcommands, in the order ``dpfl --help`` lists them.
-COMMANDS = {"simulate": simulate, "report": report, "launch": launch, "partitions": partitions, "audit": audit}
+COMMANDS = {"simulate": simulate, "retrain": retrain, "report": report, "launch": launch, "partitions": partitions,
+            "audit": audit}
 
 
 def build_parser() -> argparse.ArgumentParser:

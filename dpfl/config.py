@@ -168,6 +168,12 @@ class RunConfig:
         metadata={"help": "intent | slots (BIO slot filling) | joint (intent + slots, one encoder)"},
     )
     slot_loss_weight: float = field(default=1.0, metadata={"help": "joint loss = intent loss + w * slot loss"})
+    pc_weight: float = field(
+        default=0.0,
+        metadata={"help": "positive-congruent training: weight of the focal distillation term towards the previous "
+                          "release on the examples it got right (Yan et al. 2021), inside the per-example loss "
+                          "that DP-SGD clips (0: off; intent and joint tasks)"},
+    )
     model: str = field(
         default="minilm",
         metadata={"help": "'minilm' (all-MiniLM-L6-v2, offline), 'tiny' (random small BERT) or a HF name/path"},
@@ -277,6 +283,29 @@ class RunConfig:
                           "1/2"},
     )
     canary_repeats: int = field(default=1, metadata={"help": "copies of each included canary (all on one device)"})
+    deletions: str | None = field(
+        default=None,
+        metadata={"help": "deletion requests: a text file of lines 'DEVICE_ID ROUND'; from that round the device's "
+                          "data is gone and it is never selected again (the ledger records each request; turns on "
+                          "--round-checkpoints so that `dpfl retrain` can remove it exactly)"},
+    )
+    round_checkpoints: bool = field(
+        default=False,
+        metadata={"help": "keep every round's trainable parameters and server state (checkpoints/rounds/), "
+                          "which `dpfl retrain --from-round T` starts from"},
+    )
+    holdout_per_device: float = field(
+        default=0.0,
+        metadata={"help": "each device keeps this fraction F of its examples out of training; after the last round "
+                          "the final model is evaluated on them and accuracy is reported by activity quartile "
+                          "(the correct counts are noised and accounted)"},
+    )
+    holdout_noise_multiplier: float = field(
+        default=2.0,
+        metadata={"help": "std of the Gaussian noise on each released holdout correct count, in units of its "
+                          "sensitivity (one example changes a count by 1); on each device's count with the noise on "
+                          "the device, once on each quartile's sum with the noise on the aggregate"},
+    )
     # aggregation
     strategy: str = field(
         default="auto",
@@ -363,6 +392,10 @@ class RunConfig:
         need(self.optimizer in OPTIMIZERS, "optimizer", f"must be one of {OPTIMIZERS}")
         need(self.task in TASKS, "task", f"must be one of {TASKS}")
         need(self.slot_loss_weight >= 0, "slot_loss_weight", f"must be >= 0, got {self.slot_loss_weight}")
+        need(self.pc_weight >= 0 and math.isfinite(self.pc_weight), "pc_weight",
+             f"must be a finite number >= 0, got {self.pc_weight}")
+        need(not (self.pc_weight > 0 and self.task == "slots"), "pc_weight",
+             "the slots task has no intent prediction to keep congruent; use --task joint or intent, or drop --pc-weight")
         need(self.setting in SETTINGS, "setting", f"must be one of {SETTINGS}")
         need(self.storage_cap is None or self.storage_cap >= 1, "storage_cap", "must be >= 1")
         need(
@@ -393,6 +426,12 @@ class RunConfig:
         need(self.max_length >= 4, "max_length", "must be >= 4")
         need(self.eval_every >= 1, "eval_every", "must be >= 1")
         need(self.release_every is None or self.release_every >= 1, "release_every", "must be >= 1")
+        need(0 <= self.holdout_per_device < 1, "holdout_per_device", f"must be in [0, 1), got {self.holdout_per_device}")
+        need(self.holdout_noise_multiplier > 0 or (self.holdout_noise_multiplier == 0 and (not self.dp or self.allow_zero_noise)),
+             "holdout_noise_multiplier", f"must be > 0 in a private run, got {self.holdout_noise_multiplier}")
+        need(not (self.holdout_per_device > 0 and self.device_dp), "holdout_per_device",
+             "is not built for --device-dp: a device-level guarantee would need noise scaled to a whole device's "
+             "holdout; use example-level DP (--noise-at device or aggregate) or drop --holdout-per-device")
         need(self.max_examples is None or self.max_examples >= 1, "max_examples", "must be >= 1")
         need(
             self.target_delta is None or 0 < self.target_delta < 1,

@@ -44,6 +44,9 @@ class Population:
     canary_records : tuple of partitions.canaries.CanaryRecord
         The inserted copies (device id, uid) of the included canaries, in train-row order:
         record j is train row ``len(data.train) - len(canary_records) + j``.
+    holdout : tuple[numpy.ndarray, ...]
+        ``holdout[k]``: train rows device k keeps out of training (``--holdout-per-device``; see
+        :func:`split_holdout`); empty arrays without a holdout. They are not in ``devices[k]``.
     """
 
     data: NLUData
@@ -52,6 +55,13 @@ class Population:
     stream: Stream | None = None
     canaries: tuple = ()
     canary_records: tuple = ()
+    holdout: tuple = ()
+
+    def holdout_rows(self, device_id: int) -> np.ndarray:
+        """Train rows device ``device_id`` keeps out of training (empty without a holdout)."""
+        if not self.holdout:
+            return np.zeros(0, dtype=np.int64)
+        return self.holdout[device_id]
 
     def canary_device(self) -> dict[int, int]:
         """canary_id -> the device holding its copies (included canaries only)."""
@@ -109,6 +119,7 @@ def population_key(cfg) -> tuple:
         cfg.rounds,
         int(getattr(cfg, "canaries", 0) or 0),
         int(getattr(cfg, "canary_repeats", 1) or 1),
+        float(getattr(cfg, "holdout_per_device", 0.0) or 0.0),
     )
 
 
@@ -133,6 +144,7 @@ def population_for_key(key: tuple) -> Population:
         rounds,
         n_canaries,
         canary_repeats,
+        holdout_fraction,
     ) = key
     data = load_data(
         data_dir=data_dir,
@@ -157,6 +169,9 @@ def population_for_key(key: tuple) -> Population:
         num_clusters=num_clusters,
     )
     devices = tuple(np.asarray(d, dtype=np.int64) for d in devices)
+    holdout: tuple = ()
+    if holdout_fraction > 0:
+        devices, holdout = split_holdout(devices, holdout_fraction, seed)
     canaries, records = (), ()
     if n_canaries:
         data, devices, canaries, records = insert_canaries(data, devices, n_canaries, canary_repeats, seed)
@@ -164,7 +179,40 @@ def population_for_key(key: tuple) -> Population:
     if setting == "continual":
         stream = make_stream(list(devices), rounds, seed=seed, storage_cap=storage_cap)
     return Population(data=data, devices=devices, partitioner=partitioner, stream=stream,
-                      canaries=canaries, canary_records=records)
+                      canaries=canaries, canary_records=records, holdout=holdout)
+
+
+#: Offset mixed into the run seed for the holdout split.
+HOLDOUT_SEED_OFFSET = 0x401D
+
+
+def split_holdout(devices: tuple, fraction: float, seed: int) -> tuple[tuple, tuple]:
+    """Split each device's rows into training rows and a holdout of ``floor(fraction * n_k)`` rows.
+
+    The holdout rows of device k are a uniformly random subset drawn from
+    ``numpy.random.default_rng([seed, HOLDOUT_SEED_OFFSET, k])``: deterministic in the run seed
+    (every process, a resumed run and ``dpfl retrain`` see the same split) and independent of
+    the data. The accountant treats nothing about the split as secret: a holdout example never
+    enters training and a training example is never evaluated, so each is accounted for the one
+    mechanism that reads it. Canaries are inserted after the split and always train. Every
+    device with n_k >= 1 keeps at least one training row (``fraction`` < 1).
+
+    Returns
+    -------
+    (train, holdout) : two tuples of int64 arrays, one per device, each in the original row order.
+    """
+    if not 0 <= fraction < 1:
+        raise ValueError(f"--holdout-per-device: must be in [0, 1), got {fraction}")
+    train, held_out = [], []
+    for k, rows in enumerate(devices):
+        rows = np.asarray(rows, dtype=np.int64)
+        h = int(np.floor(fraction * len(rows)))
+        rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, HOLDOUT_SEED_OFFSET, k])
+        mask = np.zeros(len(rows), dtype=bool)
+        mask[rng.permutation(len(rows))[:h]] = True
+        train.append(rows[~mask])
+        held_out.append(rows[mask])
+    return tuple(train), tuple(held_out)
 
 
 #: Offset mixed into the run seed for the canary draw, so it does not repeat the partition's draws.

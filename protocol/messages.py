@@ -12,6 +12,8 @@ record              type          content
 ``run``             ConfigRecord  the run's settings (``RunConfig.to_dict_flat``)
 ``device``          ConfigRecord  ``device-id``: the simulated device the task is for
 ``privacy-history`` ConfigRecord  the device's past example-level events (the ledger's)
+``pc-teacher``      ArrayRecord   with ``--pc-weight``, after the first release: the previous
+                                  release's trainable parameters (a released model, public)
 ==================  ============  =====================================================
 
 A reply (device -> server) depends on where the example-level noise is added
@@ -24,6 +26,14 @@ A reply (device -> server) depends on where the example-level noise is added
 * ``aggregate`` (noise on the aggregate): ``arrays`` only, the sum over the device's
   Poisson-sampled examples of their clipped gradients. Nothing else derived from its data
   leaves the device: no loss, no realised sample count, no timing.
+
+A holdout evaluation message (``--holdout-per-device``, after the last round; Flower message
+type ``evaluate``) holds ``arrays`` (the final released model's trainable parameters), ``run``,
+``device`` and ``config`` (``server-round``, ``holdout-noise``: the std of the noise the device
+adds to its count, 0 when the server adds it to the quartile's sum or the run is not private).
+Its reply holds ``holdout`` alone (MetricRecord ``correct``: the number of the device's holdout
+examples the model classifies correctly, plus that noise). The number of holdout examples is not
+sent: the server knows it from the device's activity, as it knows the activity.
 """
 
 from __future__ import annotations
@@ -40,6 +50,8 @@ CONFIG = "config"
 RUN = "run"
 DEVICE = "device"
 HISTORY = "privacy-history"
+TEACHER = "pc-teacher"
+HOLDOUT = "holdout"
 METRICS = "metrics"
 PRIVACY = "privacy"
 INFO = "info"
@@ -104,3 +116,19 @@ def validate_update(
     if dp and PRIVACY not in content.config_records:
         return "no privacy record in the reply"
     return None
+
+
+def validate_holdout_reply(content: RecordDict) -> tuple[float | None, str | None]:
+    """(the reply's correct count, None) or (None, why it cannot be used) for a holdout evaluation reply.
+
+    The reply must hold exactly one record, ``holdout``, a MetricRecord with a finite ``correct``.
+    """
+    extra = sorted(set(content.keys()) - {HOLDOUT})
+    if extra:
+        return None, f"a holdout reply holds only its count; it also carries {extra}"
+    if HOLDOUT not in content.metric_records:
+        return None, "no holdout record in the reply"
+    value = content.metric_records[HOLDOUT].get("correct")
+    if not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None, f"correct {value!r} is not a finite number"
+    return float(value), None

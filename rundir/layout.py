@@ -22,6 +22,7 @@ This module imports nothing of the project: it is the bottom layer, beside the c
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import pickle
@@ -34,7 +35,7 @@ import torch
 
 from ._files import (
     AUDIT_DIR, AUDIT_FILE, CANARIES_FILE, CHECKPOINTS_DIR, CONFIG_FILE, GLOBAL_MODEL_FILE, LEDGER_FILE,
-    METRICS_FILE, REPORT_DIR, ROC_FILE, STATE_FILE, SUMMARY_FILE, atomic_write,
+    METRICS_FILE, REPORT_DIR, ROC_FILE, ROUNDS_DIR, STATE_FILE, SUMMARY_FILE, atomic_write,
 )
 from . import metrics as _metrics
 
@@ -221,6 +222,71 @@ class RunDir:
         for old in list(ck.glob("global-r*.pt")) + list(ck.glob("server-r*.pkl")):
             if old.name not in (model_name, server_name):
                 old.unlink(missing_ok=True)
+
+    def save_round_copy(self, round_: int, trainable: Mapping[str, Any], state: dict | None, server_state: object) -> None:
+        """Keep round ``round_``'s trainable parameters, ``state.json`` content and server state under
+        ``checkpoints/rounds/`` (``--round-checkpoints``), so that ``dpfl retrain`` can start again
+        from it. The frozen parameters never change and live in ``global.pt``."""
+        d = self.path / CHECKPOINTS_DIR / ROUNDS_DIR
+        d.mkdir(exist_ok=True)
+        sd = {k: (torch.from_numpy(np.ascontiguousarray(v)) if isinstance(v, np.ndarray) else v) for k, v in trainable.items()}
+        buf = io.BytesIO()
+        torch.save(sd, buf)
+        atomic_write(d / f"server-r{round_}.pkl", pickle.dumps(server_state))
+        atomic_write(d / f"state-r{round_}.json", json.dumps({**(state or {}), "round": round_}).encode())
+        atomic_write(d / f"trainable-r{round_}.pt", buf.getvalue())  # last: its presence marks a complete copy
+
+    def rounds_kept(self) -> list[int]:
+        """Rounds whose copy :meth:`save_round_copy` kept, ascending."""
+        d = self.path / CHECKPOINTS_DIR / ROUNDS_DIR
+        return sorted(int(p.stem.split("-r")[1]) for p in d.glob("trainable-r*.pt")) if d.is_dir() else []
+
+    def load_round_copy(self, round_: int) -> tuple[dict, dict, object]:
+        """(trainable state dict, state.json content, server state) kept for round ``round_``.
+
+        Raises
+        ------
+        RunDirError
+            If no complete copy of that round is kept.
+        """
+        d = self.path / CHECKPOINTS_DIR / ROUNDS_DIR
+        model = d / f"trainable-r{round_}.pt"
+        if not model.exists():
+            raise RunDirError(f"{self.path}: no checkpoint of round {round_} is kept (the run needs "
+                              "--round-checkpoints, which --deletions turns on)")
+        sd = torch.load(model, weights_only=True)
+        state = json.loads((d / f"state-r{round_}.json").read_text())
+        server_state = pickle.loads((d / f"server-r{round_}.pkl").read_bytes())
+        return sd, state, server_state
+
+    def start_from(self, parent: str | os.PathLike, round_: int) -> None:
+        """Make this (new) run directory continue ``parent``'s round ``round_`` (for ``dpfl retrain``):
+        its checkpoint is the parent's kept copy of that round (trainable parameters over the
+        parent's frozen ones, state, server state) and ``metrics.jsonl`` holds the parent's
+        lines of rounds 1..``round_``. ``round_`` 0 copies nothing (the run starts afresh).
+
+        Raises
+        ------
+        RunDirError
+            If the parent kept no copy of ``round_`` or has no ``global.pt``.
+        """
+        if round_ <= 0:
+            return
+        src = RunDir(Path(parent), resume=True)
+        trainable, state, server_state = src.load_round_copy(round_)
+        full = src.path / CHECKPOINTS_DIR / GLOBAL_MODEL_FILE
+        if not full.exists():
+            raise RunDirError(f"{src.path}: no {CHECKPOINTS_DIR}/{GLOBAL_MODEL_FILE} to take the frozen parameters from")
+        sd = torch.load(full, weights_only=True)
+        missing = sorted(set(trainable) - set(sd))
+        if missing:
+            raise RunDirError(f"{src.path}: the round {round_} copy has parameters the model lacks ({missing[:3]})")
+        sd.update(trainable)
+        self.save_round_copy(round_, trainable, state, server_state)
+        self.save_checkpoint(sd, round_, state, server_state)
+        if src.metrics_path.exists():
+            atomic_write(self.metrics_path, src.metrics_path.read_bytes())
+        self.repair_metrics(round_, state.get("metrics"))
 
     def load_checkpoint(self) -> tuple[int, dict, dict, object] | None:
         """The last complete round's (round, model state dict, state.json, server state), or None.

@@ -22,6 +22,18 @@ Schema (``ledger.sqlite``)::
     canaries(run_id, canary_id, included, device_id, repeats, label, secret, text)
                                                                  audit canaries of a ``--canaries M`` run
                                                                  (created only by :func:`record_canaries`)
+    holdout_releases(run_id, round, attempt, noise_multiplier, noise_at, devices, examples)
+                                                                 a holdout evaluation (--holdout-per-device):
+                                                                 one Gaussian mechanism (sensitivity 1) on
+                                                                 every holdout example, written before
+                                                                 the evaluation messages leave
+    deletions(run_id, device_id, round, recorded, first_joined)  a deletion request (--deletions): from
+                                                                 ``round`` on the device is never selected;
+                                                                 ``first_joined``: its first round with an event
+    lineage(run_id, parent_run_id, parent_dir, from_round, removed_devices, created)
+                                                                 a run made by ``dpfl retrain``: rounds
+                                                                 1..from_round-1 are the parent's, retrained
+                                                                 from there without ``removed_devices`` (JSON)
 
 Units: epsilons in nats at the stated ``target_delta``; ``sample_rate`` is a probability;
 ``max_grad_norm`` in the gradient's (or update's, device level) L2 norm; ``completed`` and
@@ -54,6 +66,7 @@ from ._files import LEDGER_FILE
 __all__ = [
     "SCHEMA", "CANARIES_SCHEMA", "EventRow", "Ledger", "LedgerError", "LedgerReader", "record_canaries",
     "RunRow", "DeviceRow", "RoundRow", "PrivacyEvent", "LostUpdate", "BudgetEvent", "Holding", "CanaryRow",
+    "HoldoutRelease", "Deletion", "Lineage",
 ]
 
 
@@ -88,6 +101,15 @@ CREATE TABLE IF NOT EXISTS example_holdings(
 CREATE TABLE IF NOT EXISTS lost_updates(
     run_id TEXT, round INTEGER, attempt INTEGER, device_id INTEGER, reason TEXT, detail TEXT,
     PRIMARY KEY(run_id, round, attempt, device_id));
+CREATE TABLE IF NOT EXISTS holdout_releases(
+    run_id TEXT, round INTEGER, attempt INTEGER, noise_multiplier REAL, noise_at TEXT, devices INTEGER,
+    examples INTEGER, PRIMARY KEY(run_id, round, attempt));
+CREATE TABLE IF NOT EXISTS deletions(
+    run_id TEXT, device_id INTEGER, round INTEGER, recorded REAL, first_joined INTEGER,
+    PRIMARY KEY(run_id, device_id));
+CREATE TABLE IF NOT EXISTS lineage(
+    run_id TEXT PRIMARY KEY, parent_run_id TEXT, parent_dir TEXT, from_round INTEGER, removed_devices TEXT,
+    created REAL);
 CREATE TRIGGER IF NOT EXISTS privacy_events_append_only_u BEFORE UPDATE ON privacy_events
     BEGIN SELECT RAISE(ABORT, 'privacy_events is append-only'); END;
 CREATE TRIGGER IF NOT EXISTS privacy_events_append_only_d BEFORE DELETE ON privacy_events
@@ -269,6 +291,82 @@ class Ledger:
             out.setdefault(d, []).append((s, q, n))
         return out
 
+    def record_holdout(self, round_: int, attempt: int, noise_multiplier: float, noise_at: str, devices: int,
+                       examples: int) -> None:
+        """Record a holdout evaluation (before its messages leave): every holdout example is read
+        once by a Gaussian mechanism of std ``noise_multiplier`` x sensitivity 1; ``noise_at`` is
+        ``"device"``, ``"aggregate"`` or ``"none"`` (a non-private run)."""
+        with self.conn:
+            self.conn.execute("BEGIN")
+            self.conn.execute("INSERT OR REPLACE INTO holdout_releases VALUES (?,?,?,?,?,?,?)",
+                              (self.run_id, round_, attempt, float(noise_multiplier), noise_at, int(devices), int(examples)))
+
+    def holdout_done(self, round_: int) -> bool:
+        """Whether a holdout evaluation of round ``round_`` is on record (any attempt)."""
+        row = self.conn.execute("SELECT COUNT(*) FROM holdout_releases WHERE run_id=? AND round=?",
+                                (self.run_id, round_)).fetchone()
+        return bool(row[0])
+
+    def record_deletions(self, requests: Iterable[tuple[int, int, int | None]]) -> None:
+        """Record deletion requests ``(device_id, round, first_joined)`` (idempotent: a device's first request stands)."""
+        rows = [(self.run_id, int(d), int(t), time.time(), None if j is None else int(j)) for d, t, j in requests]
+        if not rows:
+            return
+        with self.conn:
+            self.conn.execute("BEGIN")
+            self.conn.executemany("INSERT OR IGNORE INTO deletions VALUES (?,?,?,?,?)", rows)
+
+    def record_lineage(self, parent_run_id: str, parent_dir: str, from_round: int, removed_devices: list[int]) -> None:
+        """Record that this run retrains ``parent_run_id`` from round ``from_round`` without ``removed_devices``."""
+        import json
+
+        with self.conn:
+            self.conn.execute("BEGIN")
+            self.conn.execute("INSERT OR IGNORE INTO lineage VALUES (?,?,?,?,?,?)",
+                              (self.run_id, parent_run_id, parent_dir, int(from_round),
+                               json.dumps(sorted(int(d) for d in removed_devices)), time.time()))
+
+    def copy_rounds_from(self, parent: Path, parent_run_id: str, last_round: int) -> None:
+        """Copy the parent run's devices, privacy events, epsilons, budget hits, holdings, lost updates
+        and completed rounds of rounds 1..``last_round`` into this ledger, under this run's id (for
+        ``dpfl retrain``: those rounds' models are kept, so their privacy was spent)."""
+        self.conn.execute("ATTACH DATABASE ? AS parent", (f"file:{Path(parent)}?mode=ro",))
+        try:
+            with self.conn:
+                self.conn.execute("BEGIN")
+                p = (self.run_id, parent_run_id)
+                self.conn.execute("INSERT OR REPLACE INTO devices SELECT ?, device_id, activity, sample_rate "
+                                  "FROM parent.devices WHERE run_id=?", p)
+                self.conn.execute("INSERT INTO privacy_events(run_id, round, device_id, unit, noise_multiplier, sample_rate,"
+                                  " steps, max_grad_norm, attempt) SELECT ?, round, device_id, unit, noise_multiplier,"
+                                  " sample_rate, steps, max_grad_norm, attempt FROM parent.privacy_events"
+                                  " WHERE run_id=? AND round<=? ORDER BY id", (*p, last_round))
+                self.conn.execute("INSERT OR REPLACE INTO budget_events SELECT ?, device_id, unit, round, epsilon"
+                                  " FROM parent.budget_events WHERE run_id=? AND round<=?", (*p, last_round))
+                self.conn.execute("INSERT OR REPLACE INTO example_holdings SELECT ?, round, device_id, uid"
+                                  " FROM parent.example_holdings WHERE run_id=? AND round<=?", (*p, last_round))
+                self.conn.execute("INSERT OR REPLACE INTO lost_updates SELECT ?, round, attempt, device_id, reason, detail"
+                                  " FROM parent.lost_updates WHERE run_id=? AND round<=?", (*p, last_round))
+                self.conn.execute("INSERT OR REPLACE INTO rounds SELECT ?, round, completed, cohort_size, attempt"
+                                  " FROM parent.rounds WHERE run_id=? AND round<=?", (*p, last_round))
+        finally:
+            self.conn.execute("DETACH DATABASE parent")
+
+    def first_joined(self, devices: Iterable[int]) -> dict[int, int]:
+        """device -> the first round with a privacy event of any unit (devices that never joined are absent)."""
+        out = {}
+        for d in devices:
+            row = self.conn.execute("SELECT MIN(round) FROM privacy_events WHERE run_id=? AND device_id=?",
+                                    (self.run_id, int(d))).fetchone()
+            if row[0] is not None:
+                out[int(d)] = int(row[0])
+        return out
+
+    def deletions(self) -> dict[int, int]:
+        """device_id -> the round from which it is deleted (``deletions`` table)."""
+        return {int(d): int(t) for d, t in self.conn.execute("SELECT device_id, round FROM deletions WHERE run_id=?",
+                                                               (self.run_id,))}
+
     def last_round(self) -> int:
         """The last round marked complete (0 if none)."""
         row = self.conn.execute("SELECT MAX(round) FROM rounds WHERE run_id=?", (self.run_id,)).fetchone()
@@ -432,6 +530,40 @@ class CanaryRow:
     text: str | None
 
 
+@dataclass(frozen=True)
+class HoldoutRelease:
+    """A ``holdout_releases`` row: one Gaussian mechanism (std ``noise_multiplier``, sensitivity 1) on
+    every holdout example, after round ``round``; ``noise_at`` ``"device"``, ``"aggregate"`` or ``"none"``."""
+
+    round: int
+    attempt: int
+    noise_multiplier: float
+    noise_at: str
+    devices: int
+    examples: int
+
+
+@dataclass(frozen=True)
+class Deletion:
+    """A ``deletions`` row: ``device_id``'s data is gone from round ``round`` on; ``first_joined`` is the
+    first round it had a privacy event (None if it never joined before the request)."""
+
+    device_id: int
+    round: int
+    first_joined: int | None
+
+
+@dataclass(frozen=True)
+class Lineage:
+    """A ``lineage`` row: this run retrains ``parent_run_id`` (in ``parent_dir``) from round ``from_round``
+    on without ``removed_devices``."""
+
+    parent_run_id: str
+    parent_dir: str
+    from_round: int
+    removed_devices: tuple
+
+
 class LedgerReader:
     """Read-only view of ``ledger.sqlite``; safe while the server writes (WAL, ``mode=ro``).
 
@@ -585,6 +717,36 @@ class LedgerReader:
         where, params = self._where()
         return [Holding(int(t), int(d), int(u)) for t, d, u in self._query(
             f"SELECT round, device_id, uid FROM example_holdings{where}", params)]
+
+    def holdout_releases(self) -> list[HoldoutRelease]:
+        """Every holdout evaluation on record, by round and attempt; [] when there is none."""
+        if not self.has_table("holdout_releases"):
+            return []
+        where, params = self._where()
+        return [HoldoutRelease(int(t), int(a), float(s), str(p), int(d), int(n)) for t, a, s, p, d, n in self._query(
+            f"SELECT round, attempt, noise_multiplier, noise_at, devices, examples FROM holdout_releases{where}"
+            " ORDER BY round, attempt", params)]
+
+    def deletions(self) -> list[Deletion]:
+        """Deletion requests on record, by round and device; [] when there is none."""
+        if not self.has_table("deletions"):
+            return []
+        where, params = self._where()
+        return [Deletion(int(d), int(t), None if j is None else int(j)) for d, t, j in self._query(
+            f"SELECT device_id, round, first_joined FROM deletions{where} ORDER BY round, device_id", params)]
+
+    def lineage(self) -> Lineage | None:
+        """The run's ``dpfl retrain`` origin, or None for a run trained from scratch."""
+        import json
+
+        if not self.has_table("lineage"):
+            return None
+        where, params = self._where()
+        rows = self._query(f"SELECT parent_run_id, parent_dir, from_round, removed_devices FROM lineage{where}", params)
+        if not rows:
+            return None
+        pid, pdir, t, removed = rows[0]
+        return Lineage(str(pid), str(pdir), int(t), tuple(int(d) for d in json.loads(removed or "[]")))
 
     def canaries(self) -> list[CanaryRow]:
         """The audit canaries on record, by canary id; [] when the run inserted none."""

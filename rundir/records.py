@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Mapping
 
 from ._files import (
-    AUDIT_DIR, AUDIT_FILE, CANARIES_FILE, REPORT_DIR, ROC_FILE, SUMMARY_FILE, atomic_write,
+    AUDIT_DIR, AUDIT_FILE, CANARIES_FILE, HOLDOUT_FILE, REPORT_DIR, ROC_FILE, SUMMARY_FILE, atomic_write,
 )
 
 __all__ = [
@@ -410,4 +410,44 @@ def read_canaries_file(run_dir: str | os.PathLike) -> dict[str, Any] | None:
         raise RecordError(str(exc)) from exc
     if not isinstance(d, dict) or not isinstance(d.get("canaries"), list):
         raise RecordError("no 'canaries' list")
+    return d
+
+
+# ----------------------------------------------------------------------------- holdout.json
+
+
+def write_holdout(run_dir: str | os.PathLike, payload: Mapping[str, Any]) -> Path:
+    """Write ``RUN_DIR/holdout.json`` atomically: the holdout evaluation (``--holdout-per-device``).
+
+    ``payload``: ``{"version": 1, "round", "fraction", "noise_multiplier", "noise_at", "noise_std_per_quartile",
+    "epsilon", "target_delta", "quartiles": [{"quartile", "activity_min", "activity_max", "devices",
+    "devices_evaluated", "examples", "accuracy"}]}`` (built by ``server.holdout``); only noised counts.
+
+    Returns
+    -------
+    pathlib.Path
+        The file written.
+    """
+    path = Path(run_dir) / HOLDOUT_FILE
+    atomic_write(path, json.dumps(dict(payload), indent=1, allow_nan=False).encode("utf-8"))
+    return path
+
+
+def read_holdout(run_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """``RUN_DIR/holdout.json`` as a dict with a ``quartiles`` list; None if absent.
+
+    Raises
+    ------
+    RecordError
+        If the file is not JSON or has no ``quartiles`` list.
+    """
+    path = Path(run_dir) / HOLDOUT_FILE
+    if not path.exists():
+        return None
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise RecordError(f"{path}: {exc}") from exc
+    if not isinstance(d, dict) or not isinstance(d.get("quartiles"), list):
+        raise RecordError(f"{path}: no 'quartiles' list")
     return d

@@ -32,6 +32,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from dpfl.config import RunConfig
 from dpfl.interrupt import BackendLost, Interrupted
+from server.holdout import evaluate_holdout
 from server.round import STOP
 from server.state import Server
 
@@ -124,6 +125,8 @@ def run_server(grid: Grid, cfg: RunConfig, progress: bool = True, resume: bool =
             arrays, last = server.run_round(grid, t, arrays, node_of)
             timings["rounds"].append(time.perf_counter() - t0)  # with checkpoint and ledger completion
             bar.set_postfix(_progress_postfix(last))
+        bar.close()
+        evaluate_holdout(server, grid, node_of)  # --holdout-per-device: accuracy by activity quartile
     finally:
         server.ledger.close()
     return {"run_dir": str(server.rundir.path), "final": last.__dict__ if last else None, "delta": server.delta, "timings": timings}

@@ -23,7 +23,8 @@ def evaluate(server, t: int, arrays, out, clock) -> None:
         return
     m = server.evaluate(arrays, with_correct=release)
     if release:
-        out.extra.update(server.releases.release(t, m.pop("correct")))
+        keep = {k: v.numpy() for k, v in arrays.items()} if cfg.pc_weight > 0 else None  # the next rounds' teacher
+        out.extra.update(server.releases.release(t, m.pop("correct"), keep))
     for k in server.task.metric_names:
         if k in m:
             if k in ("accuracy", "macro_f1", "test_loss"):

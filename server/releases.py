@@ -9,8 +9,10 @@ what the previous one got right. For each release the server measures, on the te
 (Yan et al. 2021, "Positive-congruent training: towards regression-free model updates", CVPR,
 Sec. 3), against the previous release and, with ``--baseline-model``, against a model the user
 already ships. Both are computed from the released models and the public test split only, so
-they cost no privacy. :class:`ReleaseTracker` keeps the previous release's correctness (part of
-the server state, so a resumed run compares against the right release).
+they cost no privacy. :class:`ReleaseTracker` keeps the previous release's correctness and, for
+positive-congruent training (``--pc-weight``), its trainable parameters, which the server sends
+to the cohort as the teacher (part of the server state, so a resumed run compares against, and
+distils towards, the right release).
 """
 
 from __future__ import annotations
@@ -67,9 +69,12 @@ class ReleaseTracker:
         self.baseline_correct = None if baseline_correct is None else np.asarray(baseline_correct, dtype=bool)
         self.last_correct: np.ndarray | None = None
         self.last_round: int | None = None
+        #: the previous release's trainable parameters (kept only when asked, for --pc-weight)
+        self.last_arrays: dict[str, np.ndarray] | None = None
 
-    def release(self, t: int, correct: np.ndarray) -> dict[str, float | None | bool | int]:
-        """Record round ``t``'s release; return its metrics-line fields.
+    def release(self, t: int, correct: np.ndarray, arrays: dict[str, np.ndarray] | None = None) -> dict[str, float | None | bool | int]:
+        """Record round ``t``'s release (``arrays``: its trainable parameters, to keep as the
+        teacher of positive-congruent training); return its metrics-line fields.
 
         ``release`` (True), ``previous_release`` (round or None), ``nfr`` / ``pfr`` against the
         previous release (None at the first) and ``nfr_baseline`` / ``pfr_baseline`` (None
@@ -84,14 +89,17 @@ class ReleaseTracker:
         if self.baseline_correct is not None:
             out["nfr_baseline"], out["pfr_baseline"] = flip_rates(self.baseline_correct, correct)
         self.last_correct, self.last_round = correct, t
+        if arrays is not None:
+            self.last_arrays = {k: np.array(v, copy=True) for k, v in arrays.items()}
         return out
 
     def state_dict(self) -> dict:
         """The previous release (picklable; part of the server checkpoint)."""
-        return {"last_correct": self.last_correct, "last_round": self.last_round}
+        return {"last_correct": self.last_correct, "last_round": self.last_round, "last_arrays": self.last_arrays}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict`'s output."""
         state = state or {}
         self.last_correct = state.get("last_correct")
         self.last_round = state.get("last_round")
+        self.last_arrays = state.get("last_arrays")

@@ -31,6 +31,7 @@ from flwr.serverapp import Grid
 
 from dpfl.interrupt import BackendLost, Interrupted
 from protocol import messages as rec
+from protocol.arrays import record_from_numpy
 from protocol.messages import validate_update
 from rundir import EventRow
 from server.aggregation import RoundPlan
@@ -123,6 +124,7 @@ def select(server, t: int) -> Selection:
     The cohort is drawn from the run's secret :class:`dp.secure_random.NoiseSource`.
     """
     server.activity = server.pop.activity(t)
+    server.apply_deletions(t)
     q, hits = server.probabilities()
     return Selection(t, q, poisson_cohort(q, server.noise), hits)
 
@@ -193,7 +195,8 @@ def dispatch(server, grid: Grid, sel: Selection, arrays: ArrayRecord, prior: dic
 
     Each carries the trainable arrays, the round config (deadline, delta, and the example
     sampling rate in the aggregate placement), the run's settings, its device id and, in the
-    device placement, the device's past example-level events.
+    device placement, the device's past example-level events; with ``--pc-weight`` and a
+    previous release, that release's trainable parameters (``pc-teacher``).
     """
     cfg = server.cfg
     round_cfg = {"num-labels": server.num_labels, "target-delta": server.delta, "deadline": time.time() + cfg.round_deadline_seconds()}
@@ -203,12 +206,16 @@ def dispatch(server, grid: Grid, sel: Selection, arrays: ArrayRecord, prior: dic
     cohort_grid = CohortGrid(grid, [node_of[int(k)] for k in sel.cohort])
     msgs = list(server.strategy.configure_train(sel.round, arrays, ConfigRecord(round_cfg), cohort_grid))
     device_of = {n: d for d, n in node_of.items()}
+    teacher = server.releases.last_arrays if cfg.pc_weight > 0 else None
+    teacher_record = record_from_numpy(teacher) if teacher is not None else None
     out = []
     for m in msgs:  # the strategy's messages share one RecordDict: give each its own
         d = device_of[m.metadata.dst_node_id]
         content = RecordDict(dict(m.content.items()))
         content[rec.RUN] = run_record
         content[rec.DEVICE] = ConfigRecord({"device-id": d})
+        if teacher_record is not None:
+            content[rec.TEACHER] = teacher_record
         if server.placement == "device":
             hist = prior.get(d, [])
             content[rec.HISTORY] = ConfigRecord(

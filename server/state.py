@@ -35,6 +35,7 @@ from server.privacy import (
     example_event,
     largest_selection_probability,
 )
+from server.deletions import load_deletions
 from server.releases import ReleaseTracker
 from server.round import run_round as _run_round
 from server.selection import ActivitySelector
@@ -89,6 +90,9 @@ class Server:
         #: the secret source of every noise draw and sampling decision of the server
         self.noise = NoiseSource(cfg.seed if cfg.reproducible_noise else None)
         self.activity = self.pop.activity(1)  # a_k(1); updated each round in the continual setting
+        #: deletion requests (--deletions): device -> the round from which its data is gone
+        self.deletion_requests: dict[int, int] = load_deletions(cfg.deletions, self.pop.num_devices) if cfg.deletions else {}
+        self.deleted: set[int] = set()  # devices whose deletion round has come (never selected again)
         empty = int((self.activity == 0).sum())
         if empty:
             log.warning("%d devices hold no examples after partitioning; they are never selected", empty)
@@ -115,7 +119,7 @@ class Server:
         self.ledger.record_devices(self.activity, self.selector.probabilities(self.activity))
         self.rundir.write_config(cfg)
         write_canaries(self.rundir.path, self.pop, self.rundir.ledger_path, cfg.run_id)
-        self.task = task_for_data(cfg.task, self.pop.data, cfg.slot_loss_weight, pooling=cfg.pooling)
+        self.task = task_for_data(cfg.task, self.pop.data, cfg.slot_loss_weight, pooling=cfg.pooling, pc_weight=cfg.pc_weight)
         self.model = set_trainable(self.task.build_model(cfg.model, seed=cfg.seed), cfg.trainable, **cfg.lora_options())
         cache_frozen_encoder(self.model)  # --trainable head: the test split's features are computed once
         self.test_enc = self.task.encode(self.pop.data.test, load_tokenizer(cfg.model), cfg.max_length)
@@ -159,7 +163,8 @@ class Server:
     def probabilities(self) -> tuple[np.ndarray, list[tuple[int, str, float]]]:
         """q_k(t) after removing devices whose next round would exceed a budget (and those hits)."""
         cfg = self.cfg
-        q = self.selector.probabilities(self.activity, excluded=np.array(sorted(self.book.exhausted), dtype=np.int64))
+        gone = sorted(set(self.book.exhausted) | self.deleted)
+        q = self.selector.probabilities(self.activity, excluded=np.array(gone, dtype=np.int64))
         hits: list[tuple[int, str, float]] = []
         cand = np.flatnonzero(q > 0)
         if cfg.dp and self.book.budget["example"] is not None:
@@ -170,6 +175,19 @@ class Server:
             q[np.array([d for d, _, _ in hits], dtype=np.int64)] = 0.0
             log.warning("%d devices reached their privacy budget and will not be selected again", len(hits))
         return q, hits
+
+    def apply_deletions(self, t: int) -> None:
+        """Before round ``t``'s selection: every deletion request whose round has come takes effect
+        (the device is never selected again) and is recorded in the ledger with the first round the
+        device joined."""
+        due = sorted(d for d, r in self.deletion_requests.items() if r <= t and d not in self.deleted)
+        if not due:
+            return
+        joined = self.ledger.first_joined(due)
+        self.ledger.record_deletions([(d, self.deletion_requests[d], joined.get(d)) for d in due])
+        self.deleted.update(due)
+        log.warning("round %d: %d deletion request(s) in effect (devices %s); they are never selected again",
+                    t, len(due), ", ".join(map(str, due[:10])) + (" ..." if len(due) > 10 else ""))
 
     def account(self, out) -> None:
         """The round's privacy figures on its outcome: max epsilons so far, devices over budget."""
@@ -218,12 +236,10 @@ class Server:
         if self.average is not None:
             server_state["average"] = self.average.state_dict()
             server_state["iterate"] = {k: v.numpy() for k, v in (iterate or released).items()}
-        self.rundir.save_checkpoint(
-            self.model.state_dict(),
-            t,
-            {"attempt": self.attempt, "cohort_size": out.cohort_size, "metrics": out.to_json()},
-            server_state,
-        )
+        state = {"attempt": self.attempt, "cohort_size": out.cohort_size, "metrics": out.to_json()}
+        if self.cfg.round_checkpoints or self.cfg.deletions:  # for dpfl retrain
+            self.rundir.save_round_copy(t, trainable_state(self.model), state, server_state)
+        self.rundir.save_checkpoint(self.model.state_dict(), t, state, server_state)
 
     # ------------------------------------------------------------------ resume
     def _resume(self) -> None:

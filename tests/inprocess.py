@@ -77,12 +77,14 @@ class LocalGrid:
             self.sent.append(m)
             # tasks run synchronously here, before the server starts waiting: the harness keeps
             # them from tripping the device's "started after the deadline" check
-            m.content["config"]["deadline"] = time.time() + 3600.0
+            if "deadline" in m.content["config"]:
+                m.content["config"]["deadline"] = time.time() + 3600.0
             slept = []
             orig = capp.time.sleep
             capp.time.sleep = lambda s: slept.append(s)
             try:
-                reply = capp.train(m, self.contexts[m.metadata.dst_node_id])
+                handler = capp.evaluate if m.metadata.message_type == "evaluate" else capp.train
+                reply = handler(m, self.contexts[m.metadata.dst_node_id])
                 self.outgoing.append((self.nodes[m.metadata.dst_node_id], reply.content))
             except Exception as exc:  # the ClientApp raised: Flower replies with an Error
                 reply = Message(Error(code=0, reason=f"{type(exc).__name__}: {exc}"), reply_to=m)
@@ -110,5 +112,9 @@ def run_rounds(cfg, rounds=None, resume=False):
     for t in range(server.start_round, (rounds or cfg.rounds) + 1):
         arrays, out = server.run_round(grid, t, arrays, node_of)
         outs.append(out)
+    if (rounds or cfg.rounds) >= cfg.rounds:
+        from server.holdout import evaluate_holdout
+
+        evaluate_holdout(server, grid, node_of)
     server.ledger.close()
     return server, grid, arrays, outs

@@ -68,3 +68,32 @@ def test_a_run_records_flip_rates_at_each_release_and_against_a_baseline(tmp_pat
     assert all("nfr" not in r for r in rows_b if not r.get("release"))
     for r in releases:  # acc(new) - acc(baseline) = PFR - NFR
         assert r["pfr_baseline"] - r["nfr_baseline"] == pytest.approx(r["accuracy"] - rows[-1]["accuracy"], abs=1e-9)
+
+
+def test_pc_runs_send_the_previous_release_as_the_teacher(tmp_path, data_dir):
+    """With --pc-weight, every training message after the first release carries that release's
+    trainable parameters (and none before it); the release survives in the server checkpoint."""
+    from protocol import messages as rec
+    from protocol.arrays import array_view
+
+    cfg = toy_config(tmp_path / "pc", data_dir, rounds=3, release_every=1, pc_weight=1.0, noise_at="aggregate",
+                     server_ema=0.0)  # the release is the iterate
+    server, grid, arrays, _ = run_rounds(cfg)
+    by_round = {}
+    for m in grid.sent:
+        by_round.setdefault(int(m.content["config"]["server-round"]), []).append(m)
+    assert all(rec.TEACHER not in m.content.array_records for m in by_round[1])
+    last = {k: array_view(v).copy() for k, v in arrays.items()}
+    for t in (2, 3):
+        assert by_round[t] and all(rec.TEACHER in m.content.array_records for m in by_round[t])
+    teacher = by_round[3][0].content.array_records[rec.TEACHER]
+    # the round-3 teacher is round 2's release, not round 3's model
+    assert set(teacher.keys()) == set(last)
+    assert any(not np.array_equal(array_view(teacher[k]), last[k]) for k in last)
+    assert server.releases.state_dict()["last_arrays"].keys() == last.keys()
+    for k in last:
+        np.testing.assert_array_equal(server.releases.state_dict()["last_arrays"][k], last[k])
+
+    plain = toy_config(tmp_path / "plain", data_dir, rounds=2, release_every=1, noise_at="aggregate")
+    _, grid2, _, _ = run_rounds(plain)
+    assert all(rec.TEACHER not in m.content.array_records for m in grid2.sent)  # off without --pc-weight

@@ -72,11 +72,13 @@ from dp.accounting import (
     ACCOUNTANTS,
     DEFAULT_VALUE_DISCRETIZATION_INTERVAL,
     SubsampledGaussianEvent,
+    compute_epsilon,
     compute_epsilons,
     privacy_tier,
 )
+from partitions.activity import activity_quartiles
 from rundir import LedgerError, LedgerReader, RecordError, config_path, is_run_dir, ledger_path, read_metrics, write_summary
-from rundir import Summary
+from rundir import Summary, read_holdout
 from rundir import read_audit as read_audit_record
 from rundir.records import audit_path
 
@@ -113,6 +115,10 @@ class RunData:
     # continual setting: (round, device_id, uid) for every example a training device held
     holdings: list[tuple[int, int, int]] = field(default_factory=list)
     audit: dict[str, Any] | None = None  # RUN_DIR/audit/audit.json when present
+    holdout: dict[str, Any] | None = None  # RUN_DIR/holdout.json (--holdout-per-device)
+    holdout_releases: list[dict[str, Any]] = field(default_factory=list)  # ledger rows
+    deletions: list[dict[str, Any]] = field(default_factory=list)  # ledger rows (--deletions)
+    lineage: dict[str, Any] | None = None  # a `dpfl retrain` run's origin
 
 
 def read_config(run_dir: Path) -> dict[str, Any]:
@@ -162,6 +168,10 @@ def read_run(run_dir: Path) -> RunData:
     data.audit, audit_warning = read_audit(run_dir)
     if audit_warning:
         data.warnings.append(audit_warning)
+    try:
+        data.holdout = read_holdout(run_dir)
+    except RecordError as exc:
+        data.warnings.append(f"holdout.json could not be read ({exc}); the holdout section is left out.")
     if skipped:
         data.warnings.append(
             f"{skipped} line(s) of metrics.jsonl were incomplete or not JSON and were skipped "
@@ -200,6 +210,10 @@ def read_run(run_dir: Path) -> RunData:
             data.ledger_epsilon[unit] = reader.device_epsilons(unit)
         data.budget_events = [dataclasses.asdict(b) for b in reader.budget_events()]
         data.holdings = [(h.round, h.device_id, h.uid) for h in reader.holdings()]
+        data.holdout_releases = [dataclasses.asdict(h) for h in reader.holdout_releases()]
+        data.deletions = [dataclasses.asdict(d) for d in reader.deletions()]
+        lin = reader.lineage()
+        data.lineage = dataclasses.asdict(lin) if lin is not None else None
     except LedgerError as exc:
         raise ReportError(str(exc)) from exc
     finally:
@@ -361,20 +375,15 @@ def by_activity_quartile(data: RunData, unit: str, eps: dict[int, float]) -> lis
     never joined counted as 0), ``epsilon_median`` / ``epsilon_max`` (0 for a device that never
     joined). Empty list with fewer than 4 such devices.
     """
-    held = sorted((int(info.get("activity") or 0), d) for d, info in data.devices.items()
-                  if int(info.get("activity") or 0) > 0)
-    if len(held) < 4:
-        return []
+    activity = {d: int(info.get("activity") or 0) for d, info in data.devices.items()}
     out = []
-    n = len(held)
-    for q in range(4):
-        group = held[q * n // 4:(q + 1) * n // 4]
-        values = [float(eps.get(d, 0.0)) for _, d in group]
-        joined = [len({r[0] for r in data.events[unit].get(d, [])}) for _, d in group]
+    for q, group in enumerate(activity_quartiles(activity)):
+        values = [float(eps.get(d, 0.0)) for d in group]
+        joined = [len({r[0] for r in data.events[unit].get(d, [])}) for d in group]
         out.append({
             "quartile": q + 1,
-            "activity_min": group[0][0],
-            "activity_max": group[-1][0],
+            "activity_min": activity[group[0]],
+            "activity_max": activity[group[-1]],
             "devices": len(group),
             "devices_joined": sum(1 for j in joined if j > 0),
             "rounds_joined_mean": sum(joined) / len(group),
@@ -592,6 +601,70 @@ def budgets(cfg: dict[str, Any], dp_on: bool, device_dp: bool, budget_events: li
     return out
 
 
+def holdout_section(data: RunData, example_stats: dict[str, Any] | None, accountant: str,
+                    delta: float | None) -> dict[str, Any] | None:
+    """The holdout evaluation by activity quartile, beside the training examples' epsilon by the same quartiles.
+
+    Reads ``holdout.json`` (server.holdout) and recomputes the holdout examples' epsilon from
+    the ledger's ``holdout_releases`` rows: every holdout example was read by each such release,
+    one Gaussian mechanism of its noise multiplier (sensitivity 1), composed by ``accountant``.
+
+    Returns
+    -------
+    dict or None
+        ``{"fraction", "round", "noise_at", "noise_multiplier", "releases", "epsilon" (inf when
+        not noised), "devices_asked", "devices_replied", "quartiles": [holdout.json's quartile
+        + "epsilon_median" / "epsilon_max" of its training examples]}``; None without a holdout.
+    """
+    hold = data.holdout
+    if not hold:
+        return None
+    rows = data.holdout_releases
+    eps = None
+    if rows and delta is not None:
+        if all(float(r["noise_multiplier"]) > 0 for r in rows):
+            events = [SubsampledGaussianEvent(float(r["noise_multiplier"]), 1.0, 1) for r in rows]
+            eps = compute_epsilon(events, delta, accountant)
+        else:
+            eps = math.inf
+    by_q = {q["quartile"]: q for q in (example_stats or {}).get("by_activity_quartile") or []}
+    quartiles = [{**q, "epsilon_median": by_q.get(q["quartile"], {}).get("epsilon_median"),
+                  "epsilon_max": by_q.get(q["quartile"], {}).get("epsilon_max")} for q in hold.get("quartiles", [])]
+    return {"fraction": hold.get("fraction"), "round": hold.get("round"), "noise_at": hold.get("noise_at"),
+            "noise_multiplier": hold.get("noise_multiplier"), "releases": len(rows), "epsilon": eps,
+            "devices_asked": hold.get("devices_asked"), "devices_replied": hold.get("devices_replied"),
+            "quartiles": quartiles}
+
+
+def deletion_section(data: RunData, epsilon: dict[str, Any], delta: float | None) -> list[dict[str, Any]]:
+    """Each deletion request with what the run's guarantee says about the deleted device's data.
+
+    For device k deleted from round r: ``first_joined``, ``rounds_joined`` (its rounds with an
+    example- or device-level event, all before r), ``examples`` (its starting activity n_k),
+    ``epsilon_example`` (per example, at ``delta``) and ``epsilon_device`` (device level, when
+    the run has it), and ``group`` (example-level DP extended to all n_k examples by group
+    privacy: (n_k eps, n_k e^((n_k - 1) eps) delta), Dwork & Roth 2014, Theorem 2.2 and its
+    approximate-DP form; ``delta`` None when that exceeds 1, where the bound says nothing).
+    """
+    out = []
+    ex = ((epsilon.get("example") or {}).get("per_device") or {})
+    dv = ((epsilon.get("device") or {}).get("per_device") or {})
+    for d in data.deletions:
+        k = int(d["device_id"])
+        joined = sorted({r[0] for u in UNITS for r in data.events[u].get(k, [])})
+        n = int((data.devices.get(k) or {}).get("activity") or 0)
+        e = ex.get(k)
+        group = None
+        if e is not None and n > 0 and delta is not None and math.isfinite(e):
+            g_delta = n * math.exp(min((n - 1) * e, 700.0)) * delta
+            group = {"epsilon": n * e, "delta": g_delta if g_delta <= 1 else None}
+        out.append({"device_id": k, "round": int(d["round"]), "first_joined": d.get("first_joined"),
+                    "rounds_joined": len(joined), "last_joined": joined[-1] if joined else None, "examples": n,
+                    "epsilon_example": e if k in ex else (0.0 if not joined else None),
+                    "epsilon_device": dv.get(k), "group": group})
+    return out
+
+
 def compute_summary(data: RunData, baseline: RunData | None = None,
                     max_curve_points: int = MAX_CURVE_POINTS) -> dict[str, Any]:
     """Everything the report states, as a dict (inf kept as ``math.inf`` here).
@@ -713,6 +786,10 @@ def compute_summary(data: RunData, baseline: RunData | None = None,
     rel = releases(data.metrics)
     if rel:
         summary["releases"] = rel
+    summary["pc_weight"] = float(cfg.get("pc_weight") or 0.0)
+    summary["holdout"] = holdout_section(data, summary["epsilon"].get("example"), accountant, delta)
+    summary["deletions"] = deletion_section(data, summary["epsilon"], delta)
+    summary["lineage"] = data.lineage
     summary["skipped_rounds"] = [m["round"] for m in data.metrics if m.get("skipped")]
     if delta is not None:
         summary["delta_vs_units"] = {

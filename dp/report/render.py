@@ -259,6 +259,8 @@ def blocks(summary: dict[str, Any], images: dict[str, Path]) -> list[Block]:
     out += budget_blocks(summary)
     out += utility_blocks(summary, images)
     out += releases_blocks(summary, images)
+    out += holdout_blocks(summary)
+    out += deletion_blocks(summary)
     return out
 
 
@@ -282,6 +284,20 @@ def _title_blocks(summary: dict[str, Any]) -> list[Block]:
         f"of {fmt(summary['rounds_planned'])} planned. Numbers cover the committed rounds only."
     )
     out.append(("p", state))
+    lin = summary.get("lineage")
+    if lin:
+        removed = ", ".join(map(str, lin["removed_devices"]))
+        out.append(("p", f"Retrained for exact removal (dpfl retrain): this run continues run {lin['parent_run_id']} "
+                         f"({lin['parent_dir']}) from round {lin['from_round']} without device(s) {removed}, whose "
+                         "deletion requests that run recorded. The ledger showed no privacy event of these devices "
+                         f"before round {lin['from_round']}, so rounds 1-{lin['from_round'] - 1} (kept from that run, "
+                         "with their privacy events) never read their data, and from round "
+                         f"{lin['from_round']} on they were never selected: no model of this run was computed from "
+                         "their data." if lin["from_round"] > 1 else
+                         f"Retrained for exact removal (dpfl retrain): this run retrains run {lin['parent_run_id']} "
+                         f"({lin['parent_dir']}) from scratch without device(s) {removed}, whose deletion requests "
+                         "that run recorded; they were never selected, so no model of this run was computed from "
+                         "their data."))
     return out
 
 
@@ -734,6 +750,7 @@ def releases_blocks(summary: dict[str, Any], images: dict[str, Path]) -> list[Bl
     rel = summary.get("releases") or []
     if not rel:
         return []
+    pc = float(summary.get("pc_weight") or 0.0)
     with_baseline = any(r.get("nfr_baseline") is not None or r.get("pfr_baseline") is not None for r in rel)
     rounds = ", ".join(str(r["round"]) for r in rel)
     out: list[Block] = [("h", 2, "Releases")]
@@ -744,7 +761,12 @@ def releases_blocks(summary: dict[str, Any], images: dict[str, Path]) -> list[Bl
                      "the share the previous release got wrong and this one gets right (Yan et al. 2021, "
                      "\"Positive-congruent training: towards regression-free model updates\", CVPR)."
                      + (" The first release has no previous release, so its flip rates against it are n/a."
-                        if rel[0].get("nfr") is None else "")))
+                        if rel[0].get("nfr") is None else "")
+                     + (f" Positive-congruent training was on (--pc-weight {fmt(pc)}): after the first release each "
+                        "device's per-example loss added the focal distillation term towards the previous release "
+                        "on the examples that release classified correctly (Yan et al. 2021), inside the loss whose "
+                        "per-example gradients are clipped, so it added no privacy cost; the previous release, "
+                        "a released model, was sent to the cohort." if pc > 0 else "")))
     header = ["release round", "accuracy", "NFR vs previous", "PFR vs previous"]
     keys = ["accuracy", "nfr", "pfr"]
     if with_baseline:
@@ -759,6 +781,83 @@ def releases_blocks(summary: dict[str, Any], images: dict[str, Path]) -> list[Bl
     if "accuracy_nfr_per_release" in images:
         out.append(("img", "accuracy_nfr_per_release", "Accuracy and NFR per release (test split; x = release "
                                                        "round; NFR against the previous release)."))
+    return out
+
+
+def holdout_blocks(summary: dict[str, Any]) -> list[Block]:
+    """The "Who the model serves" section: holdout accuracy of the final model by activity quartile,
+    beside the training examples' epsilon by the same quartiles; nothing without ``--holdout-per-device``."""
+    h = summary.get("holdout")
+    if not h:
+        return []
+    noise_at = h.get("noise_at")
+    sigma = fmt(h.get("noise_multiplier"))
+    how = {
+        "aggregate": f"Each device sent the server its count of correct predictions; the server added Gaussian noise of "
+                     f"std {sigma} once to each quartile's sum (central DP, as the run's training noise).",
+        "device": f"Each device added Gaussian noise of std {sigma} to its own count of correct predictions before "
+                  "sending it (as the run's training noise, on the device).",
+        "none": "The run is not private: the counts are exact and nothing protects the holdout examples.",
+    }.get(noise_at, "")
+    eps = h.get("epsilon")
+    guarantee = ("" if noise_at == "none" or eps is None else
+                 f" One holdout example changes one count by at most 1, and each holdout example was read by "
+                 f"{h.get('releases', 1)} such release(s): its guarantee is epsilon {fmt(eps)} at delta "
+                 f"{fmt(summary.get('delta'))}, separate from the training examples' (holdout examples never train; "
+                 "training examples are never evaluated). The number of holdout examples per device, "
+                 "floor(F n_k), follows from its size, which the server sees as it sees the activity; it was "
+                 "not sent.")
+    out: list[Block] = [("h", 2, "Who the model serves")]
+    out.append(("p", f"Each device kept a fraction {fmt(h.get('fraction'))} of its examples out of training (the "
+                     "same seeded split in every process). After round "
+                     f"{h.get('round')} the final released model was evaluated on them: "
+                     f"{h.get('devices_replied')} of {h.get('devices_asked')} devices asked replied. {how}{guarantee}"))
+    rows = []
+    for q in h.get("quartiles") or []:
+        acc = "n/a" if q.get("accuracy") is None else f"{fmt(q['accuracy'])} ± {fmt(q.get('noise_std_accuracy'))}"
+        rows.append([f"Q{q['quartile']}", f"{q['activity_min']}-{q['activity_max']}", str(q["devices"]),
+                     str(q["devices_evaluated"]), str(q["examples"]), acc, fmt(q.get("epsilon_median")),
+                     fmt(q.get("epsilon_max"))])
+    out.append(("table", ["quartile", "activity", "devices", "evaluated", "holdout examples",
+                          "accuracy (± noise std)", "median epsilon (training)", "max epsilon (training)"], rows))
+    out.append(("p", "Quartiles as in the epsilon section: devices holding data sorted by starting activity, Q1 the "
+                     "lightest. Accuracy is the noisy count over the quartile's holdout examples, clipped to [0, 1]; "
+                     "the ± gives the noise's standard deviation on it. The epsilon columns are the example-level "
+                     "epsilon of the quartile's devices' training examples."))
+    return out
+
+
+def deletion_blocks(summary: dict[str, Any]) -> list[Block]:
+    """The "Deletion requests" section: each request, what the run did, and what its guarantee says
+    about the deleted data; nothing for a run without requests."""
+    dels = summary.get("deletions") or []
+    if not dels:
+        return []
+    delta = summary.get("delta")
+    out: list[Block] = [("h", 2, "Deletion requests")]
+    out.append(("p", f"{len(dels)} device(s) asked to be forgotten (--deletions). From its request's round on a "
+                     "device is never selected again and is not asked for a holdout evaluation; the ledger records "
+                     "each request (table deletions). Models released before that round were trained while the "
+                     "device took part, and they stay released: removal from them is not exact."))
+    rows = []
+    for d in dels:
+        g = d.get("group")
+        group = ("n/a" if g is None else
+                 f"{fmt(g['epsilon'])} at delta {fmt(g['delta'])}" if g.get("delta") is not None else
+                 f"{fmt(g['epsilon'])} (delta > 1: no bound)")
+        rows.append([str(d["device_id"]), str(d["round"]), fmt(d.get("first_joined")), str(d["rounds_joined"]),
+                     str(d["examples"]), fmt(d.get("epsilon_example")), group, fmt(d.get("epsilon_device"))])
+    out.append(("table", ["device", "from round", "first joined", "rounds joined", "examples",
+                          "example-level epsilon", "all its examples (group privacy)", "device-level epsilon"], rows))
+    out.append(("p", "What the guarantee says about the deleted data. Example-level DP bounds what every release "
+                     "reveals about any ONE example of the device (the example-level epsilon above, at delta "
+                     f"{fmt(delta)}). It does not cover the device's data as a whole: group privacy extends it to all "
+                     "n_k examples only as (n_k epsilon, n_k e^((n_k - 1) epsilon) delta) (Dwork & Roth 2014, Theorem "
+                     "2.2), which for more than a few examples says little. Device-level DP (--device-dp) covers "
+                     "the whole device directly (device-level epsilon column, when the run has it). For exact "
+                     "removal, `dpfl retrain RUN_DIR --from-round T` retrains from the kept checkpoint before the "
+                     "first round T in which any deleted device joined; a device that never joined left no trace "
+                     "in any model."))
     return out
 
 

@@ -1,0 +1,137 @@
+"""The holdout evaluation (``--holdout-per-device F``): whom the final model serves, by activity quartile.
+
+Each device keeps a fraction F of its examples out of training (partitions.population.split_holdout).
+After the last round the server sends the final released model to every device that has holdout
+examples; each replies with how many of them the model classifies correctly. These counts are
+statistics of the devices' data, so they are released only with Gaussian noise and accounted:
+
+* noise on the device (``--noise-at device``): the device adds N(0, sigma_h^2) to its own count;
+* noise on the aggregate (central DP): the server adds N(0, sigma_h^2) once to each quartile's sum;
+* a non-private run sends exact counts (the report says the run is not private).
+
+One holdout example changes one device's count by at most 1 (sensitivity 1), and every holdout
+example is read by exactly one such release, so its guarantee is that of one Gaussian mechanism
+with noise multiplier sigma_h (``--holdout-noise-multiplier``), accounted with the run's
+accountant at the run's delta. Holdout examples never train and training examples are never
+evaluated, so the two guarantees cover disjoint examples. The number of holdout examples of a
+device, floor(F n_k), follows from its size, which the server sees as it sees the activity: it
+is not sent and needs no noise. The ledger records the release (``holdout_releases``) before
+any message leaves; the result goes to ``holdout.json`` (rundir).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+
+from dp.accounting import SubsampledGaussianEvent, compute_epsilon
+from partitions.activity import activity_quartiles
+from protocol import messages as rec
+from protocol.arrays import record_from_state, trainable_state
+from rundir import read_holdout, write_holdout
+
+log = logging.getLogger("dpfl.server")
+
+__all__ = ["evaluate_holdout", "holdout_epsilon"]
+
+
+def holdout_epsilon(noise_multiplier: float, releases: int, delta: float, accountant: str) -> float:
+    """Epsilon (at ``delta``) of a holdout example read by ``releases`` Gaussian count releases of
+    noise multiplier sigma_h (sensitivity 1): ``releases`` composed Gaussian mechanisms
+    (dp-accounting through :func:`dp.accounting.compute_epsilon`); infinity when sigma_h is 0."""
+    if noise_multiplier <= 0:
+        return float("inf")
+    return float(compute_epsilon([SubsampledGaussianEvent(float(noise_multiplier), 1.0, int(releases))], delta, accountant))
+
+
+def _send_and_receive(grid, msgs: list[Message], timeout: float) -> list[Message]:
+    replies: list[Message] = []
+    ids = list(grid.push_messages(msgs))
+    deadline = time.time() + timeout
+    while ids and time.time() < deadline:
+        got = list(grid.pull_messages(ids))
+        replies += got
+        done = {m.metadata.reply_to_message_id for m in got}
+        ids = [i for i in ids if i not in done]
+        if ids:
+            time.sleep(0.2)
+    return replies
+
+
+def evaluate_holdout(server, grid, node_of: dict[int, int]) -> dict | None:
+    """Evaluate the final released model on every device's holdout examples; write ``holdout.json``.
+
+    Does nothing without ``--holdout-per-device`` or when the evaluation of the last round is
+    already on record (a resumed finished run). Deleted devices (``--deletions``) are not asked.
+
+    Returns
+    -------
+    dict or None
+        The ``holdout.json`` payload: per activity quartile (Q1 lightest, the report's split)
+        ``devices``, ``devices_evaluated`` (replied), ``examples`` (their holdout examples),
+        ``accuracy`` (noisy correct count / examples, clipped to [0, 1]; None without examples)
+        and ``noise_std_accuracy`` (the noise's std on that accuracy); ``epsilon`` of a holdout
+        example at ``target_delta``.
+    """
+    cfg = server.cfg
+    if cfg.holdout_per_device <= 0:
+        return None
+    t = cfg.rounds
+    if server.ledger.holdout_done(t):
+        return read_holdout(server.rundir.path)
+    pop = server.pop
+    deleted = set(server.deleted)
+    sizes = {d: len(pop.holdout_rows(d)) for d in range(pop.num_devices)}
+    asked = [d for d, h in sizes.items() if h > 0 and d not in deleted]
+    noise_at = server.placement if cfg.dp else "none"
+    sigma = float(cfg.holdout_noise_multiplier) if cfg.dp else 0.0
+    server.ledger.record_holdout(t, server.attempt, sigma, noise_at, len(asked), sum(sizes[d] for d in asked))
+    arrays = record_from_state(trainable_state(server.model))  # the final release (checkpointed)
+    run_record = ConfigRecord(cfg.to_dict_flat())
+    round_cfg = ConfigRecord({"server-round": t, "holdout-noise": sigma if noise_at == "device" else 0.0})
+    msgs = [Message(RecordDict({rec.ARRAYS: arrays, rec.RUN: run_record, rec.CONFIG: round_cfg,
+                                rec.DEVICE: ConfigRecord({"device-id": d})}),
+                    dst_node_id=node_of[d], message_type=MessageType.EVALUATE) for d in asked]
+    device_of = {n: d for d, n in node_of.items()}
+    counts: dict[int, float] = {}
+    for reply in _send_and_receive(grid, msgs, cfg.round_deadline_seconds()):
+        d = device_of.get(reply.metadata.src_node_id)
+        if d is None or reply.has_error():
+            continue
+        value, why = rec.validate_holdout_reply(reply.content)
+        if why is None:
+            counts[d] = value
+        else:
+            log.warning("holdout evaluation: device %d's reply rejected (%s)", d, why)
+    if len(counts) < len(asked):
+        log.warning("holdout evaluation: %d of %d devices did not reply; their examples are left out",
+                    len(asked) - len(counts), len(asked))
+    activity = {d: int(a) for d, a in enumerate(pop.activity(1))}
+    quartiles = []
+    for q, group in enumerate(activity_quartiles(activity)):
+        evaluated = [d for d in group if d in counts]
+        examples = sum(sizes[d] for d in evaluated)
+        total = sum(counts[d] for d in evaluated)
+        std = 0.0
+        if noise_at == "aggregate":
+            total += float(server.noise.normal_numpy((1,), sigma)[0])
+            std = sigma
+        elif noise_at == "device":
+            std = sigma * float(np.sqrt(len(evaluated)))
+        quartiles.append({
+            "quartile": q + 1, "activity_min": activity[group[0]], "activity_max": activity[group[-1]],
+            "devices": len(group), "devices_evaluated": len(evaluated), "examples": examples,
+            "accuracy": min(1.0, max(0.0, total / examples)) if examples else None,
+            "noise_std_accuracy": std / examples if examples else None,
+        })
+    eps = holdout_epsilon(sigma, 1, server.delta, cfg.accountant)
+    payload = {
+        "version": 1, "round": t, "fraction": cfg.holdout_per_device, "noise_multiplier": sigma, "noise_at": noise_at,
+        "epsilon": eps if np.isfinite(eps) else None, "target_delta": server.delta, "accountant": cfg.accountant,
+        "devices_asked": len(asked), "devices_replied": len(counts), "quartiles": quartiles,
+    }
+    write_holdout(server.rundir.path, payload)
+    return payload
