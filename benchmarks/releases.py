@@ -6,7 +6,8 @@ Each arm is one ``dpfl simulate`` run on BANKING77 (``--data-dir``, default
 example-level DP with the noise on the aggregate, target epsilon 8 at delta 1e-5, MiniLM with a
 frozen encoder, every 5th round a release, and 20% of every device's examples held out of
 training (``--holdout-per-device 0.2``) for the final per-device evaluation. An arm is
-``SELECTION:PC`` (``activity`` or ``uniform`` selection; PC the ``--pc-weight``, 0 = off).
+``SELECTION:PC[:SEED]`` (``activity`` or ``uniform`` selection; PC the ``--pc-weight``, 0 = off;
+SEED the run seed, default 0: it sets the partition and the model's initialisation, never the noise).
 
 Usage::
 
@@ -41,10 +42,11 @@ def _finished(run_dir: Path) -> bool:
 
 def run_arm(out: Path, arm: str, data_dir: str, extra: list[str]) -> tuple[Path, str, float]:
     """Run (or reuse) one arm; returns (run_dir, command, seconds; NaN when reused)."""
-    selection, pc = arm.split(":")
-    run_dir = out / f"{selection}-pc{pc}"
+    selection, pc, *rest = arm.split(":")
+    seed = rest[0] if rest else "0"
+    run_dir = out / (f"{selection}-pc{pc}" + (f"-seed{seed}" if seed != "0" else ""))
     cmd = ["dpfl", "simulate", "--run-dir", str(run_dir), "--data-dir", data_dir, "--selection", selection,
-           "--pc-weight", pc, *COMMON, *extra]
+           "--pc-weight", pc, "--seed", seed, *COMMON, *extra]
     text = " ".join(shlex.quote(c) for c in cmd)
     if _finished(run_dir):
         print(f"[reuse] {run_dir}", flush=True)
@@ -85,9 +87,29 @@ def _f(x, nd=3) -> str:
 def write_tables(results: dict[str, dict], commands: dict[str, str], seconds: dict[str, float], out: Path) -> str:
     lines = ["# Releases: flip rates with and without positive-congruent training; accuracy and epsilon by quartile", ""]
     lines += ["| arm | final accuracy | example-level epsilon (max) | mean NFR over releases | seconds |", "|---|---|---|---|---|"]
+    # (seconds: wall time of the arm's run on this machine; an arm read back from an earlier run shows -)
     for arm, r in results.items():
         lines.append(f"| {arm} | {_f(r['final_accuracy'])} | {_f(r['epsilon_max'], 2)} at delta {r['delta']:g} | "
                      f"{_f(r['nfr_mean'])} | {_f(seconds.get(arm), 0)} |")
+    groups: dict[str, list[dict]] = {}
+    for arm, r in results.items():
+        selection, pc, *_ = arm.split(":")
+        groups.setdefault(f"{selection}:{pc}", []).append(r)
+    if any(len(g) > 1 for g in groups.values()):
+        lines += ["", "Mean over seeds (± standard deviation; NFR is each run's mean over its releases after the first):", "",
+                  "| selection:pc-weight | seeds | final accuracy | mean NFR | Q1 holdout accuracy | Q4 holdout accuracy |",
+                  "|---|---|---|---|---|---|"]
+        for key, rs in groups.items():
+            def ms(vals):
+                vals = [v for v in vals if v is not None]
+                if not vals:
+                    return "-"
+                m = sum(vals) / len(vals)
+                sd = (sum((v - m) ** 2 for v in vals) / (len(vals) - 1)) ** 0.5 if len(vals) > 1 else 0.0
+                return f"{m:.3f} ± {sd:.3f}"
+            q = lambda r, i: r["quartiles"][i]["accuracy"] if len(r["quartiles"]) == 4 else None  # noqa: E731
+            lines.append(f"| {key} | {len(rs)} | {ms([r['final_accuracy'] for r in rs])} | {ms([r['nfr_mean'] for r in rs])} | "
+                         f"{ms([q(r, 0) for r in rs])} | {ms([q(r, 3) for r in rs])} |")
     lines += ["", "Per release (accuracy / NFR / PFR against the previous release):", ""]
     rounds = sorted({x["round"] for r in results.values() for x in r["releases"]})
     lines += ["| arm | " + " | ".join(f"round {t}" for t in rounds) + " |", "|---|" + "---|" * len(rounds)]

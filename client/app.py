@@ -313,6 +313,7 @@ def evaluate(msg: Message, context: Context) -> Message:
         correct = float(np.asarray(task.evaluate(model, data, with_correct=True)["correct"]).sum())
     sigma = float(msg.content["config"]["holdout-noise"])
     if sigma > 0:
-        noise = _noise_source(cfg, int(msg.content["config"]["server-round"]), device_id)
+        # (with --reproducible-noise a stream of its own, not the last round's training stream)
+        noise = _noise_source(cfg, -int(msg.content["config"]["server-round"]), device_id)
         correct += float(noise.normal_numpy((1,), sigma)[0])
     return Message(RecordDict({rec.HOLDOUT: MetricRecord({"correct": correct})}), reply_to=msg)

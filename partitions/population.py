@@ -171,7 +171,8 @@ def population_for_key(key: tuple) -> Population:
     devices = tuple(np.asarray(d, dtype=np.int64) for d in devices)
     holdout: tuple = ()
     if holdout_fraction > 0:
-        devices, holdout = split_holdout(devices, holdout_fraction, seed)
+        uids = np.asarray(data.train.select_columns(["uid"]).with_format("numpy")[:]["uid"])
+        devices, holdout = split_holdout(devices, holdout_fraction, seed, uids)
     canaries, records = (), ()
     if n_canaries:
         data, devices, canaries, records = insert_canaries(data, devices, n_canaries, canary_repeats, seed)
@@ -186,33 +187,54 @@ def population_for_key(key: tuple) -> Population:
 HOLDOUT_SEED_OFFSET = 0x401D
 
 
-def split_holdout(devices: tuple, fraction: float, seed: int) -> tuple[tuple, tuple]:
-    """Split each device's rows into training rows and a holdout of ``floor(fraction * n_k)`` rows.
+def split_holdout(devices: tuple, fraction: float, seed: int, uids: np.ndarray | None = None) -> tuple[tuple, tuple]:
+    """Split each device's rows into training rows and holdout rows: each example is in the holdout
+    with probability ``fraction``, independently, decided by a keyed hash of (run seed, its uid).
 
-    The holdout rows of device k are a uniformly random subset drawn from
-    ``numpy.random.default_rng([seed, HOLDOUT_SEED_OFFSET, k])``: deterministic in the run seed
-    (every process, a resumed run and ``dpfl retrain`` see the same split) and independent of
-    the data. The accountant treats nothing about the split as secret: a holdout example never
-    enters training and a training example is never evaluated, so each is accounted for the one
-    mechanism that reads it. Canaries are inserted after the split and always train. Every
-    device with n_k >= 1 keeps at least one training row (``fraction`` < 1).
+    Membership depends on nothing but the example's own stable id and the seed: every process, a
+    resumed run and ``dpfl retrain`` see the same split, and adding or removing one example
+    changes no other example's membership. So a holdout example is read only by the holdout
+    evaluation and a training example only by training (neighbouring data sets differ in one
+    of the two). The accountant treats nothing about the split as secret. Canaries are inserted
+    after the split and always train.
+
+    Parameters
+    ----------
+    devices : tuple of int64 arrays
+        Each device's train rows.
+    fraction : float
+        F in [0, 1).
+    seed : int
+    uids : numpy.ndarray, optional
+        Stable id of every train row (``uid`` column); default: the row index.
 
     Returns
     -------
     (train, holdout) : two tuples of int64 arrays, one per device, each in the original row order.
+
+    Raises
+    ------
+    ValueError
+        If ``fraction`` is not in [0, 1).
     """
+    import hashlib
+
     if not 0 <= fraction < 1:
         raise ValueError(f"--holdout-per-device: must be in [0, 1), got {fraction}")
-    train, held_out = [], []
-    for k, rows in enumerate(devices):
+    key = hashlib.blake2b(f"{int(seed)}:{HOLDOUT_SEED_OFFSET}".encode(), digest_size=16).digest()
+
+    def held_out(uid: int) -> bool:
+        h = hashlib.blake2b(str(int(uid)).encode(), digest_size=8, key=key).digest()
+        return int.from_bytes(h, "big") / 2.0**64 < fraction
+
+    train, hold = [], []
+    for rows in devices:
         rows = np.asarray(rows, dtype=np.int64)
-        h = int(np.floor(fraction * len(rows)))
-        rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, HOLDOUT_SEED_OFFSET, k])
-        mask = np.zeros(len(rows), dtype=bool)
-        mask[rng.permutation(len(rows))[:h]] = True
+        ids = rows if uids is None else np.asarray(uids)[rows]
+        mask = np.fromiter((held_out(u) for u in ids), dtype=bool, count=len(rows))
         train.append(rows[~mask])
-        held_out.append(rows[mask])
-    return tuple(train), tuple(held_out)
+        hold.append(rows[mask])
+    return tuple(train), tuple(hold)
 
 
 #: Offset mixed into the run seed for the canary draw, so it does not repeat the partition's draws.

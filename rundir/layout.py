@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from ._files import (
-    AUDIT_DIR, AUDIT_FILE, CANARIES_FILE, CHECKPOINTS_DIR, CONFIG_FILE, GLOBAL_MODEL_FILE, LEDGER_FILE,
+    AUDIT_DIR, AUDIT_FILE, CANARIES_FILE, CHECKPOINTS_DIR, CONFIG_FILE, DELETIONS_FILE, GLOBAL_MODEL_FILE, LEDGER_FILE,
     METRICS_FILE, REPORT_DIR, ROC_FILE, ROUNDS_DIR, STATE_FILE, SUMMARY_FILE, atomic_write,
 )
 from . import metrics as _metrics
@@ -222,6 +222,25 @@ class RunDir:
         for old in list(ck.glob("global-r*.pt")) + list(ck.glob("server-r*.pkl")):
             if old.name not in (model_name, server_name):
                 old.unlink(missing_ok=True)
+
+    def keep_deletions(self, source: str | os.PathLike) -> Path:
+        """Copy the deletion requests file into the run directory (``deletions.txt``) and return the copy's path.
+
+        Raises
+        ------
+        RunDirError
+            If ``source`` cannot be read (naming it).
+        """
+        dest = self.path / DELETIONS_FILE
+        src = Path(source)
+        if src.resolve() == dest.resolve():
+            return dest
+        try:
+            data = src.read_bytes()
+        except OSError as exc:
+            raise RunDirError(f"--deletions {src}: cannot read it ({exc.strerror or exc})") from exc
+        atomic_write(dest, data)
+        return dest
 
     def save_round_copy(self, round_: int, trainable: Mapping[str, Any], state: dict | None, server_state: object) -> None:
         """Keep round ``round_``'s trainable parameters, ``state.json`` content and server state under

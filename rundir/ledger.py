@@ -34,6 +34,11 @@ Schema (``ledger.sqlite``)::
                                                                  a run made by ``dpfl retrain``: rounds
                                                                  1..from_round-1 are the parent's, retrained
                                                                  from there without ``removed_devices`` (JSON)
+    replaced_events(run_id, round, attempt, device_id, unit, noise_multiplier, sample_rate, steps, max_grad_norm)
+                                                                 a retrained run's copy of the parent's events
+                                                                 of the rounds it replaces (not composed into
+                                                                 its guarantee, which assumes those models are
+                                                                 withdrawn; the report gives both)
 
 Units: epsilons in nats at the stated ``target_delta``; ``sample_rate`` is a probability;
 ``max_grad_norm`` in the gradient's (or update's, device level) L2 norm; ``completed`` and
@@ -107,6 +112,9 @@ CREATE TABLE IF NOT EXISTS holdout_releases(
 CREATE TABLE IF NOT EXISTS deletions(
     run_id TEXT, device_id INTEGER, round INTEGER, recorded REAL, first_joined INTEGER,
     PRIMARY KEY(run_id, device_id));
+CREATE TABLE IF NOT EXISTS replaced_events(
+    run_id TEXT, round INTEGER, attempt INTEGER, device_id INTEGER, unit TEXT, noise_multiplier REAL,
+    sample_rate REAL, steps INTEGER, max_grad_norm REAL);
 CREATE TABLE IF NOT EXISTS lineage(
     run_id TEXT PRIMARY KEY, parent_run_id TEXT, parent_dir TEXT, from_round INTEGER, removed_devices TEXT,
     created REAL);
@@ -301,12 +309,6 @@ class Ledger:
             self.conn.execute("INSERT OR REPLACE INTO holdout_releases VALUES (?,?,?,?,?,?,?)",
                               (self.run_id, round_, attempt, float(noise_multiplier), noise_at, int(devices), int(examples)))
 
-    def holdout_done(self, round_: int) -> bool:
-        """Whether a holdout evaluation of round ``round_`` is on record (any attempt)."""
-        row = self.conn.execute("SELECT COUNT(*) FROM holdout_releases WHERE run_id=? AND round=?",
-                                (self.run_id, round_)).fetchone()
-        return bool(row[0])
-
     def record_deletions(self, requests: Iterable[tuple[int, int, int | None]]) -> None:
         """Record deletion requests ``(device_id, round, first_joined)`` (idempotent: a device's first request stands)."""
         rows = [(self.run_id, int(d), int(t), time.time(), None if j is None else int(j)) for d, t, j in requests]
@@ -327,9 +329,11 @@ class Ledger:
                                json.dumps(sorted(int(d) for d in removed_devices)), time.time()))
 
     def copy_rounds_from(self, parent: Path, parent_run_id: str, last_round: int) -> None:
-        """Copy the parent run's devices, privacy events, epsilons, budget hits, holdings, lost updates
-        and completed rounds of rounds 1..``last_round`` into this ledger, under this run's id (for
-        ``dpfl retrain``: those rounds' models are kept, so their privacy was spent)."""
+        """Copy into this ledger, under this run's id (for ``dpfl retrain``): the parent run's devices,
+        and its privacy events, budget hits, holdings, lost updates and completed rounds of rounds
+        1..``last_round`` (the rounds the retrain keeps: their models were released and are part of
+        this run); the parent's events of later rounds go to ``replaced_events`` (the models this
+        run replaces, accounted apart)."""
         self.conn.execute("ATTACH DATABASE ? AS parent", (f"file:{Path(parent)}?mode=ro",))
         try:
             with self.conn:
@@ -341,6 +345,9 @@ class Ledger:
                                   " steps, max_grad_norm, attempt) SELECT ?, round, device_id, unit, noise_multiplier,"
                                   " sample_rate, steps, max_grad_norm, attempt FROM parent.privacy_events"
                                   " WHERE run_id=? AND round<=? ORDER BY id", (*p, last_round))
+                self.conn.execute("INSERT INTO replaced_events SELECT ?, round, attempt, device_id, unit, noise_multiplier,"
+                                  " sample_rate, steps, max_grad_norm FROM parent.privacy_events"
+                                  " WHERE run_id=? AND round>? ORDER BY id", (*p, last_round))
                 self.conn.execute("INSERT OR REPLACE INTO budget_events SELECT ?, device_id, unit, round, epsilon"
                                   " FROM parent.budget_events WHERE run_id=? AND round<=?", (*p, last_round))
                 self.conn.execute("INSERT OR REPLACE INTO example_holdings SELECT ?, round, device_id, uid"
@@ -726,6 +733,16 @@ class LedgerReader:
         return [HoldoutRelease(int(t), int(a), float(s), str(p), int(d), int(n)) for t, a, s, p, d, n in self._query(
             f"SELECT round, attempt, noise_multiplier, noise_at, devices, examples FROM holdout_releases{where}"
             " ORDER BY round, attempt", params)]
+
+    def replaced_events(self) -> list[PrivacyEvent]:
+        """A retrained run's copy of its parent's events of the replaced rounds (``id`` is their order); [] otherwise."""
+        if not self.has_table("replaced_events"):
+            return []
+        where, params = self._where()
+        return [PrivacyEvent(i, int(t), int(a), int(d), u, float(s), float(q), int(n), m)
+                for i, (t, a, d, u, s, q, n, m) in enumerate(self._query(
+                    f"SELECT round, attempt, device_id, unit, noise_multiplier, sample_rate, steps, max_grad_norm"
+                    f" FROM replaced_events{where} ORDER BY rowid", params))]
 
     def deletions(self) -> list[Deletion]:
         """Deletion requests on record, by round and device; [] when there is none."""

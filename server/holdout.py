@@ -10,19 +10,20 @@ statistics of the devices' data, so they are released only with Gaussian noise a
 * a non-private run sends exact counts (the report says the run is not private).
 
 One holdout example changes one device's count by at most 1 (sensitivity 1), and every holdout
-example is read by exactly one such release, so its guarantee is that of one Gaussian mechanism
-with noise multiplier sigma_h (``--holdout-noise-multiplier``), accounted with the run's
-accountant at the run's delta. Holdout examples never train and training examples are never
-evaluated, so the two guarantees cover disjoint examples. The number of holdout examples of a
-device, floor(F n_k), follows from its size, which the server sees as it sees the activity: it
-is not sent and needs no noise. The ledger records the release (``holdout_releases``) before
-any message leaves; the result goes to ``holdout.json`` (rundir).
+example is read by one such release (more only if an evaluation is interrupted and done again),
+so its guarantee is that of one Gaussian mechanism with noise multiplier sigma_h
+(``--holdout-noise-multiplier``), accounted with the run's accountant at the run's delta.
+Membership in the holdout is decided per example by a keyed hash of its id, so holdout examples
+never train and training examples are never evaluated: the two guarantees cover disjoint
+examples. The number of holdout examples of a device is an example count like its activity,
+which the server sees (the adjacency treats example counts as public): it is not sent. The
+ledger records the release (``holdout_releases``) before any message leaves; the result goes to
+``holdout.json`` (rundir).
 """
 
 from __future__ import annotations
 
 import logging
-import time
 
 import numpy as np
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
@@ -32,6 +33,7 @@ from partitions.activity import activity_quartiles
 from protocol import messages as rec
 from protocol.arrays import record_from_state, trainable_state
 from rundir import read_holdout, write_holdout
+from server.round import _receive
 
 log = logging.getLogger("dpfl.server")
 
@@ -47,25 +49,20 @@ def holdout_epsilon(noise_multiplier: float, releases: int, delta: float, accoun
     return float(compute_epsilon([SubsampledGaussianEvent(float(noise_multiplier), 1.0, int(releases))], delta, accountant))
 
 
-def _send_and_receive(grid, msgs: list[Message], timeout: float) -> list[Message]:
-    replies: list[Message] = []
-    ids = list(grid.push_messages(msgs))
-    deadline = time.time() + timeout
-    while ids and time.time() < deadline:
-        got = list(grid.pull_messages(ids))
-        replies += got
-        done = {m.metadata.reply_to_message_id for m in got}
-        ids = [i for i in ids if i not in done]
-        if ids:
-            time.sleep(0.2)
-    return replies
-
-
 def evaluate_holdout(server, grid, node_of: dict[int, int]) -> dict | None:
     """Evaluate the final released model on every device's holdout examples; write ``holdout.json``.
 
-    Does nothing without ``--holdout-per-device`` or when the evaluation of the last round is
-    already on record (a resumed finished run). Deleted devices (``--deletions``) are not asked.
+    Does nothing without ``--holdout-per-device`` or when ``holdout.json`` is already written (a
+    resumed finished run). An evaluation that was recorded in the ledger but stopped before its
+    result was written is done again as a new attempt; the report composes every recorded
+    release. Only devices in an activity quartile are asked; deleted devices (``--deletions``)
+    are not. The wait is the round's (:func:`server.round._receive`: the round deadline,
+    Ctrl-C, the backend checks).
+
+    Raises
+    ------
+    dpfl.interrupt.Interrupted, dpfl.interrupt.BackendLost
+        As a round's wait does (the ledger row stays; a resume evaluates again).
 
     Returns
     -------
@@ -80,12 +77,16 @@ def evaluate_holdout(server, grid, node_of: dict[int, int]) -> dict | None:
     if cfg.holdout_per_device <= 0:
         return None
     t = cfg.rounds
-    if server.ledger.holdout_done(t):
-        return read_holdout(server.rundir.path)
+    done = read_holdout(server.rundir.path)
+    if done is not None:
+        return done
     pop = server.pop
     deleted = set(server.deleted)
     sizes = {d: len(pop.holdout_rows(d)) for d in range(pop.num_devices)}
-    asked = [d for d, h in sizes.items() if h > 0 and d not in deleted]
+    activity = {d: int(a) for d, a in enumerate(pop.activity(1))}
+    groups = activity_quartiles(activity)
+    in_quartile = {d for g in groups for d in g}
+    asked = [d for d, h in sizes.items() if h > 0 and d not in deleted and d in in_quartile]
     noise_at = server.placement if cfg.dp else "none"
     sigma = float(cfg.holdout_noise_multiplier) if cfg.dp else 0.0
     server.ledger.record_holdout(t, server.attempt, sigma, noise_at, len(asked), sum(sizes[d] for d in asked))
@@ -97,21 +98,24 @@ def evaluate_holdout(server, grid, node_of: dict[int, int]) -> dict | None:
                     dst_node_id=node_of[d], message_type=MessageType.EVALUATE) for d in asked]
     device_of = {n: d for d, n in node_of.items()}
     counts: dict[int, float] = {}
-    for reply in _send_and_receive(grid, msgs, cfg.round_deadline_seconds()):
+
+    def on_reply(reply: Message) -> None:
         d = device_of.get(reply.metadata.src_node_id)
         if d is None or reply.has_error():
-            continue
+            return
         value, why = rec.validate_holdout_reply(reply.content)
         if why is None:
             counts[d] = value
         else:
             log.warning("holdout evaluation: device %d's reply rejected (%s)", d, why)
+
+    if msgs:
+        _receive(grid, msgs, cfg.round_deadline_seconds(), on_reply, adaptive=cfg.round_timeout is None)
     if len(counts) < len(asked):
         log.warning("holdout evaluation: %d of %d devices did not reply; their examples are left out",
                     len(asked) - len(counts), len(asked))
-    activity = {d: int(a) for d, a in enumerate(pop.activity(1))}
     quartiles = []
-    for q, group in enumerate(activity_quartiles(activity)):
+    for q, group in enumerate(groups):
         evaluated = [d for d in group if d in counts]
         examples = sum(sizes[d] for d in evaluated)
         total = sum(counts[d] for d in evaluated)

@@ -18,7 +18,7 @@ from flwr.app import ArrayRecord
 
 from dp.accounting import SubsampledGaussianEvent
 from dp.secure_random import NoiseSource
-from dpfl.config import RunConfig
+from dpfl.config import ConfigError, RunConfig
 from nlu.features import cache_frozen_encoder
 from nlu.model import load_tokenizer, set_trainable
 from nlu.tasks import task_for_data
@@ -92,7 +92,8 @@ class Server:
         self.activity = self.pop.activity(1)  # a_k(1); updated each round in the continual setting
         #: deletion requests (--deletions): device -> the round from which its data is gone
         self.deletion_requests: dict[int, int] = load_deletions(cfg.deletions, self.pop.num_devices) if cfg.deletions else {}
-        self.deleted: set[int] = set()  # devices whose deletion round has come (never selected again)
+        if cfg.deletions and not resume:  # the run keeps its own copy: a resume reads the requests it started with
+            cfg.deletions = str(self.rundir.keep_deletions(cfg.deletions))
         empty = int((self.activity == 0).sum())
         if empty:
             log.warning("%d devices hold no examples after partitioning; they are never selected", empty)
@@ -111,12 +112,15 @@ class Server:
             if cfg.target_epsilon_device is not None:
                 log.warning("target device-level epsilon %g: device noise multiplier calibrated to %.4f (q_k <= %.3g)",
                             cfg.target_epsilon_device, cfg.device_noise_multiplier, q_max)
+        self._check_holdout_budget()  # before anything is written
         self.ledger = Ledger(self.rundir.ledger_path, cfg.run_id)
         self.ledger.start_run(
             target_delta=self.delta, accountant=cfg.accountant, selection_constant=self.selector.c,
             calibration_note=_calibration_note(self.selector, self.pop, cfg),
         )
         self.ledger.record_devices(self.activity, self.selector.probabilities(self.activity))
+        #: devices whose deletion round has come (never selected again); those on record survive a resume
+        self.deleted: set[int] = set(self.ledger.deletions())
         self.rundir.write_config(cfg)
         write_canaries(self.rundir.path, self.pop, self.rundir.ledger_path, cfg.run_id)
         self.task = task_for_data(cfg.task, self.pop.data, cfg.slot_loss_weight, pooling=cfg.pooling, pc_weight=cfg.pc_weight)
@@ -176,15 +180,37 @@ class Server:
             log.warning("%d devices reached their privacy budget and will not be selected again", len(hits))
         return q, hits
 
+    def _check_holdout_budget(self) -> None:
+        """Refuse a holdout noise that gives holdout examples more epsilon than the example-level budget.
+
+        Raises
+        ------
+        dpfl.config.ConfigError
+            Naming ``--holdout-noise-multiplier`` and the value that would fit.
+        """
+        cfg, budget = self.cfg, self.example_budget()
+        if cfg.holdout_per_device <= 0 or not cfg.dp or budget is None or cfg.holdout_noise_multiplier <= 0:
+            return
+        from server.holdout import holdout_epsilon
+
+        eps = holdout_epsilon(cfg.holdout_noise_multiplier, 1, self.delta, cfg.accountant)
+        if eps > budget:
+            sigma = cfg.holdout_noise_multiplier
+            while holdout_epsilon(sigma, 1, self.delta, cfg.accountant) > budget:
+                sigma *= 1.25
+            raise ConfigError(f"--holdout-noise-multiplier {cfg.holdout_noise_multiplier:g} gives each holdout example "
+                              f"epsilon {eps:.3g} at delta {self.delta:g}, above the example-level budget {budget:g}; "
+                              f"use --holdout-noise-multiplier {sigma:.3g} or more")
+
     def apply_deletions(self, t: int) -> None:
         """Before round ``t``'s selection: every deletion request whose round has come takes effect
-        (the device is never selected again) and is recorded in the ledger with the first round the
-        device joined."""
+        (the device is never selected again) and is recorded in the ledger, from round ``t`` (its
+        effective round), with the first round the device joined."""
         due = sorted(d for d, r in self.deletion_requests.items() if r <= t and d not in self.deleted)
         if not due:
             return
         joined = self.ledger.first_joined(due)
-        self.ledger.record_deletions([(d, self.deletion_requests[d], joined.get(d)) for d in due])
+        self.ledger.record_deletions([(d, t, joined.get(d)) for d in due])
         self.deleted.update(due)
         log.warning("round %d: %d deletion request(s) in effect (devices %s); they are never selected again",
                     t, len(due), ", ".join(map(str, due[:10])) + (" ..." if len(due) > 10 else ""))

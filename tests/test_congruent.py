@@ -130,3 +130,13 @@ def test_joint_task_distils_its_intent_logits():
     added = task._with_pc(loss, logits, batch) - loss
     np.testing.assert_allclose(added.numpy(), focal_distillation(logits, teacher, batch["labels"]).numpy(), rtol=1e-6)
     assert (added > 0).all()
+
+
+def test_pc_settings_are_checked():
+    from dpfl.config import ConfigError, RunConfig
+
+    with pytest.raises(ConfigError, match="--pc-weight.*slots"):
+        RunConfig(task="slots", pc_weight=1.0).validate()
+    with pytest.raises(ConfigError, match="--pc-weight"):
+        RunConfig(pc_weight=-0.5).validate()
+    assert RunConfig(task="joint", pc_weight=0.5).validate().pc_weight == 0.5

@@ -32,16 +32,21 @@ def test_activity_quartiles_of_a_hand_built_population():
     assert [len(g) for g in five] == [1, 1, 1, 2] and sum(five, []) == list(range(5))
 
 
-def test_holdout_split_is_disjoint_seeded_and_keeps_training_rows():
-    devices = (np.arange(0, 10), np.arange(10, 13), np.arange(13, 14), np.arange(14, 14))
-    train, hold = split_holdout(devices, 0.3, seed=7)
-    assert [len(h) for h in hold] == [3, 0, 0, 0]  # floor(0.3 n)
+def test_holdout_split_is_per_example_seeded_and_disjoint():
+    devices = (np.arange(0, 4000), np.arange(4000, 4003), np.arange(4003, 4003))
+    uids = np.arange(4003) * 7 + 11
+    train, hold = split_holdout(devices, 0.3, seed=7, uids=uids)
     for rows, tr, ho in zip(devices, train, hold):
         assert set(tr).isdisjoint(ho) and sorted(np.concatenate([tr, ho])) == sorted(rows)
-    again = split_holdout(devices, 0.3, seed=7)[1]
+    assert abs(len(hold[0]) / 4000 - 0.3) < 0.03  # each example with probability F
+    again = split_holdout(devices, 0.3, seed=7, uids=uids)[1]
     assert all(np.array_equal(a, b) for a, b in zip(hold, again))
-    other = split_holdout(devices, 0.3, seed=8)[1]
-    assert not np.array_equal(hold[0], other[0])  # seeded, not the first rows
+    assert not np.array_equal(hold[0], split_holdout(devices, 0.3, seed=8, uids=uids)[1][0])
+    # one example's membership depends on its own id alone: removing others, or moving it, changes nothing
+    held = set(uids[hold[0]].tolist())
+    moved = split_holdout((np.arange(0, 4000, 2), np.arange(1, 4000, 2)), 0.3, seed=7, uids=uids)[1]
+    assert set(uids[np.concatenate(moved)].tolist()) == held
+    assert split_holdout(devices, 0.0, seed=7, uids=uids)[1][0].size == 0
     with pytest.raises(ValueError, match="holdout-per-device"):
         split_holdout(devices, 1.0, seed=0)
 
@@ -65,7 +70,7 @@ def test_holdout_evaluation_is_noised_accounted_and_by_quartile(tmp_path, data_d
     pop = server.pop
     for d in range(4):
         assert set(pop.holdout_rows(d)).isdisjoint(pop.held(d))
-        assert len(pop.holdout_rows(d)) == int(np.floor(0.34 * (len(pop.held(d)) + len(pop.holdout_rows(d)))))
+    assert sum(len(pop.holdout_rows(d)) for d in range(4)) > 0
     evals = [m for m in grid.sent if m.metadata.message_type == "evaluate"]
     assert len(evals) == sum(1 for d in range(4) if len(pop.holdout_rows(d)))
     sent_noise = {float(m.content["config"]["holdout-noise"]) for m in evals}
@@ -188,10 +193,21 @@ def test_retrain_from_scratch_removes_a_device_that_joined(tmp_path, data_dir, c
     ccfg = prepare_retrain(parent, 1, tmp_path / "child")
     server, grid2, _, _ = run_rounds(ccfg, resume=True)
     assert server.start_round == 1 and 2 not in _asked(grid2) and _asked(grid2)
+    with LedgerReader(parent) as reader:
+        parent_events = {(e.round, e.attempt, e.device_id, e.unit) for e in reader.events()}
     with LedgerReader(tmp_path / "child") as reader:
         lin = reader.lineage()
-        assert all(e.device_id != 2 for e in reader.events())
+        events = {(e.round, e.attempt, e.device_id, e.unit) for e in reader.events()}
+        replaced = {(e.round, e.attempt, e.device_id, e.unit) for e in reader.replaced_events()}
+    assert events and all(d != 2 for _, _, d, _ in events)
+    assert replaced == parent_events  # every parent round is replaced; its events are kept apart
     assert (lin.from_round, lin.removed_devices, lin.parent_run_id) == (1, (2,), cfg.run_id)
+    from dp.report import build_report
+
+    summary = build_report(tmp_path / "child")
+    both = summary["lineage"]["epsilon_if_parent_kept"]["example"]
+    assert both > summary["epsilon"]["example"]["max"]  # if the parent's models stay released, both count
+    assert "are withdrawn" in (tmp_path / "child" / "report" / "report.md").read_text()
 
 
 def test_retrain_from_a_kept_round_keeps_the_parents_rounds(tmp_path, data_dir):
@@ -209,6 +225,7 @@ def test_retrain_from_a_kept_round_keeps_the_parents_rounds(tmp_path, data_dir):
     run_rounds(cfg)
     with LedgerReader(parent) as reader:
         parent_events = [(e.round, e.device_id, e.noise_multiplier) for e in reader.events("example") if e.round < 3]
+        parent_all = {(e.round, e.attempt, e.device_id) for e in reader.events("example")}
     child = tmp_path / "child"
     ccfg = prepare_retrain(parent, 3, child)
     assert RunConfig.from_toml(config_path(child)).run_id == ccfg.run_id != cfg.run_id
@@ -225,8 +242,55 @@ def test_retrain_from_a_kept_round_keeps_the_parents_rounds(tmp_path, data_dir):
     build_report(child)
     assert "Retrained for exact removal" in (child / "report" / "report.md").read_text()
     assert [(e.round, e.device_id, e.noise_multiplier) for e in events if e.round < 3] == parent_events
-    assert all(e.device_id != 3 for e in events) and {e.round for e in events} >= {3, 4}
+    with LedgerReader(child) as reader:
+        replaced = {(e.round, e.attempt, e.device_id) for e in reader.replaced_events() if e.unit == "example"}
+    new = [e for e in events if e.round >= 3]
+    assert replaced == {x for x in parent_all if x[0] >= 3}  # the parent's rounds 3-4, kept apart
+    assert new and all(e.device_id != 3 for e in new)
     assert [(d.device_id, d.round) for d in dl] == [(3, 3)]
     rows = read_metric_lines(child)
     assert [r["round"] for r in rows] == [1, 2, 3, 4]
     assert rows[:2] == read_metric_lines(parent)[:2]
+
+
+def test_holdout_noise_must_fit_the_example_budget(tmp_path, data_dir):
+    from server import app as sapp
+
+    cfg = toy_config(tmp_path / "run", data_dir, holdout_per_device=0.3, holdout_noise_multiplier=1.0,
+                     target_epsilon=1.0)
+    with pytest.raises(ConfigError, match="--holdout-noise-multiplier 1 gives each holdout example epsilon") as exc:
+        sapp.Server(cfg)
+    assert "use --holdout-noise-multiplier" in str(exc.value)
+    assert not (tmp_path / "run" / "ledger.sqlite").exists()  # refused before anything was written
+
+
+def test_resume_keeps_deletions_and_redoes_an_interrupted_holdout(tmp_path, data_dir):
+    """The run keeps its copy of the deletions file; after a resume the deleted device is still out of
+    the holdout evaluation; an evaluation on record without its result is done again and both count."""
+    dels = tmp_path / "deletions.txt"
+    dels.write_text("0 1\n")
+    run = tmp_path / "run"
+    cfg = toy_config(run, data_dir, rounds=2, num_devices=4, cohort_size=3, holdout_per_device=0.34,
+                     deletions=str(dels), noise_at="aggregate")
+    run_rounds(cfg)
+    dels.unlink()  # the run reads its own copy from now on
+    from dpfl.commands.simulate import resume_config
+    from rundir import config_path
+
+    again = resume_config(str(run))
+    assert again.deletions == str(run / "deletions.txt") and (run / "deletions.txt").read_text() == "0 1\n"
+    first = read_holdout(run)
+    (run / "holdout.json").unlink()  # as if the run had stopped during its holdout evaluation
+    server, grid, _, _ = run_rounds(again, resume=True)
+    assert server.deleted == {0}
+    asked = {int(m.content["device"]["device-id"]) for m in grid.sent if m.metadata.message_type == "evaluate"}
+    assert asked and 0 not in asked
+    with LedgerReader(run) as reader:
+        rows = reader.holdout_releases()
+    assert len(rows) == 2 and rows[0].attempt < rows[1].attempt
+    from dp.report import build_report
+
+    summary = build_report(run)
+    assert summary["holdout"]["releases"] == 2
+    assert summary["holdout"]["epsilon"] == pytest.approx(holdout_epsilon(2.0, 2, server.delta, cfg.accountant))
+    assert summary["holdout"]["epsilon"] > first["epsilon"]

@@ -119,6 +119,8 @@ class RunData:
     holdout_releases: list[dict[str, Any]] = field(default_factory=list)  # ledger rows
     deletions: list[dict[str, Any]] = field(default_factory=list)  # ledger rows (--deletions)
     lineage: dict[str, Any] | None = None  # a `dpfl retrain` run's origin
+    # a retrained run: unit -> device -> the parent's (sigma, q, steps) of the rounds it replaced
+    replaced: dict[str, dict[int, list[tuple[float, float, int]]]] = field(default_factory=dict)
 
 
 def read_config(run_dir: Path) -> dict[str, Any]:
@@ -214,6 +216,11 @@ def read_run(run_dir: Path) -> RunData:
         data.deletions = [dataclasses.asdict(d) for d in reader.deletions()]
         lin = reader.lineage()
         data.lineage = dataclasses.asdict(lin) if lin is not None else None
+        if lin is not None:
+            data.replaced = {}
+            for e in reader.replaced_events():
+                data.replaced.setdefault(e.unit, {}).setdefault(e.device_id, []).append(
+                    (e.noise_multiplier, e.sample_rate, e.steps))
     except LedgerError as exc:
         raise ReportError(str(exc)) from exc
     finally:
@@ -614,12 +621,17 @@ def holdout_section(data: RunData, example_stats: dict[str, Any] | None, account
     dict or None
         ``{"fraction", "round", "noise_at", "noise_multiplier", "releases", "epsilon" (inf when
         not noised), "devices_asked", "devices_replied", "quartiles": [holdout.json's quartile
-        + "epsilon_median" / "epsilon_max" of its training examples]}``; None without a holdout.
+        + "epsilon_median" / "epsilon_max" of its training examples], "incomplete" (a release on
+        record without its result file: no quartiles), "task"}``; None without a holdout.
     """
     hold = data.holdout
-    if not hold:
-        return None
     rows = data.holdout_releases
+    if not hold and not rows:
+        return None
+    if not hold:  # recorded (the counts left the devices) but stopped before holdout.json was written
+        last = rows[-1]
+        hold = {"round": last["round"], "noise_at": last["noise_at"], "noise_multiplier": last["noise_multiplier"],
+                "devices_asked": last["devices"], "devices_replied": None, "quartiles": [], "incomplete": True}
     eps = None
     if rows and delta is not None:
         if all(float(r["noise_multiplier"]) > 0 for r in rows):
@@ -633,7 +645,29 @@ def holdout_section(data: RunData, example_stats: dict[str, Any] | None, account
     return {"fraction": hold.get("fraction"), "round": hold.get("round"), "noise_at": hold.get("noise_at"),
             "noise_multiplier": hold.get("noise_multiplier"), "releases": len(rows), "epsilon": eps,
             "devices_asked": hold.get("devices_asked"), "devices_replied": hold.get("devices_replied"),
-            "quartiles": quartiles}
+            "quartiles": quartiles, "incomplete": bool(hold.get("incomplete")), "task": data.config.get("task", "intent")}
+
+
+def lineage_section(data: RunData, delta: float | None, accountant: str) -> dict[str, Any] | None:
+    """A retrained run's origin, and its example- and device-level epsilon (max over devices) if the
+    parent's models of the replaced rounds stay released: this run's events composed with the
+    parent's events of those rounds (``replaced_events``). None for a run trained from scratch."""
+    if not data.lineage:
+        return None
+    out = dict(data.lineage)
+    out["epsilon_if_parent_kept"] = {}
+    if delta is None:
+        return out
+    for unit in UNITS:
+        mine = {d: [SubsampledGaussianEvent(s, q, n) for _, s, q, n, _ in rows] for d, rows in data.events[unit].items()}
+        theirs = data.replaced.get(unit, {})
+        if not theirs:
+            continue
+        both = {d: mine.get(d, []) + [SubsampledGaussianEvent(s, q, n) for s, q, n in theirs.get(d, [])]
+                for d in set(mine) | set(theirs)}
+        eps = compute_epsilons(both, delta, accountant)
+        out["epsilon_if_parent_kept"][unit] = max(eps.values()) if eps else 0.0
+    return out
 
 
 def deletion_section(data: RunData, epsilon: dict[str, Any], delta: float | None) -> list[dict[str, Any]]:
@@ -789,7 +823,7 @@ def compute_summary(data: RunData, baseline: RunData | None = None,
     summary["pc_weight"] = float(cfg.get("pc_weight") or 0.0)
     summary["holdout"] = holdout_section(data, summary["epsilon"].get("example"), accountant, delta)
     summary["deletions"] = deletion_section(data, summary["epsilon"], delta)
-    summary["lineage"] = data.lineage
+    summary["lineage"] = lineage_section(data, delta, accountant)
     summary["skipped_rounds"] = [m["round"] for m in data.metrics if m.get("skipped")]
     if delta is not None:
         summary["delta_vs_units"] = {

@@ -292,12 +292,25 @@ def _title_blocks(summary: dict[str, Any]) -> list[Block]:
                          "deletion requests that run recorded. The ledger showed no privacy event of these devices "
                          f"before round {lin['from_round']}, so rounds 1-{lin['from_round'] - 1} (kept from that run, "
                          "with their privacy events) never read their data, and from round "
-                         f"{lin['from_round']} on they were never selected: no model of this run was computed from "
-                         "their data." if lin["from_round"] > 1 else
+                         f"{lin['from_round']} on they were never selected: no model of this run was trained on their "
+                         "data (their example counts still entered the selection constant, the noise calibration and "
+                         "delta, which are computed from all devices' sizes)." if lin["from_round"] > 1 else
                          f"Retrained for exact removal (dpfl retrain): this run retrains run {lin['parent_run_id']} "
                          f"({lin['parent_dir']}) from scratch without device(s) {removed}, whose deletion requests "
-                         "that run recorded; they were never selected, so no model of this run was computed from "
-                         "their data."))
+                         "that run recorded; they were never selected, so no model of this run was trained on their "
+                         "data (their example counts still entered the selection constant, the noise calibration and "
+                         "delta)."))
+        kept = lin.get("epsilon_if_parent_kept") or {}
+        out.append(("p", "This run's epsilons assume that the models of that run from round "
+                         f"{lin['from_round']} on, which this run replaces, are withdrawn. If they stay released, "
+                         "each unit's guarantee composes both runs: "
+                         + "; ".join(f"{u}-level epsilon {fmt(e)} at delta {fmt(summary.get('delta'))} (max over devices)"
+                                     for u, e in kept.items())
+                         + " (the parent's events of those rounds are kept in this ledger, table replaced_events; "
+                           "that run's holdout evaluation, if it had one, is not included)."
+                         if kept else "This run's epsilons assume that the models of that run from round "
+                         f"{lin['from_round']} on, which this run replaces, are withdrawn; that run recorded no "
+                         "privacy event in those rounds."))
     return out
 
 
@@ -361,6 +374,10 @@ def _headline_items(summary: dict[str, Any], run: _Run) -> list[str]:
     items.append(f"Accountant: {acc.upper()} ({'privacy loss distributions, tight' if acc == 'pld' else 'Renyi DP, an upper bound'}); "
                  "adjacency: add or remove one unit, with the example counts the server uses treated as public "
                  "(see Privacy units and adjacency); sampling: Poisson.")
+    h = summary.get("holdout")
+    if h and h.get("epsilon") is not None:
+        items.append(f"Holdout examples (--holdout-per-device; never trained on): epsilon = {fmt(h['epsilon'])} at "
+                     f"delta = {fmt(delta)} from the noised counts of the holdout evaluation (see Who the model serves).")
     items.append(_budget_headline(summary))
     items.append(_task_metrics_text(summary))
     return items
@@ -764,9 +781,10 @@ def releases_blocks(summary: dict[str, Any], images: dict[str, Path]) -> list[Bl
                         if rel[0].get("nfr") is None else "")
                      + (f" Positive-congruent training was on (--pc-weight {fmt(pc)}): after the first release each "
                         "device's per-example loss added the focal distillation term towards the previous release "
-                        "on the examples that release classified correctly (Yan et al. 2021), inside the loss whose "
-                        "per-example gradients are clipped, so it added no privacy cost; the previous release, "
-                        "a released model, was sent to the cohort." if pc > 0 else "")))
+                        "on the examples that release classified correctly (Yan et al. 2021)"
+                        + (", inside the loss whose per-example gradients are clipped and noised, so it added no "
+                           "privacy cost" if summary.get("dp", True) and not summary.get("not_private") else "")
+                        + "; the previous release, a released model, was sent to the cohort." if pc > 0 else "")))
     header = ["release round", "accuracy", "NFR vs previous", "PFR vs previous"]
     keys = ["accuracy", "nfr", "pfr"]
     if with_baseline:
@@ -790,6 +808,12 @@ def holdout_blocks(summary: dict[str, Any]) -> list[Block]:
     h = summary.get("holdout")
     if not h:
         return []
+    if h.get("incomplete"):
+        return [("h", 2, "Who the model serves"),
+                ("p", f"A holdout evaluation after round {h.get('round')} is on record in the ledger "
+                      f"({h.get('devices_asked')} devices asked), but the run stopped before its result was written "
+                      "(dpfl simulate --resume evaluates again). Its counts left the devices: each holdout example's "
+                      f"epsilon so far is {fmt(h.get('epsilon'))} at delta {fmt(summary.get('delta'))}.")]
     noise_at = h.get("noise_at")
     sigma = fmt(h.get("noise_multiplier"))
     how = {
@@ -804,14 +828,17 @@ def holdout_blocks(summary: dict[str, Any]) -> list[Block]:
                  f" One holdout example changes one count by at most 1, and each holdout example was read by "
                  f"{h.get('releases', 1)} such release(s): its guarantee is epsilon {fmt(eps)} at delta "
                  f"{fmt(summary.get('delta'))}, separate from the training examples' (holdout examples never train; "
-                 "training examples are never evaluated). The number of holdout examples per device, "
-                 "floor(F n_k), follows from its size, which the server sees as it sees the activity; it was "
-                 "not sent.")
+                 "training examples are never evaluated). The number of holdout examples per device is an "
+                 "example count, which the adjacency treats as public like the activity; it was not sent.")
+    right = ("predicts every word tag of correctly" if h.get("task") == "slots" else
+             "classifies correctly")
     out: list[Block] = [("h", 2, "Who the model serves")]
-    out.append(("p", f"Each device kept a fraction {fmt(h.get('fraction'))} of its examples out of training (the "
-                     "same seeded split in every process). After round "
-                     f"{h.get('round')} the final released model was evaluated on them: "
-                     f"{h.get('devices_replied')} of {h.get('devices_asked')} devices asked replied. {how}{guarantee}"))
+    out.append(("p", f"Each example was kept out of training with probability {fmt(h.get('fraction'))} (--holdout-per-"
+                     "device), decided by a keyed hash of its id and the run seed, so the split is the same in every "
+                     "process and one example's membership depends on no other example. After round "
+                     f"{h.get('round')} each device in an activity quartile counted the holdout examples the final "
+                     f"released model {right}: {h.get('devices_replied')} of {h.get('devices_asked')} devices asked "
+                     f"replied. {how}{guarantee}"))
     rows = []
     for q in h.get("quartiles") or []:
         acc = "n/a" if q.get("accuracy") is None else f"{fmt(q['accuracy'])} ± {fmt(q.get('noise_std_accuracy'))}"
@@ -847,7 +874,7 @@ def deletion_blocks(summary: dict[str, Any]) -> list[Block]:
                  f"{fmt(g['epsilon'])} (delta > 1: no bound)")
         rows.append([str(d["device_id"]), str(d["round"]), fmt(d.get("first_joined")), str(d["rounds_joined"]),
                      str(d["examples"]), fmt(d.get("epsilon_example")), group, fmt(d.get("epsilon_device"))])
-    out.append(("table", ["device", "from round", "first joined", "rounds joined", "examples",
+    out.append(("table", ["device", "from round", "first joined", "rounds joined", "examples (round 1)",
                           "example-level epsilon", "all its examples (group privacy)", "device-level epsilon"], rows))
     out.append(("p", "What the guarantee says about the deleted data. Example-level DP bounds what every release "
                      "reveals about any ONE example of the device (the example-level epsilon above, at delta "
@@ -856,8 +883,9 @@ def deletion_blocks(summary: dict[str, Any]) -> list[Block]:
                      "2.2), which for more than a few examples says little. Device-level DP (--device-dp) covers "
                      "the whole device directly (device-level epsilon column, when the run has it). For exact "
                      "removal, `dpfl retrain RUN_DIR --from-round T` retrains from the kept checkpoint before the "
-                     "first round T in which any deleted device joined; a device that never joined left no trace "
-                     "in any model."))
+                     "first round T in which any deleted device joined; a device that never joined trained no "
+                     "model. Its example count still entered what the server computes from all devices' sizes "
+                     "before round 1: the selection constant, the noise calibration and delta."))
     return out
 
 

@@ -96,6 +96,16 @@ def prepare_retrain(run_dir: str | Path, from_round: int, new_run_dir: str | Pat
     if t > cfg.rounds:
         raise ConfigError(f"--from-round {t}: the run has {cfg.rounds} rounds")
     removed, joined, parent_id = plan_retrain(parent, t)
+    if cfg.deletions:  # requests whose round the run never reached were never applied: say so
+        from server.deletions import load_deletions
+
+        try:
+            later = sorted(d for d, r in load_deletions(cfg.deletions, cfg.num_devices).items() if d not in removed)
+        except ConfigError:
+            later = []
+        if later:
+            print(f"note: deletion requests of devices {', '.join(map(str, later))} are for rounds the run never "
+                  "reached; they are not removed (the retrained run keeps no request of theirs)", flush=True)
     new = Path(new_run_dir) if new_run_dir else parent.parent / f"{parent.name}-retrain-r{t}"
     claim_run_dir(new)
     deletions = new / "deletions.txt"

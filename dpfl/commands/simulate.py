@@ -450,6 +450,11 @@ def run(ns: argparse.Namespace) -> int:
         changes = reject_settings_on_resume(ns)
         cfg = resume_config(ns.resume).replace(**changes).validate()
         figures = finished(cfg.run_dir)
+        if figures is not None and cfg.holdout_per_device > 0:
+            from rundir import read_holdout
+
+            if read_holdout(cfg.run_dir) is None:  # stopped after its last round, before the holdout evaluation
+                figures = None
         if figures is not None:
             print(f"the run in {cfg.run_dir} is complete ({cfg.rounds} rounds); nothing to resume")
             return print_result({"run_dir": cfg.run_dir}, figures)
