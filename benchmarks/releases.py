@@ -23,11 +23,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
-import subprocess
 import sys
-import time
 from pathlib import Path
+
+from benchmarks._simulate import run_simulate
 
 COMMON = ["--num-devices", "100", "--cohort-size", "10", "--rounds", "30", "--partitioner", "quantity-label",
           "--max-length", "64", "--target-delta", "1e-5", "--target-epsilon", "8", "--noise-at", "aggregate",
@@ -47,17 +46,8 @@ def run_arm(out: Path, arm: str, data_dir: str, extra: list[str]) -> tuple[Path,
     run_dir = out / (f"{selection}-pc{pc}" + (f"-seed{seed}" if seed != "0" else ""))
     cmd = ["dpfl", "simulate", "--run-dir", str(run_dir), "--data-dir", data_dir, "--selection", selection,
            "--pc-weight", pc, "--seed", seed, *COMMON, *extra]
-    text = " ".join(shlex.quote(c) for c in cmd)
-    if _finished(run_dir):
-        print(f"[reuse] {run_dir}", flush=True)
-        return run_dir, text, float("nan")
-    if run_dir.exists():
-        cmd = ["dpfl", "simulate", "--resume", str(run_dir), "--no-progress"]
-    print(f"[run] {text}", flush=True)
-    t0 = time.perf_counter()
-    exe = Path(sys.executable).with_name("dpfl")
-    subprocess.run([str(exe) if exe.exists() else cmd[0], *cmd[1:]], check=True)
-    return run_dir, text, time.perf_counter() - t0
+    text, seconds = run_simulate(cmd, run_dir, finished=_finished(run_dir), started=run_dir.exists())
+    return run_dir, text, seconds
 
 
 def summarize(run_dir: Path) -> dict:

@@ -28,12 +28,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
+
+from benchmarks._simulate import run_simulate
 
 ARMS = [("static", "uniform"), ("static", "activity"), ("continual", "uniform"), ("continual", "activity")]
 
@@ -66,19 +65,11 @@ def run_arm(out: Path, setting: str, selection: str, seed: int, common: list[str
     run_dir = out / f"{setting}-{selection}-seed{seed}"
     cmd = ["dpfl", "simulate", "--run-dir", str(run_dir), "--setting", setting, "--selection", selection,
            "--seed", str(seed), "--no-progress", *common]
-    text = " ".join(shlex.quote(c) for c in cmd)
-    if _finished(run_dir, _planned_rounds(run_dir)):
-        print(f"[reuse] {run_dir} is finished", flush=True)
-        return run_dir, text, float("nan")
     from rundir import config_path
 
-    if config_path(run_dir).exists():
-        cmd = ["dpfl", "simulate", "--resume", str(run_dir), "--no-progress"]
-    print(f"[run] {text}", flush=True)
-    t0 = time.perf_counter()
-    exe = Path(sys.executable).with_name("dpfl")
-    subprocess.run([str(exe) if exe.exists() else cmd[0], *cmd[1:]], check=True)
-    return run_dir, text, time.perf_counter() - t0
+    text, seconds = run_simulate(cmd, run_dir, finished=_finished(run_dir, _planned_rounds(run_dir)),
+                                 started=config_path(run_dir).exists())
+    return run_dir, text, seconds
 
 
 def summarize(run_dir: Path) -> dict:

@@ -401,15 +401,26 @@ def read_canaries_file(run_dir: str | os.PathLike) -> dict[str, Any] | None:
     RecordError
         If the file is not JSON or has no ``canaries`` list (message: the cause alone).
     """
-    path = Path(run_dir) / CANARIES_FILE
+    return _read_json_with_list(Path(run_dir) / CANARIES_FILE, "canaries", name_file=False)
+
+
+def _read_json_with_list(path: Path, key: str, name_file: bool = True) -> dict[str, Any] | None:
+    """The JSON object in ``path`` (None if absent), which must hold a list under ``key``.
+
+    Raises
+    ------
+    RecordError
+        If the file is not JSON or has no such list (the message names the file when ``name_file``).
+    """
     if not path.exists():
         return None
+    where = f"{path}: " if name_file else ""
     try:
         d = json.loads(path.read_text(encoding="utf-8"))
     except ValueError as exc:
-        raise RecordError(str(exc)) from exc
-    if not isinstance(d, dict) or not isinstance(d.get("canaries"), list):
-        raise RecordError("no 'canaries' list")
+        raise RecordError(f"{where}{exc}") from exc
+    if not isinstance(d, dict) or not isinstance(d.get(key), list):
+        raise RecordError(f"{where}no '{key}' list")
     return d
 
 
@@ -419,9 +430,10 @@ def read_canaries_file(run_dir: str | os.PathLike) -> dict[str, Any] | None:
 def write_holdout(run_dir: str | os.PathLike, payload: Mapping[str, Any]) -> Path:
     """Write ``RUN_DIR/holdout.json`` atomically: the holdout evaluation (``--holdout-per-device``).
 
-    ``payload``: ``{"version": 1, "round", "fraction", "noise_multiplier", "noise_at", "noise_std_per_quartile",
-    "epsilon", "target_delta", "quartiles": [{"quartile", "activity_min", "activity_max", "devices",
-    "devices_evaluated", "examples", "accuracy"}]}`` (built by ``server.holdout``); only noised counts.
+    ``payload``: ``{"version": 1, "round", "fraction", "noise_multiplier", "noise_at", "epsilon",
+    "target_delta", "accountant", "devices_asked", "devices_replied", "quartiles": [{"quartile",
+    "activity_min", "activity_max", "devices", "devices_evaluated", "examples", "accuracy",
+    "noise_std_accuracy"}]}`` (built by ``server.holdout``); only noised counts.
 
     Returns
     -------
@@ -441,13 +453,4 @@ def read_holdout(run_dir: str | os.PathLike) -> dict[str, Any] | None:
     RecordError
         If the file is not JSON or has no ``quartiles`` list.
     """
-    path = Path(run_dir) / HOLDOUT_FILE
-    if not path.exists():
-        return None
-    try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as exc:
-        raise RecordError(f"{path}: {exc}") from exc
-    if not isinstance(d, dict) or not isinstance(d.get("quartiles"), list):
-        raise RecordError(f"{path}: no 'quartiles' list")
-    return d
+    return _read_json_with_list(Path(run_dir) / HOLDOUT_FILE, "quartiles")

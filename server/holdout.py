@@ -37,7 +37,7 @@ from server.round import _receive
 
 log = logging.getLogger("dpfl.server")
 
-__all__ = ["evaluate_holdout", "holdout_epsilon"]
+__all__ = ["by_quartile", "evaluate_holdout", "holdout_epsilon"]
 
 
 def holdout_epsilon(noise_multiplier: float, releases: int, delta: float, accountant: str) -> float:
@@ -47,6 +47,51 @@ def holdout_epsilon(noise_multiplier: float, releases: int, delta: float, accoun
     if noise_multiplier <= 0:
         return float("inf")
     return float(compute_epsilon([SubsampledGaussianEvent(float(noise_multiplier), 1.0, int(releases))], delta, accountant))
+
+
+def by_quartile(groups: list[list[int]], activity: dict[int, int], sizes: dict[int, int], counts: dict[int, float],
+                noise_at: str, sigma: float, noise) -> list[dict]:
+    """Holdout accuracy per activity quartile from the devices' (noised) correct counts.
+
+    Parameters
+    ----------
+    groups : list of 4 lists of device ids
+        :func:`partitions.activity.activity_quartiles`.
+    activity, sizes : dict
+        Each device's activity and number of holdout examples.
+    counts : dict
+        The replies: device -> its correct count (noised on the device with ``noise_at`` "device").
+    noise_at : {"aggregate", "device", "none"}
+        With "aggregate", N(0, sigma^2) from ``noise`` (a :class:`dp.secure_random.NoiseSource`)
+        is added once to each quartile's sum here.
+    sigma : float
+
+    Returns
+    -------
+    list of dict
+        Per quartile: ``quartile``, ``activity_min``, ``activity_max``, ``devices``,
+        ``devices_evaluated`` (replied), ``examples`` (their holdout examples), ``accuracy``
+        (noisy sum / examples clipped to [0, 1]; None without examples) and
+        ``noise_std_accuracy`` (sigma / examples, or sigma sqrt(devices) / examples on the device).
+    """
+    out = []
+    for q, group in enumerate(groups):
+        evaluated = [d for d in group if d in counts]
+        examples = sum(sizes[d] for d in evaluated)
+        total = sum(counts[d] for d in evaluated)
+        std = 0.0
+        if noise_at == "aggregate" and sigma > 0:
+            total += float(noise.normal_numpy((1,), sigma)[0])
+            std = sigma
+        elif noise_at == "device":
+            std = sigma * float(np.sqrt(len(evaluated)))
+        out.append({
+            "quartile": q + 1, "activity_min": activity[group[0]], "activity_max": activity[group[-1]],
+            "devices": len(group), "devices_evaluated": len(evaluated), "examples": examples,
+            "accuracy": min(1.0, max(0.0, total / examples)) if examples else None,
+            "noise_std_accuracy": std / examples if examples else None,
+        })
+    return out
 
 
 def evaluate_holdout(server, grid, node_of: dict[int, int]) -> dict | None:
@@ -114,23 +159,7 @@ def evaluate_holdout(server, grid, node_of: dict[int, int]) -> dict | None:
     if len(counts) < len(asked):
         log.warning("holdout evaluation: %d of %d devices did not reply; their examples are left out",
                     len(asked) - len(counts), len(asked))
-    quartiles = []
-    for q, group in enumerate(groups):
-        evaluated = [d for d in group if d in counts]
-        examples = sum(sizes[d] for d in evaluated)
-        total = sum(counts[d] for d in evaluated)
-        std = 0.0
-        if noise_at == "aggregate":
-            total += float(server.noise.normal_numpy((1,), sigma)[0])
-            std = sigma
-        elif noise_at == "device":
-            std = sigma * float(np.sqrt(len(evaluated)))
-        quartiles.append({
-            "quartile": q + 1, "activity_min": activity[group[0]], "activity_max": activity[group[-1]],
-            "devices": len(group), "devices_evaluated": len(evaluated), "examples": examples,
-            "accuracy": min(1.0, max(0.0, total / examples)) if examples else None,
-            "noise_std_accuracy": std / examples if examples else None,
-        })
+    quartiles = by_quartile(groups, activity, sizes, counts, noise_at, sigma, server.noise)
     eps = holdout_epsilon(sigma, 1, server.delta, cfg.accountant)
     payload = {
         "version": 1, "round": t, "fraction": cfg.holdout_per_device, "noise_multiplier": sigma, "noise_at": noise_at,

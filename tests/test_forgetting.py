@@ -32,6 +32,25 @@ def test_activity_quartiles_of_a_hand_built_population():
     assert [len(g) for g in five] == [1, 1, 1, 2] and sum(five, []) == list(range(5))
 
 
+def test_holdout_accuracy_by_quartile_of_a_hand_built_population():
+    from dp.secure_random import NoiseSource
+    from server.holdout import by_quartile
+
+    activity = {0: 2, 1: 4, 2: 6, 3: 8, 4: 10, 5: 12, 6: 14, 7: 16}
+    sizes = {0: 1, 1: 2, 2: 0, 3: 2, 4: 3, 5: 3, 6: 4, 7: 6}
+    counts = {0: 1.0, 1: 0.0, 3: 2.0, 4: 3.0, 5: 1.0, 6: 4.0}  # device 2 holds no holdout; 7 did not reply
+    rows = by_quartile(activity_quartiles(activity), activity, sizes, counts, "none", 0.0, None)
+    assert [(r["devices"], r["devices_evaluated"], r["examples"]) for r in rows] == [(2, 2, 3), (2, 1, 2), (2, 2, 6), (2, 1, 4)]
+    assert [r["accuracy"] for r in rows] == pytest.approx([1 / 3, 1.0, 4 / 6, 1.0])
+    assert (rows[0]["activity_min"], rows[3]["activity_max"]) == (2, 16)
+    noisy = by_quartile(activity_quartiles(activity), activity, sizes, counts, "aggregate", 2.0, NoiseSource(0))
+    assert [r["noise_std_accuracy"] for r in noisy] == pytest.approx([2 / 3, 1.0, 2 / 6, 2 / 4])
+    assert all(0.0 <= r["accuracy"] <= 1.0 for r in noisy)
+    on_device = by_quartile(activity_quartiles(activity), activity, sizes, counts, "device", 2.0, None)
+    assert on_device[0]["noise_std_accuracy"] == pytest.approx(2.0 * np.sqrt(2) / 3)
+    assert on_device[0]["accuracy"] == pytest.approx(1 / 3)  # already noised on the devices: nothing added
+
+
 def test_holdout_split_is_per_example_seeded_and_disjoint():
     devices = (np.arange(0, 4000), np.arange(4000, 4003), np.arange(4003, 4003))
     uids = np.arange(4003) * 7 + 11
