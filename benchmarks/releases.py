@@ -75,6 +75,8 @@ def _f(x, nd=3) -> str:
 
 
 def write_tables(results: dict[str, dict], commands: dict[str, str], seconds: dict[str, float], out: Path) -> str:
+    """Write ``results.md`` and ``results.json`` into ``out`` (per arm, the mean over seeds, per release,
+    by quartile, the commands); return the markdown."""
     lines = ["# Releases: flip rates with and without positive-congruent training; accuracy and epsilon by quartile", ""]
     lines += ["| arm | final accuracy | example-level epsilon (max) | mean NFR over releases | seconds |", "|---|---|---|---|---|"]
     # (seconds: wall time of the arm's run on this machine; an arm read back from an earlier run shows -)
@@ -122,6 +124,7 @@ def write_tables(results: dict[str, dict], commands: dict[str, str], seconds: di
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run (or read) every arm of ``--arms``, print and write the tables; return the exit code (0)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[:argv.index("--")] if "--" in argv else argv

@@ -296,9 +296,9 @@ class RunConfig:
     )
     holdout_per_device: float = field(
         default=0.0,
-        metadata={"help": "each device keeps this fraction F of its examples out of training; after the last round "
-                          "the final model is evaluated on them and accuracy is reported by activity quartile "
-                          "(the correct counts are noised and accounted)"},
+        metadata={"help": "keep each example out of training with probability F (per example, seeded); after the "
+                          "last round every device evaluates the final model on its held-out examples and accuracy is "
+                          "reported by activity quartile (the correct counts are noised and accounted)"},
     )
     holdout_noise_multiplier: float = field(
         default=2.0,

@@ -140,6 +140,7 @@ class IntentTask(Task):
         return self._with_pc(F.cross_entropy(logits, batch["labels"], reduction="none"), logits, batch)
 
     def intent_logits(self, model, batch):
+        """The classifier's logits [B, num_labels]."""
         return _intent.logits_of(model, batch)
 
     def build_model(self, model_name: str, seed: int = 0) -> nn.Module:
@@ -237,6 +238,7 @@ class SlotTask(Task):
         return self._with_pc(loss, out.intent_logits if self.with_intent else None, batch)
 
     def intent_logits(self, model, batch):
+        """The intent head's logits [B, num_labels] (joint), None for the slots task."""
         return model(**_model_inputs(batch)).intent_logits if self.with_intent else None
 
     def build_model(self, model_name: str, seed: int = 0) -> nn.Module:

@@ -58,7 +58,7 @@ class Population:
     holdout: tuple = ()
 
     def holdout_rows(self, device_id: int) -> np.ndarray:
-        """Train rows device ``device_id`` keeps out of training (empty without a holdout)."""
+        """Row indices (int64, into ``data.train``) that device ``device_id`` keeps out of training; empty without a holdout."""
         if not self.holdout:
             return np.zeros(0, dtype=np.int64)
         return self.holdout[device_id]
@@ -191,9 +191,13 @@ def split_holdout(devices: tuple, fraction: float, seed: int, uids: np.ndarray |
     """Split each device's rows into training rows and holdout rows: each example is in the holdout
     with probability ``fraction``, independently, decided by a keyed hash of (run seed, its uid).
 
-    Membership depends on nothing but the example's own stable id and the seed: every process, a
-    resumed run and ``dpfl retrain`` see the same split, and adding or removing one example
-    changes no other example's membership. So a holdout example is read only by the holdout
+    Membership depends on nothing but the example's id and the seed: every process, a resumed
+    run and ``dpfl retrain`` see the same split, and, as long as the ids are stable labels of the
+    examples, adding or removing one example changes no other example's membership. (JSONL data
+    gets ``uid`` = its line's position in the file, which is stable while the file's other lines
+    stay where they are.)
+    A device whose every example lands in the holdout trains on nothing (activity 0) and is never
+    selected. So a holdout example is read only by the holdout
     evaluation and a training example only by training (neighbouring data sets differ in one
     of the two). The accountant treats nothing about the split as secret. Canaries are inserted
     after the split and always train.

@@ -223,6 +223,11 @@ class RunDir:
             if old.name not in (model_name, server_name):
                 old.unlink(missing_ok=True)
 
+    @property
+    def deletions_path(self) -> Path:
+        """``RUN_DIR/deletions.txt``: the run's copy of its deletion requests."""
+        return self.path / DELETIONS_FILE
+
     def keep_deletions(self, source: str | os.PathLike) -> Path:
         """Copy the deletion requests file into the run directory (``deletions.txt``) and return the copy's path.
 

@@ -309,6 +309,10 @@ class Ledger:
             self.conn.execute("INSERT OR REPLACE INTO holdout_releases VALUES (?,?,?,?,?,?,?)",
                               (self.run_id, round_, attempt, float(noise_multiplier), noise_at, int(devices), int(examples)))
 
+    def holdout_release_count(self) -> int:
+        """How many holdout evaluations are on record (every attempt)."""
+        return int(self.conn.execute("SELECT COUNT(*) FROM holdout_releases WHERE run_id=?", (self.run_id,)).fetchone()[0])
+
     def record_deletions(self, requests: Iterable[tuple[int, int, int | None]]) -> None:
         """Record deletion requests ``(device_id, round, first_joined)`` (idempotent: a device's first request stands)."""
         rows = [(self.run_id, int(d), int(t), time.time(), None if j is None else int(j)) for d, t, j in requests]
@@ -348,6 +352,10 @@ class Ledger:
                 self.conn.execute("INSERT INTO replaced_events SELECT ?, round, attempt, device_id, unit, noise_multiplier,"
                                   " sample_rate, steps, max_grad_norm FROM parent.privacy_events"
                                   " WHERE run_id=? AND round>? ORDER BY id", (*p, last_round))
+                if self.conn.execute("SELECT 1 FROM parent.sqlite_master WHERE name='replaced_events'").fetchone():
+                    self.conn.execute("INSERT INTO replaced_events SELECT ?, round, attempt, device_id, unit,"
+                                      " noise_multiplier, sample_rate, steps, max_grad_norm FROM parent.replaced_events"
+                                      " WHERE run_id=? ORDER BY rowid", p)  # a retrain of a retrain: its own parent's too
                 self.conn.execute("INSERT OR REPLACE INTO budget_events SELECT ?, device_id, unit, round, epsilon"
                                   " FROM parent.budget_events WHERE run_id=? AND round<=?", (*p, last_round))
                 self.conn.execute("INSERT OR REPLACE INTO example_holdings SELECT ?, round, device_id, uid"

@@ -65,6 +65,9 @@ def by_quartile(groups: list[list[int]], activity: dict[int, int], sizes: dict[i
         With "aggregate", N(0, sigma^2) from ``noise`` (a :class:`dp.secure_random.NoiseSource`)
         is added once to each quartile's sum here.
     sigma : float
+        The noise's std in count units (the noise multiplier; sensitivity 1).
+    noise : dp.secure_random.NoiseSource or None
+        The server's secret source (used only with ``noise_at`` "aggregate").
 
     Returns
     -------
@@ -72,7 +75,12 @@ def by_quartile(groups: list[list[int]], activity: dict[int, int], sizes: dict[i
         Per quartile: ``quartile``, ``activity_min``, ``activity_max``, ``devices``,
         ``devices_evaluated`` (replied), ``examples`` (their holdout examples), ``accuracy``
         (noisy sum / examples clipped to [0, 1]; None without examples) and
-        ``noise_std_accuracy`` (sigma / examples, or sigma sqrt(devices) / examples on the device).
+        ``noise_std_accuracy`` (sigma / examples, or sigma sqrt(devices_evaluated) / examples on the device).
+
+    Raises
+    ------
+    KeyError
+        If a device of ``groups`` is missing from ``activity`` or, having replied, from ``sizes``.
     """
     out = []
     for q, group in enumerate(groups):
@@ -160,7 +168,7 @@ def evaluate_holdout(server, grid, node_of: dict[int, int]) -> dict | None:
         log.warning("holdout evaluation: %d of %d devices did not reply; their examples are left out",
                     len(asked) - len(counts), len(asked))
     quartiles = by_quartile(groups, activity, sizes, counts, noise_at, sigma, server.noise)
-    eps = holdout_epsilon(sigma, 1, server.delta, cfg.accountant)
+    eps = holdout_epsilon(sigma, server.ledger.holdout_release_count(), server.delta, cfg.accountant)
     payload = {
         "version": 1, "round": t, "fraction": cfg.holdout_per_device, "noise_multiplier": sigma, "noise_at": noise_at,
         "epsilon": eps if np.isfinite(eps) else None, "target_delta": server.delta, "accountant": cfg.accountant,

@@ -11,6 +11,7 @@ which devices are over a budget.
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import numpy as np
@@ -91,9 +92,9 @@ class Server:
         self.noise = NoiseSource(cfg.seed if cfg.reproducible_noise else None)
         self.activity = self.pop.activity(1)  # a_k(1); updated each round in the continual setting
         #: deletion requests (--deletions): device -> the round from which its data is gone
+        if resume and self.rundir.deletions_path.exists():  # the run's own copy (wherever the run now lives)
+            cfg.deletions = str(self.rundir.deletions_path)
         self.deletion_requests: dict[int, int] = load_deletions(cfg.deletions, self.pop.num_devices) if cfg.deletions else {}
-        if cfg.deletions and not resume:  # the run keeps its own copy: a resume reads the requests it started with
-            cfg.deletions = str(self.rundir.keep_deletions(cfg.deletions))
         empty = int((self.activity == 0).sum())
         if empty:
             log.warning("%d devices hold no examples after partitioning; they are never selected", empty)
@@ -113,6 +114,8 @@ class Server:
                 log.warning("target device-level epsilon %g: device noise multiplier calibrated to %.4f (q_k <= %.3g)",
                             cfg.target_epsilon_device, cfg.device_noise_multiplier, q_max)
         self._check_holdout_budget()  # before anything is written
+        if cfg.deletions and not resume:  # the run keeps its own copy: a resume reads the requests it started with
+            cfg.deletions = str(self.rundir.keep_deletions(cfg.deletions))
         self.ledger = Ledger(self.rundir.ledger_path, cfg.run_id)
         self.ledger.start_run(
             target_delta=self.delta, accountant=cfg.accountant, selection_constant=self.selector.c,
@@ -195,12 +198,16 @@ class Server:
 
         eps = holdout_epsilon(cfg.holdout_noise_multiplier, 1, self.delta, cfg.accountant)
         if eps > budget:
-            sigma = cfg.holdout_noise_multiplier
-            while holdout_epsilon(sigma, 1, self.delta, cfg.accountant) > budget:
-                sigma *= 1.25
+            lo, hi = cfg.holdout_noise_multiplier, cfg.holdout_noise_multiplier
+            while holdout_epsilon(hi, 1, self.delta, cfg.accountant) > budget:
+                lo, hi = hi, hi * 2
+            for _ in range(30):  # bisect to the smallest sigma (two decimals, rounded up) within the budget
+                mid = (lo + hi) / 2
+                lo, hi = (mid, hi) if holdout_epsilon(mid, 1, self.delta, cfg.accountant) > budget else (lo, mid)
+            sigma = math.ceil(hi * 100) / 100
             raise ConfigError(f"--holdout-noise-multiplier {cfg.holdout_noise_multiplier:g} gives each holdout example "
                               f"epsilon {eps:.3g} at delta {self.delta:g}, above the example-level budget {budget:g}; "
-                              f"use --holdout-noise-multiplier {sigma:.3g} or more")
+                              f"use --holdout-noise-multiplier {sigma:g} or more")
 
     def apply_deletions(self, t: int) -> None:
         """Before round ``t``'s selection: every deletion request whose round has come takes effect

@@ -313,3 +313,29 @@ def test_resume_keeps_deletions_and_redoes_an_interrupted_holdout(tmp_path, data
     assert summary["holdout"]["releases"] == 2
     assert summary["holdout"]["epsilon"] == pytest.approx(holdout_epsilon(2.0, 2, server.delta, cfg.accountant))
     assert summary["holdout"]["epsilon"] > first["epsilon"]
+
+
+def test_a_moved_run_reads_its_own_deletions_and_retrain_keeps_later_requests(tmp_path, data_dir, monkeypatch):
+    """A run made with a relative --run-dir resumes from elsewhere with its own copy of the requests;
+    a retrain keeps, as they were, the requests whose round the parent never reached."""
+    from dpfl.commands.retrain import prepare_retrain
+    from dpfl.commands.simulate import resume_config
+
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "dels.txt").write_text("3 1\n1 9\n")  # device 1's request is for a round the run never reaches
+    monkeypatch.chdir(work)
+    cfg = toy_config("runs/p", data_dir, rounds=2, num_devices=4, cohort_size=3, deletions="dels.txt",
+                     noise_at="aggregate")
+    run_rounds(cfg)
+    monkeypatch.chdir(tmp_path)
+    moved = tmp_path / "moved"
+    (work / "runs" / "p").rename(moved)
+    (work / "dels.txt").unlink()
+    again = resume_config(str(moved))
+    server, _, _, _ = run_rounds(again.replace(rounds=3).validate(), resume=True)
+    assert server.deletion_requests == {3: 1, 1: 9} and server.deleted == {3}
+    ccfg = prepare_retrain(moved, 1, tmp_path / "child")
+    lines = sorted((tmp_path / "child" / "deletions.txt").read_text().split("\n"))
+    assert lines == ["", "1 9", "3 1"]
+    assert ccfg.deletions == str(tmp_path / "child" / "deletions.txt")

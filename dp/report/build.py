@@ -651,11 +651,21 @@ def holdout_section(data: RunData, example_stats: dict[str, Any] | None, account
 def lineage_section(data: RunData, delta: float | None, accountant: str) -> dict[str, Any] | None:
     """A retrained run's origin, and its example- and device-level epsilon (max over devices) if the
     parent's models of the replaced rounds stay released: this run's events composed with the
-    parent's events of those rounds (``replaced_events``). None for a run trained from scratch."""
+    parent's events of those rounds (``replaced_events``).
+
+    Returns
+    -------
+    dict or None
+        The ledger's lineage fields (``parent_run_id``, ``parent_dir``, ``from_round``,
+        ``removed_devices``), ``replaced_events`` (how many of the parent's events this run
+        replaced) and ``epsilon_if_parent_kept``: unit -> epsilon (nats, at ``delta``; empty
+        without delta or replaced events). None for a run trained from scratch.
+    """
     if not data.lineage:
         return None
     out = dict(data.lineage)
     out["epsilon_if_parent_kept"] = {}
+    out["replaced_events"] = sum(len(v) for per in data.replaced.values() for v in per.values())
     if delta is None:
         return out
     for unit in UNITS:

@@ -293,13 +293,13 @@ def _title_blocks(summary: dict[str, Any]) -> list[Block]:
                          f"before round {lin['from_round']}, so rounds 1-{lin['from_round'] - 1} (kept from that run, "
                          "with their privacy events) never read their data, and from round "
                          f"{lin['from_round']} on they were never selected: no model of this run was trained on their "
-                         "data (their example counts still entered the selection constant, the noise calibration and "
-                         "delta, which are computed from all devices' sizes)." if lin["from_round"] > 1 else
+                         "data (their example counts still entered what the server computes from all devices' sizes "
+                         "before round 1: delta and, where calibrated, the selection constant and the noise)." if lin["from_round"] > 1 else
                          f"Retrained for exact removal (dpfl retrain): this run retrains run {lin['parent_run_id']} "
                          f"({lin['parent_dir']}) from scratch without device(s) {removed}, whose deletion requests "
                          "that run recorded; they were never selected, so no model of this run was trained on their "
-                         "data (their example counts still entered the selection constant, the noise calibration and "
-                         "delta)."))
+                         "data (their example counts still entered what the server computes from all devices' sizes "
+                         "before round 1: delta and, where calibrated, the selection constant and the noise)."))
         kept = lin.get("epsilon_if_parent_kept") or {}
         out.append(("p", "This run's epsilons assume that the models of that run from round "
                          f"{lin['from_round']} on, which this run replaces, are withdrawn. If they stay released, "
@@ -309,8 +309,9 @@ def _title_blocks(summary: dict[str, Any]) -> list[Block]:
                          + " (the parent's events of those rounds are kept in this ledger, table replaced_events; "
                            "that run's holdout evaluation, if it had one, is not included)."
                          if kept else "This run's epsilons assume that the models of that run from round "
-                         f"{lin['from_round']} on, which this run replaces, are withdrawn; that run recorded no "
-                         "privacy event in those rounds."))
+                         f"{lin['from_round']} on, which this run replaces, are withdrawn"
+                         + ("; that run recorded no privacy event in those rounds." if lin.get("replaced_events")
+                            == 0 else ".")))
     return out
 
 
@@ -375,7 +376,7 @@ def _headline_items(summary: dict[str, Any], run: _Run) -> list[str]:
                  "adjacency: add or remove one unit, with the example counts the server uses treated as public "
                  "(see Privacy units and adjacency); sampling: Poisson.")
     h = summary.get("holdout")
-    if h and h.get("epsilon") is not None:
+    if h and h.get("epsilon") is not None and h.get("noise_at") != "none":
         items.append(f"Holdout examples (--holdout-per-device; never trained on): epsilon = {fmt(h['epsilon'])} at "
                      f"delta = {fmt(delta)} from the noised counts of the holdout evaluation (see Who the model serves).")
     items.append(_budget_headline(summary))
@@ -812,8 +813,8 @@ def holdout_blocks(summary: dict[str, Any]) -> list[Block]:
         return [("h", 2, "Who the model serves"),
                 ("p", f"A holdout evaluation after round {h.get('round')} is on record in the ledger "
                       f"({h.get('devices_asked')} devices asked), but the run stopped before its result was written "
-                      "(dpfl simulate --resume evaluates again). Its counts left the devices: each holdout example's "
-                      f"epsilon so far is {fmt(h.get('epsilon'))} at delta {fmt(summary.get('delta'))}.")]
+                      "(dpfl simulate --resume evaluates again). Its counts may have left the devices, so they are "
+                      f"accounted: each holdout example's epsilon so far is {fmt(h.get('epsilon'))} at delta {fmt(summary.get('delta'))}.")]
     noise_at = h.get("noise_at")
     sigma = fmt(h.get("noise_multiplier"))
     how = {
@@ -836,9 +837,9 @@ def holdout_blocks(summary: dict[str, Any]) -> list[Block]:
     out.append(("p", f"Each example was kept out of training with probability {fmt(h.get('fraction'))} (--holdout-per-"
                      "device), decided by a keyed hash of its id and the run seed, so the split is the same in every "
                      "process and one example's membership depends on no other example. After round "
-                     f"{h.get('round')} each device in an activity quartile counted the holdout examples the final "
-                     f"released model {right}: {h.get('devices_replied')} of {h.get('devices_asked')} devices asked "
-                     f"replied. {how}{guarantee}"))
+                     f"{h.get('round')} each device asked (those in an activity quartile that hold holdout examples "
+                     "and were not deleted) counted the holdout examples the final released model "
+                     f"{right}: {h.get('devices_replied')} of {h.get('devices_asked')} replied. {how}{guarantee}"))
     rows = []
     for q in h.get("quartiles") or []:
         acc = "n/a" if q.get("accuracy") is None else f"{fmt(q['accuracy'])} ± {fmt(q.get('noise_std_accuracy'))}"
@@ -885,7 +886,7 @@ def deletion_blocks(summary: dict[str, Any]) -> list[Block]:
                      "removal, `dpfl retrain RUN_DIR --from-round T` retrains from the kept checkpoint before the "
                      "first round T in which any deleted device joined; a device that never joined trained no "
                      "model. Its example count still entered what the server computes from all devices' sizes "
-                     "before round 1: the selection constant, the noise calibration and delta."))
+                     "before round 1: delta and, where calibrated, the selection constant and the noise."))
     return out
 
 

@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dpfl.commands.errors import exits
+
+if TYPE_CHECKING:
+    from dpfl.config import RunConfig
 
 __all__ = ["add_parser", "plan_retrain", "prepare_retrain", "run"]
 
@@ -71,7 +74,7 @@ def plan_retrain(run_dir: str | Path, from_round: int) -> tuple[list[int], dict[
     return removed, joined, runs[0].run_id if runs else ""
 
 
-def prepare_retrain(run_dir: str | Path, from_round: int, new_run_dir: str | Path | None = None):
+def prepare_retrain(run_dir: str | Path, from_round: int, new_run_dir: str | Path | None = None) -> "RunConfig":
     """Build the retrained run's directory, ready to resume at round ``from_round``; return its RunConfig.
 
     The new directory (default ``RUN_DIR-retrain-rT`` beside RUN_DIR) gets the parent's settings
@@ -79,12 +82,24 @@ def prepare_retrain(run_dir: str | Path, from_round: int, new_run_dir: str | Pat
     checkpoints, the ledger rows of rounds 1..T-1 plus a ``lineage`` row, and the checkpoint and
     metrics lines of round T-1.
 
+    Requests the parent never applied (their round came after its last round) are written to the
+    new run's ``deletions.txt`` as they were, so the retrained run applies them when their round comes.
+
+    Returns
+    -------
+    dpfl.config.RunConfig
+        The new run's settings (``run_dir`` the new directory), for ``simulate(cfg, resume=True)``.
+
     Raises
     ------
     dpfl.config.ConfigError
-        See :func:`plan_retrain`; also when T is past the run's last round.
+        See :func:`plan_retrain`; also when T is past the run's last round or the parent's
+        deletions file cannot be read.
     rundir.RunDirError
-        If the new directory exists and is not empty.
+        If the new directory exists and is not empty, or the parent lacks the kept checkpoint
+        of round T - 1 or its ``global.pt``.
+    rundir.LedgerError
+        If the parent's ledger cannot be read.
     """
     from dpfl.commands.simulate import resume_config
     from dpfl.config import ConfigError
@@ -96,20 +111,17 @@ def prepare_retrain(run_dir: str | Path, from_round: int, new_run_dir: str | Pat
     if t > cfg.rounds:
         raise ConfigError(f"--from-round {t}: the run has {cfg.rounds} rounds")
     removed, joined, parent_id = plan_retrain(parent, t)
-    if cfg.deletions:  # requests whose round the run never reached were never applied: say so
+    later: dict[int, int] = {}
+    if cfg.deletions:  # requests for rounds the run never reached: the retrained run keeps them as they are
         from server.deletions import load_deletions
 
-        try:
-            later = sorted(d for d, r in load_deletions(cfg.deletions, cfg.num_devices).items() if d not in removed)
-        except ConfigError:
-            later = []
-        if later:
-            print(f"note: deletion requests of devices {', '.join(map(str, later))} are for rounds the run never "
-                  "reached; they are not removed (the retrained run keeps no request of theirs)", flush=True)
+        src = RunDir(parent, resume=True).deletions_path
+        later = {d: r for d, r in load_deletions(src if src.exists() else cfg.deletions, cfg.num_devices).items()
+                 if d not in removed}
     new = Path(new_run_dir) if new_run_dir else parent.parent / f"{parent.name}-retrain-r{t}"
     claim_run_dir(new)
     deletions = new / "deletions.txt"
-    deletions.write_text("".join(f"{d} {t}\n" for d in removed))
+    deletions.write_text("".join(f"{d} {t}\n" for d in removed) + "".join(f"{d} {r}\n" for d, r in sorted(later.items())))
     cfg = cfg.replace(run_id="", run_dir=str(new), deletions=str(deletions), round_checkpoints=True).with_defaults().validate()
     rd = RunDir(new)
     rd.write_config(cfg)
