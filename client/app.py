@@ -85,6 +85,12 @@ def _model(task: Task, name: str, seed: int, threads: int, use_gpu: bool = False
     return model
 
 
+def model_of(cfg: RunConfig, task: Task):
+    """This process's model instance for the run's settings (see :func:`_model`)."""
+    return _model(task, cfg.model, cfg.seed, max(1, int(cfg.client_cpus)), cfg.client_gpus > 0, cfg.trainable,
+                  tuple(sorted(cfg.lora_options().items())))
+
+
 @lru_cache(maxsize=256)
 def _encoded(pop_key: tuple, rows: tuple, model_name: str, max_length: int, task: Task) -> Encoded:
     pop = population_for_key(pop_key)
@@ -248,8 +254,7 @@ def train(msg: Message, context: Context) -> Message:
         raise TimeoutError(f"round {server_round} task started after the round deadline; not trained")
     data = device_examples(cfg, device_id, server_round)
     task = task_of(cfg)
-    model = _model(task, cfg.model, cfg.seed, max(1, int(cfg.client_cpus)), cfg.client_gpus > 0, cfg.trainable,
-                   tuple(sorted(cfg.lora_options().items())))
+    model = model_of(cfg, task)
     teacher = None
     if task.pc_weight > 0 and rec.TEACHER in msg.content.array_records:
         # positive-congruent training: the previous release's logits on this device's examples
@@ -307,8 +312,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     correct = 0.0
     if len(data):
         task = task_of(cfg)
-        model = _model(task, cfg.model, cfg.seed, max(1, int(cfg.client_cpus)), cfg.client_gpus > 0, cfg.trainable,
-                       tuple(sorted(cfg.lora_options().items())))
+        model = model_of(cfg, task)
         load_into(model, msg.content["arrays"], partial=True)
         correct = float(np.asarray(task.evaluate(model, data, with_correct=True)["correct"]).sum())
     sigma = float(msg.content["config"]["holdout-noise"])

@@ -92,11 +92,16 @@ class Population:
 
     @cached_property
     def _uid_column(self) -> np.ndarray:
-        return np.asarray(self.data.train.select_columns(["uid"]).with_format("numpy")[:]["uid"])
+        return uid_column(self.data.train)
 
     def uids(self, rows: np.ndarray) -> np.ndarray:
         """Stable example ids (``uid`` column) of train rows (the column is read once per process)."""
         return self._uid_column[np.asarray(rows, dtype=np.int64)]
+
+
+def uid_column(train) -> np.ndarray:
+    """The ``uid`` column of a train split (a ``datasets.Dataset``) as an int64 array [N]."""
+    return np.asarray(train.select_columns(["uid"]).with_format("numpy")[:]["uid"])
 
 
 def population_key(cfg) -> tuple:
@@ -171,8 +176,7 @@ def population_for_key(key: tuple) -> Population:
     devices = tuple(np.asarray(d, dtype=np.int64) for d in devices)
     holdout: tuple = ()
     if holdout_fraction > 0:
-        uids = np.asarray(data.train.select_columns(["uid"]).with_format("numpy")[:]["uid"])
-        devices, holdout = split_holdout(devices, holdout_fraction, seed, uids)
+        devices, holdout = split_holdout(devices, holdout_fraction, seed, uid_column(data.train))
     canaries, records = (), ()
     if n_canaries:
         data, devices, canaries, records = insert_canaries(data, devices, n_canaries, canary_repeats, seed)
@@ -195,12 +199,11 @@ def split_holdout(devices: tuple, fraction: float, seed: int, uids: np.ndarray |
     run and ``dpfl retrain`` see the same split, and, as long as the ids are stable labels of the
     examples, adding or removing one example changes no other example's membership. (JSONL data
     gets ``uid`` = its line's position in the file, which is stable while the file's other lines
-    stay where they are.)
-    A device whose every example lands in the holdout trains on nothing (activity 0) and is never
-    selected. So a holdout example is read only by the holdout
-    evaluation and a training example only by training (neighbouring data sets differ in one
-    of the two). The accountant treats nothing about the split as secret. Canaries are inserted
-    after the split and always train.
+    stay where they are.) So a holdout example is read only by the holdout evaluation and a
+    training example only by training (neighbouring data sets differ in one of the two). The
+    accountant treats nothing about the split as secret. Canaries are inserted after the split
+    and always train. A device whose every example lands in the holdout trains on nothing
+    (activity 0) and is never selected.
 
     Parameters
     ----------

@@ -33,7 +33,7 @@ type ``evaluate``) holds ``arrays`` (the final released model's trainable parame
 adds to its count, 0 when the server adds it to the quartile's sum or the run is not private).
 Its reply holds ``holdout`` alone (MetricRecord ``correct``: the number of the device's holdout
 examples the model classifies correctly, plus that noise). The number of holdout examples is not
-sent: the server knows it from the device's activity, as it knows the activity.
+sent: it is an example count, which the server knows as it knows the activity.
 """
 
 from __future__ import annotations

@@ -236,7 +236,7 @@ class RunDir:
         RunDirError
             If ``source`` cannot be read (naming it).
         """
-        dest = self.path / DELETIONS_FILE
+        dest = self.deletions_path
         src = Path(source)
         if src.resolve() == dest.resolve():
             return dest
@@ -246,6 +246,11 @@ class RunDir:
             raise RunDirError(f"--deletions {src}: cannot read it ({exc.strerror or exc})") from exc
         atomic_write(dest, data)
         return dest
+
+    def write_deletions(self, requests: Mapping[int, int]) -> Path:
+        """Write ``deletions.txt`` (lines ``DEVICE_ID ROUND``, by device) from ``requests`` {device: round}; return its path."""
+        atomic_write(self.deletions_path, "".join(f"{d} {r}\n" for d, r in sorted(requests.items())).encode())
+        return self.deletions_path
 
     def save_round_copy(self, round_: int, trainable: Mapping[str, Any], state: dict | None, server_state: object) -> None:
         """Keep round ``round_``'s trainable parameters, ``state.json`` content and server state under

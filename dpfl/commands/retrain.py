@@ -66,8 +66,8 @@ def plan_retrain(run_dir: str | Path, from_round: int) -> tuple[list[int], dict[
         who = min((d for d, j in joined.items() if j == first))
         raise ConfigError(f"--from-round {from_round}: device {who} first joined in round {first}, so every model "
                           f"from round {first} on may carry its data; retrain from round {first} or earlier")
-    if from_round > 1 and from_round - 1 not in RunDir(Path(run_dir), resume=True).rounds_kept():
-        kept = RunDir(Path(run_dir), resume=True).rounds_kept()
+    kept = RunDir(Path(run_dir), resume=True).rounds_kept() if from_round > 1 else []
+    if from_round > 1 and from_round - 1 not in kept:
         raise ConfigError(f"--from-round {from_round}: {run_dir} kept no checkpoint of round {from_round - 1} "
                           f"(kept: {', '.join(map(str, kept[-5:])) or 'none'}; a run keeps them with --deletions "
                           "or --round-checkpoints); use --from-round 1 to retrain from scratch")
@@ -120,10 +120,9 @@ def prepare_retrain(run_dir: str | Path, from_round: int, new_run_dir: str | Pat
                  if d not in removed}
     new = Path(new_run_dir) if new_run_dir else parent.parent / f"{parent.name}-retrain-r{t}"
     claim_run_dir(new)
-    deletions = new / "deletions.txt"
-    deletions.write_text("".join(f"{d} {t}\n" for d in removed) + "".join(f"{d} {r}\n" for d, r in sorted(later.items())))
-    cfg = cfg.replace(run_id="", run_dir=str(new), deletions=str(deletions), round_checkpoints=True).with_defaults().validate()
     rd = RunDir(new)
+    deletions = rd.write_deletions({**later, **{d: t for d in removed}})
+    cfg = cfg.replace(run_id="", run_dir=str(new), deletions=str(deletions), round_checkpoints=True).with_defaults().validate()
     rd.write_config(cfg)
     ledger = Ledger(rd.ledger_path, cfg.run_id)
     try:
