@@ -179,10 +179,14 @@ def sentence_accuracy(
 
     NaN for no utterances.
     """
-    n = len(gold_tags)
-    if n == 0:
+    if len(gold_tags) == 0:
         return float("nan")
-    ok = np.array([list(g) == list(p) for g, p in zip(gold_tags, pred_tags)], dtype=bool)
+    ok = sentence_correct(gold_tags, pred_tags)
     if y_true is not None and y_pred is not None:
         ok &= np.asarray(y_true) == np.asarray(y_pred)
     return float(ok.mean())
+
+
+def sentence_correct(gold_tags, pred_tags) -> np.ndarray:
+    """Whether each utterance's every word tag is right: bool array [N]."""
+    return np.array([list(g) == list(p) for g, p in zip(gold_tags, pred_tags)], dtype=bool)

@@ -38,7 +38,7 @@ from torch import nn
 from nlu import data as _intent
 from nlu.congruent import TEACHER_KEY, focal_distillation
 from nlu.metrics import intent_metrics
-from nlu.slots import IGNORE_INDEX, SlotEncoded, collate_slots, encode_slots, sentence_accuracy, slot_metrics, word_tags
+from nlu.slots import IGNORE_INDEX, SlotEncoded, collate_slots, encode_slots, sentence_accuracy, sentence_correct, slot_metrics, word_tags
 
 TASKS = ("intent", "slots", "joint")
 SLOT_REDUCTIONS = ("sum", "mean")
@@ -299,7 +299,7 @@ class SlotTask(Task):
             if intents is not None:
                 out["correct"] = np.asarray(intents) == np.asarray(enc.labels)
             else:
-                out["correct"] = np.array([list(g) == list(p) for g, p in zip(enc.gold_tags, tags)], dtype=bool)
+                out["correct"] = sentence_correct(enc.gold_tags, tags)
         return out
 
 

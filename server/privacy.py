@@ -181,5 +181,4 @@ def calibrate_device_noise(cfg, q_max: float, delta: float) -> float:
 
 def largest_selection_probability(selector, planned: np.ndarray) -> float:
     """max_k q_k over the planned activities (``[K]``, or ``[T, K]`` in the continual setting)."""
-    rows = planned if planned.ndim == 2 else planned[None, :]
-    return float(max(selector.probabilities(np.asarray(r)).max() for r in rows))
+    return float(selector.probabilities(np.asarray(planned)).max())  # element-wise: [K] and [T, K] alike

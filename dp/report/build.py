@@ -457,7 +457,7 @@ def releases(metrics: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def _final(metrics: list[dict[str, Any]], key: str) -> float | None:
     for row in reversed(metrics):
         v = row.get(key)
-        if isinstance(v, (int, float)) and not isinstance(v, bool):
+        if _number(v) is not None:
             return float(v)
     return None
 

@@ -663,10 +663,13 @@ def _quartile_blocks(summary: dict[str, Any]) -> list[Block]:
         rows = (summary["epsilon"].get(unit) or {}).get("by_activity_quartile") or []
         if not rows:
             continue
+        # device level: every device with q_k > 0 takes part in each round's mechanism, picked or not
+        joined = ("devices that joined", "rounds joined (mean)") if unit == "example" else \
+            ("devices accounted", "rounds accounted (mean; every round with q_k > 0)")
         out.append(("p", f"{unit.capitalize()}-level epsilon by activity quartile: the devices holding data, "
                          "sorted by their starting activity (training examples) and split into four groups of "
                          "equal size, Q1 the lightest; a device that never joined a round counts with epsilon 0."))
-        out.append(("table", ["quartile", "activity", "devices", "devices that joined", "rounds joined (mean)",
+        out.append(("table", ["quartile", "activity", "devices", *joined,
                               "median epsilon", "max epsilon"],
                     [[f"Q{r['quartile']}", f"{r['activity_min']}-{r['activity_max']}", str(r["devices"]),
                       str(r["devices_joined"]), f"{r['rounds_joined_mean']:.2f}", fmt(r["epsilon_median"]),

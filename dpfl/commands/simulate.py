@@ -82,7 +82,7 @@ def preflight(cfg: RunConfig, resume: bool = False) -> None:
     from partitions.population import build_population
     from rundir import RunDirError, config_path
     from server.privacy import calibrate_device_noise, calibrate_example_noise, largest_selection_probability
-    from server.selection import ActivitySelector, calibrate_constant
+    from server.selection import ActivitySelector
 
     if not cfg.ray_address:
         check_local_resources(cfg.client_cpus, cfg.client_gpus)
@@ -107,12 +107,10 @@ def preflight(cfg: RunConfig, resume: bool = False) -> None:
     alpha = cfg.activity_exponent if cfg.selection == "activity" else 0.0
     # the same planned activities the server calibrates on: [T, K] (continual) or [K]
     planned = pop.planned_activity(cfg.rounds)
-    if cfg.selection_constant is None:
-        calibrate_constant(planned, alpha, cfg.cohort_size)
+    selector = ActivitySelector(planned, alpha, cfg.cohort_size, cfg.selection_constant)  # calibrates c when not given
     if cfg.dp and cfg.target_epsilon is not None:
         calibrate_example_noise(cfg, planned.ravel(), cfg.resolve_delta(len(pop.data.train)))
     if cfg.device_dp and cfg.device_noise_multiplier is None and cfg.target_epsilon_device is not None:
-        selector = ActivitySelector(planned, alpha, cfg.cohort_size, cfg.selection_constant)
         calibrate_device_noise(cfg, largest_selection_probability(selector, planned),
                                cfg.resolve_delta(len(pop.data.train)))
 
