@@ -12,6 +12,7 @@ import os
 import sys
 
 from dpfl.commands import audit, launch, partitions, report, retrain, simulate
+from dpfl.commands.errors import EXIT_BAD_INPUT, CommandParser, UsageError
 from dpfl.commands.logs import quiet
 
 __all__ = ["COMMANDS", "build_parser", "main"]
@@ -22,8 +23,8 @@ COMMANDS = {"simulate": simulate, "retrain": retrain, "report": report, "launch"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``dpfl`` parser with every subcommand of :data:`COMMANDS`."""
-    parser = argparse.ArgumentParser(prog="dpfl", description="Federated NLU training with differential privacy")
+    """The ``dpfl`` parser with every subcommand of :data:`COMMANDS` (parse errors raise :class:`UsageError`)."""
+    parser = CommandParser(prog="dpfl", description="Federated NLU training with differential privacy")
     sub = parser.add_subparsers(dest="command", required=True)
     for command in COMMANDS.values():
         command.add_parser(sub)
@@ -31,8 +32,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Console entry point (``dpfl``): parse ``argv``, run the subcommand, return its exit code."""
-    ns = build_parser().parse_args(argv)
+    """Console entry point (``dpfl``): parse ``argv``, run the subcommand, return its exit code.
+
+    A command line that does not parse returns 2 after one ``dpfl: error: ...`` line, as any bad input.
+    """
+    try:
+        ns = build_parser().parse_args(argv)
+    except UsageError as exc:
+        print(f"dpfl: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     quiet()
     code = COMMANDS[ns.command].run(ns)
     if simulate.STUCK.is_set():

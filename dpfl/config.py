@@ -6,8 +6,10 @@ keys are the field names with dashes and whose values are RunConfig's defaults, 
 tests/test_config.py), and a resumed run (``config.toml`` in the run directory). Nothing else
 holds run settings.
 
-Each field carries its help text in its metadata (``field(..., metadata={"help": ...})``); the
-CLI flags are generated from the fields (:func:`dpfl.commands.flags.add_config_args`).
+Each field carries in its metadata its help text, its setting group (one of
+:data:`dpfl.commands.flags.GROUPS`) and, when its valid values are a fixed set, their choices
+(``field(..., metadata={"help": ..., "group": ..., "choices": ...})``); the CLI flags are generated
+from the fields, group by group (:func:`dpfl.commands.flags.add_config_args`).
 
 This is the bottom layer: it imports nothing of the project.
 """
@@ -87,277 +89,324 @@ class RunConfig:
     """
 
     # run
-    run_id: str = field(default="", metadata={"help": "name of the run (default: a timestamp)"})
-    run_dir: str = field(default="", metadata={"help": "run directory (default runs/<timestamp>)"})
+    run_id: str = field(default="", metadata={"help": "name of the run (default: a timestamp)", "group": "run"})
+    run_dir: str = field(default="", metadata={"help": "run directory (default: runs/<timestamp>)", "group": "run"})
     seed: int = field(
         default=0,
-        metadata={"help": "seed of partitioning, initialization and splits (never of the noise or the sampling)"},
+        metadata={"help": "seed of partitioning, initialization and splits (never of the noise or the sampling)",
+                  "group": "run"},
     )
-    rounds: int = field(default=30, metadata={"help": "number of federated rounds"})
+    rounds: int = field(default=30, metadata={"help": "number of federated rounds", "group": "run"})
     eval_every: int = field(
         default=1,
-        metadata={"help": "evaluate the global model every N rounds (and after the last)"},
+        metadata={"help": "evaluate the global model every N rounds (and after the last)", "group": "run"},
     )
     release_every: int | None = field(
         default=None,
         metadata={"help": "mark every R-th round's model (and the last) as a release, evaluated with its negative "
-                          "and positive flip rates against the previous release (default: the evaluation rounds)"},
+                          "and positive flip rates against the previous release (default: the evaluation rounds)",
+                  "group": "audit"},
     )
     baseline_model: str | None = field(
         default=None,
         metadata={"help": "a model the user already ships (a state dict .pt of the run's model, e.g. another run's "
-                          "checkpoints/global.pt): every release's flip rates are also given against it"},
+                          "checkpoints/global.pt): every release's flip rates are also given against it "
+                          "(default: none)",
+                  "group": "audit"},
     )
     # data and devices
     data_dir: str | None = field(
         default=None,
-        metadata={"help": "folder with train.jsonl and test.jsonl of {text, label}"},
+        metadata={"help": "folder with train.jsonl and test.jsonl of {text, label} (default: the built-in synthetic "
+                          "home-assistant set, unless --dataset is given)", "group": "data"},
     )
-    dataset: str | None = field(default=None, metadata={"help": "Hugging Face hub dataset name (needs network)"})
-    text_column: str = field(default="text", metadata={"help": "column holding the utterance text"})
-    label_column: str = field(default="label", metadata={"help": "column holding the intent label"})
+    dataset: str | None = field(default=None, metadata={"help": "Hugging Face hub dataset name, needs network "
+                                                                "(default: none; see --data-dir)",
+                                                        "group": "data"})
+    text_column: str = field(default="text", metadata={"help": "column holding the utterance text", "group": "data"})
+    label_column: str = field(default="label", metadata={"help": "column holding the intent label", "group": "data"})
     max_examples: int | None = field(
         default=None,
-        metadata={"help": "cap the training set at K examples (quick runs)"},
+        metadata={"help": "cap the training set at K examples (quick runs) (default: no cap)", "group": "data"},
     )
-    num_devices: int = field(default=20, metadata={"help": "number of simulated devices"})
+    num_devices: int = field(default=20, metadata={"help": "number of simulated devices", "group": "data"})
     partitioner: str = field(
         default="auto",
         metadata={"help": "auto (natural device column if present, else iid) | iid | dirichlet (label skew) | "
-                          "quantity (power-law sizes) | quantity-label (both) | cluster (feature skew) | natural"},
+                          "quantity (power-law sizes) | quantity-label (both) | cluster (feature skew) | natural",
+                  "group": "data", "choices": PARTITIONERS},
     )
     dirichlet_alpha: float = field(
         default=0.5,
-        metadata={"help": "Dirichlet concentration for label skew (smaller = more skew)"},
+        metadata={"help": "Dirichlet concentration for label skew (smaller = more skew)", "group": "data"},
     )
     quantity_beta: float = field(
         default=1.5,
         metadata={"help": "Pareto tail index of device sizes for --partitioner quantity / quantity-label (smaller = "
-                          "heavier tail)"},
+                          "heavier tail)", "group": "data"},
     )
     device_column: str = field(
         default="device",
-        metadata={"help": "column holding the device/user id for --partitioner natural"},
+        metadata={"help": "column holding the device/user id for --partitioner natural", "group": "data"},
     )
     num_clusters: int = field(
         default=10,
-        metadata={"help": "k-means clusters of sentence embeddings for --partitioner cluster"},
+        metadata={"help": "k-means clusters of sentence embeddings for --partitioner cluster", "group": "data"},
     )
     setting: str = field(
         default="static",
-        metadata={"help": "static (all data at once) | continual (examples arrive over rounds)"},
+        metadata={"help": "static (all data at once) | continual (examples arrive over rounds)",
+                  "group": "data", "choices": SETTINGS},
     )
     storage_cap: int | None = field(
         default=None,
-        metadata={"help": "continual: a device keeps at most this many examples, deleting its oldest first"},
+        metadata={"help": "continual: a device keeps at most this many examples, deleting its oldest first "
+                          "(default: no cap)",
+                  "group": "data"},
     )
     # selection
-    cohort_size: float = field(default=5.0, metadata={"help": "expected number of devices per round"})
+    cohort_size: float = field(default=5.0, metadata={"help": "expected number of devices per round",
+                                                      "group": "selection"})
     selection: str = field(
         default="activity",
-        metadata={"help": "uniform | activity (Poisson with q_k = min(1, c a_k^alpha))"},
+        metadata={"help": "uniform | activity (Poisson with q_k = min(1, c a_k^alpha))",
+                  "group": "selection", "choices": SELECTIONS},
     )
-    activity_exponent: float = field(default=1.0, metadata={"help": "alpha in q_k = min(1, c a_k^alpha)"})
+    activity_exponent: float = field(default=1.0, metadata={"help": "alpha in q_k = min(1, c a_k^alpha)",
+                                                            "group": "selection"})
     selection_constant: float | None = field(
         default=None,
-        metadata={"help": "set c directly instead of calibrating it from --cohort-size"},
+        metadata={"help": "set c directly (default: calibrated from --cohort-size)", "group": "selection"},
     )
     # model
     task: str = field(
         default="intent",
-        metadata={"help": "intent | slots (BIO slot filling) | joint (intent + slots, one encoder)"},
+        metadata={"help": "intent | slots (BIO slot filling) | joint (intent + slots, one encoder)",
+                  "group": "model", "choices": TASKS},
     )
-    slot_loss_weight: float = field(default=1.0, metadata={"help": "joint loss = intent loss + w * slot loss"})
+    slot_loss_weight: float = field(default=1.0, metadata={"help": "joint loss = intent loss + w * slot loss",
+                                                           "group": "model"})
     pc_weight: float = field(
         default=0.0,
         metadata={"help": "positive-congruent training: weight of the focal distillation term towards the previous "
                           "release on the examples it got right (Yan et al. 2021), inside the per-example loss "
-                          "that DP-SGD clips (0: off; intent and joint tasks)"},
+                          "that DP-SGD clips (0: off; intent and joint tasks)", "group": "audit"},
     )
     model: str = field(
         default="minilm",
-        metadata={"help": "'minilm' (all-MiniLM-L6-v2, offline), 'tiny' (random small BERT) or a HF name/path"},
+        metadata={"help": "'minilm' (all-MiniLM-L6-v2, offline), 'tiny' (random small BERT) or a HF name/path",
+                  "group": "model"},
     )
-    max_length: int = field(default=32, metadata={"help": "maximum tokens per utterance"})
+    max_length: int = field(default=32, metadata={"help": "maximum tokens per utterance", "group": "model"})
     pooling: str = field(
         default="mean",
-        metadata={"help": "mean (mean-pooled token states) | cls (transformers' classification head)"},
+        metadata={"help": "mean (mean-pooled token states) | cls (transformers' classification head)",
+                  "group": "model", "choices": ("mean", "cls")},
     )
     trainable: str = field(
         default="head",
         metadata={"help": "which parameters train: all (embeddings included) | head (frozen encoder) | topN (head + "
-                          "last N layers) | lora (LoRA adapters + head, through peft)"},
+                          "last N layers) | lora (LoRA adapters + head, through peft)", "group": "model"},
     )
-    lora_rank: int = field(default=8, metadata={"help": "--trainable lora: rank r of each adapter"})
-    lora_alpha: float = field(default=16.0, metadata={"help": "--trainable lora: scaling alpha (the update is alpha/r * B A)"})
+    lora_rank: int = field(default=8, metadata={"help": "--trainable lora: rank r of each adapter", "group": "model"})
+    lora_alpha: float = field(default=16.0, metadata={"help": "--trainable lora: scaling alpha (the update is alpha/r * B A)",
+                                                      "group": "model"})
     lora_targets: str = field(
         default="",
-        metadata={"help": "--trainable lora: comma-separated module names to adapt (default: the attention query and value)"},
+        metadata={"help": "--trainable lora: comma-separated module names to adapt (default: the attention query and value)",
+                  "group": "model"},
     )
-    lora_dropout: float = field(default=0.0, metadata={"help": "--trainable lora: dropout on the adapter input"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "--trainable lora: dropout on the adapter input",
+                                                       "group": "model"})
     # local training
     local_epochs: int = field(
         default=1,
-        metadata={"help": "local epochs per round (expected passes under Poisson sampling)"},
+        metadata={"help": "local epochs per round (expected passes under Poisson sampling)", "group": "local_training"},
     )
-    batch_size: int = field(default=32, metadata={"help": "expected (Poisson) batch size"})
-    physical_batch_size: int = field(default=64, metadata={"help": "largest micro-batch held in memory at once"})
-    optimizer: str = field(default="adamw", metadata={"help": "local optimizer: sgd | adamw"})
+    batch_size: int = field(default=32, metadata={"help": "expected (Poisson) batch size", "group": "local_training"})
+    physical_batch_size: int = field(default=64, metadata={"help": "largest micro-batch held in memory at once",
+                                                           "group": "local_training"})
+    optimizer: str = field(default="adamw", metadata={"help": "local optimizer: sgd | adamw",
+                                                      "group": "local_training", "choices": OPTIMIZERS})
     learning_rate: float = field(
         default=1e-4,
-        metadata={"help": "local optimizer step size (the encoder's, when --head-learning-rate is set)"},
+        metadata={"help": "local optimizer step size of the encoder (the head's is --head-learning-rate)",
+                  "group": "local_training"},
     )
     head_learning_rate: float | None = field(
         default=1e-2,
-        metadata={"help": "step size of the freshly initialised classification head (default: --learning-rate)"},
+        metadata={"help": "local optimizer step size of the freshly initialised classification head",
+                  "group": "local_training"},
     )
     # example-level DP (DP-SGD on the device, or noise on the aggregate)
     dp: bool = field(
         default=True,
-        metadata={"help": "example-level DP (--no-dp trains without it: the non-private baseline)"},
+        metadata={"help": "example-level DP (--no-dp trains without it: the non-private baseline)",
+                  "group": "example_privacy"},
     )
     noise_at: str = field(
         default="aggregate",
         metadata={"help": "where the example-level noise is added: device (local DP-SGD at every step; trusts nobody) | "
                           "aggregate (each device sends its clipped gradient sum, the server adds the noise once per "
-                          "round to the cohort's sum; trusts the aggregator)"},
+                          "round to the cohort's sum; trusts the aggregator)",
+                  "group": "example_privacy", "choices": NOISE_PLACEMENTS},
     )
     sample_rate: float = field(
         default=1.0,
         metadata={"help": "--noise-at aggregate: probability p with which a selected device includes each of its "
-                          "examples in the round's clipped sum (Poisson)"},
+                          "examples in the round's clipped sum (Poisson)", "group": "example_privacy"},
     )
     reproducible_noise: bool = field(
         default=False,
         metadata={"help": "derive the noise and the secret sampling from --seed (tests and debugging): the run is "
-                          "NOT private and its report says so"},
+                          "NOT private and its report says so", "group": "run"},
     )
-    dp_engine: str = field(default="dpfl", metadata={"help": "opacus | dpfl"})
+    dp_engine: str = field(default="dpfl", metadata={"help": "opacus | dpfl",
+                                                     "group": "example_privacy", "choices": DP_ENGINES})
     noise_multiplier: float | None = field(
         default=None,
         metadata={"help": "sigma: noise std / max_grad_norm (default: calibrated for --target-epsilon, which is "
-                          f"{DEFAULT_TARGET_EPSILON:g} when neither is given)"},
+                          f"{DEFAULT_TARGET_EPSILON:g} when neither is given)", "group": "example_privacy"},
     )
-    max_grad_norm: float = field(default=1.0, metadata={"help": "C: per-example clipping norm"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "C: per-example clipping norm",
+                                                        "group": "example_privacy"})
     target_epsilon: float | None = field(
         default=None,
-        metadata={"help": "calibrate --noise-multiplier so that no device's example-level epsilon can exceed this"},
+        metadata={"help": "calibrate --noise-multiplier so that no device's example-level epsilon can exceed this "
+                          f"(default: {DEFAULT_TARGET_EPSILON:g} when --noise-multiplier is not given)",
+                  "group": "example_privacy"},
     )
     target_delta: float | None = field(
         default=None,
-        metadata={"help": "delta for every epsilon (default: power of ten <= 1/(10 N))"},
+        metadata={"help": "delta for every epsilon (default: power of ten <= 1/(10 N))", "group": "example_privacy"},
     )
-    accountant: str = field(default="pld", metadata={"help": "pld (tight) | rdp"})
+    accountant: str = field(default="pld", metadata={"help": "pld (tight) | rdp",
+                                                     "group": "example_privacy", "choices": ACCOUNTANTS})
     # device-level DP (DP-FedAvg on the server) and budgets
     device_dp: bool = field(
         default=False,
-        metadata={"help": "device-level DP: clip each device's update and add noise on the server (DP-FedAvg)"},
+        metadata={"help": "device-level DP: clip each device's update and add noise on the server (DP-FedAvg)",
+                  "group": "device_privacy"},
     )
     update_clip_norm: float = field(
         default=1.0,
-        metadata={"help": "S: L2 bound on each device's update (device-level DP)"},
+        metadata={"help": "S: L2 bound on each device's update (device-level DP)", "group": "device_privacy"},
     )
     device_noise_multiplier: float | None = field(
         default=None,
         metadata={"help": "sigma_u: server noise std / S (device-level DP; default: calibrated for "
-                          "--target-epsilon-device when it is given, else 1.0)"},
+                          "--target-epsilon-device when it is given, else 1.0)", "group": "device_privacy"},
     )
     allow_zero_noise: bool = field(
         default=False,
         metadata={"help": "testing only: accept a noise multiplier of 0 with DP on (clipping without noise); the "
-                          "run is NOT private (epsilon infinity) and its report says so first"},
+                          "run is NOT private (epsilon infinity) and its report says so first",
+                  "group": "example_privacy"},
     )
     target_epsilon_device: float | None = field(
         default=None,
-        metadata={"help": "device-level epsilon budget per device (needs --device-dp)"},
+        metadata={"help": "device-level epsilon budget per device (needs --device-dp) (default: none: no device-level "
+                          "budget, the noise is --device-noise-multiplier)", "group": "device_privacy"},
     )
     max_epsilon: float | None = field(
         default=None,
         metadata={"help": "example-level epsilon budget per device: a device is not selected once its next round "
-                          "would exceed it"},
+                          "would exceed it (default: --target-epsilon when given, else none)",
+                  "group": "example_privacy"},
     )
     # privacy audit: canaries inserted into devices' training data (dp.audit, partitions.population)
     canaries: int = field(
         default=0,
         metadata={"help": "privacy audit: insert M canary utterances (secret digits), each included with probability "
-                          "1/2"},
+                          "1/2", "group": "audit"},
     )
-    canary_repeats: int = field(default=1, metadata={"help": "copies of each included canary (all on one device)"})
+    canary_repeats: int = field(default=1, metadata={"help": "copies of each included canary (all on one device)",
+                                                     "group": "audit"})
     deletions: str | None = field(
         default=None,
         metadata={"help": "deletion requests: a text file of lines 'DEVICE_ID ROUND'; from that round the device's "
                           "data is gone and it is never selected again (the ledger records each request; turns on "
-                          "--round-checkpoints so that `dpfl retrain` can remove it exactly)"},
+                          "--round-checkpoints so that `dpfl retrain` can remove it exactly) (default: none)",
+                  "group": "audit"},
     )
     round_checkpoints: bool = field(
         default=False,
         metadata={"help": "keep every round's trainable parameters and server state (checkpoints/rounds/), "
-                          "which `dpfl retrain --from-round T` starts from"},
+                          "which `dpfl retrain --from-round T` starts from", "group": "audit"},
     )
     holdout_per_device: float = field(
         default=0.0,
         metadata={"help": "keep each example out of training with probability F (per example, seeded); after the "
                           "last round every device evaluates the final model on its held-out examples and accuracy is "
-                          "reported by activity quartile (the correct counts are noised and accounted)"},
+                          "reported by activity quartile (the correct counts are noised and accounted)",
+                  "group": "audit"},
     )
     holdout_noise_multiplier: float = field(
         default=2.0,
         metadata={"help": "std of the Gaussian noise on each released holdout correct count, in units of its "
                           "sensitivity (one example changes a count by 1); on each device's count with the noise on "
-                          "the device, once on each quartile's sum with the noise on the aggregate"},
+                          "the device, once on each quartile's sum with the noise on the aggregate", "group": "audit"},
     )
     # aggregation
     strategy: str = field(
         default="auto",
-        metadata={"help": "auto (fedadam with --noise-at aggregate, else fedavg) | fedavg | fedprox | fedadam"},
+        metadata={"help": "auto (fedadam with --noise-at aggregate, else fedavg) | fedavg | fedprox | fedadam",
+                  "group": "server_optimizer", "choices": STRATEGIES},
     )
     proximal_mu: float = field(
         default=0.01,
-        metadata={"help": "mu of FedProx's proximal term (mu/2 ||w - w_global||^2 in the local loss)"},
+        metadata={"help": "mu of FedProx's proximal term (mu/2 ||w - w_global||^2 in the local loss)",
+                  "group": "server_optimizer"},
     )
     server_learning_rate: float | None = field(
         default=None,
         metadata={"help": "server step size: FedAdam's eta (default 0.2); with fedavg, the SGD step on the noisy mean "
                           "gradient of --noise-at aggregate (default 0.2) or on the noisy mean update of --device-dp "
-                          "(default 1.0: plain FedAvg)"},
+                          "(default 1.0: plain FedAvg)", "group": "server_optimizer"},
     )
     server_ema: float = field(
         default=0.9,
         metadata={"help": "release the exponential moving average of the global models with this decay (0: off; "
-                          "post-processing, no privacy cost)"},
+                          "post-processing, no privacy cost)", "group": "server_optimizer"},
     )
     server_lr_schedule: str = field(
         default="constant",
-        metadata={"help": "server learning-rate schedule over the rounds: constant | cosine (decays towards 0)"},
+        metadata={"help": "server learning-rate schedule over the rounds: constant | cosine (decays towards 0)",
+                  "group": "server_optimizer", "choices": ("constant", "cosine")},
     )
     # simulation resources
     client_cpus: float = field(
         default=1.0,
-        metadata={"help": "CPUs per simulated device (Ray resources; fractions allowed)"},
+        metadata={"help": "CPUs per simulated device (Ray resources; fractions allowed)", "group": "resources"},
     )
-    client_gpus: float = field(default=0.0, metadata={"help": "GPUs per simulated device (fractions allowed)"})
+    client_gpus: float = field(default=0.0, metadata={"help": "GPUs per simulated device (fractions allowed)",
+                                                      "group": "resources"})
     ray_address: str | None = field(
         default=None,
-        metadata={"help": "address of an existing Ray cluster to run on (set by dpfl launch --address)"},
+        metadata={"help": "address of an existing Ray cluster to run on (set by dpfl launch --address)",
+                  "group": "resources"},
     )
     # reliability: round deadline and injected device faults (testing)
     round_timeout: float | None = field(
         default=None,
         metadata={"help": "seconds a round waits for the cohort's replies before it goes on without the missing "
                           "ones (default: adaptive: once half the cohort has replied, the rest get 10 times as long "
-                          "as that took, at least 30 s, at most an hour); changeable on --resume"},
+                          "as that took, at least 30 s, at most an hour); changeable on --resume",
+                  "group": "reliability"},
     )
     fault_rate: float = field(
         default=0.0,
-        metadata={"help": "testing: probability that a selected device fails its round with an injected fault"},
+        metadata={"help": "testing: probability that a selected device fails its round with an injected fault",
+                  "group": "reliability"},
     )
     fault_kind: str = field(
         default="mixed",
-        metadata={"help": "testing: the injected fault: mixed | raise | hang | nan | shape"},
+        metadata={"help": "testing: the injected fault: mixed | raise | hang | nan | shape",
+                  "group": "reliability", "choices": FAULT_KINDS},
     )
     extra: dict[str, Any] = field(
         default_factory=dict,
-        metadata={"help": "settings of extensions (not a CLI flag)"},
+        metadata={"help": "settings of extensions (not a CLI flag)", "group": "run"},
     )
 
     # ------------------------------------------------------------------ validation

@@ -7,7 +7,10 @@ A command's ``run(ns) -> int`` is wrapped in :func:`exits`, which maps:
   project raises for bad settings, data, models, run directories, clusters or audits
   (``ConfigError``, ``DataError``, ``ModelError``, ``RunDirError``, ``ClusterError``,
   ``NodeCheckError``, ``AuditError``, ``ReportError``) is a ``ValueError``, and a missing file is
-  a ``FileNotFoundError``;
+  a ``FileNotFoundError``. A command line that does not parse (an unknown flag, a value outside a
+  flag's choices, a missing argument) is bad input too: :class:`CommandParser` raises
+  :class:`UsageError` instead of argparse's usage dump and ``SystemExit``, and :func:`dpfl.cli.main`
+  reports it the same way;
 - Ctrl-C (:class:`dpfl.interrupt.Interrupted`, or a second Ctrl-C's ``KeyboardInterrupt``) to
   one line ``dpfl: <message>`` and exit code 130 (:data:`EXIT_INTERRUPTED`, 128 + SIGINT);
 - a backend failure during a run (:class:`dpfl.interrupt.BackendLost`: Ray processes died) to
@@ -18,6 +21,7 @@ Anything else is a bug and ends in a traceback.
 
 from __future__ import annotations
 
+import argparse
 import functools
 import sys
 from collections.abc import Callable
@@ -25,7 +29,10 @@ from typing import Any
 
 from dpfl.interrupt import BackendLost, Interrupted
 
-__all__ = ["BAD_INPUT", "EXIT_BACKEND_LOST", "EXIT_BAD_INPUT", "EXIT_INTERRUPTED", "EXIT_OK", "Interrupted", "exits"]
+__all__ = [
+    "BAD_INPUT", "EXIT_BACKEND_LOST", "EXIT_BAD_INPUT", "EXIT_INTERRUPTED", "EXIT_OK", "CommandParser", "Interrupted",
+    "UsageError", "exits",
+]
 
 EXIT_OK = 0
 EXIT_BACKEND_LOST = 1
@@ -34,6 +41,34 @@ EXIT_INTERRUPTED = 130
 
 #: The exceptions that mean bad input (exit code 2); see the module docstring.
 BAD_INPUT: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError)
+
+
+class UsageError(ValueError):
+    """The command line does not parse (unknown flag, invalid choice, missing argument): bad input, exit code 2."""
+
+
+class CommandParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose parse errors raise :class:`UsageError` (naming ``PROG --help``).
+
+    Its subparsers are of the same class (argparse's default), so ``dpfl simulate --partitioner
+    bogus`` ends like any other bad input: one ``dpfl: error: ...`` line and exit code 2, without
+    the usage dump of every flag. ``--help`` still prints the help and exits 0.
+    """
+
+    def error(self, message: str) -> Any:  # type: ignore[override]
+        """Raise :class:`UsageError` with argparse's ``message`` and a pointer to ``--help``."""
+        raise UsageError(f"{message} (see `{self.prog} --help`)")
+
+    def parse_args(self, args: Any = None, namespace: Any = None) -> argparse.Namespace:  # type: ignore[override]
+        """Parse ``args``; an unknown flag names the subcommand's ``--help`` that lists the known ones."""
+        ns, rest = self.parse_known_args(args, namespace)
+        if rest:
+            prog = self.prog
+            for action in self._actions:
+                if isinstance(action, argparse._SubParsersAction) and getattr(ns, action.dest, None) in action.choices:
+                    prog = action.choices[getattr(ns, action.dest)].prog
+            raise UsageError(f"unrecognized arguments: {' '.join(rest)} (see `{prog} --help`)")
+        return ns
 
 
 def exits(run: Callable[..., int]) -> Callable[..., int]:

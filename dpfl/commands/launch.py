@@ -73,7 +73,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         required=True,
         help="the Ray cluster's GCS address HOST:PORT (printed by `ray start --head`), or 'auto'",
     )
-    add_config_args(p)
+    add_config_args(p)  # every setting group, as dpfl simulate (ray_address comes from --address)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument(
         "--skip-node-check",

@@ -1,7 +1,9 @@
 """``dpfl partitions``: look at a device partition before training on it.
 
-Takes the same data and partition flags as ``dpfl simulate`` (every RunConfig field), builds
-the partition, and reports:
+Takes ``dpfl simulate``'s data and partition flags (the ``data`` setting group) and the run
+settings that shape the population (``--seed``, ``--rounds`` of the continual stream,
+``--run-dir``; ``--cohort-size`` only so that a small ``--num-devices`` validates), builds the
+partition, and reports:
 
 - devices and examples per device: min / median / mean / max, empty devices, and a table of
   the largest devices;
@@ -36,18 +38,24 @@ from dpfl.commands.flags import add_config_args, config_from_args
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # plot_label_distributions posts telemetry otherwise
 
-__all__ = ["add_parser", "run", "partition_stats"]
+__all__ = ["POPULATION_FLAGS", "add_parser", "run", "partition_stats"]
+
+#: RunConfig fields outside the data group that ``dpfl partitions`` takes: the seed and the rounds shape the
+#: partition and the continual stream, ``--run-dir`` places the output, and ``--cohort-size`` must not exceed
+#: ``--num-devices`` for the settings to validate.
+POPULATION_FLAGS = ("seed", "rounds", "run_dir", "cohort_size")
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    """Add the ``partitions`` subcommand to ``subparsers`` (every RunConfig flag and its own); return its parser."""
+    """Add the ``partitions`` subcommand to ``subparsers`` (the data flags, :data:`POPULATION_FLAGS` and its own);
+    return its parser."""
     p = subparsers.add_parser(
         "partitions",
         help="show a device partition: sizes, label skew, plots (no training)",
         description="Build the device partition of the given settings and report sizes, label skew and "
         "(with --setting continual) activity over the rounds; write plots to --out.",
     )
-    add_config_args(p)
+    add_config_args(p, groups=("data",), also=POPULATION_FLAGS)
     p.add_argument("--min-partition-size", type=int, default=0,
                    help="minimum examples per device (iid, dirichlet, cluster, quantity) (default: 0)")
     p.add_argument("--out", default=None,
