@@ -10,15 +10,13 @@ instance and replies in one copy (protocol/arrays.py). Only trainable parameters
 With ``--local-epochs 0`` a device loads the weights and returns them untrained (zero
 DP-SGD steps, a zero-step privacy event): the cost of a round without its training.
 
-Per-device privacy state: the server's ledger is authoritative. The server sends each
-device its past example-level events (``"privacy-history"``, from the ledger) with every
-training message; the device composes them with this round's event and reports the epsilon
-so far. A copy is kept in the node's ``context.state`` (ConfigRecord ``"privacy"``), used only
-when a message carries no history; it can lose a round (a task that raises after training
-loses its state update, a resumed run starts with empty node state), the ledger cannot (the
-server writes every selected device's event before the round's messages leave). Replies
-carry only what protocol/messages.py lists: no text or token ids, and in a private run no
-loss, timing or other statistic of the device's data (noise on the aggregate: the clipped
+What the device computes and replies is its mechanism's (mechanisms/, looked up from the
+run's settings by :func:`mechanisms.mechanism_for`): this module loads the data, the model and
+the weights, hands them to the mechanism's device part and turns its
+:class:`mechanisms.base.DeviceReply` into the reply's records. Privacy accounting is the
+server's: its ledger holds every selected device's event before the round's messages leave.
+Replies carry only what protocol/messages.py lists: no text or token ids, and in a private run
+no loss, timing or other statistic of the device's data (noise on the aggregate: the clipped
 gradient sum alone). The task's random draws come from a secret NoiseSource
 (dp/secure_random.py), never from the run seed (except with ``--reproducible-noise``).
 
@@ -29,7 +27,6 @@ Fault injection for tests (``--fault-rate``, ``--fault-kind``): :func:`fault_for
 from __future__ import annotations
 
 import logging
-import os
 import time
 from functools import lru_cache
 
@@ -38,14 +35,13 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.train import LocalResult, LocalTrainConfig, clipped_gradient_sum, teacher_logits, train_local
 from dp.secure_random import NoiseSource
+from dpfl.config import RunConfig
+from mechanisms import DeviceWork, mechanism_for
+from mechanisms.training import teacher_logits
 from nlu.features import cache_frozen_encoder
 from protocol import messages as rec
-from protocol.arrays import load_into, record_from_state, trainable_state
-from dp.accounting import SubsampledGaussianEvent, compute_epsilon
-from dp.sampling import sample_rate_for
-from dpfl.config import RunConfig
+from protocol.arrays import load_into, record_from_state
 from nlu.data import Encoded
 from nlu.model import load_tokenizer, set_trainable
 from nlu.tasks import Task, task_for_data
@@ -131,14 +127,6 @@ def query(msg: Message, context: Context) -> Message:
     )
 
 
-def _privacy_history(context: Context) -> ConfigRecord:
-    if "privacy" not in context.state:
-        context.state["privacy"] = ConfigRecord(
-            {"noise_multiplier": [], "sample_rate": [], "steps": [], "round": []}
-        )
-    return context.state["privacy"]
-
-
 def fault_for(seed: int, round_: int, device_id: int, rate: float, kind: str) -> str | None:
     """The injected fault of ``device_id`` in ``round_`` (None for most), deterministic in the seed.
 
@@ -166,57 +154,6 @@ def _noise_source(cfg: RunConfig, server_round: int, device_id: int) -> NoiseSou
     return NoiseSource()
 
 
-def _local_config(cfg: RunConfig, round_cfg) -> LocalTrainConfig:
-    return LocalTrainConfig(
-        dp=cfg.dp,
-        dp_engine=cfg.dp_engine,
-        noise_multiplier=cfg.noise_multiplier,
-        max_grad_norm=cfg.max_grad_norm,
-        batch_size=cfg.batch_size,
-        physical_batch_size=cfg.physical_batch_size,
-        local_epochs=cfg.local_epochs,
-        optimizer=cfg.optimizer,
-        learning_rate=cfg.learning_rate,
-        head_learning_rate=cfg.head_learning_rate,
-        proximal_mu=float(round_cfg.get("proximal-mu", 0.0)),
-    )
-
-
-def _privacy_record(cfg: RunConfig, context: Context, msg: Message, result: LocalResult, device_id: int, server_round: int) -> tuple[ConfigRecord, float]:
-    """The round's DP-SGD event and the device's epsilon so far (from the ledger's history + this round)."""
-    hist = _privacy_history(context)
-    if "privacy-history" in msg.content:  # the ledger's history replaces the node's copy
-        sent = msg.content["privacy-history"]
-        n = len(sent["steps"])
-        hist["noise_multiplier"] = [float(x) for x in sent["noise_multiplier"]]
-        hist["sample_rate"] = [float(x) for x in sent["sample_rate"]]
-        hist["steps"] = [int(x) for x in sent["steps"]]
-        hist["round"] = [0] * n
-    for k, v in (
-        ("noise_multiplier", cfg.noise_multiplier),
-        ("sample_rate", result.sample_rate),
-        ("steps", result.steps),
-        ("round", server_round),
-    ):
-        hist[k] = list(hist[k]) + [v]
-    events = [
-        SubsampledGaussianEvent(float(s), float(q), int(n))
-        for s, q, n in zip(hist["noise_multiplier"], hist["sample_rate"], hist["steps"])
-    ]
-    epsilon = compute_epsilon(events, float(msg.content["config"]["target-delta"]), cfg.accountant)
-    privacy = ConfigRecord(
-        {
-            "device-id": device_id,
-            "round": server_round,
-            "noise_multiplier": cfg.noise_multiplier,
-            "sample_rate": result.sample_rate,
-            "steps": result.steps,
-            "max_grad_norm": cfg.max_grad_norm,
-        }
-    )
-    return privacy, float(epsilon)
-
-
 def _inject(fault: str | None, state: dict, cfg: RunConfig, round_cfg, device_id: int, server_round: int) -> dict:
     """Apply an injected fault (testing) to the reply's arrays, or raise / hang."""
     if fault == "raise":
@@ -238,11 +175,12 @@ def _inject(fault: str | None, state: dict, cfg: RunConfig, round_cfg, device_id
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """One device's round: DP-SGD (noise on the device), plain training (--no-dp), or the
-    clipped gradient sum (noise on the aggregate).
+    """One device's round: its mechanism's device part (DP-SGD with the noise on the device, plain
+    training, or the clipped gradient sum with the noise on the aggregate).
 
-    The reply holds the trainable parameters only (see protocol/messages.py for every record).
-    A private run's reply carries no loss, timing or other statistic of the device's data.
+    The reply holds what the mechanism's :class:`mechanisms.base.ReplySpec` allows (see
+    protocol/messages.py for every record). A private run's reply carries no loss, timing or
+    other statistic of the device's data.
     """
     t0 = time.perf_counter()
     cfg = run_config_from(msg.content["run"])
@@ -263,30 +201,16 @@ def train(msg: Message, context: Context) -> Message:
     load_into(model, msg.content["arrays"], partial=True)
     noise = _noise_source(cfg, server_round, device_id)
     fault = fault_for(cfg.seed, server_round, device_id, cfg.fault_rate, cfg.fault_kind)
-    if cfg.dp and cfg.noise_at == "aggregate":  # noise on the aggregate: the clipped sum and nothing else
-        sums = clipped_gradient_sum(
-            model, data, sample_rate=float(round_cfg["sample-rate"]), max_grad_norm=cfg.max_grad_norm,
-            physical_batch_size=cfg.physical_batch_size, noise=noise, dp_engine=cfg.dp_engine, task=task,
-            teacher=teacher,
-        )
-        sums = _inject(fault, sums, cfg, round_cfg, device_id, server_round)
-        return Message(RecordDict({"arrays": record_from_state(sums)}), reply_to=msg)
-    local = _local_config(cfg, round_cfg)
-    if cfg.local_epochs == 0:  # no training: the weights go back as they came (zero DP-SGD steps)
-        q = sample_rate_for(len(data), cfg.batch_size) if cfg.dp else 0.0
-        result = LocalResult(len(data), 0, q, float("nan"), 0.0)
-    else:
-        result = train_local(model, data, local, noise=noise, task=task, teacher=teacher)
-    metrics = {"num-examples": result.num_examples}
-    content = RecordDict({"info": ConfigRecord({"ray-node": _ray_node_id(), "device-id": device_id})})
-    if cfg.dp:
-        content["privacy"], metrics["epsilon"] = _privacy_record(cfg, context, msg, result, device_id, server_round)
-    elif not cfg.device_dp:  # a non-private run may report its loss and timings
-        metrics.update(train_loss=result.train_loss, train_seconds=result.seconds,
-                       task_seconds=time.perf_counter() - t0, pid=os.getpid())
-    state = _inject(fault, trainable_state(model), cfg, round_cfg, device_id, server_round)
-    content["arrays"] = record_from_state(state)
-    content["metrics"] = MetricRecord(metrics)
+    mechanism = mechanism_for(cfg)
+    reply = mechanism.device_part(DeviceWork(model, data, task, noise, round_cfg, device_id, server_round, teacher, t0))
+    content = RecordDict()
+    if mechanism.reply.info:
+        content[rec.INFO] = ConfigRecord({"ray-node": _ray_node_id(), "device-id": device_id})
+    if reply.privacy is not None:
+        content[rec.PRIVACY] = ConfigRecord(reply.privacy)
+    content[rec.ARRAYS] = record_from_state(_inject(fault, reply.arrays, cfg, round_cfg, device_id, server_round))
+    if reply.metrics is not None:
+        content[rec.METRICS] = MetricRecord(reply.metrics)
     return Message(content, reply_to=msg)
 
 

@@ -1,10 +1,10 @@
-"""A device's local work: DP-SGD with Poisson-sampled batches, plain minibatch training, or
-the clipped gradient sum that the aggregate placement sends.
+"""A device's local training, shared by the mechanisms whose devices train: DP-SGD with
+Poisson-sampled batches (local DP-SGD) or plain minibatch training (FedAvg, DP-FedAvg).
 
-No Flower here: the ClientApp (client/app.py) calls :func:`train_local` (noise on the device,
-or no DP) or :func:`clipped_gradient_sum` (noise on the aggregate) with the device's encoded
-examples and the global model loaded into ``model``. Every random decision (batches, example
-sampling, noise) comes from the :class:`dp.secure_random.NoiseSource` it is given.
+No Flower here: a mechanism's device part (mechanisms/*.py) calls :func:`local_round` with the
+device's encoded examples and the global model loaded into ``model``. Every random decision
+(batches, noise, shuffling) comes from the :class:`dp.secure_random.NoiseSource` it is given.
+The clipped gradient sum of the aggregate placement is in mechanisms/aggregate.py.
 """
 
 from __future__ import annotations
@@ -19,15 +19,16 @@ from torch import nn
 from dp.engines import make_engine
 from dp.secure_random import NoiseSource
 from dp.sampling import poisson_batches, sample_rate_for, steps_for
+from mechanisms.base import DeviceWork
 from nlu.congruent import TEACHER_KEY
 from nlu.data import Encoded, collate, per_example_loss
-from nlu.model import encoder_of, trainable_state_keys
+from nlu.model import encoder_of
 from nlu.tasks import Task
 
 
 @dataclass(frozen=True)
 class LocalTrainConfig:
-    """Settings of one device's local training (see dpfl.config.RunConfig for meanings)."""
+    """Settings of one device's local training (see dpfl.config.RunConfig for meanings; :func:`local_config`)."""
 
     dp: bool
     dp_engine: str
@@ -122,7 +123,7 @@ def teacher_logits(model: nn.Module, data, task: Task, batch_size: int = 128) ->
     return torch.cat(out) if out else torch.zeros(0, task.num_labels)
 
 
-def _collate_with(base_collate, device, teacher: torch.Tensor | None):
+def collate_with(base_collate, device, teacher: torch.Tensor | None):
     """A collate function that moves the batch to ``device`` and adds ``teacher[idx]`` (if given)."""
 
     def collate_fn(enc, idx):
@@ -168,7 +169,7 @@ def train_local(model: nn.Module, data: Encoded, cfg: LocalTrainConfig, noise: N
     t0 = time.perf_counter()
     base_collate = task.collate if task is not None else collate
     device = next(model.parameters()).device
-    collate_fn = _collate_with(base_collate, device, teacher)
+    collate_fn = collate_with(base_collate, device, teacher)
 
     loss_fn = task.per_example_loss if task is not None else per_example_loss
     n = len(data)
@@ -224,78 +225,32 @@ def train_local(model: nn.Module, data: Encoded, cfg: LocalTrainConfig, noise: N
     return LocalResult(n, steps, q, losses_sum / max(losses_n, 1), time.perf_counter() - t0)
 
 
-def clipped_gradient_sum(
-    model: nn.Module,
-    data: Encoded,
-    *,
-    sample_rate: float,
-    max_grad_norm: float,
-    physical_batch_size: int,
-    noise: NoiseSource,
-    dp_engine: str = "dpfl",
-    task: Task | None = None,
-    teacher: torch.Tensor | None = None,
-) -> dict[str, torch.Tensor]:
-    """The device's contribution in the aggregate placement: sum_i clip_C(grad l_i(w)), no noise.
+def local_config(cfg, round_config, dp: bool) -> LocalTrainConfig:
+    """The device's local training settings: the run's (``cfg``), FedProx's ``proximal-mu`` from the round config."""
+    return LocalTrainConfig(
+        dp=dp,
+        dp_engine=cfg.dp_engine,
+        noise_multiplier=cfg.noise_multiplier,
+        max_grad_norm=cfg.max_grad_norm,
+        batch_size=cfg.batch_size,
+        physical_batch_size=cfg.physical_batch_size,
+        local_epochs=cfg.local_epochs,
+        optimizer=cfg.optimizer,
+        learning_rate=cfg.learning_rate,
+        head_learning_rate=cfg.head_learning_rate,
+        proximal_mu=float(round_config.get("proximal-mu", 0.0)),
+    )
 
-    Each of the device's n examples is included independently with probability
-    ``sample_rate`` p (Poisson, from ``noise``); each included example's gradient over all
-    trainable parameters is clipped to L2 norm ``max_grad_norm`` C by the DP-SGD engine
-    (batched, in physical micro-batches) and the clipped gradients are summed. The server adds
-    N(0, (sigma C)^2) once to the cohort's sum (server/aggregation.py); this function adds none.
 
-    Parameters
-    ----------
-    model : torch.nn.Module
-        The global model, trainable parameters as they should train; left unchanged
-        (its ``.grad`` fields are cleared afterwards). The forward passes run in eval mode
-        (no dropout).
-    data : nlu.data.Encoded or nlu.slots.SlotEncoded
-        The device's examples.
-    sample_rate : float
-        p in [0, 1].
-    max_grad_norm : float
-        C > 0.
-    physical_batch_size : int
-        Examples per forward/backward pass.
-    noise : dp.secure_random.NoiseSource
-    dp_engine : str
-        "dpfl" (ours) or "opacus".
-    task : nlu.tasks.Task, optional
-    teacher : torch.Tensor [n, C], optional
-        The previous release's logits (see :func:`train_local`): the clipped gradients are those
-        of the loss with the focal distillation term.
+def local_round(cfg, work: DeviceWork, dp: bool) -> LocalResult:
+    """One device's local training in one round (:func:`train_local`), DP-SGD when ``dp``.
 
-    Returns
-    -------
-    dict of str to torch.Tensor
-        State-dict key of each trainable parameter -> the clipped sum, same shape (zeros when
-        no example was sampled). The realised number of sampled examples is not returned: it
-        must not leave the device.
+    With ``--local-epochs 0`` the model is left as it came (zero DP-SGD steps; with ``dp`` the
+    zero-step event keeps the sample rate min(1, B / n)): the cost of a round without training.
     """
-    base_collate = task.collate if task is not None else collate
-    loss_fn = task.per_example_loss if task is not None else per_example_loss
-    device = next(model.parameters()).device
-    idx = np.flatnonzero(noise.bernoulli(len(data), sample_rate)).astype(np.int64)
-    by_name = dict(model.named_parameters(remove_duplicate=False))
-    keys = trainable_state_keys(model)
-    # The gradient of the model's loss at w, without dropout: the server treats the noisy sum as
-    # the gradient of one step, and dropout noise would only lower its signal under DP.
-    was_training = model.training
-    model.eval()
-    if len(idx) == 0:
-        model.train(was_training)
-        return {k: torch.zeros_like(by_name[k]) for k in keys}
-    collate_fn = _collate_with(base_collate, device, teacher)
-    engine = make_engine(dp_engine, model, noise_multiplier=0.0, max_grad_norm=max_grad_norm, expected_batch_size=1.0)
-    try:
-        for s in range(0, len(idx), physical_batch_size):
-            engine.accumulate(loss_fn(model, collate_fn(data, idx[s : s + physical_batch_size])))
-        engine.finalize()
-        out = {k: by_name[k].grad.detach().clone() for k in keys}
-    finally:
-        engine.detach()
-        model.train(was_training)
-        for p in model.parameters():
-            p.grad = None
-    return out
+    local = local_config(cfg, work.round_config, dp)
+    if cfg.local_epochs == 0:
+        q = sample_rate_for(len(work.data), cfg.batch_size) if dp else 0.0
+        return LocalResult(len(work.data), 0, q, float("nan"), 0.0)
+    return train_local(work.model, work.data, local, noise=work.noise, task=work.task, teacher=work.teacher)
+

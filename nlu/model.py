@@ -416,3 +416,9 @@ def trainable_state_keys(model: nn.Module) -> list[str]:
     """
     names = {n for n, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
     return [k for k in model.state_dict(keep_vars=True) if k in names]
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``{key: tensor}`` of :func:`trainable_state_keys`: what travels (live tensors, no copy)."""
+    state = model.state_dict()
+    return {k: state[k] for k in trainable_state_keys(model)}

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
 
-from nlu.model import trainable_state_keys
+from nlu.model import trainable_state  # noqa: F401  (re-exported: what travels)
 
 _NUMPY = "numpy.ndarray"  # flwr.common.constant.SType.NUMPY
 
@@ -110,9 +110,3 @@ def load_into(model: torch.nn.Module, record: ArrayRecord, partial: bool = False
                 np.copyto(dst.numpy(), src, casting="unsafe")
             else:
                 dst.copy_(torch.from_numpy(np.array(src)))
-
-
-def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """``{key: tensor}`` of :func:`nlu.model.trainable_state_keys`: what travels (live tensors, no copy)."""
-    state = model.state_dict()
-    return {k: state[k] for k in trainable_state_keys(model)}

@@ -7,23 +7,24 @@ record              type          content
 ==================  ============  =====================================================
 ``arrays``          ArrayRecord   the global model's trainable parameters
 ``config``          ConfigRecord  the round (``server-round``, ``deadline``, ``num-labels``,
-                                  ``target-delta``, and in the aggregate placement
-                                  ``sample-rate``: the example sampling rate p_k)
+                                  ``target-delta``) and the mechanism's round parameters
+                                  (``Mechanism.round_params``; noise on the aggregate:
+                                  ``sample-rate``, the example sampling rate p_k)
 ``run``             ConfigRecord  the run's settings (``RunConfig.to_dict_flat``)
 ``device``          ConfigRecord  ``device-id``: the simulated device the task is for
-``privacy-history`` ConfigRecord  the device's past example-level events (the ledger's)
 ``pc-teacher``      ArrayRecord   with ``--pc-weight``, after the first release: the previous
                                   release's trainable parameters (a released model, public)
 ==================  ============  =====================================================
 
-A reply (device -> server) depends on where the example-level noise is added
-(``--noise-at``):
+A reply (device -> server) holds what the run's mechanism allows (its ``ReplySpec``,
+mechanisms/):
 
-* ``device`` (local DP-SGD, and non-private runs): ``arrays`` (the locally trained trainable
-  parameters, noised on the device), ``metrics`` (``num-examples`` and timings; a
-  non-private run also sends ``train_loss``), ``privacy`` (the round's DP-SGD event, computed
-  from public counts only) and ``info`` (the Ray node it ran on).
-* ``aggregate`` (noise on the aggregate): ``arrays`` only, the sum over the device's
+* ``weights`` (local DP-SGD, DP-FedAvg, FedAvg without DP): ``arrays`` (the locally trained
+  trainable parameters, noised on the device under local DP-SGD), ``metrics``
+  (``num-examples``; only a non-private run also sends ``train_loss`` and timings),
+  ``privacy`` (local DP-SGD: the round's DP-SGD event, computed from public counts only) and
+  ``info`` (the Ray node it ran on).
+* ``clipped-sum`` (noise on the aggregate): ``arrays`` only, the sum over the device's
   Poisson-sampled examples of their clipped gradients. Nothing else derived from its data
   leaves the device: no loss, no realised sample count, no timing.
 
@@ -49,7 +50,6 @@ ARRAYS = "arrays"
 CONFIG = "config"
 RUN = "run"
 DEVICE = "device"
-HISTORY = "privacy-history"
 TEACHER = "pc-teacher"
 HOLDOUT = "holdout"
 METRICS = "metrics"

@@ -6,13 +6,13 @@ commit_events -> dispatch -> collect -> aggregate, then the hooks: evaluate, che
 metrics line). Where each piece lives:
 
 * server/state.py: the run's collaborators (population, selector, ledger, privacy book,
-  noise source, model, strategy, aggregator) and resume;
-* server/round.py: the round's stages;
-* server/aggregation.py: FedAvg's mean, device-level DP, noise on the aggregate, the
-  strategy's server step;
+  noise source, model, strategy, the run's mechanism and its aggregator) and resume;
+* server/round.py: the round's stages, which ask the mechanism (mechanisms/: FedAvg, local
+  DP-SGD, noise on the aggregate, DP-FedAvg) what to send, accept and account;
+* server/aggregation.py: the strategy's server step and the released model average;
 * server/hooks.py: evaluation, checkpoint, metrics line;
 * server/selection.py, server/privacy.py, server/strategies.py: selection, privacy
-  bookkeeping and calibration, Flower strategies.
+  bookkeeping and budgets, Flower strategies.
 
 Costs kept off the round (see benchmarks/round_overhead.py): devices are assigned to nodes
 without a query round-trip (:func:`map_nodes_to_devices`); only trainable parameters travel;

@@ -140,8 +140,8 @@ def evaluate_holdout(server, grid, node_of: dict[int, int]) -> dict | None:
     groups = activity_quartiles(activity)
     in_quartile = {d for g in groups for d in g}
     asked = [d for d, h in sizes.items() if h > 0 and d not in deleted and d in in_quartile]
-    noise_at = server.placement if cfg.dp else "none"
-    sigma = float(cfg.holdout_noise_multiplier) if cfg.dp else 0.0
+    noise_at = server.mechanism.holdout_noise_at  # where the count is noised: "device", "aggregate" or "none"
+    sigma = float(cfg.holdout_noise_multiplier) if noise_at != "none" else 0.0
     server.ledger.record_holdout(t, server.attempt, sigma, noise_at, len(asked), sum(sizes[d] for d in asked))
     arrays = record_from_state(trainable_state(server.model))  # the final release (checkpointed)
     run_record = ConfigRecord(cfg.to_dict_flat())

@@ -3,16 +3,17 @@
 ::
 
     sel   = select(server, t)                          # q_k(t), budgets, Poisson cohort (secret draws)
-    prior = commit_events(server, sel)                 # the round's privacy events -> ledger, BEFORE anything leaves
-    msgs  = dispatch(server, grid, sel, arrays, prior) # one training message per cohort member
+    commit_events(server, sel)                         # the mechanism's privacy events -> ledger, BEFORE anything leaves
+    msgs  = dispatch(server, grid, sel, arrays)        # one training message per cohort member
     collect(server, grid, msgs, sel, out)              # replies validated and folded into the aggregator as they arrive
     arrays = aggregate(server, sel)                    # aggregator result -> strategy's server step -> new global arrays
     for hook in server.hooks: hook(server, t, arrays, out)   # evaluate, checkpoint, metrics line
 
 :func:`run_round` is exactly that. What a stage needs of the run lives on the
 :class:`server.state.Server` it receives (population, selector, ledger, privacy book, noise
-source, strategy, aggregator); hooks are in :mod:`server.hooks`; the aggregators in
-:mod:`server.aggregation`.
+source, strategy, the run's mechanism and its aggregator); hooks are in :mod:`server.hooks`;
+what a round sends, what a reply holds, how replies combine and what is accounted are the
+mechanism's (:mod:`mechanisms`): no stage tests which mechanism runs.
 """
 
 from __future__ import annotations
@@ -31,10 +32,10 @@ from flwr.serverapp import Grid
 
 from dpfl.interrupt import BackendLost, Interrupted
 from protocol import messages as rec
-from protocol.arrays import record_from_numpy
+from protocol.arrays import array_view, record_from_numpy
 from protocol.messages import validate_update
 from rundir import EventRow
-from server.aggregation import RoundPlan
+from mechanisms import RoundPlan
 from server.selection import poisson_cohort
 from server.strategies import CohortGrid
 
@@ -129,43 +130,32 @@ def select(server, t: int) -> Selection:
     return Selection(t, q, poisson_cohort(q, server.noise), hits)
 
 
-def commit_events(server, sel: Selection) -> dict[int, list]:
-    """Write the round's privacy events to the ledger in one transaction; return prior histories.
+def commit_events(server, sel: Selection) -> None:
+    """Write the round's privacy events to the ledger in one transaction, before any message leaves.
 
-    Example level: the event of every device asked to train, written before the messages leave,
+    For each unit the mechanism accounts, the devices it charges this round
+    (:meth:`mechanisms.base.Mechanism.accounted`): example level, every device asked to train,
     so a device that trains and then fails, times out, sends a rejected update or outlives a
-    server crash is still in the ledger (never under-reported). Device level: every device
-    that could have been selected (q_k > 0) took part in the round's mechanism.
-
-    Returns
-    -------
-    dict
-        device id -> its example-level events before this round (sent to the device in the
-        device placement, whose accountant composes them).
+    server crash is still in the ledger (never under-reported); device level, every device that
+    could have been selected (q_k > 0) took part in the round's mechanism.
     """
-    cfg, book, t = server.cfg, server.book, sel.round
+    mech, book, t = server.mechanism, server.book, sel.round
     events: list[EventRow] = []
     epsilons: dict[tuple[int, str], float] = {}
-    if cfg.device_dp:
-        dev = {int(d): server.device_event(float(sel.q[d])) for d in np.flatnonzero(sel.q > 0)}
-        events += [EventRow(d, "device", e.noise_multiplier, e.sample_rate, e.steps, cfg.update_clip_norm) for d, e in dev.items()]
-        epsilons.update(book.add("device", dev))
-    prior: dict[int, list] = {}
-    if cfg.dp and len(sel.cohort):
-        ex = {}
-        for d in map(int, sel.cohort):
-            ex[d] = server.example_event(int(server.activity[d]))
-            prior[d] = list(book.history["example"].get(d, []))
-            events.append(EventRow(d, "example", ex[d].noise_multiplier, ex[d].sample_rate, ex[d].steps, cfg.max_grad_norm))
-        epsilons.update(book.add("example", ex))
+    for unit in mech.units:
+        charged = {int(d): mech.event(unit, int(server.activity[d]), float(sel.q[d])) for d in mech.accounted(unit, sel.q, sel.cohort)}
+        if not charged:
+            continue
+        clip = mech.clip_norm(unit)
+        events += [EventRow(d, unit, e.noise_multiplier, e.sample_rate, e.steps, clip) for d, e in charged.items()]
+        epsilons.update(book.add(unit, charged))
     holdings = []
-    if cfg.dp and server.pop.stream is not None:
+    if "example" in mech.units and server.pop.stream is not None:
         for d in map(int, sel.cohort):
             holdings += [(d, int(u)) for u in server.pop.uids(server.pop.held(d, t))]
     server.ledger.commit_round(
         t, len(sel.cohort), events, epsilons, server.delta, sel.budget_hits, holdings, attempt=server.attempt, complete=False
     )
-    return prior
 
 
 def plan_of(server, sel: Selection) -> RoundPlan:
@@ -190,18 +180,17 @@ def lr_factor(schedule: str, t: int, rounds: int) -> float:
     return 1.0
 
 
-def dispatch(server, grid: Grid, sel: Selection, arrays: ArrayRecord, prior: dict[int, list], node_of: dict[int, int]) -> list[Message]:
+def dispatch(server, grid: Grid, sel: Selection, arrays: ArrayRecord, node_of: dict[int, int]) -> list[Message]:
     """One training message per cohort member (built by the Flower strategy, then personalised).
 
-    Each carries the trainable arrays, the round config (deadline, delta, and the example
-    sampling rate in the aggregate placement), the run's settings, its device id and, in the
-    device placement, the device's past example-level events; with ``--pc-weight`` and a
-    previous release, that release's trainable parameters (``pc-teacher``).
+    Each carries the trainable arrays, the round config (deadline, delta and the mechanism's
+    round parameters, :meth:`mechanisms.base.Mechanism.round_params`), the run's settings and
+    its device id; with ``--pc-weight`` and a previous release, that release's trainable
+    parameters (``pc-teacher``).
     """
     cfg = server.cfg
     round_cfg = {"num-labels": server.num_labels, "target-delta": server.delta, "deadline": time.time() + cfg.round_deadline_seconds()}
-    if server.placement == "aggregate":
-        round_cfg["sample-rate"] = float(cfg.sample_rate)
+    round_cfg.update(server.mechanism.round_params())
     run_record = ConfigRecord(cfg.to_dict_flat())
     cohort_grid = CohortGrid(grid, [node_of[int(k)] for k in sel.cohort])
     msgs = list(server.strategy.configure_train(sel.round, arrays, ConfigRecord(round_cfg), cohort_grid))
@@ -216,15 +205,6 @@ def dispatch(server, grid: Grid, sel: Selection, arrays: ArrayRecord, prior: dic
         content[rec.DEVICE] = ConfigRecord({"device-id": d})
         if teacher_record is not None:
             content[rec.TEACHER] = teacher_record
-        if server.placement == "device":
-            hist = prior.get(d, [])
-            content[rec.HISTORY] = ConfigRecord(
-                {
-                    "noise_multiplier": [float(e.noise_multiplier) for e in hist],
-                    "sample_rate": [float(e.sample_rate) for e in hist],
-                    "steps": [int(e.steps) for e in hist],
-                }
-            )
         out.append(Message(content, dst_node_id=m.metadata.dst_node_id, message_type=m.metadata.message_type))
     return out
 
@@ -297,7 +277,7 @@ def collect(server, grid: Grid, msgs: list[Message], sel: Selection, out: RoundO
     answered: set[int] = set()
     lost: list[tuple[int, str, str]] = []
     kept: list[RecordDict] = []
-    kind = "clipped-sum" if server.placement == "aggregate" else "weights"
+    spec = server.mechanism.reply
 
     def handle(r: Message) -> None:
         d = device_of.get(r.metadata.src_node_id)
@@ -310,7 +290,7 @@ def collect(server, grid: Grid, msgs: list[Message], sel: Selection, out: RoundO
             lost.append((d, "error", reason))
             log.warning("round %d: device %d failed: %s", t, d, reason)
             return
-        why = validate_update(r.content, server.expected, cfg.dp and server.placement == "device", kind=kind)
+        why = validate_update(r.content, server.expected, spec.privacy_record, kind=spec.kind)
         if why is None and rec.INFO in r.content and int(r.content[rec.INFO].get("device-id", d)) != d:
             why = "device id in the reply does not match the node"
         if why is not None:
@@ -319,7 +299,7 @@ def collect(server, grid: Grid, msgs: list[Message], sel: Selection, out: RoundO
             log.warning("round %d: update of device %d rejected: %s", t, d, why)
             return
         weight = float(r.content[rec.METRICS]["num-examples"]) if rec.METRICS in r.content else 1.0
-        server.aggregator.add(r.content[rec.ARRAYS], weight)
+        server.aggregator.add({k: array_view(a) for k, a in r.content[rec.ARRAYS].items()}, weight)
         kept.append(RecordDict({k: v for k, v in r.content.items() if k != rec.ARRAYS}))
 
     sent = time.perf_counter()
@@ -334,7 +314,7 @@ def collect(server, grid: Grid, msgs: list[Message], sel: Selection, out: RoundO
     # secret sample sizes: the ledger and the log name it, never its measured length
     deadline = (f"--round-timeout {cfg.round_timeout:g}s" if cfg.round_timeout is not None
                 else "the adaptive round deadline")
-    if latencies and not (cfg.dp or cfg.device_dp):
+    if latencies and not server.mechanism.private:
         # only for non-private runs: a DP-SGD device's time depends on its secret Poisson batch sizes
         out.extra["reply_seconds_mean"] = float(np.mean(latencies))
     for d in sorted(set(map(int, sel.cohort)) - answered):
@@ -385,18 +365,18 @@ def run_round(server, grid: Grid, t: int, arrays: ArrayRecord, node_of: dict[int
     sel = select(server, t)
     out = RoundOutcome(round=t, cohort_size=len(sel.cohort))
     clock.lap("select")
-    prior = commit_events(server, sel)
+    commit_events(server, sel)
     clock.lap("ledger")
     server.aggregator.begin(t, {k: v.numpy() for k, v in arrays.items()}, plan_of(server, sel))
     lost: list[tuple[int, str, str]] = []
-    noise_only = server.cfg.device_dp  # device-level DP releases a (noise-only) update even for an empty cohort
+    noise_only = server.mechanism.releases_on_empty_cohort  # DP-FedAvg releases a noise-only update
     if len(sel.cohort) == 0:
         log.warning("round %d: the Poisson-sampled cohort is empty; %s", t, "noise-only update" if noise_only else "round skipped")
         out.skipped = not noise_only
         if noise_only:
             server.strategy.configure_train(t, arrays, ConfigRecord({}), CohortGrid(grid, []))
     else:
-        msgs = dispatch(server, grid, sel, arrays, prior, node_of)
+        msgs = dispatch(server, grid, sel, arrays, node_of)
         clock.lap("messages")
         lost = collect(server, grid, msgs, sel, out, node_of)
         clock.lap("send_receive")

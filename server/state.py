@@ -3,8 +3,8 @@
 :class:`Server` holds what the round's stages (server/round.py) use: the device population,
 the selector, the ledger and the in-memory privacy book, the secret noise source, the model
 and task (central evaluation), the Flower strategy (messages, server optimizer) and the
-round's aggregator (server/aggregation.py). It also answers the two privacy questions a
-stage asks: what a device's example-level (or device-level) mechanism is this round, and
+run's privacy mechanism (mechanisms/: what a round sends, what a device replies, the
+aggregator, the events) and its aggregator. It also answers the privacy question a stage asks:
 which devices are over a budget.
 """
 
@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 from flwr.app import ArrayRecord
 
-from dp.accounting import SubsampledGaussianEvent
 from dp.secure_random import NoiseSource
 from dpfl.config import ConfigError, RunConfig
 from nlu.features import cache_frozen_encoder
@@ -27,15 +26,10 @@ from partitions.canary_record import write_canaries
 from partitions.population import Population, build_population
 from protocol.arrays import load_into, record_from_numpy, record_from_state, trainable_state
 from rundir import Ledger, RunDir
-from server.aggregation import ModelAverage, ServerStep, make_aggregator
+from mechanisms import mechanism_for
+from server.aggregation import ModelAverage, ServerStep, server_step_size
 from server.hooks import DEFAULT_HOOKS
-from server.privacy import (
-    PrivacyBook,
-    calibrate_device_noise,
-    calibrate_example_noise,
-    example_event,
-    largest_selection_probability,
-)
+from server.privacy import PrivacyBook, largest_selection_probability
 from server.deletions import load_deletions
 from server.releases import ReleaseTracker
 from server.round import run_round as _run_round
@@ -86,8 +80,8 @@ class Server:
         self.delta = cfg.resolve_delta(len(self.pop.data.train))
         self.cfg.target_delta = self.delta
         self.num_labels = len(self.pop.data.label_names)
-        #: where the example-level noise is added: "device" (local DP-SGD) or "aggregate" (central)
-        self.placement = "aggregate" if cfg.dp and cfg.noise_at == "aggregate" else "device"
+        #: the run's privacy mechanism (mechanisms/): the stages and the devices ask it, never a flag
+        self.mechanism = mechanism_for(cfg)
         #: the secret source of every noise draw and sampling decision of the server
         self.noise = NoiseSource(cfg.seed if cfg.reproducible_noise else None)
         self.activity = self.pop.activity(1)  # a_k(1); updated each round in the continual setting
@@ -99,20 +93,15 @@ class Server:
         if empty:
             log.warning("%d devices hold no examples after partitioning; they are never selected", empty)
         planned = self.pop.planned_activity(cfg.rounds)  # [T, K] (continual) or [K]
-        target = cfg.resolved_target_epsilon()
-        if cfg.dp and target is not None:
-            cfg.target_epsilon = target  # the calibration target is also every device's budget
-            cfg.noise_multiplier = calibrate_example_noise(cfg, planned.ravel(), self.delta)
-            log.warning("target epsilon %g: noise multiplier calibrated to %.4f", target, cfg.noise_multiplier)
         cfg.server_learning_rate = cfg.resolved_server_learning_rate()  # config.toml records the step used
         alpha = cfg.activity_exponent if cfg.selection == "activity" else 0.0
         self.selector = ActivitySelector(planned, alpha, cfg.cohort_size, cfg.selection_constant)
-        if cfg.device_dp and cfg.device_noise_multiplier is None:
-            q_max = largest_selection_probability(self.selector, planned)
-            cfg.device_noise_multiplier = calibrate_device_noise(cfg, q_max, self.delta)
-            if cfg.target_epsilon_device is not None:
-                log.warning("target device-level epsilon %g: device noise multiplier calibrated to %.4f (q_k <= %.3g)",
-                            cfg.target_epsilon_device, cfg.device_noise_multiplier, q_max)
+        # the mechanism's noise from its targets (a calibration target is also every device's budget)
+        calibration = self.mechanism.calibrate(planned, self.delta, lambda: largest_selection_probability(self.selector, planned))
+        for name, value in calibration.values.items():
+            setattr(cfg, name, value)
+        for note in calibration.notes:
+            log.warning("%s", note)
         self._check_holdout_budget()  # before anything is written
         if cfg.deletions and not resume:  # the run keeps its own copy: a resume reads the requests it started with
             cfg.deletions = str(self.rundir.keep_deletions(cfg.deletions))
@@ -132,7 +121,7 @@ class Server:
         self.test_enc = self.task.encode(self.pop.data.test, load_tokenizer(cfg.model), cfg.max_length)
         self.strategy = make_strategy(cfg)
         self.server_step = ServerStep(self.strategy)
-        self.aggregator = make_aggregator(cfg, self.noise)
+        self.aggregator = self.mechanism.aggregator(self.noise, server_step_size(cfg))
         #: the released model is the average of the iterates (--server-ema), or the iterate itself
         self.average = ModelAverage(cfg.server_ema) if cfg.server_ema > 0 else None
         self.current_iterate: ArrayRecord | None = None  # the round's iterate, when the average is released
@@ -140,7 +129,7 @@ class Server:
             self.delta,
             cfg.accountant,
             max_epsilon=self.example_budget(),
-            max_epsilon_device=cfg.target_epsilon_device if cfg.device_dp else None,
+            max_epsilon_device=cfg.target_epsilon_device if "device" in self.mechanism.units else None,
         )
         self.expected = {k: (tuple(v.shape), str(v.dtype).replace("torch.", "")) for k, v in trainable_state(self.model).items()}
         self.attempt = self.ledger.next_attempt()
@@ -153,31 +142,23 @@ class Server:
 
     # ------------------------------------------------------------------ privacy questions
     def example_budget(self) -> float | None:
-        """The example-level per-device budget: ``--max-epsilon``, else ``--target-epsilon`` (None without DP)."""
-        if not self.cfg.dp:
+        """The example-level per-device budget: ``--max-epsilon``, else ``--target-epsilon`` (None when
+        the mechanism accounts no example-level unit)."""
+        if "example" not in self.mechanism.units:
             return None
         budgets = [b for b in (self.cfg.max_epsilon, self.cfg.target_epsilon) if b is not None]
         return min(budgets) if budgets else None
 
-    def example_event(self, num_examples: int) -> SubsampledGaussianEvent:
-        """The example-level mechanism a device holding ``num_examples`` runs this round (see server.privacy.example_event)."""
-        return example_event(self.cfg, num_examples)
-
-    def device_event(self, q: float) -> SubsampledGaussianEvent:
-        """The device-level mechanism of a device selected with probability ``q``: one Poisson-subsampled Gaussian."""
-        return SubsampledGaussianEvent(self.cfg.device_noise_multiplier, q, 1)
-
     def probabilities(self) -> tuple[np.ndarray, list[tuple[int, str, float]]]:
         """q_k(t) after removing devices whose next round would exceed a budget (and those hits)."""
-        cfg = self.cfg
         gone = sorted(set(self.book.exhausted) | self.deleted)
         q = self.selector.probabilities(self.activity, excluded=np.array(gone, dtype=np.int64))
         hits: list[tuple[int, str, float]] = []
         cand = np.flatnonzero(q > 0)
-        if cfg.dp and self.book.budget["example"] is not None:
-            hits += self.book.over_budget("example", {int(d): self.example_event(int(self.activity[d])) for d in cand})
-        if cfg.device_dp and cfg.target_epsilon_device is not None:
-            hits += self.book.over_budget("device", {int(d): self.device_event(float(q[d])) for d in cand})
+        for unit in self.mechanism.units:
+            if self.book.budget[unit] is not None:
+                hits += self.book.over_budget(unit, {int(d): self.mechanism.event(unit, int(self.activity[d]), float(q[d]))
+                                                     for d in cand})
         if hits:
             q[np.array([d for d, _, _ in hits], dtype=np.int64)] = 0.0
             log.warning("%d devices reached their privacy budget and will not be selected again", len(hits))
@@ -192,7 +173,7 @@ class Server:
             Naming ``--holdout-noise-multiplier`` and the value that would fit.
         """
         cfg, budget = self.cfg, self.example_budget()
-        if cfg.holdout_per_device <= 0 or not cfg.dp or budget is None or cfg.holdout_noise_multiplier <= 0:
+        if cfg.holdout_per_device <= 0 or budget is None or cfg.holdout_noise_multiplier <= 0:
             return
         from server.holdout import holdout_epsilon
 
@@ -224,9 +205,9 @@ class Server:
 
     def account(self, out) -> None:
         """The round's privacy figures on its outcome: max epsilons so far, devices over budget."""
-        cfg = self.cfg
-        out.epsilon_example_max = self.book.max_epsilon("example") if cfg.dp else None
-        out.epsilon_device_max = self.book.max_epsilon("device") if cfg.device_dp else None
+        units = self.mechanism.units
+        out.epsilon_example_max = self.book.max_epsilon("example") if "example" in units else None
+        out.epsilon_device_max = self.book.max_epsilon("device") if "device" in units else None
         out.extra["devices_over_budget"] = len(self.book.exhausted)
         if self.pop.stream is not None:
             out.extra["activity_total"] = int(self.activity.sum())

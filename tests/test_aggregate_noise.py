@@ -1,7 +1,7 @@
 """Noise on the aggregate (issue 18): the noise's size, what a device's reply holds, the accounting.
 
-* :class:`server.aggregation.AggregateNoiseAggregator` adds N(0, (sigma C)^2) ONCE to the
-  cohort's sum and divides by E[n]; :class:`server.aggregation.DeviceDPAggregator` adds
+* :class:`mechanisms.aggregate.AggregateNoiseAggregator` adds N(0, (sigma C)^2) ONCE to the
+  cohort's sum and divides by E[n]; :class:`mechanisms.dp_fedavg.DeviceDPAggregator` adds
   N(0, (sigma_u S)^2) and divides by m. Measured on zero sums over many entries and rounds.
 * A device's reply in the aggregate placement is the record ``arrays`` and nothing else, its
   keys are exactly the trainable parameters, and its values are the brute-force sum over the
@@ -25,7 +25,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 import client.app as capp
-from client.train import clipped_gradient_sum
+from mechanisms.aggregate import clipped_gradient_sum
 from dp.secure_random import NoiseSource
 from dpfl.config import RunConfig
 from inprocess import run_rounds, toy_config, write_lamp_data
@@ -34,8 +34,10 @@ from protocol.arrays import load_into, record_from_numpy
 from protocol.messages import validate_update
 from rundir import LedgerReader
 from server import app as sapp
-from server.aggregation import AggregateNoiseAggregator, DeviceDPAggregator, RoundPlan
-from server.privacy import PrivacyBook, calibrate_example_noise, example_event
+from mechanisms import RoundPlan, mechanism_for
+from mechanisms.aggregate import AggregateNoiseAggregator
+from mechanisms.dp_fedavg import DeviceDPAggregator
+from server.privacy import PrivacyBook
 
 DELTA = 1e-5
 #: the discretisation of dp.accounting's PLD (its documented default); the reference uses the same grid
@@ -44,6 +46,15 @@ pytestmark = pytest.mark.usefixtures("task_identity")  # Flower's Message() in-p
 
 
 # ---------------------------------------------------------------------------------- harness
+def example_event(cfg, num_examples):
+    """The example-level event the run's mechanism charges a device holding ``num_examples``."""
+    return mechanism_for(cfg).example_event(num_examples)
+
+
+def calibrate_example_noise(cfg, activity, delta):
+    """The noise multiplier the run's mechanism calibrates for ``cfg.target_epsilon``."""
+    return mechanism_for(cfg).calibrate(activity, delta, lambda: 1.0).values["noise_multiplier"]
+
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     return write_lamp_data(tmp_path_factory.mktemp("aggdata"))

@@ -12,7 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from client.train import clipped_gradient_sum, teacher_logits
+from mechanisms.aggregate import clipped_gradient_sum
+from mechanisms.training import teacher_logits
 from dp.secure_random import NoiseSource
 from nlu.congruent import TEACHER_KEY, focal_distillation
 from nlu.data import Encoded

@@ -105,7 +105,7 @@ def test_dp_replies_carry_no_loss_timing_or_other_statistic(tmp_path, data_dir):
     for d, content in grid.outgoing:
         assert set(content.keys()) == {"arrays", "metrics", "privacy", "info"}
         metrics = dict(content["metrics"])
-        assert set(metrics) == {"num-examples", "epsilon"}, metrics
+        assert set(metrics) == {"num-examples"}, metrics  # the device no longer re-composes its epsilon (the ledger is the account)
         # num-examples is the public count n_k (the server knows it); the event is a function of it
         n = len(capp.device_examples(cfg, d, int(content["privacy"]["round"])))
         assert metrics["num-examples"] == n

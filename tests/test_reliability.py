@@ -135,20 +135,27 @@ def test_faulty_devices_are_counted_and_their_privacy_is_kept(tmp_path, data_dir
         assert eps == pytest.approx(compute_epsilon([SubsampledGaussianEvent(*e) for e in evs], server.delta, cfg.accountant), rel=1e-6)
 
 
-def test_device_epsilon_uses_the_ledger_history(tmp_path, data_dir):
-    """A device whose update was lost still composes that round: its next reported epsilon includes it."""
+def test_lost_updates_are_composed_in_the_ledger(tmp_path, data_dir):
+    """A device whose update was lost (it raised after training) still composes that round: the ledger
+    holds the event of every round it trained, and its epsilon composes them all. The device itself
+    reports no epsilon (the ledger is the one account)."""
     cfg = _cfg(tmp_path, data_dir, rounds=3, cohort_size=4, num_devices=4, fault_rate=0.5, fault_kind="raise")
     server, grid, _, _ = run_rounds(cfg)
     ledger = LedgerReader(Path(cfg.run_dir) / "ledger.sqlite")
-    for _, content in grid.outgoing:
-        d = int(content["privacy"]["device-id"])
-        t = int(content["privacy"]["round"])
-        from dp.accounting import SubsampledGaussianEvent, compute_epsilon
+    lost = {(u.device_id, u.round) for u in ledger.lost_updates() if u.reason == "error"}
+    trained = {(int(c["privacy"]["device-id"]), int(c["privacy"]["round"])) for _, c in grid.outgoing}
+    assert trained and all("epsilon" not in dict(c["metrics"]) for _, c in grid.outgoing)
+    from dp.accounting import SubsampledGaussianEvent, compute_epsilon
 
-        evs = [e.mechanism for e in ledger.events("example", device_id=d) if e.round <= t]
-        assert float(content["metrics"]["epsilon"]) == pytest.approx(
-            compute_epsilon([SubsampledGaussianEvent(*e) for e in evs], server.delta, cfg.accountant), rel=1e-6
-        )
+    eps = ledger.device_epsilons("example")
+    for d in {d for d, _ in trained}:
+        rounds = {e.round for e in ledger.events("example", device_id=d)}
+        assert {t for dd, t in trained if dd == d} <= rounds, d
+        evs = [e.mechanism for e in ledger.events("example", device_id=d)]
+        assert eps[d] == pytest.approx(compute_epsilon([SubsampledGaussianEvent(*e) for e in evs], server.delta, cfg.accountant), rel=1e-6)
+    assert lost, "the injected faults should lose some updates"
+    for d, t in lost:  # a lost update's round is spent all the same
+        assert t in {e.round for e in ledger.events("example", device_id=d)}, (d, t)
 
 
 def test_resume_in_process_restores_strategy_and_book(tmp_path, data_dir):

@@ -15,7 +15,8 @@ from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from protocol.arrays import array_view, load_into, record_from_numpy, record_from_state
-from server.aggregation import MeanAggregator, RoundPlan
+from mechanisms import RoundPlan
+from mechanisms.fedavg import MeanAggregator
 from server.app import map_nodes_to_devices
 from server.selection import ActivitySelector, poisson_cohort
 

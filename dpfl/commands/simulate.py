@@ -28,9 +28,9 @@ __all__ = ["add_parser", "finished", "format_summary", "preflight", "print_resul
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Register ``dpfl simulate`` on ``subparsers``; return its parser."""
+    """Register ``dpfl simulate`` on ``subparsers`` (every setting group's flags and its own); return its parser."""
     p = subparsers.add_parser("simulate", help="run a federated DP simulation (Flower + Ray)")
-    add_config_args(p)
+    add_config_args(p)  # every setting group
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument(
         "--resume", metavar="RUN_DIR", default=None,
@@ -81,7 +81,8 @@ def preflight(cfg: RunConfig, resume: bool = False) -> None:
     from nlu.tasks import task_for_data
     from partitions.population import build_population
     from rundir import RunDirError, config_path
-    from server.privacy import calibrate_device_noise, calibrate_example_noise, largest_selection_probability
+    from mechanisms import mechanism_for
+    from server.privacy import largest_selection_probability
     from server.selection import ActivitySelector
 
     if not cfg.ray_address:
@@ -108,11 +109,9 @@ def preflight(cfg: RunConfig, resume: bool = False) -> None:
     # the same planned activities the server calibrates on: [T, K] (continual) or [K]
     planned = pop.planned_activity(cfg.rounds)
     selector = ActivitySelector(planned, alpha, cfg.cohort_size, cfg.selection_constant)  # calibrates c when not given
-    if cfg.dp and cfg.target_epsilon is not None:
-        calibrate_example_noise(cfg, planned.ravel(), cfg.resolve_delta(len(pop.data.train)))
-    if cfg.device_dp and cfg.device_noise_multiplier is None and cfg.target_epsilon_device is not None:
-        calibrate_device_noise(cfg, largest_selection_probability(selector, planned),
-                               cfg.resolve_delta(len(pop.data.train)))
+    # the mechanism's calibration as the server will run it (the default target included); cfg is left as it is
+    mechanism_for(cfg).calibrate(planned, cfg.resolve_delta(len(pop.data.train)),
+                                 lambda: largest_selection_probability(selector, planned))
 
 
 def resume_config(run_dir: str) -> RunConfig:

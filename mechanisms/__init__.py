@@ -1,0 +1,19 @@
+"""Privacy mechanisms: one module each (see :mod:`mechanisms.base` for what a mechanism owns).
+
+* :mod:`mechanisms.fedavg`: FedAvg without DP (``--no-dp``).
+* :mod:`mechanisms.local_dpsgd`: local DP-SGD, the noise on the device (``--noise-at device``).
+* :mod:`mechanisms.aggregate`: the noise on the aggregate (``--noise-at aggregate``, default).
+* :mod:`mechanisms.dp_fedavg`: device-level DP-FedAvg (``--device-dp``).
+
+:func:`mechanism_for` (mechanisms/registry.py) is the one lookup from settings to mechanism.
+Plain PyTorch / numpy and dp-accounting: no Flower here.
+"""
+
+from mechanisms import aggregate, dp_fedavg, fedavg, local_dpsgd  # noqa: F401  (registers the mechanisms)
+from mechanisms.base import Aggregator, Calibration, DeviceReply, DeviceWork, Mechanism, ReplySpec, RoundPlan
+from mechanisms.registry import MECHANISMS, mechanism_for, mechanism_name
+
+__all__ = [
+    "MECHANISMS", "Aggregator", "Calibration", "DeviceReply", "DeviceWork", "Mechanism", "ReplySpec", "RoundPlan",
+    "mechanism_for", "mechanism_name",
+]

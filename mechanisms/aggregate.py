@@ -1,0 +1,211 @@
+"""Noise on the aggregate: central DP-SGD over the cohort (``--noise-at aggregate``, the default;
+trusts the aggregator).
+
+Each selected device includes each of its examples with probability p (``--sample-rate``,
+Poisson), clips each included example's gradient at the global model to C with the batched
+engine and replies with the sum of the clipped gradients and nothing else
+(:func:`clipped_gradient_sum`). The server adds N(0, (sigma C)^2) once to the cohort's sum,
+divides by the expected number of sampled examples and steps
+(:class:`AggregateNoiseAggregator`). Accounted per example: ONE Poisson-subsampled Gaussian
+(sigma, p) per round its device joined; device selection is not counted as amplification.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from dp.accounting import SubsampledGaussianEvent
+from dp.engines import make_engine
+from dp.secure_random import NoiseSource
+from mechanisms.base import Aggregator, Calibration, DeviceReply, DeviceWork, Mechanism, ReplySpec, _numpy, floating_keys
+from mechanisms.local_dpsgd import calibrate_example
+from mechanisms.registry import register
+from mechanisms.training import collate_with
+from nlu.data import Encoded, collate, per_example_loss
+from nlu.model import trainable_state_keys
+from nlu.tasks import Task
+
+
+class AggregateNoiseAggregator(Aggregator):
+    """Noise on the aggregate: one noisy sum of the cohort's per-example-clipped gradients.
+
+    Each accepted reply is a device's sum over its Poisson-sampled examples of their gradients,
+    each clipped to ``max_grad_norm`` C (our engine, on the device). The server forms
+
+        g = (sum_k s_k + N(0, (sigma C)^2 I)) / E[n],   E[n] = sum_{k in cohort} p_k n_k
+
+    (:attr:`mechanisms.base.RoundPlan.expected_examples`: public counts, never the realised
+    sample sizes) and proposes ``w - step_size * lr_factor * g`` (Abadi et al. 2016, Algorithm 1,
+    with the cohort's Poisson-sampled examples as the lot). With the FedAvg / FedProx strategy
+    ``step_size`` is the server learning rate (server SGD); with FedAdam it is 1 and Flower's
+    FedAdam turns the pseudo-gradient ``-g`` into an Adam step. With no accepted reply the
+    release is ``w - step_size * noise / E[n]`` (the round was accounted for every cohort member).
+
+    Parameters
+    ----------
+    noise_multiplier : float
+        sigma.
+    max_grad_norm : float
+        C.
+    step_size : float
+        See above.
+    noise : dp.secure_random.NoiseSource
+    """
+
+    name = "aggregate-noise"
+
+    def __init__(self, noise_multiplier: float, max_grad_norm: float, step_size: float, noise: NoiseSource):
+        self.noise_multiplier = float(noise_multiplier)
+        self.max_grad_norm = float(max_grad_norm)
+        self.step_size = float(step_size)
+        self.noise = noise
+
+    def begin(self, round_, current, plan):
+        super().begin(round_, current, plan)
+        self.total = {k: np.zeros_like(current[k], dtype=np.float64) for k in floating_keys(current)}
+        self.replies = 0
+
+    def add(self, arrays: Mapping[str, np.ndarray], weight: float) -> None:
+        for k in self.total:
+            self.total[k] += _numpy(arrays[k])
+        self.replies += 1
+
+    def noisy_gradient(self) -> dict[str, np.ndarray]:
+        """g = (sum of clipped sums + N(0, (sigma C)^2 I)) / E[n] (float64), per floating array."""
+        std = self.noise_multiplier * self.max_grad_norm
+        denom = max(float(self.plan.expected_examples), 1e-12)
+        out = {}
+        for k, s in self.total.items():
+            if std > 0:
+                s = s + self.noise.normal_numpy(s.shape, std)
+            out[k] = s / denom
+        return out
+
+    def result(self) -> dict[str, np.ndarray]:
+        out = dict(self.current)
+        for k, g in self.noisy_gradient().items():
+            out[k] = (self.current[k] - self.step_size * self.plan.lr_factor * g).astype(self.current[k].dtype)
+        return out
+
+
+@register
+class AggregateNoise(Mechanism):
+    """Clipped sums from the devices, N(0, (sigma C)^2) once on the cohort's sum at the server."""
+
+    name = "aggregate"
+    units = ("example",)
+    reply = ReplySpec("clipped-sum", privacy_record=False, info=False)
+    holdout_noise_at = "aggregate"
+
+    def round_params(self) -> dict:
+        """``sample-rate``: the example sampling rate p of the round."""
+        return {"sample-rate": float(self.cfg.sample_rate)}
+
+    def device_part(self, work: DeviceWork) -> DeviceReply:
+        """The device's clipped gradient sum, alone (no loss, no realised sample count, no timing)."""
+        cfg = self.cfg
+        sums = clipped_gradient_sum(
+            work.model, work.data, sample_rate=float(work.round_config["sample-rate"]), max_grad_norm=cfg.max_grad_norm,
+            physical_batch_size=cfg.physical_batch_size, noise=work.noise, dp_engine=cfg.dp_engine, task=work.task,
+            teacher=work.teacher,
+        )
+        return DeviceReply(sums)
+
+    def aggregator(self, noise: NoiseSource, step_size: float) -> Aggregator:
+        """One noisy sum per round, then a server step of ``step_size``."""
+        return AggregateNoiseAggregator(self.cfg.noise_multiplier, self.cfg.max_grad_norm, step_size, noise)
+
+    def example_event(self, num_examples: int) -> SubsampledGaussianEvent:
+        """ONE Poisson-subsampled Gaussian (sigma, p) per round joined, whatever the device holds.
+
+        The example's presence changes the cohort's sum by at most C (add or remove one
+        example), so the round is the subsampled Gaussian mechanism at rate p whatever the rest of
+        the cohort holds. Device selection is NOT counted as amplification: an example's inclusion
+        is correlated with its device's other examples, which can reveal that the device took part.
+        """
+        return SubsampledGaussianEvent(self.cfg.noise_multiplier, float(self.cfg.sample_rate), 1)
+
+    def calibrate(self, planned: np.ndarray, delta: float, q_max) -> Calibration:
+        """sigma for ``--target-epsilon`` over ``rounds`` events at rate p (the same for every device)."""
+        return calibrate_example(self.cfg, delta, {(float(self.cfg.sample_rate), 1)}, " or --sample-rate")
+
+
+def clipped_gradient_sum(
+    model: nn.Module,
+    data: Encoded,
+    *,
+    sample_rate: float,
+    max_grad_norm: float,
+    physical_batch_size: int,
+    noise: NoiseSource,
+    dp_engine: str = "dpfl",
+    task: Task | None = None,
+    teacher: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """The device's contribution in the aggregate placement: sum_i clip_C(grad l_i(w)), no noise.
+
+    Each of the device's n examples is included independently with probability
+    ``sample_rate`` p (Poisson, from ``noise``); each included example's gradient over all
+    trainable parameters is clipped to L2 norm ``max_grad_norm`` C by the DP-SGD engine
+    (batched, in physical micro-batches) and the clipped gradients are summed. The server adds
+    N(0, (sigma C)^2) once to the cohort's sum (:class:`AggregateNoiseAggregator`); this function adds none.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The global model, trainable parameters as they should train; left unchanged
+        (its ``.grad`` fields are cleared afterwards). The forward passes run in eval mode
+        (no dropout).
+    data : nlu.data.Encoded or nlu.slots.SlotEncoded
+        The device's examples.
+    sample_rate : float
+        p in [0, 1].
+    max_grad_norm : float
+        C > 0.
+    physical_batch_size : int
+        Examples per forward/backward pass.
+    noise : dp.secure_random.NoiseSource
+    dp_engine : str
+        "dpfl" (ours) or "opacus".
+    task : nlu.tasks.Task, optional
+    teacher : torch.Tensor [n, C], optional
+        The previous release's logits (see :func:`mechanisms.training.train_local`): the clipped gradients are those
+        of the loss with the focal distillation term.
+
+    Returns
+    -------
+    dict of str to torch.Tensor
+        State-dict key of each trainable parameter -> the clipped sum, same shape (zeros when
+        no example was sampled). The realised number of sampled examples is not returned: it
+        must not leave the device.
+    """
+    base_collate = task.collate if task is not None else collate
+    loss_fn = task.per_example_loss if task is not None else per_example_loss
+    device = next(model.parameters()).device
+    idx = np.flatnonzero(noise.bernoulli(len(data), sample_rate)).astype(np.int64)
+    by_name = dict(model.named_parameters(remove_duplicate=False))
+    keys = trainable_state_keys(model)
+    # The gradient of the model's loss at w, without dropout: the server treats the noisy sum as
+    # the gradient of one step, and dropout noise would only lower its signal under DP.
+    was_training = model.training
+    model.eval()
+    if len(idx) == 0:
+        model.train(was_training)
+        return {k: torch.zeros_like(by_name[k]) for k in keys}
+    collate_fn = collate_with(base_collate, device, teacher)
+    engine = make_engine(dp_engine, model, noise_multiplier=0.0, max_grad_norm=max_grad_norm, expected_batch_size=1.0)
+    try:
+        for s in range(0, len(idx), physical_batch_size):
+            engine.accumulate(loss_fn(model, collate_fn(data, idx[s : s + physical_batch_size])))
+        engine.finalize()
+        out = {k: by_name[k].grad.detach().clone() for k in keys}
+    finally:
+        engine.detach()
+        model.train(was_training)
+        for p in model.parameters():
+            p.grad = None
+    return out

@@ -1,0 +1,316 @@
+"""What every privacy mechanism of a run answers, in one interface (cf. pfl-research's
+``SplitPrivacyMechanism``: constrain sensitivity on the device, add noise on the server).
+
+A mechanism owns, in one module of this package:
+
+* what a round sends to the devices beyond the model (:meth:`Mechanism.round_params`);
+* what a device computes and may reply (:meth:`Mechanism.device_part`, :attr:`Mechanism.reply`);
+* how the server combines the replies and adds its noise (:meth:`Mechanism.aggregator`, an
+  :class:`Aggregator`: ``begin`` / ``add`` / ``result``, ``state_dict`` for resume);
+* which privacy events it charges to which unit (:attr:`Mechanism.units`,
+  :meth:`Mechanism.accounted`, :meth:`Mechanism.event`);
+* how its noise is calibrated from a target (:meth:`Mechanism.calibrate`).
+
+The round loop (server/round.py) and the ClientApp (client/app.py) ask the run's mechanism
+(:func:`mechanisms.mechanism_for`); they never test which one runs. Nothing here imports Flower:
+arrays are numpy (server side) and torch tensors (device side); server/ and client/ turn them
+into Flower records.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import torch
+
+from dp.accounting import SubsampledGaussianEvent, calibrate_noise_multiplier
+from dp.secure_random import NoiseSource
+
+#: The two privacy units (DESIGN.md, "Privacy model").
+UNITS = ("example", "device")
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """What the server expects of a round, fixed before any reply arrives (public quantities only).
+
+    Attributes
+    ----------
+    round : int
+    expected_cohort : float
+        m = sum_k q_k(t), the expected number of devices (device-level DP's denominator).
+    expected_examples : float
+        sum over the cohort of p_k n_k, the expected number of sampled examples (the
+        aggregate placement's denominator; n_k are the public example counts).
+    lr_factor : float
+        The server learning-rate schedule's factor this round (``--server-lr-schedule``).
+    """
+
+    round: int
+    expected_cohort: float = 1.0
+    expected_examples: float = 1.0
+    lr_factor: float = 1.0
+
+
+@dataclass(frozen=True)
+class ReplySpec:
+    """What a device's training reply may hold (protocol/messages.py checks it on arrival).
+
+    Attributes
+    ----------
+    kind : {"weights", "clipped-sum"}
+        ``"weights"``: the locally trained trainable parameters with a ``metrics`` record
+        (``num-examples``); ``"clipped-sum"``: the sum of clipped per-example gradients, alone.
+    privacy_record : bool
+        The reply must carry the round's ``privacy`` record (the device's DP-SGD event).
+    info : bool
+        The reply carries the ``info`` record (the Ray node it ran on, its device id).
+    """
+
+    kind: str = "weights"
+    privacy_record: bool = False
+    info: bool = True
+
+
+@dataclass
+class DeviceWork:
+    """One device's task in one round, as the ClientApp hands it to the mechanism's device part.
+
+    Attributes
+    ----------
+    model : torch.nn.Module
+        The global model loaded into this process's instance (trainable parameters as they train).
+    data : nlu.data.Encoded or nlu.slots.SlotEncoded
+        The device's n training examples this round.
+    task : nlu.tasks.Task
+        Collation and per-example loss.
+    noise : dp.secure_random.NoiseSource
+        The task's secret randomness (batches, example sampling, noise).
+    round_config : Mapping
+        The round's config record (``server-round``, :meth:`Mechanism.round_params`, the
+        strategy's entries such as ``proximal-mu``).
+    device_id, round : int
+    teacher : torch.Tensor [n, C], optional
+        The previous release's logits on the device's examples (``--pc-weight``).
+    started : float
+        ``time.perf_counter()`` when the handler started (non-private runs report task time).
+    """
+
+    model: torch.nn.Module
+    data: Any
+    task: Any
+    noise: NoiseSource
+    round_config: Mapping
+    device_id: int
+    round: int
+    teacher: torch.Tensor | None = None
+    started: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class DeviceReply:
+    """What the device part returns; the ClientApp turns it into the reply's records.
+
+    Attributes
+    ----------
+    arrays : dict of str to torch.Tensor
+        State-dict key of each trainable parameter -> tensor (trained weights or clipped sum).
+    metrics : dict, optional
+        The ``metrics`` record (None: no such record).
+    privacy : dict, optional
+        The ``privacy`` record: the round's event, from public counts only (None: no such record).
+    """
+
+    arrays: dict[str, torch.Tensor]
+    metrics: dict | None = None
+    privacy: dict | None = None
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Settings a mechanism calibrated from its targets, and one log line for each.
+
+    Attributes
+    ----------
+    values : dict
+        RunConfig field -> value (written to ``config.toml`` by the server).
+    notes : tuple of str
+    """
+
+    values: dict = field(default_factory=dict)
+    notes: tuple[str, ...] = ()
+
+
+def _numpy(v) -> np.ndarray:
+    """A numpy view of ``v`` (numpy arrays as they are; objects with ``.numpy()``, e.g. Flower Arrays, converted)."""
+    return v if isinstance(v, np.ndarray) else np.asarray(v.numpy())
+
+
+def floating_keys(current: Mapping[str, np.ndarray]) -> list[str]:
+    """The keys of ``current`` whose arrays are floating point (the ones a mechanism changes)."""
+    return [k for k, v in current.items() if np.issubdtype(v.dtype, np.floating)]
+
+
+class Aggregator:
+    """The server side of a mechanism: how one round's replies become the proposal for the next global arrays.
+
+    ::
+
+        agg.begin(t, current, plan)        # the round's global arrays {key: array} and what the server expects
+        agg.add(reply_arrays, weight)      # per accepted reply, as it arrives (folded in, then dropped)
+        proposal = agg.result()            # the new global arrays (None: keep the current model)
+
+    Each aggregator holds at most a running sum and one reply, whatever the cohort size.
+    ``state_dict`` / ``load_state_dict`` resume it.
+    """
+
+    name = "aggregator"
+
+    def begin(self, round_: int, current: dict[str, np.ndarray], plan: RoundPlan) -> None:
+        """Start round ``round_`` from the global arrays ``current`` ({key: array})."""
+        self.round, self.current, self.plan = round_, current, plan
+
+    def add(self, arrays: Mapping[str, np.ndarray], weight: float) -> None:  # pragma: no cover - interface
+        """Fold in one accepted reply's arrays ({key: array}; ``weight``: its ``num-examples``, where it has one)."""
+        raise NotImplementedError
+
+    def result(self) -> dict[str, np.ndarray] | None:  # pragma: no cover - interface
+        """The round's proposal for the new global arrays, or None to keep ``current``."""
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        """Picklable state to resume (none by default)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`'s output."""
+
+
+class Mechanism:
+    """A run's privacy mechanism (see the module docstring); one subclass per module, registered by name.
+
+    Parameters
+    ----------
+    cfg : dpfl.config.RunConfig
+        The run's settings; calibrated values (:meth:`calibrate`) are read from it when used.
+
+    Attributes
+    ----------
+    name : str
+    units : tuple of str
+        The privacy units it accounts, in the order the server checks their budgets.
+    reply : ReplySpec
+    holdout_noise_at : {"device", "aggregate", "none"}
+        Where a holdout evaluation's count is noised (``--holdout-per-device``).
+    releases_on_empty_cohort : bool
+        The server releases a (noise-only) update even when the Poisson cohort is empty.
+    """
+
+    name = "mechanism"
+    units: tuple[str, ...] = ()
+    reply = ReplySpec()
+    holdout_noise_at = "none"
+    releases_on_empty_cohort = False
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    @property
+    def private(self) -> bool:
+        """True when the mechanism accounts some privacy unit (a private run)."""
+        return bool(self.units)
+
+    # ------------------------------------------------------------------ the round's message
+    def round_params(self) -> dict:
+        """Entries the round's config record carries for the device part (public settings only)."""
+        return {}
+
+    # ------------------------------------------------------------------ device
+    def device_part(self, work: DeviceWork) -> DeviceReply:  # pragma: no cover - interface
+        """What the device computes from its data in one round, and the reply it may send."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ server
+    def aggregator(self, noise: NoiseSource, step_size: float) -> Aggregator:  # pragma: no cover - interface
+        """The run's server side; ``step_size`` is the server SGD step (1 when a Flower optimizer takes the step)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ accounting
+    def example_event(self, num_examples: int) -> SubsampledGaussianEvent:  # pragma: no cover - interface
+        """The example-level event of one round for an example of a device holding ``num_examples``."""
+        raise NotImplementedError(f"{self.name} accounts no example-level event")
+
+    def device_event(self, q: float) -> SubsampledGaussianEvent:  # pragma: no cover - interface
+        """The device-level event of one round for a device selected with probability ``q``."""
+        raise NotImplementedError(f"{self.name} accounts no device-level event")
+
+    def event(self, unit: str, num_examples: int, q: float) -> SubsampledGaussianEvent:
+        """The event of ``unit`` ("example" or "device") for a device holding ``num_examples``, selected with ``q``."""
+        return self.example_event(num_examples) if unit == "example" else self.device_event(q)
+
+    def clip_norm(self, unit: str) -> float:
+        """The L2 sensitivity bound of ``unit``'s events: C (example) or S (device)."""
+        return float(self.cfg.max_grad_norm if unit == "example" else self.cfg.update_clip_norm)
+
+    def accounted(self, unit: str, q: np.ndarray, cohort: np.ndarray) -> np.ndarray:
+        """Device ids charged an event of ``unit`` this round.
+
+        Example level: the devices asked to train (the cohort). Device level: every device that
+        could have been selected (q_k > 0), selected or not (individual accounting).
+        """
+        if unit == "device":
+            return np.flatnonzero(q > 0)
+        return np.asarray(cohort)
+
+    def calibrate(self, planned: np.ndarray, delta: float, q_max: Callable[[], float]) -> Calibration:
+        """Noise multipliers calibrated from the run's targets (none by default).
+
+        Parameters
+        ----------
+        planned : np.ndarray [K] or [T, K]
+            Every activity a device can have (the continual setting: every round's).
+        delta : float
+        q_max : callable
+            Returns the largest inclusion probability of the run (computed only when needed).
+        """
+        return Calibration()
+
+
+def calibrate_for_profiles(cfg, profiles: set[tuple[float, int]], delta: float, hint: str) -> float:
+    """The smallest noise multiplier that keeps every (sample_rate, steps-per-round) profile, repeated
+    ``cfg.rounds`` times, at or below ``cfg.target_epsilon`` (the largest sigma any profile needs).
+
+    Parameters
+    ----------
+    cfg : dpfl.config.RunConfig
+        ``target_epsilon``, ``rounds``, ``accountant``.
+    profiles : set of (float, int)
+        (q, steps of one round) per distinct local mechanism.
+    delta : float
+    hint : str
+        The settings to change, appended to the error (e.g. ``" or --sample-rate"``).
+
+    Raises
+    ------
+    ValueError
+        If the target cannot be met (the message names the settings to change).
+    """
+    sigma = 0.0
+    for q, steps in sorted(profiles):
+        if steps == 0:
+            continue
+        try:
+            s = calibrate_noise_multiplier(
+                cfg.target_epsilon, delta, schedule=[(q, steps * cfg.rounds)], accountant=cfg.accountant
+            )
+        except ValueError as exc:
+            raise ValueError(
+                f"--target-epsilon {cfg.target_epsilon:g} is unreachable for a device with sample rate {q:.3g} "
+                f"and {steps} local steps over {cfg.rounds} rounds at delta {delta:g}: raise --target-epsilon, "
+                f"lower --rounds" + hint + f" ({exc})"
+            ) from exc
+        sigma = max(sigma, s)
+    return sigma

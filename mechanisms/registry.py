@@ -1,0 +1,39 @@
+"""The registry of privacy mechanisms and the one lookup from a run's settings to its mechanism.
+
+Each mechanism module registers its class with :func:`register`; :func:`mechanism_for` is the
+only place that reads the placement flags (``--no-dp``, ``--noise-at``, ``--device-dp``).
+"""
+
+from __future__ import annotations
+
+MECHANISMS: dict[str, type] = {}
+
+
+def register(cls):
+    """Class decorator: make a :class:`mechanisms.base.Mechanism` subclass findable by its ``name``."""
+    MECHANISMS[cls.name] = cls
+    return cls
+
+
+def mechanism_name(cfg) -> str:
+    """The name of the mechanism a RunConfig selects.
+
+    ``--device-dp``: DP-FedAvg (with local DP-SGD on the devices unless ``--no-dp``);
+    ``--no-dp``: FedAvg without DP; else the example-level placement of ``--noise-at``.
+    """
+    if cfg.device_dp:
+        return "dp-fedavg"
+    if not cfg.dp:
+        return "fedavg"
+    return {"device": "local-dpsgd", "aggregate": "aggregate"}[cfg.noise_at]
+
+
+def mechanism_for(cfg):
+    """The run's mechanism, built from its settings.
+
+    Raises
+    ------
+    KeyError
+        If no mechanism is registered under the selected name.
+    """
+    return MECHANISMS[mechanism_name(cfg)](cfg)
