@@ -41,7 +41,9 @@ class RoundPlan:
     ----------
     round : int
     expected_cohort : float
-        m = sum_k q_k(t), the expected number of devices (device-level DP's denominator).
+        m, device-level DP's fixed denominator: ``--cohort-size``, the expected cohort size the
+        selection constant c was calibrated for (public; equal to sum_k q_k(t) when no device is
+        capped at q_k = 1 or removed by a budget, and in the continual setting only on average).
     expected_examples : float
         sum over the cohort of p_k n_k, the expected number of sampled examples (the
         aggregate placement's denominator; n_k are the public example counts).
@@ -142,6 +144,11 @@ class Calibration:
 
     values: dict = field(default_factory=dict)
     notes: tuple[str, ...] = ()
+
+
+def _check_unit(unit: str) -> None:
+    if unit not in UNITS:
+        raise ValueError(f"unknown privacy unit {unit!r}; expected one of {UNITS}")
 
 
 def _numpy(v) -> np.ndarray:
@@ -248,11 +255,25 @@ class Mechanism:
         raise NotImplementedError(f"{self.name} accounts no device-level event")
 
     def event(self, unit: str, num_examples: int, q: float) -> SubsampledGaussianEvent:
-        """The event of ``unit`` ("example" or "device") for a device holding ``num_examples``, selected with ``q``."""
+        """The event of ``unit`` ("example" or "device") for a device holding ``num_examples``, selected with ``q``.
+
+        Raises
+        ------
+        ValueError
+            If ``unit`` is not one of :data:`UNITS`.
+        """
+        _check_unit(unit)
         return self.example_event(num_examples) if unit == "example" else self.device_event(q)
 
     def clip_norm(self, unit: str) -> float:
-        """The L2 sensitivity bound of ``unit``'s events: C (example) or S (device)."""
+        """The L2 sensitivity bound of ``unit``'s events: C (example) or S (device).
+
+        Raises
+        ------
+        ValueError
+            If ``unit`` is not one of :data:`UNITS`.
+        """
+        _check_unit(unit)
         return float(self.cfg.max_grad_norm if unit == "example" else self.cfg.update_clip_norm)
 
     def accounted(self, unit: str, q: np.ndarray, cohort: np.ndarray) -> np.ndarray:
