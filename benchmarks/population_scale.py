@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from dpfl.commands.logs import quiet as _quiet
     from dpfl.commands.simulate import simulate
-    from dpfl.config import RunConfig
+    from settings.config import RunConfig
 
     _quiet()
     peak = {"driver": 0, "actors": 0, "actor_count": 0}

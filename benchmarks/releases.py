@@ -52,7 +52,7 @@ def run_arm(out: Path, arm: str, data_dir: str, extra: list[str]) -> tuple[Path,
 
 def summarize(run_dir: Path) -> dict:
     """Releases (round, accuracy, NFR, PFR), final accuracy and epsilon, and the quartile table of one run."""
-    from dp.report import build_report
+    from report import build_report
     from rundir import read_holdout, read_metrics
 
     summary = build_report(run_dir)

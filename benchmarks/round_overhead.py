@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     out: dict = {}
     if not a.selection_only:
         from dpfl.commands.logs import quiet as _quiet
-        from dpfl.config import RunConfig
+        from settings.config import RunConfig
 
         _quiet()
         base = tempfile.mkdtemp(prefix="dpfl-overhead-")

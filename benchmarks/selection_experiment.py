@@ -74,7 +74,7 @@ def run_arm(out: Path, setting: str, selection: str, seed: int, common: list[str
 
 def summarize(run_dir: Path) -> dict:
     """Accuracy curve, final metrics and example-level epsilons of one finished run."""
-    from dp.report import build_report
+    from report import build_report
 
     summary = build_report(run_dir)
     metrics = _metrics(run_dir)

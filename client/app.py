@@ -36,7 +36,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from dp.secure_random import NoiseSource
-from dpfl.config import RunConfig
+from settings.config import RunConfig
 from mechanisms import DeviceWork, mechanism_for
 from mechanisms.training import teacher_logits
 from nlu.features import cache_frozen_encoder

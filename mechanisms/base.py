@@ -201,7 +201,7 @@ class Mechanism:
 
     Parameters
     ----------
-    cfg : dpfl.config.RunConfig
+    cfg : settings.config.RunConfig
         The run's settings; calibrated values (:meth:`calibrate`) are read from it when used.
 
     Attributes
@@ -306,7 +306,7 @@ def calibrate_for_profiles(cfg, profiles: set[tuple[float, int]], delta: float, 
 
     Parameters
     ----------
-    cfg : dpfl.config.RunConfig
+    cfg : settings.config.RunConfig
         ``target_epsilon``, ``rounds``, ``accountant``.
     profiles : set of (float, int)
         (q, steps of one round) per distinct local mechanism.

@@ -114,7 +114,7 @@ class DPFedAvg(Mechanism):
 
     Parameters
     ----------
-    cfg : dpfl.config.RunConfig
+    cfg : settings.config.RunConfig
         ``dp`` decides the devices' local training: local DP-SGD (:class:`LocalDPSGD`'s device part,
         reply and example-level events) or plain training whose reply holds ``num-examples`` alone.
     """

@@ -28,7 +28,7 @@ from nlu.tasks import Task
 
 @dataclass(frozen=True)
 class LocalTrainConfig:
-    """Settings of one device's local training (see dpfl.config.RunConfig for meanings; :func:`local_config`)."""
+    """Settings of one device's local training (see settings.config.RunConfig for meanings; :func:`local_config`)."""
 
     dp: bool
     dp_engine: str

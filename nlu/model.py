@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dpfl.config import parse_trainable  # the --trainable syntax is a setting; re-exported here
+from settings.config import parse_trainable  # the --trainable syntax is a setting; re-exported here
 from nlu.pooling import MeanPoolClassifier
 
 DEFAULT_MODEL = "minilm"

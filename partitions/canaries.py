@@ -2,8 +2,8 @@
 
 This is data generation (it knows utterances, labels and devices, not models): the population
 (:mod:`partitions.population`) inserts the records it draws into devices' training data, and
-the audit maths that scores a model on them lives in :mod:`dp.audit` (exposure, extraction,
-membership; :mod:`dp.audit.canaries` re-exports these names for it).
+the audit maths that scores a model on them lives in :mod:`audit` (exposure, extraction,
+membership; :mod:`audit.canaries` re-exports these names for it).
 
 A canary is a template utterance carrying a random numeric secret, e.g.
 ``"my pin code is 4 8 1 9"``, paired with a chosen intent label. Secrets are written

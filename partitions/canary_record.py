@@ -2,7 +2,7 @@
 
 The population (partitions/population.py) inserts the audit canaries; the server writes what
 was inserted, once, before round 1, through :func:`write_canaries`, so that ``dpfl audit``
-(dp/audit/run.py, which reads it back) knows which canaries were included and on which
+(audit/run.py, which reads it back) knows which canaries were included and on which
 device. The files' formats belong to rundir/ (:func:`rundir.write_canaries_file`,
 :func:`rundir.ledger.record_canaries`).
 """

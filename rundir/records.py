@@ -3,10 +3,10 @@
 =========================  ===============================  ==========================================
 file                       record                           written by / read by
 =========================  ===============================  ==========================================
-``report/summary.json``    :class:`Summary`                 ``dpfl report`` (dp.report) / tools, tests
-``audit/audit.json``       :class:`Audit`                   ``dpfl audit`` (dp.audit) / dp.report
-``audit/roc.json``         ``{"canaries", "real"}`` ROCs    ``dpfl audit`` / dp.report plots
-``canaries.json``          ``{"version", "m", ...,          the server at run start (dp.audit) /
+``report/summary.json``    :class:`Summary`                 ``dpfl report`` (report) / tools, tests
+``audit/audit.json``       :class:`Audit`                   ``dpfl audit`` (audit) / report
+``audit/roc.json``         ``{"canaries", "real"}`` ROCs    ``dpfl audit`` / report plots
+``canaries.json``          ``{"version", "m", ...,          the server at run start (audit) /
                            "canaries": [entry]}``           ``dpfl audit``
 =========================  ===============================  ==========================================
 
@@ -381,7 +381,7 @@ def write_canaries_file(run_dir: str | os.PathLike, payload: Mapping[str, Any]) 
 
     ``payload``: ``{"version": 1, "m", "included", "repeats", "n_digits", "inclusion_prob",
     "note", "canaries": [{"canary_id", "text", "prefix", "secret", "label", "included",
-    "repeats", "suffix", "device_id", "uids", ...}]}`` (built by ``dp.audit.canaries_payload``).
+    "repeats", "suffix", "device_id", "uids", ...}]}`` (built by ``audit.canaries_payload``).
 
     Returns
     -------

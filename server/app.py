@@ -30,8 +30,8 @@ import time
 from flwr.app import Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from dpfl.config import RunConfig
-from dpfl.interrupt import BackendLost, Interrupted
+from settings.config import RunConfig
+from settings.interrupt import BackendLost, Interrupted
 from server.holdout import evaluate_holdout
 from server.round import STOP
 from server.state import Server
@@ -97,9 +97,9 @@ def run_server(grid: Grid, cfg: RunConfig, progress: bool = True, resume: bool =
 
     Raises
     ------
-    dpfl.config.ConfigError, partitions.errors.DataError, nlu.model.ModelError
+    settings.config.ConfigError, partitions.errors.DataError, nlu.model.ModelError
         On bad settings or data (before any round runs).
-    dpfl.interrupt.Interrupted
+    settings.interrupt.Interrupted
         When :data:`server.round.STOP` is set (Ctrl-C); the run directory stays resumable.
     """
     from tqdm.auto import tqdm

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dpfl.config import ConfigError
+from settings.config import ConfigError
 
 __all__ = ["load_deletions"]
 
@@ -21,7 +21,7 @@ def load_deletions(path: str | Path, num_devices: int) -> dict[int, int]:
 
     Raises
     ------
-    dpfl.config.ConfigError
+    settings.config.ConfigError
         If the file cannot be read, or a line is not two integers, names a device outside
         ``0 .. num_devices - 1`` or a round < 1 (the message names the file and the line).
     """

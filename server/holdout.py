@@ -114,7 +114,7 @@ def evaluate_holdout(server, grid, node_of: dict[int, int]) -> dict | None:
 
     Raises
     ------
-    dpfl.interrupt.Interrupted, dpfl.interrupt.BackendLost
+    settings.interrupt.Interrupted, settings.interrupt.BackendLost
         As a round's wait does (the ledger row stays; a resume evaluates again).
 
     Returns

@@ -30,7 +30,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
-from dpfl.interrupt import BackendLost, Interrupted
+from settings.interrupt import BackendLost, Interrupted
 from protocol import messages as rec
 from protocol.arrays import array_view, record_from_numpy
 from protocol.messages import validate_update
@@ -228,13 +228,13 @@ def _receive(grid: Grid, msgs: list[Message], timeout: float, on_reply, adaptive
 
     Raises
     ------
-    dpfl.interrupt.Interrupted
+    settings.interrupt.Interrupted
         When :data:`STOP` is set (Ctrl-C); the round is abandoned at once (its privacy events
         are already in the ledger).
-    dpfl.interrupt.BackendLost
+    settings.interrupt.BackendLost
         When a check of :data:`BACKEND_CHECKS` reports a failure (the round is abandoned likewise).
     """
-    from dpfl.config import ROUND_TIMEOUT_FACTOR, ROUND_TIMEOUT_FLOOR
+    from settings.config import ROUND_TIMEOUT_FACTOR, ROUND_TIMEOUT_FLOOR
 
     ids = set(grid.push_messages(msgs))
     total = len(ids)

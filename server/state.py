@@ -18,7 +18,7 @@ import numpy as np
 from flwr.app import ArrayRecord
 
 from dp.secure_random import NoiseSource
-from dpfl.config import ConfigError, RunConfig
+from settings.config import ConfigError, RunConfig
 from nlu.features import cache_frozen_encoder
 from nlu.model import load_tokenizer, set_trainable
 from nlu.tasks import task_for_data
@@ -61,7 +61,7 @@ class Server:
 
     Parameters
     ----------
-    cfg : dpfl.config.RunConfig
+    cfg : settings.config.RunConfig
         Validated settings. The derived delta and a calibrated noise multiplier are filled in
         (and written to ``config.toml``).
     resume : bool
@@ -69,7 +69,7 @@ class Server:
 
     Raises
     ------
-    dpfl.config.ConfigError, partitions.errors.DataError, nlu.model.ModelError, rundir.RunDirError
+    settings.config.ConfigError, partitions.errors.DataError, nlu.model.ModelError, rundir.RunDirError
         On bad settings, data, model or run directory (before any round runs).
     """
 
@@ -169,7 +169,7 @@ class Server:
 
         Raises
         ------
-        dpfl.config.ConfigError
+        settings.config.ConfigError
             Naming ``--holdout-noise-multiplier`` and the value that would fit.
         """
         cfg, budget = self.cfg, self.example_budget()

@@ -31,7 +31,7 @@ class CohortGrid:
 
 def make_strategy(cfg):
     """Flower strategy named by ``cfg.strategy`` ("fedavg", "fedprox", "fedadam"; "auto" resolved by
-    :meth:`dpfl.config.RunConfig.resolved_strategy`).
+    :meth:`settings.config.RunConfig.resolved_strategy`).
 
     Every strategy takes all nodes of the cohort grid (fraction 1, no minimum) and does no
     federated evaluation (the server evaluates the global model centrally). FedAvg weights

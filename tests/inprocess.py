@@ -16,7 +16,7 @@ from pathlib import Path
 from flwr.app import Context, Error, Message, RecordDict
 
 import client.app as capp
-from dpfl.config import RunConfig
+from settings.config import RunConfig
 from server import app as sapp
 
 TEXTS_ON = [f"zorblax please switch the quintarian lamp number {i} on" for i in range(12)]

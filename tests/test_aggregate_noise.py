@@ -27,7 +27,7 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 import client.app as capp
 from mechanisms.aggregate import clipped_gradient_sum
 from dp.secure_random import NoiseSource
-from dpfl.config import RunConfig
+from settings.config import RunConfig
 from inprocess import run_rounds, toy_config, write_lamp_data
 from nlu.model import set_trainable, trainable_state_keys
 from protocol.arrays import load_into, record_from_numpy

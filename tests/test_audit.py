@@ -1,4 +1,4 @@
-"""Tests for dp/audit: bounds, membership metrics, canaries, exposure, extraction."""
+"""Tests for audit: bounds, membership metrics, canaries, exposure, extraction."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dp.audit import bounds, canaries, exposure, extraction, membership
+from audit import bounds, canaries, exposure, extraction, membership
 
 MINILM = os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))),

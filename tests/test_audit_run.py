@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from dp.audit import canary_uid
-from dp.audit.run import read_canaries
+from audit import canary_uid
+from audit.run import read_canaries
 from partitions.canary_record import record_canaries, write_canaries
-from dpfl.config import ConfigError, RunConfig
+from settings.config import ConfigError, RunConfig
 from partitions.population import build_population, population_for_key, population_key
 from rundir import LedgerReader, read_audit, read_canaries_file, read_roc, read_summary
 
@@ -156,7 +156,7 @@ def tiny_run(tmp_path_factory):
 def test_report_without_audit_has_null_audit(tiny_run, tmp_path):
     import shutil
 
-    from dp.report import build_report
+    from report import build_report
 
     rd = tmp_path / "copy"
     shutil.copytree(tiny_run, rd, ignore=shutil.ignore_patterns("audit", "report"))

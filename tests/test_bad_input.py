@@ -123,7 +123,7 @@ def test_more_invalid_settings_fail_before_ray(capsys, tmp_path, monkeypatch, ar
 
 def test_device_with_no_examples_is_a_warning_not_an_error(tmp_path):
     from dpfl.commands.simulate import preflight
-    from dpfl.config import RunConfig
+    from settings.config import RunConfig
 
     d = tmp_path / "data"
     d.mkdir()

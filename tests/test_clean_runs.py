@@ -24,7 +24,7 @@ import tempfile
 
 import pytest
 
-from dpfl.config import ConfigError, RunConfig
+from settings.config import ConfigError, RunConfig
 
 DPFL = str(Path(sys.executable).with_name("dpfl"))
 TINY = ["--model", "tiny", "--num-devices", "4", "--cohort-size", "4", "--selection", "uniform",
@@ -186,7 +186,7 @@ def _seed_with_one_hang() -> int:
 def test_hang_fault_with_default_timeout_finishes_the_round_and_exits(tmp_path, short_tmp):
     """One hung device of four in round 1: with the default (adaptive) deadline the round goes on
     without it long before the old one-hour default, and the command still exits."""
-    from dpfl.config import ROUND_TIMEOUT_CAP
+    from settings.config import ROUND_TIMEOUT_CAP
 
     rd = tmp_path / "run"
     seed = _seed_with_one_hang()
@@ -232,7 +232,7 @@ def test_zero_noise_with_dp_is_refused_unless_allowed_and_then_reported_not_priv
     RunConfig(noise_multiplier=0.0, allow_zero_noise=True).validate()
     RunConfig(dp=False, noise_multiplier=0.0).validate()  # no DP: nothing is claimed
 
-    from dp.report.build import not_private_reason
+    from report.build import not_private_reason
 
     assert "no differential privacy guarantee" in not_private_reason(True, False, ("example",))
     assert not_private_reason(True, False, ()) is None
@@ -312,7 +312,7 @@ class _Grid:
 
 
 def test_adaptive_deadline_stops_waiting_for_stragglers(monkeypatch):
-    import dpfl.config as config
+    import settings.config as config
     from server import round as round_mod
 
     monkeypatch.setattr(config, "ROUND_TIMEOUT_FLOOR", 0.5)
@@ -328,7 +328,7 @@ def test_adaptive_deadline_stops_waiting_for_stragglers(monkeypatch):
 
 
 def test_a_failed_backend_check_ends_the_round(monkeypatch):
-    from dpfl.interrupt import BackendLost
+    from settings.interrupt import BackendLost
     from server import round as round_mod
 
     monkeypatch.setattr(round_mod, "BACKEND_CHECK_SECONDS", 0.0)

@@ -8,7 +8,7 @@ import pytest
 
 from dpfl.cli import main
 from dpfl.commands.flags import GROUPS, SKIP, add_config_args, config_from_args, default_text
-from dpfl.config import ConfigError, RunConfig
+from settings.config import ConfigError, RunConfig
 
 FIELDS = [f for f in dataclasses.fields(RunConfig) if f.name not in SKIP]
 #: str fields whose value is free text (paths, names, column names) or a pattern (``topN``), so without choices.

@@ -233,7 +233,7 @@ def test_node_check_names_node_and_missing_path(cluster, tmp_path):
     missing = tmp_path / "not-on-the-nodes"
     code = (
         "import sys\n"
-        "from dpfl.config import RunConfig\n"
+        "from settings.config import RunConfig\n"
         "from dpfl.commands.launch import check_cluster, NodeCheckError\n"
         "cfg = RunConfig(model='tiny', data_dir=sys.argv[2], num_devices=4, cohort_size=2, ray_address=sys.argv[1])\n"
         "try:\n"

@@ -4,7 +4,7 @@ import pytest
 
 from dpfl.cli import main
 from dpfl.commands import launch
-from dpfl.interrupt import Interrupted
+from settings.interrupt import Interrupted
 
 
 @pytest.fixture
@@ -45,7 +45,7 @@ def test_bad_input_is_one_line_and_exit_2(argv, capsys):
 def test_preflight_accepts_lora_and_rejects_too_many_top_layers():
     """`dpfl simulate --trainable lora` passes the preflight (it once rejected 'lora' as not all/head/topN)."""
     from dpfl.commands.simulate import preflight
-    from dpfl.config import ConfigError, RunConfig
+    from settings.config import ConfigError, RunConfig
 
     preflight(RunConfig(model="tiny", trainable="lora", num_devices=4, cohort_size=2, max_examples=100).validate())
     import pytest

@@ -6,7 +6,7 @@ import tomllib
 from pathlib import Path
 
 from dpfl.commands.flags import SKIP, add_config_args
-from dpfl.config import RunConfig
+from settings.config import RunConfig
 
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 

@@ -134,7 +134,7 @@ def test_joint_task_distils_its_intent_logits():
 
 
 def test_pc_settings_are_checked():
-    from dpfl.config import ConfigError, RunConfig
+    from settings.config import ConfigError, RunConfig
 
     with pytest.raises(ConfigError, match="--pc-weight.*slots"):
         RunConfig(task="slots", pc_weight=1.0).validate()

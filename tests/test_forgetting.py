@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dpfl.config import ConfigError
+from settings.config import ConfigError
 from inprocess import run_rounds, toy_config, write_lamp_data
 from partitions.activity import activity_quartiles
 from partitions.population import split_holdout
@@ -115,7 +115,7 @@ def test_holdout_evaluation_is_noised_accounted_and_by_quartile(tmp_path, data_d
     assert (rel.round, rel.noise_multiplier, rel.noise_at) == (2, 2.0, noise_at)
     assert rel.examples == sum(q["examples"] for q in h["quartiles"])
     # the report: the section, the holdout epsilon recomputed from the ledger, the quartiles' training epsilon
-    from dp.report import build_report
+    from report import build_report
 
     summary = build_report(tmp_path / "run")
     hs = summary["holdout"]
@@ -175,7 +175,7 @@ def test_a_deleted_device_is_never_selected_and_its_examples_never_train(tmp_pat
     assert all(e.device_id != 3 for e in events)
     assert all(e.round < 2 for e in events if e.device_id == 1)
     assert (tmp_path / "run" / "checkpoints" / "rounds" / "trainable-r3.pt").exists()  # --deletions keeps rounds
-    from dp.report import build_report
+    from report import build_report
 
     summary = build_report(tmp_path / "run")
     rows = {d["device_id"]: d for d in summary["deletions"]}
@@ -221,7 +221,7 @@ def test_retrain_from_scratch_removes_a_device_that_joined(tmp_path, data_dir, c
     assert events and all(d != 2 for _, _, d, _ in events)
     assert replaced == parent_events  # every parent round is replaced; its events are kept apart
     assert (lin.from_round, lin.removed_devices, lin.parent_run_id) == (1, (2,), cfg.run_id)
-    from dp.report import build_report
+    from report import build_report
 
     summary = build_report(tmp_path / "child")
     both = summary["lineage"]["epsilon_if_parent_kept"]["example"]
@@ -233,7 +233,7 @@ def test_retrain_from_a_kept_round_keeps_the_parents_rounds(tmp_path, data_dir):
     """Retraining from round 3 starts from the parent's kept checkpoint of round 2: rounds 1-2
     (metrics lines, privacy events) are the parent's; rounds 3-4 are new and without the device."""
     from dpfl.commands.retrain import prepare_retrain
-    from dpfl.config import RunConfig
+    from settings.config import RunConfig
     from rundir import config_path
 
     dels = tmp_path / "deletions.txt"
@@ -256,7 +256,7 @@ def test_retrain_from_a_kept_round_keeps_the_parents_rounds(tmp_path, data_dir):
         events = reader.events("example")
         dl = reader.deletions()
     assert (lin.from_round, lin.removed_devices) == (3, (3,))
-    from dp.report import build_report
+    from report import build_report
 
     build_report(child)
     assert "Retrained for exact removal" in (child / "report" / "report.md").read_text()
@@ -307,7 +307,7 @@ def test_resume_keeps_deletions_and_redoes_an_interrupted_holdout(tmp_path, data
     with LedgerReader(run) as reader:
         rows = reader.holdout_releases()
     assert len(rows) == 2 and rows[0].attempt < rows[1].attempt
-    from dp.report import build_report
+    from report import build_report
 
     summary = build_report(run)
     assert summary["holdout"]["releases"] == 2

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from dp.secure_random import NoiseSource
-from dpfl.config import RunConfig
+from settings.config import RunConfig
 from inprocess import write_lamp_data
 from mechanisms import DeviceWork, RoundPlan, mechanism_for
 from mechanisms.base import ReplySpec

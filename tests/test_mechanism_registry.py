@@ -11,7 +11,7 @@ import sys
 import pytest
 
 import mechanisms
-from dpfl.config import ConfigError, RunConfig
+from settings.config import ConfigError, RunConfig
 from mechanisms.aggregate import AggregateNoise
 from mechanisms.base import Mechanism
 from mechanisms.dp_fedavg import DPFedAvg
@@ -89,7 +89,7 @@ def test_mechanisms_imports_no_flower():
 
 def test_an_unknown_privacy_unit_is_refused():
     """A misspelt unit never silently gets another unit's event or clip norm."""
-    from dpfl.config import RunConfig
+    from settings.config import RunConfig
     from mechanisms import mechanism_for
 
     mech = mechanism_for(RunConfig(noise_at="device", noise_multiplier=1.0).validate())

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from dpfl.config import ConfigError, RunConfig
+from settings.config import ConfigError, RunConfig
 from nlu.model import build_model, parse_trainable, set_trainable
 
 

@@ -24,7 +24,7 @@ import torch
 import client.app as capp
 from dp.accounting import SubsampledGaussianEvent, compute_epsilon
 from dp.secure_random import NoiseSource
-from dpfl.config import RunConfig
+from settings.config import RunConfig
 from inprocess import run_rounds, toy_config, write_lamp_data
 from nlu.model import set_trainable, trainable_state_keys
 from nlu.tasks import task_for_data

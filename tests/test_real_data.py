@@ -5,7 +5,7 @@ import math
 import pytest
 
 from dpfl.commands.simulate import simulate
-from dpfl.config import RunConfig
+from settings.config import RunConfig
 from rundir import read_metric_lines
 
 

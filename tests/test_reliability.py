@@ -25,7 +25,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 import client.app as capp
 from rundir import LedgerReader, config_path, metrics_path, read_checkpoint_state, read_metric_lines
-from dpfl.config import RunConfig
+from settings.config import RunConfig
 from inprocess import TEXTS_OFF, TEXTS_ON, run_rounds, toy_config, write_lamp_data
 from protocol.messages import validate_update
 from rundir import EventRow
@@ -364,7 +364,7 @@ def test_kill_resume_interrupt_resume(tmp_path, data_dir):
 
 def test_local_epochs_zero_is_refused(tmp_path, data_dir):
     """--local-epochs 0 would "succeed" with nothing trained: the settings are refused, naming the flag."""
-    from dpfl.config import ConfigError
+    from settings.config import ConfigError
 
     with pytest.raises(ConfigError, match="--local-epochs: must be >= 1"):
         _cfg(tmp_path, data_dir, rounds=2, cohort_size=3, local_epochs=0)

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from dp.accounting import SubsampledGaussianEvent, compute_epsilon
-from dp.report import ReportError, build_report
-from dp.report.render import fmt
+from report import ReportError, build_report
+from report.render import fmt
 from rundir import read_metric_lines, read_summary
 from rundir.records import summary_path
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dpfl.commands.simulate import simulate
-from dpfl.config import RunConfig
+from settings.config import RunConfig
 from rundir import LedgerReader, config_path, global_model_path, read_metric_lines
 
 

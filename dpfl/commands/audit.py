@@ -2,7 +2,7 @@
 
 Loads the run's final global model (``checkpoints/global.pt``) and its canaries
 (``canaries.json``; the run must have been made with ``--canaries M``), and runs the audits of
-:mod:`dp.audit.run`: membership inference (AUC, TPR at 1% and 0.1% FPR), the empirical epsilon
+:mod:`audit.run`: membership inference (AUC, TPR at 1% and 0.1% FPR), the empirical epsilon
 lower bounds (one-run and Clopper-Pearson), exposure and extraction. Writes
 ``RUN_DIR/audit/audit.json`` and ``roc.json``, then rebuilds the privacy report
 (``RUN_DIR/report/``), which gains an audit section, unless ``--no-report``.
@@ -22,7 +22,7 @@ __all__ = ["add_parser", "run"]
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``dpfl audit`` on ``subparsers``; return its parser."""
-    from dp.audit.run import DEFAULT_EXPOSURE_SAMPLES
+    from audit.run import DEFAULT_EXPOSURE_SAMPLES
 
     p = subparsers.add_parser(
         "audit",
@@ -54,8 +54,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 @exits
 def run(ns: argparse.Namespace) -> int:
     """Run ``dpfl audit``; 0 on success, 2 on bad input (one ``dpfl: error:`` line)."""
-    from dp.audit.run import AuditError, AuditOptions, audit_run
-    from dp.report import ReportError, build_report
+    from audit.run import AuditError, AuditOptions, audit_run
+    from report import ReportError, build_report
 
     opts = AuditOptions(
         exposure_samples=max(0, ns.exposure_samples),

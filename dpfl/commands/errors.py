@@ -11,9 +11,9 @@ A command's ``run(ns) -> int`` is wrapped in :func:`exits`, which maps:
   flag's choices, a missing argument) is bad input too: :class:`CommandParser` raises
   :class:`UsageError` instead of argparse's usage dump and ``SystemExit``, and :func:`dpfl.cli.main`
   reports it the same way;
-- Ctrl-C (:class:`dpfl.interrupt.Interrupted`, or a second Ctrl-C's ``KeyboardInterrupt``) to
+- Ctrl-C (:class:`settings.interrupt.Interrupted`, or a second Ctrl-C's ``KeyboardInterrupt``) to
   one line ``dpfl: <message>`` and exit code 130 (:data:`EXIT_INTERRUPTED`, 128 + SIGINT);
-- a backend failure during a run (:class:`dpfl.interrupt.BackendLost`: Ray processes died) to
+- a backend failure during a run (:class:`settings.interrupt.BackendLost`: Ray processes died) to
   one line ``dpfl: error: <message>`` and exit code 1 (:data:`EXIT_BACKEND_LOST`).
 
 Anything else is a bug and ends in a traceback.
@@ -27,7 +27,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from dpfl.interrupt import BackendLost, Interrupted
+from settings.interrupt import BackendLost, Interrupted
 
 __all__ = [
     "BAD_INPUT", "EXIT_BACKEND_LOST", "EXIT_BAD_INPUT", "EXIT_INTERRUPTED", "EXIT_OK", "CommandParser", "Interrupted",

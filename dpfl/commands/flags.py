@@ -1,4 +1,4 @@
-"""The run-setting flags, generated from :class:`dpfl.config.RunConfig`.
+"""The run-setting flags, generated from :class:`settings.config.RunConfig`.
 
 One ``--flag-name`` per RunConfig field: its help text is the field's ``metadata["help"]``, its
 setting group ``metadata["group"]`` (one of :data:`GROUPS`) and, for a field whose valid values
@@ -17,7 +17,7 @@ import re
 from collections.abc import Iterable
 from typing import Any, get_type_hints
 
-from dpfl.config import ConfigError, RunConfig
+from settings.config import ConfigError, RunConfig
 
 __all__ = [
     "GROUPS", "RESUMABLE_SETTINGS", "SKIP", "add_config_args", "config_from_args", "default_text", "given_settings",

@@ -45,7 +45,7 @@ __all__ = [
 NODE_CHECK_TIMEOUT_S = 120.0
 
 # What every node must be able to import (the project's top-level packages and its heavy deps).
-REQUIRED_MODULES = ("dpfl", "client", "server", "protocol", "rundir", "nlu", "partitions", "dp", "flwr", "torch", "transformers", "peft")
+REQUIRED_MODULES = ("dpfl", "client", "server", "report", "audit", "protocol", "mechanisms", "rundir", "settings", "nlu", "partitions", "dp", "flwr", "torch", "transformers", "peft")
 
 
 class NodeCheckError(ValueError):

@@ -22,7 +22,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 @exits
 def run(ns: argparse.Namespace) -> int:
     """Build the report of ``ns.run_dir`` (beside ``ns.baseline`` when given); return the exit code."""
-    from dp.report import build_report
+    from report import build_report
 
     summary = build_report(Path(ns.run_dir), Path(ns.baseline) if ns.baseline else None)
     print(f"report written to {Path(ns.run_dir) / 'report'}")

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from dpfl.commands.errors import exits
 
 if TYPE_CHECKING:
-    from dpfl.config import RunConfig
+    from settings.config import RunConfig
 
 __all__ = ["add_parser", "plan_retrain", "prepare_retrain", "run"]
 
@@ -40,11 +40,11 @@ def plan_retrain(run_dir: str | Path, from_round: int) -> tuple[list[int], dict[
 
     Raises
     ------
-    dpfl.config.ConfigError
+    settings.config.ConfigError
         If the run has no deletion request on record, ``from_round`` is < 1 or after a deleted
         device first joined, or the run kept no checkpoint of round ``from_round - 1``.
     """
-    from dpfl.config import ConfigError
+    from settings.config import ConfigError
     from rundir import LedgerReader, RunDir
 
     with LedgerReader(run_dir) as reader:
@@ -87,12 +87,12 @@ def prepare_retrain(run_dir: str | Path, from_round: int, new_run_dir: str | Pat
 
     Returns
     -------
-    dpfl.config.RunConfig
+    settings.config.RunConfig
         The new run's settings (``run_dir`` the new directory), for ``simulate(cfg, resume=True)``.
 
     Raises
     ------
-    dpfl.config.ConfigError
+    settings.config.ConfigError
         See :func:`plan_retrain`; also when T is past the run's last round or the parent's
         deletions file cannot be read.
     rundir.RunDirError
@@ -102,7 +102,7 @@ def prepare_retrain(run_dir: str | Path, from_round: int, new_run_dir: str | Pat
         If the parent's ledger cannot be read.
     """
     from dpfl.commands.simulate import resume_config
-    from dpfl.config import ConfigError
+    from settings.config import ConfigError
     from rundir import Ledger, RunDir, claim_run_dir, ledger_path
 
     parent = Path(run_dir)

@@ -21,8 +21,8 @@ from typing import Any
 
 from dpfl.commands.errors import exits
 from dpfl.commands.flags import add_config_args, config_from_args, reject_settings_on_resume
-from dpfl.config import ConfigError, RunConfig, parse_trainable
-from dpfl.interrupt import BackendLost, Interrupted
+from settings.config import ConfigError, RunConfig, parse_trainable
+from settings.interrupt import BackendLost, Interrupted
 
 __all__ = ["add_parser", "finished", "format_summary", "preflight", "print_result", "resume_config", "run", "run_figures", "simulate"]
 
@@ -252,7 +252,7 @@ def simulate(cfg: RunConfig, progress: bool = True, resume: bool = False) -> dic
 
     ``resume`` continues the run in ``cfg.run_dir`` from its last complete round. Ctrl-C
     (SIGINT, from the main thread) stops the run at the next safe point, shuts Ray down and
-    raises :class:`~dpfl.interrupt.Interrupted`; the run directory stays resumable. A second
+    raises :class:`~settings.interrupt.Interrupted`; the run directory stays resumable. A second
     Ctrl-C aborts.
 
     Returns

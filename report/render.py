@@ -22,7 +22,7 @@ TIER_WORDS = {
     "weak": "weak (epsilon > 10)",
     "none": "no guarantee",
 }
-#: Device-level DP's trust model, in words (the same as dp.report.build.DEVICE_TRUST_MODEL's name).
+#: Device-level DP's trust model, in words (the same as report.build.DEVICE_TRUST_MODEL's name).
 DEVICE_TRUST = "central DP: DP-FedAvg on the server (trusts the aggregator)"
 
 

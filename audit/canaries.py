@@ -2,7 +2,7 @@
 
 The canaries themselves (templates, secrets, inclusion, the inserted records and their
 negative uids) are data generation and live in :mod:`partitions.canaries`; they are
-re-exported here so the audit reads as one vocabulary (``dp.audit.canaries.Canary``, ...).
+re-exported here so the audit reads as one vocabulary (``audit.canaries.Canary``, ...).
 """
 
 from __future__ import annotations

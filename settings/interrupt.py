@@ -1,6 +1,6 @@
 """The one ``Interrupted`` exception: Ctrl-C stopped a run, and its run directory is resumable.
 
-It sits at the bottom layer (beside :mod:`dpfl.config`) so that every layer may raise it: the
+It sits at the bottom layer (beside :mod:`settings.config`) so that every layer may raise it: the
 server's round loop when the stop event is set, ``dpfl simulate`` and ``dpfl launch`` when the
 simulation ended because of Ctrl-C. :mod:`dpfl.commands.errors` turns it into exit code 130.
 """

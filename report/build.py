@@ -915,7 +915,7 @@ def build_report(run_dir: Path, baseline_dir: Path | None = None, *,
         If the run directory (or baseline directory) is missing or unreadable, or
         a DP run has no recorded delta.
     """
-    from dp.report import plots, render
+    from report import plots, render
 
     run_dir = Path(run_dir)
     data = read_run(run_dir)

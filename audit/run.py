@@ -134,7 +134,7 @@ class AuditOptions:
         Sampled candidate secrets per canary for exposure; 0 = all 10**d (exact, ~1 min per
         canary for MiniLM on 2 cores).
     extraction_steps, extraction_restarts : int
-        Model-inversion attack settings (:func:`dp.audit.extract_secret`).
+        Model-inversion attack settings (:func:`audit.extract_secret`).
     extraction_canaries : int
         Canaries attacked (half included, half excluded, lowest ids first); 0 = no extraction,
         -1 = all.
@@ -367,13 +367,13 @@ def audit_run(run_dir: str | os.PathLike, options: AuditOptions | None = None,
 
 
 def _check_run(run_dir: Path, opts: AuditOptions) -> Any:
-    """The run's :class:`dpfl.config.RunConfig`, once the run directory is known to be auditable.
+    """The run's :class:`settings.config.RunConfig`, once the run directory is known to be auditable.
 
     Checks that ``config.toml`` and the global checkpoint exist, that the confidence is in (0, 1)
     and that the task is intent classification (raising :class:`AuditError` otherwise), and sets
     torch's CPU threads when ``opts.threads`` asks for it.
     """
-    from dpfl.config import RunConfig
+    from settings.config import RunConfig
 
     if not config_path(run_dir).exists():
         raise AuditError(f"{run_dir} has no config.toml: not a run directory")

@@ -23,7 +23,7 @@ by Stirling's formula (1.4420 bits for N = 10**4).
 
 Scoring is batched: the candidate texts differ only in the digit tokens, so the
 input_ids are built once and the digit positions substituted (one token per digit,
-checked by :func:`dp.audit.canaries.secret_token_layout`). On 2 CPU cores all 10**4
+checked by :func:`audit.canaries.secret_token_layout`). On 2 CPU cores all 10**4
 candidates of a ~10-token canary take tens of seconds under all-MiniLM-L6-v2.
 """
 
@@ -170,7 +170,7 @@ def candidate_losses(
     ------
     ValueError
         If the tokenizer does not give one token per digit (see
-        :func:`dp.audit.canaries.secret_token_layout`).
+        :func:`audit.canaries.secret_token_layout`).
     """
     base, positions, digit_ids = secret_token_layout(tokenizer, prefix, suffix, n_digits)
     dev = next(model.parameters()).device
@@ -217,7 +217,7 @@ def canary_exposure(
     Raises
     ------
     KeyError
-        If the canary's label cannot be mapped (see :func:`dp.audit.canaries.label_index`).
+        If the canary's label cannot be mapped (see :func:`audit.canaries.label_index`).
     ValueError
         As :func:`candidate_losses`.
     """

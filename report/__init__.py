@@ -4,9 +4,9 @@
 read-only, so it also works on a run still in progress), recomputes every device's
 epsilon from the ledger's privacy events with :mod:`dp.accounting`, and writes
 ``RUN_DIR/report/``: ``report.md``, ``report.html`` (self-contained), PNG plots and
-``summary.json`` (schema in :mod:`dp.report.build`, record :class:`rundir.records.Summary`).
+``summary.json`` (schema in :mod:`report.build`, record :class:`rundir.records.Summary`).
 """
 
-from dp.report.build import ReportError, build_report, compute_summary, read_run
+from report.build import ReportError, build_report, compute_summary, read_run
 
 __all__ = ["build_report", "compute_summary", "read_run", "ReportError"]

@@ -314,7 +314,7 @@ class RunConfig:
                           "would exceed it (default: --target-epsilon when given, else none)",
                   "group": "example_privacy"},
     )
-    # privacy audit: canaries inserted into devices' training data (dp.audit, partitions.population)
+    # privacy audit: canaries inserted into devices' training data (audit, partitions.population)
     canaries: int = field(
         default=0,
         metadata={"help": "privacy audit: insert M canary utterances (secret digits), each included with probability "
