@@ -36,6 +36,22 @@ def write_lamp_data(d: Path) -> Path:
     return d
 
 
+def lamp_device(d: Path, on: int, off: int):
+    """(intent task, encoded examples of one device) for the mechanism tests: the first ``on`` "on" and
+    ``off`` "off" utterances of the toy data set (written into ``d``), tiny tokenizer, max length 16."""
+    from nlu.model import load_tokenizer
+    from nlu.tasks import make_task
+
+    write_lamp_data(d)
+    rows = [json.loads(line) for line in open(d / "train.jsonl")]
+    rows = [r for r in rows if r["label"] == "on"][:on] + [r for r in rows if r["label"] == "off"][:off]
+    task = make_task("intent", 2)
+    labels = {"off": 0, "on": 1}
+    data = task.encode({"text": [r["text"] for r in rows], "label": [labels[r["label"]] for r in rows]},
+                       load_tokenizer("tiny"), 16)
+    return task, data
+
+
 def toy_config(run_dir, data_dir, **settings) -> RunConfig:
     """A validated RunConfig of a small run on the toy data (tiny model, 4 devices, cohorts of 3,
     2 rounds, uniform selection); ``settings`` override any of these."""

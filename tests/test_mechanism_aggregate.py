@@ -7,7 +7,6 @@ Tiny model, toy data (tests/inprocess.py), no Ray, no Flower round loop.
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pytest
@@ -15,12 +14,11 @@ import torch
 
 from dp.secure_random import NoiseSource
 from settings.config import RunConfig
-from inprocess import write_lamp_data
+from inprocess import lamp_device
 from mechanisms import DeviceWork, RoundPlan, mechanism_for
 from mechanisms.aggregate import AggregateNoise, AggregateNoiseAggregator
 from mechanisms.base import ReplySpec
-from nlu.model import load_tokenizer, set_trainable, trainable_state_keys
-from nlu.tasks import make_task
+from nlu.model import set_trainable, trainable_state_keys
 from test_congruent import _brute_clipped_sum, _tiny
 
 DELTA = 1e-5
@@ -114,14 +112,7 @@ def test_unreachable_target_names_the_flags_to_change():
 @pytest.fixture(scope="module")
 def lamp(tmp_path_factory):
     """(task, encoded examples of one device): 4 "on" and 3 "off" utterances of the toy data set."""
-    d = write_lamp_data(tmp_path_factory.mktemp("lamp"))
-    rows = [json.loads(line) for line in open(d / "train.jsonl")]
-    rows = [r for r in rows if r["label"] == "on"][:4] + [r for r in rows if r["label"] == "off"][:3]
-    task = make_task("intent", 2)
-    labels = {"off": 0, "on": 1}
-    data = task.encode({"text": [r["text"] for r in rows], "label": [labels[r["label"]] for r in rows]},
-                       load_tokenizer("tiny"), 16)
-    return task, data
+    return lamp_device(tmp_path_factory.mktemp("lamp"), 4, 3)
 
 
 def _per_example_norms(model, task, data):

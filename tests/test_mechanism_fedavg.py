@@ -6,7 +6,6 @@ Tiny model, toy data (tests/inprocess.py), no Ray, no Flower round loop.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 
@@ -16,12 +15,11 @@ import torch
 
 from dp.secure_random import NoiseSource
 from settings.config import RunConfig
-from inprocess import write_lamp_data
+from inprocess import lamp_device
 from mechanisms import DeviceWork, RoundPlan, mechanism_for
 from mechanisms.base import ReplySpec
 from mechanisms.fedavg import FedAvg, MeanAggregator
-from nlu.model import load_tokenizer, trainable_state_keys
-from nlu.tasks import make_task
+from nlu.model import trainable_state_keys
 from test_congruent import _tiny
 
 
@@ -29,14 +27,7 @@ from test_congruent import _tiny
 @pytest.fixture(scope="module")
 def lamp(tmp_path_factory):
     """(task, encoded examples of one device): 3 "on" and 3 "off" utterances of the toy data set."""
-    d = write_lamp_data(tmp_path_factory.mktemp("lamp"))
-    rows = [json.loads(line) for line in open(d / "train.jsonl")]
-    rows = [r for r in rows if r["label"] == "on"][:3] + [r for r in rows if r["label"] == "off"][:3]
-    task = make_task("intent", 2)
-    labels = {"off": 0, "on": 1}
-    data = task.encode({"text": [r["text"] for r in rows], "label": [labels[r["label"]] for r in rows]},
-                       load_tokenizer("tiny"), 16)
-    return task, data
+    return lamp_device(tmp_path_factory.mktemp("lamp"), 3, 3)
 
 
 def _cfg(**kw) -> RunConfig:
