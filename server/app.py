@@ -32,13 +32,13 @@ from flwr.serverapp import Grid, ServerApp
 
 from settings.config import RunConfig
 from settings.interrupt import BackendLost, Interrupted
+from server.control import RunControl
 from server.holdout import evaluate_holdout
-from server.round import STOP
 from server.state import Server
 
 log = logging.getLogger("dpfl.server")
 
-__all__ = ["STOP", "Interrupted", "Server", "app", "make_server_app", "map_nodes_to_devices", "run_server"]
+__all__ = ["Interrupted", "RunControl", "Server", "app", "make_server_app", "map_nodes_to_devices", "run_server"]
 
 
 def _quiet_flower() -> None:
@@ -92,7 +92,8 @@ def _progress_postfix(last) -> dict:
     return post
 
 
-def run_server(grid: Grid, cfg: RunConfig, progress: bool = True, resume: bool = False) -> dict:
+def run_server(grid: Grid, cfg: RunConfig, progress: bool = True, resume: bool = False,
+               control: RunControl | None = None) -> dict:
     """Run every round of ``cfg`` on ``grid``; return a small summary dict.
 
     Raises
@@ -100,13 +101,14 @@ def run_server(grid: Grid, cfg: RunConfig, progress: bool = True, resume: bool =
     settings.config.ConfigError, partitions.errors.DataError, nlu.model.ModelError
         On bad settings or data (before any round runs).
     settings.interrupt.Interrupted
-        When :data:`server.round.STOP` is set (Ctrl-C); the run directory stays resumable.
+        When ``control.stop`` is set (Ctrl-C); the run directory stays resumable.
     """
     from tqdm.auto import tqdm
 
     _quiet_flower()
     t0 = time.perf_counter()
-    server = Server(cfg, resume=resume)
+    control = control if control is not None else RunControl()
+    server = Server(cfg, resume=resume, control=control)
     timings: dict = {"server_init": time.perf_counter() - t0, "rounds": []}
     try:
         t0 = time.perf_counter()
@@ -119,7 +121,7 @@ def run_server(grid: Grid, cfg: RunConfig, progress: bool = True, resume: bool =
         )
         last = None
         for t in bar:
-            if STOP.is_set():
+            if control.stop.is_set():
                 raise Interrupted(f"interrupted before round {t}")
             t0 = time.perf_counter()
             arrays, last = server.run_round(grid, t, arrays, node_of)
@@ -132,22 +134,20 @@ def run_server(grid: Grid, cfg: RunConfig, progress: bool = True, resume: bool =
     return {"run_dir": str(server.rundir.path), "final": last.__dict__ if last else None, "delta": server.delta, "timings": timings}
 
 
-_BOUND: dict[str, dict] = {}
-
-
-def make_server_app(cfg: RunConfig, progress: bool = True, resume: bool = False) -> ServerApp:
-    """A ServerApp bound to ``cfg`` (used by ``dpfl simulate``; ``resume`` continues its run directory)."""
+def make_server_app(cfg: RunConfig, control: RunControl, progress: bool = True, resume: bool = False) -> ServerApp:
+    """A ServerApp bound to ``cfg`` and ``control`` (used by ``dpfl simulate``; ``resume`` continues its
+    run directory). It leaves the run's summary (or the backend failure) in ``control.outcome``."""
     server_app = ServerApp()
 
     @server_app.main()
     def _main(grid: Grid, context: Context) -> None:
         try:
-            _BOUND["result"] = run_server(grid, cfg, progress=progress, resume=resume)
+            control.outcome["result"] = run_server(grid, cfg, progress=progress, resume=resume, control=control)
         except BackendLost as exc:  # Flower re-raises it wrapped, or not at all: keep the reason
-            _BOUND["backend_lost"] = {"reason": str(exc)}
+            control.outcome["backend_lost"] = {"reason": str(exc)}
             raise
         finally:
-            _BOUND["done"] = True  # dpfl simulate stops waiting for a backend that does not stop
+            control.outcome["done"] = True  # dpfl simulate stops waiting for a backend that does not stop
 
     return server_app
 

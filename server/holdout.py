@@ -33,7 +33,7 @@ from partitions.activity import activity_quartiles
 from protocol import messages as rec
 from protocol.arrays import record_from_state, trainable_state
 from rundir import read_holdout, write_holdout
-from server.round import _receive
+from server.control import receive
 
 log = logging.getLogger("dpfl.server")
 
@@ -109,7 +109,7 @@ def evaluate_holdout(server, grid, node_of: dict[int, int]) -> dict | None:
     resumed finished run). An evaluation that was recorded in the ledger but stopped before its
     result was written is done again as a new attempt; the report composes every recorded
     release. Only devices in an activity quartile are asked; deleted devices (``--deletions``)
-    are not. The wait is the round's (:func:`server.round._receive`: the round deadline,
+    are not. The wait is the round's (:func:`server.control.receive`: the round deadline,
     Ctrl-C, the backend checks).
 
     Raises
@@ -163,7 +163,8 @@ def evaluate_holdout(server, grid, node_of: dict[int, int]) -> dict | None:
             log.warning("holdout evaluation: device %d's reply rejected (%s)", d, why)
 
     if msgs:
-        _receive(grid, msgs, cfg.round_deadline_seconds(), on_reply, adaptive=cfg.round_timeout is None)
+        receive(grid, msgs, cfg.round_deadline_seconds(), on_reply, adaptive=cfg.round_timeout is None,
+                control=server.control)
     if len(counts) < len(asked):
         log.warning("holdout evaluation: %d of %d devices did not reply; their examples are left out",
                     len(asked) - len(counts), len(asked))

@@ -22,7 +22,6 @@ import json
 import logging
 import math
 import re
-import threading
 import time
 from dataclasses import dataclass, field
 
@@ -30,28 +29,16 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
-from settings.interrupt import BackendLost, Interrupted
 from protocol import messages as rec
 from protocol.arrays import array_view, record_from_numpy
 from protocol.messages import validate_update
 from rundir import EventRow
 from mechanisms import RoundPlan
+from server.control import receive
 from server.selection import poisson_cohort
 from server.strategies import CohortGrid
 
 log = logging.getLogger("dpfl.server")
-
-#: Set (e.g. by ``dpfl simulate``'s SIGINT handler) to stop the run at the next safe point:
-#: the round in flight is abandoned (its privacy events are already in the ledger) and the run
-#: stays resumable from its last checkpoint.
-STOP = threading.Event()
-#: Health checks of the simulation backend, polled about once a second while a round waits:
-#: each returns None while the backend is healthy, else the reason it failed (``dpfl simulate``
-#: registers one for its own Ray instance). A failure ends the round with :class:`BackendLost`.
-BACKEND_CHECKS: list = []
-#: Seconds between two polls of :data:`BACKEND_CHECKS`.
-BACKEND_CHECK_SECONDS = 1.0
-
 
 @dataclass
 class RoundOutcome:
@@ -217,56 +204,9 @@ def _short_reason(reason: str) -> str:
     return line.strip().rstrip("'>").strip()[:300]
 
 
-def _receive(grid: Grid, msgs: list[Message], timeout: float, on_reply, adaptive: bool = False) -> float:
-    """Push ``msgs``; call ``on_reply`` on each reply as it is pulled, until every reply is in,
-    ``timeout`` seconds have passed, or STOP; return the seconds waited.
-
-    ``adaptive`` (``--round-timeout`` unset): once half of the messages have been answered,
-    after h seconds, the rest get ``max(ROUND_TIMEOUT_FLOOR, ROUND_TIMEOUT_FACTOR * h)`` more
-    seconds (never past ``timeout``), so a hung device costs the round about ten times a
-    typical device's time, not an hour.
-
-    Raises
-    ------
-    settings.interrupt.Interrupted
-        When :data:`STOP` is set (Ctrl-C); the round is abandoned at once (its privacy events
-        are already in the ledger).
-    settings.interrupt.BackendLost
-        When a check of :data:`BACKEND_CHECKS` reports a failure (the round is abandoned likewise).
-    """
-    from settings.config import ROUND_TIMEOUT_FACTOR, ROUND_TIMEOUT_FLOOR
-
-    ids = set(grid.push_messages(msgs))
-    total = len(ids)
-    del msgs
-    start = time.time()
-    end = start + timeout
-    half_done = False
-    checked = start
-    while ids and time.time() < end:
-        got = list(grid.pull_messages(ids))
-        ids -= {m.metadata.reply_to_message_id for m in got}
-        for m in got:
-            on_reply(m)
-        if STOP.is_set():
-            raise Interrupted("interrupted")
-        if BACKEND_CHECKS and time.time() - checked >= BACKEND_CHECK_SECONDS:
-            checked = time.time()
-            for check in BACKEND_CHECKS:
-                reason = check()
-                if reason:
-                    raise BackendLost(reason)
-        if adaptive and not half_done and total - len(ids) >= (total + 1) // 2:
-            half_done = True
-            h = time.time() - start
-            end = min(end, time.time() + max(ROUND_TIMEOUT_FLOOR, ROUND_TIMEOUT_FACTOR * h))
-        if ids:
-            time.sleep(0.1)
-    return time.time() - start
-
-
 def collect(server, grid: Grid, msgs: list[Message], sel: Selection, out: RoundOutcome, node_of: dict[int, int]) -> list[tuple[int, str, str]]:
-    """Send the messages; validate each reply and fold it into the aggregator as it arrives.
+    """Send the messages; validate each reply and fold it into the aggregator as it arrives (the wait is
+    :func:`server.control.receive`: deadline, Ctrl-C and backend checks of ``server.control``).
 
     A failed, rejected or late device is counted in ``out`` and returned as a lost update
     ``(device, reason, detail)`` (its privacy event is already in the ledger). Only the
@@ -309,7 +249,7 @@ def collect(server, grid: Grid, msgs: list[Message], sel: Selection, out: RoundO
         latencies.append(time.perf_counter() - sent)
         handle(r)
 
-    _receive(grid, msgs, cfg.round_deadline_seconds(), timed, adaptive=cfg.round_timeout is None)
+    receive(grid, msgs, cfg.round_deadline_seconds(), timed, adaptive=cfg.round_timeout is None, control=server.control)
     # the adaptive deadline's length follows the replies' times, which depend on the devices'
     # secret sample sizes: the ledger and the log name it, never its measured length
     deadline = (f"--round-timeout {cfg.round_timeout:g}s" if cfg.round_timeout is not None

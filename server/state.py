@@ -30,6 +30,7 @@ from mechanisms import mechanism_for
 from server.aggregation import ModelAverage, ServerStep, server_step_size
 from server.hooks import DEFAULT_HOOKS
 from server.privacy import PrivacyBook, largest_selection_probability
+from server.control import RunControl
 from server.deletions import load_deletions
 from server.releases import ReleaseTracker
 from server.round import run_round as _run_round
@@ -66,6 +67,8 @@ class Server:
         (and written to ``config.toml``).
     resume : bool
         Continue the run directory's last complete round (:meth:`_resume`).
+    control : server.control.RunControl, optional
+        The run's stop flag and backend checks (a fresh one, never stopped, by default).
 
     Raises
     ------
@@ -73,8 +76,10 @@ class Server:
         On bad settings, data, model or run directory (before any round runs).
     """
 
-    def __init__(self, cfg: RunConfig, resume: bool = False):
+    def __init__(self, cfg: RunConfig, resume: bool = False, control: RunControl | None = None):
         self.cfg = cfg
+        #: stop flag and backend checks of the run (server/control.py); the rounds' waits poll it
+        self.control = control if control is not None else RunControl()
         self.rundir = RunDir(Path(cfg.run_dir), resume=resume)
         self.pop: Population = build_population(cfg)
         self.delta = cfg.resolve_delta(len(self.pop.data.train))

@@ -17,7 +17,7 @@ class Interrupted(Exception):
 class BackendLost(Exception):
     """The simulation backend (Ray) failed during a run; the run directory is resumable (the message says how).
 
-    Raised by the round loop when a backend check (:data:`server.round.BACKEND_CHECKS`) reports
+    Raised by the round loop when a backend check (:class:`server.control.RunControl`) reports
     a failure, and by ``dpfl simulate`` when the simulation ended because of one.
     :mod:`dpfl.commands.errors` turns it into one ``dpfl: error:`` line and exit code 1.
     """

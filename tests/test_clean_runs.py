@@ -313,29 +313,28 @@ class _Grid:
 
 def test_adaptive_deadline_stops_waiting_for_stragglers(monkeypatch):
     import settings.config as config
-    from server import round as round_mod
+    from server.control import receive
 
     monkeypatch.setattr(config, "ROUND_TIMEOUT_FLOOR", 0.5)
     replies = []
-    waited = round_mod._receive(_Grid(2), [None] * 4, 60.0, replies.append, adaptive=True)
+    waited = receive(_Grid(2), [None] * 4, 60.0, replies.append, adaptive=True)
     assert len(replies) == 2 and 0.4 < waited < 5.0
     # a fixed --round-timeout waits its length even once half have replied
-    waited = round_mod._receive(_Grid(2), [None] * 4, 1.5, [].append, adaptive=False)
+    waited = receive(_Grid(2), [None] * 4, 1.5, [].append, adaptive=False)
     assert 1.4 < waited < 5.0
     # fewer than half replied: the adaptive deadline never starts, the cap ends the wait
-    waited = round_mod._receive(_Grid(1), [None] * 4, 1.0, [].append, adaptive=True)
+    waited = receive(_Grid(1), [None] * 4, 1.0, [].append, adaptive=True)
     assert 0.9 < waited < 5.0
 
 
 def test_a_failed_backend_check_ends_the_round(monkeypatch):
     from settings.interrupt import BackendLost
-    from server import round as round_mod
+    from server.control import RunControl, receive
 
-    monkeypatch.setattr(round_mod, "BACKEND_CHECK_SECONDS", 0.0)
-    monkeypatch.setattr(round_mod, "BACKEND_CHECKS", [lambda: "Ray processes died: raylet"])
+    control = RunControl(checks=[lambda: "Ray processes died: raylet"], check_seconds=0.0)
     t0 = time.monotonic()
     with pytest.raises(BackendLost, match="raylet"):
-        round_mod._receive(_Grid(1), [None] * 4, 60.0, [].append)
+        receive(_Grid(1), [None] * 4, 60.0, [].append, control=control)
     assert time.monotonic() - t0 < 5
 
 

@@ -158,7 +158,7 @@ BACKEND_EXIT_SECONDS = 20.0
 
 
 def local_ray_check(run_dir: str, bound: dict):
-    """A backend check (see :data:`server.round.BACKEND_CHECKS`) for the Ray instance this process started.
+    """A backend check (see :class:`server.control.RunControl`) for the Ray instance this process started.
 
     Returns None while every Ray process of the instance is alive (or before Ray has started);
     else the reason, e.g. ``"Ray processes died: gcs_server, raylet"``. On the first failure
@@ -269,8 +269,8 @@ def simulate(cfg: RunConfig, progress: bool = True, resume: bool = False) -> dic
     from flwr.simulation import run_simulation
 
     from client.app import app as client_app
-    from server.app import _BOUND, STOP, make_server_app
-    from server.round import BACKEND_CHECKS
+    from server.app import make_server_app
+    from server.control import RunControl
 
     init_args: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.ERROR, "log_to_driver": False}
     if cfg.ray_address:
@@ -286,19 +286,16 @@ def simulate(cfg: RunConfig, progress: bool = True, resume: bool = False) -> dic
         "client_resources": {"num_cpus": cfg.client_cpus, "num_gpus": cfg.client_gpus},
         "init_args": init_args,
     }
-    _BOUND.pop("result", None)
-    _BOUND.pop("backend_lost", None)
-    _BOUND.pop("done", None)
-    STOP.clear()
-    check = None if cfg.ray_address else local_ray_check(cfg.run_dir, _BOUND)
-    if check is not None:
-        BACKEND_CHECKS.append(check)
+    control = RunControl()  # this run's stop flag, backend checks and outcome
+    if not cfg.ray_address:
+        control.checks.append(local_ray_check(cfg.run_dir, control.outcome))
+    stop = control.stop
 
     def lost() -> BackendLost | None:
-        info = _BOUND.get("backend_lost")
+        info = control.outcome.get("backend_lost")
         if not info:
             return None
-        info["reported"] = _BOUND["reported"] = True
+        info["reported"] = control.outcome["reported"] = True
         return BackendLost(f"the Ray backend failed during the run ({info['reason']}); the run is resumable: "
                            f"dpfl simulate --resume {cfg.run_dir}")
 
@@ -306,25 +303,25 @@ def simulate(cfg: RunConfig, progress: bool = True, resume: bool = False) -> dic
     if threading.current_thread() is threading.main_thread():
 
         def _on_sigint(signum, frame):
-            if STOP.is_set():  # second Ctrl-C: abort now
+            if stop.is_set():  # second Ctrl-C: abort now
                 signal.signal(signal.SIGINT, signal.default_int_handler)
                 STUCK.set()  # do not wait for Flower's threads on the way out
                 if not cfg.ray_address:
                     _kill_local_ray()
                 raise KeyboardInterrupt
             print("\ndpfl: stopping after the round in flight is abandoned (Ctrl-C again to abort)", file=sys.stderr)
-            STOP.set()
+            stop.set()
 
         old_handler = signal.signal(signal.SIGINT, _on_sigint)
     try:
         _run_until_server_done(lambda: run_simulation(
-            server_app=make_server_app(cfg, progress=progress, resume=resume),
+            server_app=make_server_app(cfg, control, progress=progress, resume=resume),
             client_app=client_app,
             num_supernodes=cfg.num_devices,
             backend_config=backend_config,
-        ), _BOUND, local=not cfg.ray_address)
+        ), control.outcome, local=not cfg.ray_address)
     except Exception:
-        if STOP.is_set():
+        if stop.is_set():
             raise Interrupted(f"interrupted; the run is resumable: dpfl simulate --resume {cfg.run_dir}") from None
         exc = lost()
         if exc is not None:
@@ -333,14 +330,12 @@ def simulate(cfg: RunConfig, progress: bool = True, resume: bool = False) -> dic
     finally:
         if old_handler is not None:
             signal.signal(signal.SIGINT, old_handler)
-        if check is not None and check in BACKEND_CHECKS:
-            BACKEND_CHECKS.remove(check)
-    result = _BOUND.pop("result", None)
+    result = control.outcome.get("result")
     if result is None:
         exc = lost()
         if exc is not None:
             raise exc
-        if STOP.is_set():
+        if stop.is_set():
             raise Interrupted(f"interrupted; the run is resumable: dpfl simulate --resume {cfg.run_dir}")
         raise RuntimeError("the simulation ended without finishing its rounds (see the log above)")
     return result
