@@ -71,6 +71,9 @@ __all__ = [
     "compute_epsilons",
     "calibrate_noise_multiplier",
     "privacy_tier",
+    "dp_event_from_json",
+    "dp_event_to_json",
+    "to_dp_event",
 ]
 
 ACCOUNTANTS = ("pld", "rdp")
@@ -613,3 +616,65 @@ class Accountant:
 
     def __repr__(self) -> str:
         return f"Accountant({self.accountant!r}, {len(self._events)} events)"
+
+
+def to_dp_event(event: SubsampledGaussianEvent):
+    """The dp-accounting event of ``event``:
+    ``SelfComposedDpEvent(PoissonSampledDpEvent(q, GaussianDpEvent(sigma)), steps)`` (the
+    composition this module's PLD accountant equals; module docstring)."""
+    from dp_accounting import dp_event
+
+    ev = _coerce_event(event)
+    return dp_event.SelfComposedDpEvent(
+        dp_event.PoissonSampledDpEvent(ev.sample_rate, dp_event.GaussianDpEvent(ev.noise_multiplier)), ev.steps)
+
+
+def _plain(value):
+    """dp-accounting's named-tuple form of an event as JSON-ready dicts and lists."""
+    if hasattr(value, "_asdict"):
+        d = value._asdict()
+        return {k: _plain(v) for k, v in d.items() if k != "module_name"}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def dp_event_to_json(event) -> str:
+    """A dp-accounting ``DpEvent`` as JSON (``{"class_name": ..., fields...}``, nested), for the ledger.
+
+    The inverse is :func:`dp_event_from_json`; any event built from ``dp_accounting.dp_event``'s
+    classes round-trips.
+    """
+    import json
+
+    return json.dumps(_plain(event.to_named_tuple()), sort_keys=True)
+
+
+def dp_event_from_json(text: str):
+    """The dp-accounting ``DpEvent`` that :func:`dp_event_to_json` wrote.
+
+    Raises
+    ------
+    ValueError
+        If ``text`` is not such JSON or names a class ``dp_accounting.dp_event`` does not have.
+    """
+    import json
+
+    from dp_accounting import dp_event
+
+    def build(node):
+        if isinstance(node, list):
+            return [build(v) for v in node]
+        if not isinstance(node, dict):
+            return node
+        fields = dict(node)
+        name = fields.pop("class_name", None)
+        cls = getattr(dp_event, str(name), None)
+        if not (isinstance(cls, type) and issubclass(cls, dp_event.DpEvent)):
+            raise ValueError(f"not a dp-accounting event class: {name!r}")
+        return cls(**{k: build(v) for k, v in fields.items()})
+
+    try:
+        return build(json.loads(text))
+    except (TypeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"not a serialised dp-accounting event: {exc}") from exc

@@ -10,7 +10,12 @@ Schema (``ledger.sqlite``)::
     runs(run_id PK, created, target_delta, accountant, selection_constant, calibration_note)
     devices(run_id, device_id, activity, sample_rate)           starting a_k and q_k
     rounds(run_id, round, completed, cohort_size, attempt)       one row per finished (checkpointed) round
-    privacy_events(id, run_id, round, device_id, unit, noise_multiplier, sample_rate, steps, max_grad_norm, attempt)
+    privacy_events(id, run_id, round, device_id, unit, noise_multiplier, sample_rate, steps, max_grad_norm, attempt,
+                   mechanism_name, dp_event)                     ``mechanism_name``: the mechanism that
+                                                                 charged it (mechanisms/, e.g. 'aggregate');
+                                                                 ``dp_event``: the dp-accounting DpEvent as
+                                                                 JSON (dp.accounting.dp_event_to_json); both
+                                                                 NULL in ledgers written before they existed
     lost_updates(run_id, round, attempt, device_id, reason, detail)   a device that may have trained but
                                                                  whose update was not averaged in:
                                                                  reason 'error' | 'timeout' | 'rejected'
@@ -92,7 +97,7 @@ CREATE TABLE IF NOT EXISTS privacy_events(
     id INTEGER PRIMARY KEY, run_id TEXT NOT NULL, round INTEGER NOT NULL, device_id INTEGER NOT NULL,
     unit TEXT NOT NULL CHECK(unit IN ('example', 'device')),
     noise_multiplier REAL NOT NULL, sample_rate REAL NOT NULL, steps INTEGER NOT NULL,
-    max_grad_norm REAL NOT NULL, attempt INTEGER NOT NULL DEFAULT 0,
+    max_grad_norm REAL NOT NULL, attempt INTEGER NOT NULL DEFAULT 0, mechanism_name TEXT, dp_event TEXT,
     UNIQUE(run_id, round, attempt, device_id, unit));
 CREATE INDEX IF NOT EXISTS privacy_events_device ON privacy_events(run_id, device_id, unit);
 CREATE TABLE IF NOT EXISTS device_epsilon(
@@ -139,7 +144,9 @@ class EventRow:
 
     ``noise_multiplier`` is sigma (noise std / ``max_grad_norm``), ``sample_rate`` the Poisson
     rate q (per example at example level, the device's q_k at device level), ``max_grad_norm``
-    the clipping norm C (or S, device level).
+    the clipping norm C (or S, device level). ``mechanism_name`` names the mechanism that
+    charged it and ``dp_event`` is its dp-accounting ``DpEvent`` as JSON
+    (:func:`dp.accounting.dp_event_to_json`), so a reader can compose it with any accountant.
     """
 
     device_id: int
@@ -148,6 +155,8 @@ class EventRow:
     sample_rate: float
     steps: int
     max_grad_norm: float
+    mechanism_name: str | None = None
+    dp_event: str | None = None
 
 
 class Ledger:
@@ -177,6 +186,10 @@ class Ledger:
             cols = {r[1] for r in self.conn.execute(f"PRAGMA table_info({table})")}
             if "attempt" not in cols:
                 self.conn.execute(f"ALTER TABLE {table} ADD COLUMN attempt INTEGER NOT NULL DEFAULT 0")
+        cols = {r[1] for r in self.conn.execute("PRAGMA table_info(privacy_events)")}
+        for col in ("mechanism_name", "dp_event"):  # ledgers written before events named their mechanism
+            if col not in cols:
+                self.conn.execute(f"ALTER TABLE privacy_events ADD COLUMN {col} TEXT")
 
     def start_run(self, *, target_delta: float, accountant: str, selection_constant: float, calibration_note: str) -> None:
         """Record the run's fixed accounting settings (idempotent on resume)."""
@@ -220,9 +233,10 @@ class Ledger:
         try:
             cur.executemany(
                 "INSERT INTO privacy_events(run_id, round, device_id, unit, noise_multiplier, sample_rate, steps,"
-                " max_grad_norm, attempt) VALUES (?,?,?,?,?,?,?,?,?)",
+                " max_grad_norm, attempt, mechanism_name, dp_event) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                 [
-                    (self.run_id, round_, e.device_id, e.unit, e.noise_multiplier, e.sample_rate, e.steps, e.max_grad_norm, attempt)
+                    (self.run_id, round_, e.device_id, e.unit, e.noise_multiplier, e.sample_rate, e.steps, e.max_grad_norm, attempt,
+                     e.mechanism_name, e.dp_event)
                     for e in events
                 ],
             )
@@ -345,9 +359,11 @@ class Ledger:
                 p = (self.run_id, parent_run_id)
                 self.conn.execute("INSERT OR REPLACE INTO devices SELECT ?, device_id, activity, sample_rate "
                                   "FROM parent.devices WHERE run_id=?", p)
+                named = {r[1] for r in self.conn.execute("PRAGMA parent.table_info(privacy_events)")} >= {"mechanism_name", "dp_event"}
+                extra = ", mechanism_name, dp_event" if named else ""
                 self.conn.execute("INSERT INTO privacy_events(run_id, round, device_id, unit, noise_multiplier, sample_rate,"
-                                  " steps, max_grad_norm, attempt) SELECT ?, round, device_id, unit, noise_multiplier,"
-                                  " sample_rate, steps, max_grad_norm, attempt FROM parent.privacy_events"
+                                  f" steps, max_grad_norm, attempt{extra}) SELECT ?, round, device_id, unit, noise_multiplier,"
+                                  f" sample_rate, steps, max_grad_norm, attempt{extra} FROM parent.privacy_events"
                                   " WHERE run_id=? AND round<=? ORDER BY id", (*p, last_round))
                 self.conn.execute("INSERT INTO replaced_events SELECT ?, round, attempt, device_id, unit, noise_multiplier,"
                                   " sample_rate, steps, max_grad_norm FROM parent.privacy_events"
@@ -688,6 +704,20 @@ class LedgerReader:
                 for i, t, a, d, u, s, q, n, c in self._query(
                     f"SELECT id, round, {att}, device_id, unit, noise_multiplier, sample_rate, steps, max_grad_norm"
                     f" FROM privacy_events{where} ORDER BY {order}", params)]
+
+    def named_events(self, unit: str) -> dict[int, list[tuple[str | None, str | None]]]:
+        """device_id -> its events of ``unit`` in composition order as (mechanism_name, dp_event JSON);
+        both None for rows of ledgers written before events named their mechanism."""
+        cols = self._columns("privacy_events")
+        if not {"mechanism_name", "dp_event"} <= cols:
+            return {d: [(None, None)] * len(evs) for d, evs in self.events_by_device(unit).items()}
+        order = "round, attempt, id" if "attempt" in cols else "round, id"
+        out: dict[int, list[tuple[str | None, str | None]]] = {}
+        where, params = self._where(unit=unit)
+        for d, name, ev in self._query(f"SELECT device_id, mechanism_name, dp_event FROM privacy_events{where}"
+                                       f" ORDER BY {order}", params):
+            out.setdefault(int(d), []).append((name, ev))
+        return out
 
     def events_by_device(self, unit: str) -> dict[int, list[PrivacyEvent]]:
         """device_id -> its events of ``unit`` in composition order (see :meth:`events`)."""

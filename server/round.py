@@ -29,6 +29,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
+from dp.accounting import dp_event_to_json, to_dp_event
 from protocol import messages as rec
 from protocol.arrays import array_view, record_from_numpy
 from protocol.messages import validate_update
@@ -124,7 +125,8 @@ def commit_events(server, sel: Selection) -> None:
     (:meth:`mechanisms.base.Mechanism.accounted`): example level, every device asked to train,
     so a device that trains and then fails, times out, sends a rejected update or outlives a
     server crash is still in the ledger (never under-reported); device level, every device that
-    could have been selected (q_k > 0) took part in the round's mechanism.
+    could have been selected (q_k > 0) took part in the round's mechanism. Each row names the
+    mechanism and holds the event as a dp-accounting ``DpEvent`` (JSON).
     """
     mech, book, t = server.mechanism, server.book, sel.round
     events: list[EventRow] = []
@@ -134,7 +136,9 @@ def commit_events(server, sel: Selection) -> None:
         if not charged:
             continue
         clip = mech.clip_norm(unit)
-        events += [EventRow(d, unit, e.noise_multiplier, e.sample_rate, e.steps, clip) for d, e in charged.items()]
+        serialised = {e: dp_event_to_json(to_dp_event(e)) for e in set(charged.values())}  # one per distinct event
+        events += [EventRow(d, unit, e.noise_multiplier, e.sample_rate, e.steps, clip, mech.name, serialised[e])
+                   for d, e in charged.items()]
         epsilons.update(book.add(unit, charged))
     holdings = []
     if "example" in mech.units and server.pop.stream is not None:
