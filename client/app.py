@@ -148,9 +148,15 @@ class InjectedFault(RuntimeError):
 
 
 def _noise_source(cfg: RunConfig, server_round: int, device_id: int) -> NoiseSource:
-    """The task's secret randomness (batches, example sampling, noise); seeded only with --reproducible-noise."""
+    """The task's secret randomness (batches, example sampling, noise); seeded only with --reproducible-noise.
+
+    With --reproducible-noise torch's global generator (dropout) is seeded from the same key too,
+    so a rerun trains the same model; otherwise dropout keeps torch's own unseeded state.
+    """
     if cfg.reproducible_noise:
-        return NoiseSource(hash((cfg.seed, server_round, device_id)) & 0x7FFFFFFFFFFF)
+        key = hash((cfg.seed, server_round, device_id)) & 0x7FFFFFFFFFFF
+        torch.manual_seed(key)
+        return NoiseSource(key)
     return NoiseSource()
 
 

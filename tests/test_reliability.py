@@ -392,3 +392,20 @@ def test_budget_filter_a_device_never_trains_past_its_budget(tmp_path, data_dir,
     for d, r in hits:
         later = sum(1 for e in ledger.events("example", device_id=d) if e.round >= r)
         assert later == 0, f"device {d} trained after reaching its budget in round {r}"
+
+
+def test_reproducible_noise_trains_the_same_model_twice(tmp_path, data_dir):
+    """--reproducible-noise seeds the devices' dropout too: two runs (local DP-SGD, every parameter
+    trainable, dropout on) release the same model up to float rounding, and the same ledger."""
+    released, epsilons = [], []
+    for name in ("a", "b"):
+        torch.manual_seed(1234 if name == "a" else 99)  # whatever state the process was left in
+        cfg = _cfg(tmp_path / name, data_dir, reproducible_noise=True, seed=5, rounds=2, cohort_size=3)
+        server, _, arrays, _ = run_rounds(cfg)
+        released.append({k: np.asarray(v.numpy(), dtype=np.float64) for k, v in arrays.items()})
+        with LedgerReader(Path(cfg.run_dir) / "ledger.sqlite") as ledger:
+            epsilons.append(ledger.device_epsilons("example"))
+    assert epsilons[0] == epsilons[1] and epsilons[0]
+    assert released[0].keys() == released[1].keys()
+    for k in released[0]:
+        np.testing.assert_allclose(released[0][k], released[1][k], rtol=0, atol=1e-4, err_msg=k)
