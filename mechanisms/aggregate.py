@@ -21,8 +21,8 @@ from torch import nn
 from dp.accounting import SubsampledGaussianEvent
 from dp.engines import make_engine
 from dp.secure_random import NoiseSource
-from mechanisms.base import Aggregator, Calibration, DeviceReply, DeviceWork, Mechanism, ReplySpec, _numpy, floating_keys
-from mechanisms.local_dpsgd import calibrate_example
+from mechanisms.base import (Aggregator, Calibration, DeviceReply, DeviceWork, Mechanism, ReplySpec, _numpy,
+                             calibrate_example, floating_keys)
 from mechanisms.registry import register
 from mechanisms.training import collate_with
 from nlu.data import Encoded, collate, per_example_loss

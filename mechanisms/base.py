@@ -300,17 +300,19 @@ class Mechanism:
         return Calibration()
 
 
-def calibrate_for_profiles(cfg, profiles: set[tuple[float, int]], delta: float, hint: str) -> float:
-    """The smallest noise multiplier that keeps every (sample_rate, steps-per-round) profile, repeated
-    ``cfg.rounds`` times, at or below ``cfg.target_epsilon`` (the largest sigma any profile needs).
+def calibrate_example(cfg, delta: float, profiles: set[tuple[float, int]], hint: str) -> Calibration:
+    """The example-level calibration of either placement: the smallest noise multiplier that keeps
+    every (sample_rate, steps-per-round) profile, repeated ``cfg.rounds`` times, at or below the
+    target epsilon (``--target-epsilon``, default 8 without ``--noise-multiplier``: also every
+    device's budget). The largest sigma any profile needs; nothing when no target applies.
 
     Parameters
     ----------
     cfg : settings.config.RunConfig
-        ``target_epsilon``, ``rounds``, ``accountant``.
+        ``target_epsilon`` (resolved), ``rounds``, ``accountant``.
+    delta : float
     profiles : set of (float, int)
         (q, steps of one round) per distinct local mechanism.
-    delta : float
     hint : str
         The settings to change, appended to the error (e.g. ``" or --sample-rate"``).
 
@@ -319,19 +321,21 @@ def calibrate_for_profiles(cfg, profiles: set[tuple[float, int]], delta: float, 
     ValueError
         If the target cannot be met (the message names the settings to change).
     """
+    target = cfg.resolved_target_epsilon()
+    if target is None:
+        return Calibration()
     sigma = 0.0
     for q, steps in sorted(profiles):
         if steps == 0:
             continue
         try:
-            s = calibrate_noise_multiplier(
-                cfg.target_epsilon, delta, schedule=[(q, steps * cfg.rounds)], accountant=cfg.accountant
-            )
+            s = calibrate_noise_multiplier(target, delta, schedule=[(q, steps * cfg.rounds)], accountant=cfg.accountant)
         except ValueError as exc:
             raise ValueError(
-                f"--target-epsilon {cfg.target_epsilon:g} is unreachable for a device with sample rate {q:.3g} "
+                f"--target-epsilon {target:g} is unreachable for a device with sample rate {q:.3g} "
                 f"and {steps} local steps over {cfg.rounds} rounds at delta {delta:g}: raise --target-epsilon, "
                 f"lower --rounds" + hint + f" ({exc})"
             ) from exc
         sigma = max(sigma, s)
-    return sigma
+    return Calibration({"target_epsilon": target, "noise_multiplier": sigma},
+                       (f"target epsilon {target:g}: noise multiplier calibrated to {sigma:.4f}",))

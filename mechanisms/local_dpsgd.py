@@ -14,7 +14,7 @@ import numpy as np
 
 from dp.accounting import SubsampledGaussianEvent
 from dp.sampling import sample_rate_for, steps_for
-from mechanisms.base import Aggregator, Calibration, DeviceReply, DeviceWork, Mechanism, ReplySpec, calibrate_for_profiles
+from mechanisms.base import Aggregator, Calibration, DeviceReply, DeviceWork, Mechanism, ReplySpec, calibrate_example
 from mechanisms.fedavg import MeanAggregator
 from mechanisms.registry import register
 from mechanisms.training import local_round
@@ -64,13 +64,3 @@ class LocalDPSGD(Mechanism):
             local_mechanism(int(a), self.cfg.batch_size, self.cfg.local_epochs) for a in np.ravel(planned) if a > 0
         }, " or --local-epochs, or raise --batch-size")
 
-
-def calibrate_example(cfg, delta: float, profiles: set[tuple[float, int]], hint: str) -> Calibration:
-    """The example-level calibration of either placement: ``target_epsilon`` (also every device's
-    budget) and the noise multiplier for it, or nothing when neither target nor default applies."""
-    target = cfg.resolved_target_epsilon()
-    if target is None:
-        return Calibration()
-    sigma = calibrate_for_profiles(cfg.replace(target_epsilon=target), profiles, delta, hint)
-    return Calibration({"target_epsilon": target, "noise_multiplier": sigma},
-                       (f"target epsilon {target:g}: noise multiplier calibrated to {sigma:.4f}",))

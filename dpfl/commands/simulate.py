@@ -289,7 +289,6 @@ def simulate(cfg: RunConfig, progress: bool = True, resume: bool = False) -> dic
     control = RunControl()  # this run's stop flag, backend checks and outcome
     if not cfg.ray_address:
         control.checks.append(local_ray_check(cfg.run_dir, control.outcome))
-    stop = control.stop
 
     def lost() -> BackendLost | None:
         info = control.outcome.get("backend_lost")
@@ -303,14 +302,14 @@ def simulate(cfg: RunConfig, progress: bool = True, resume: bool = False) -> dic
     if threading.current_thread() is threading.main_thread():
 
         def _on_sigint(signum, frame):
-            if stop.is_set():  # second Ctrl-C: abort now
+            if control.stop.is_set():  # second Ctrl-C: abort now
                 signal.signal(signal.SIGINT, signal.default_int_handler)
                 STUCK.set()  # do not wait for Flower's threads on the way out
                 if not cfg.ray_address:
                     _kill_local_ray()
                 raise KeyboardInterrupt
             print("\ndpfl: stopping after the round in flight is abandoned (Ctrl-C again to abort)", file=sys.stderr)
-            stop.set()
+            control.stop.set()
 
         old_handler = signal.signal(signal.SIGINT, _on_sigint)
     try:
@@ -321,7 +320,7 @@ def simulate(cfg: RunConfig, progress: bool = True, resume: bool = False) -> dic
             backend_config=backend_config,
         ), control.outcome, local=not cfg.ray_address)
     except Exception:
-        if stop.is_set():
+        if control.stop.is_set():
             raise Interrupted(f"interrupted; the run is resumable: dpfl simulate --resume {cfg.run_dir}") from None
         exc = lost()
         if exc is not None:
@@ -335,7 +334,7 @@ def simulate(cfg: RunConfig, progress: bool = True, resume: bool = False) -> dic
         exc = lost()
         if exc is not None:
             raise exc
-        if stop.is_set():
+        if control.stop.is_set():
             raise Interrupted(f"interrupted; the run is resumable: dpfl simulate --resume {cfg.run_dir}")
         raise RuntimeError("the simulation ended without finishing its rounds (see the log above)")
     return result
