@@ -57,34 +57,39 @@ def run_config_from(record: ConfigRecord) -> RunConfig:
 
 
 @lru_cache(maxsize=4)
-def _task(pop_key: tuple, name: str, slot_loss_weight: float, pooling: str, pc_weight: float) -> Task:
-    return task_for_data(name, population_for_key(pop_key).data, slot_loss_weight, pooling=pooling, pc_weight=pc_weight)
+def _task(pop_key: tuple, model_group: tuple, pc_weight: float) -> Task:
+    m = dict(model_group)
+    return task_for_data(m["task"], population_for_key(pop_key).data, m["slot_loss_weight"], pooling=m["pooling"],
+                         pc_weight=pc_weight)
 
 
 def task_of(cfg: RunConfig) -> Task:
-    """The run's task (intent / slots / joint), one object per process and setting."""
-    return _task(population_key(cfg), cfg.task, cfg.slot_loss_weight, cfg.pooling, cfg.pc_weight)
+    """The run's task (intent / slots / joint), one object per process and setting (keyed by the
+    population's settings and the ``model`` setting group)."""
+    return _task(population_key(cfg), cfg.group("model"), cfg.pc_weight)
 
 
 @lru_cache(maxsize=1)
-def _model(task: Task, name: str, seed: int, threads: int, use_gpu: bool = False, trainable: str = "all", lora: tuple = ()):
+def _model(task: Task, model_group: tuple, seed: int, resources: tuple):
     """One model instance per process (``--trainable`` applied), on the GPU Ray assigned this actor when asked for one.
 
-    A frozen encoder (``--trainable head``) gets a feature cache (nlu/features.py): each of the
-    device's utterances is encoded once, in this process, and reused in later rounds.
+    Keyed by the ``model`` and ``resources`` setting groups. A frozen encoder (``--trainable
+    head``) gets a feature cache (nlu/features.py): each of the device's utterances is encoded
+    once, in this process, and reused in later rounds.
     """
-    torch.set_num_threads(threads)
-    model = set_trainable(task.build_model(name, seed=seed), trainable, **dict(lora))
+    m, r = dict(model_group), dict(resources)
+    torch.set_num_threads(max(1, int(r["client_cpus"])))
+    cfg = RunConfig(**m, seed=seed)  # the LoRA options as RunConfig parses them
+    model = set_trainable(task.build_model(m["model"], seed=seed), m["trainable"], **cfg.lora_options())
     cache_frozen_encoder(model)
-    if use_gpu and torch.cuda.is_available():
+    if r["client_gpus"] > 0 and torch.cuda.is_available():
         model = model.to("cuda")
     return model
 
 
 def model_of(cfg: RunConfig, task: Task):
     """This process's model instance for the run's settings (see :func:`_model`)."""
-    return _model(task, cfg.model, cfg.seed, max(1, int(cfg.client_cpus)), cfg.client_gpus > 0, cfg.trainable,
-                  tuple(sorted(cfg.lora_options().items())))
+    return _model(task, cfg.group("model"), cfg.seed, cfg.group("resources"))
 
 
 @lru_cache(maxsize=256)

@@ -105,22 +105,17 @@ def uid_column(train) -> np.ndarray:
 
 
 def population_key(cfg) -> tuple:
-    """The settings that determine the population (hashable, for caching)."""
+    """The settings that determine the population (hashable, for caching): the ``data`` setting
+    group (:meth:`settings.config.RunConfig.group`) and the few others that shape it.
+
+    Returns
+    -------
+    tuple
+        ``(data group, seed, rounds, canaries, canary_repeats, holdout_per_device)``.
+    """
     return (
-        cfg.data_dir,
-        cfg.dataset,
-        cfg.text_column,
-        cfg.label_column,
-        cfg.max_examples,
+        cfg.group("data"),
         cfg.seed,
-        cfg.num_devices,
-        cfg.partitioner,
-        cfg.dirichlet_alpha,
-        cfg.quantity_beta,
-        cfg.device_column,
-        cfg.num_clusters,
-        cfg.setting,
-        cfg.storage_cap,
         cfg.rounds,
         int(getattr(cfg, "canaries", 0) or 0),
         int(getattr(cfg, "canary_repeats", 1) or 1),
@@ -131,32 +126,16 @@ def population_key(cfg) -> tuple:
 @lru_cache(maxsize=2)
 def population_for_key(key: tuple) -> Population:
     """Build the population for a :func:`population_key` (cached per process)."""
-    (
-        data_dir,
-        dataset,
-        text_col,
-        label_col,
-        max_examples,
-        seed,
-        num_devices,
-        partitioner,
-        alpha,
-        beta,
-        device_column,
-        num_clusters,
-        setting,
-        storage_cap,
-        rounds,
-        n_canaries,
-        canary_repeats,
-        holdout_fraction,
-    ) = key
+    data_group, seed, rounds, n_canaries, canary_repeats, holdout_fraction = key
+    d = dict(data_group)
+    data_dir, dataset, partitioner, device_column = d["data_dir"], d["dataset"], d["partitioner"], d["device_column"]
+    num_devices = d["num_devices"]
     data = load_data(
         data_dir=data_dir,
         dataset=dataset,
-        text_column=text_col,
-        label_column=label_col,
-        max_examples=max_examples,
+        text_column=d["text_column"],
+        label_column=d["label_column"],
+        max_examples=d["max_examples"],
         seed=seed,
         synthetic_devices=num_devices,
         device_column=device_column if (data_dir or dataset) and partitioner == "natural" else None,
@@ -168,10 +147,10 @@ def population_for_key(key: tuple) -> Population:
         num_devices,
         partitioner,
         seed=seed,
-        dirichlet_alpha=alpha,
-        quantity_beta=beta,
+        dirichlet_alpha=d["dirichlet_alpha"],
+        quantity_beta=d["quantity_beta"],
         device_column=device_column,
-        num_clusters=num_clusters,
+        num_clusters=d["num_clusters"],
     )
     devices = tuple(np.asarray(d, dtype=np.int64) for d in devices)
     holdout: tuple = ()
@@ -181,8 +160,8 @@ def population_for_key(key: tuple) -> Population:
     if n_canaries:
         data, devices, canaries, records = insert_canaries(data, devices, n_canaries, canary_repeats, seed)
     stream = None
-    if setting == "continual":
-        stream = make_stream(list(devices), rounds, seed=seed, storage_cap=storage_cap)
+    if d["setting"] == "continual":
+        stream = make_stream(list(devices), rounds, seed=seed, storage_cap=d["storage_cap"])
     return Population(data=data, devices=devices, partitioner=partitioner, stream=stream,
                       canaries=canaries, canary_records=records, holdout=holdout)
 

@@ -10,7 +10,7 @@ record              type          content
                                   ``target-delta``) and the mechanism's round parameters
                                   (``Mechanism.round_params``; noise on the aggregate:
                                   ``sample-rate``, the example sampling rate p_k)
-``run``             ConfigRecord  the run's settings (``RunConfig.to_dict_flat``)
+``run``             ConfigRecord  the settings a device reads (``RunConfig.device_settings``)
 ``device``          ConfigRecord  ``device-id``: the simulated device the task is for
 ``pc-teacher``      ArrayRecord   with ``--pc-weight``, after the first release: the previous
                                   release's trainable parameters (a released model, public)

@@ -144,7 +144,7 @@ def evaluate_holdout(server, grid, node_of: dict[int, int]) -> dict | None:
     sigma = float(cfg.holdout_noise_multiplier) if noise_at != "none" else 0.0
     server.ledger.record_holdout(t, server.attempt, sigma, noise_at, len(asked), sum(sizes[d] for d in asked))
     arrays = record_from_state(trainable_state(server.model))  # the final release (checkpointed)
-    run_record = ConfigRecord(cfg.to_dict_flat())
+    run_record = ConfigRecord(cfg.device_settings())
     round_cfg = ConfigRecord({"server-round": t, "holdout-noise": sigma if noise_at == "device" else 0.0})
     msgs = [Message(RecordDict({rec.ARRAYS: arrays, rec.RUN: run_record, rec.CONFIG: round_cfg,
                                 rec.DEVICE: ConfigRecord({"device-id": d})}),

@@ -175,14 +175,15 @@ def dispatch(server, grid: Grid, sel: Selection, arrays: ArrayRecord, node_of: d
     """One training message per cohort member (built by the Flower strategy, then personalised).
 
     Each carries the trainable arrays, the round config (deadline, delta and the mechanism's
-    round parameters, :meth:`mechanisms.base.Mechanism.round_params`), the run's settings and
-    its device id; with ``--pc-weight`` and a previous release, that release's trainable
-    parameters (``pc-teacher``).
+    round parameters, :meth:`mechanisms.base.Mechanism.round_params`), the settings a device reads
+    (``RunConfig.device_settings``: no budget, selection, deletion or server setting) and its
+    device id; with ``--pc-weight`` and a previous release, that release's trainable parameters
+    (``pc-teacher``).
     """
     cfg = server.cfg
     round_cfg = {"num-labels": server.num_labels, "target-delta": server.delta, "deadline": time.time() + cfg.round_deadline_seconds()}
     round_cfg.update(server.mechanism.round_params())
-    run_record = ConfigRecord(cfg.to_dict_flat())
+    run_record = ConfigRecord(cfg.device_settings())
     cohort_grid = CohortGrid(grid, [node_of[int(k)] for k in sel.cohort])
     msgs = list(server.strategy.configure_train(sel.round, arrays, ConfigRecord(round_cfg), cohort_grid))
     device_of = {n: d for d, n in node_of.items()}

@@ -29,7 +29,8 @@ from rundir import Ledger, RunDir
 from mechanisms import mechanism_for
 from server.aggregation import ModelAverage, ServerStep, server_step_size
 from server.hooks import DEFAULT_HOOKS
-from server.privacy import PrivacyBook, largest_selection_probability
+from server.plan import resolve
+from server.privacy import PrivacyBook
 from server.control import RunControl
 from server.deletions import load_deletions
 from server.releases import ReleaseTracker
@@ -63,8 +64,9 @@ class Server:
     Parameters
     ----------
     cfg : settings.config.RunConfig
-        Validated settings. The derived delta and a calibrated noise multiplier are filled in
-        (and written to ``config.toml``).
+        Validated settings (not changed). :attr:`plan` resolves them (:func:`server.plan.resolve`:
+        delta, calibrated noise, server learning rate); :attr:`cfg` is the resolved copy, which
+        ``config.toml`` records (with the run directory's own copy of ``--deletions``).
     resume : bool
         Continue the run directory's last complete round (:meth:`_resume`).
     control : server.control.RunControl, optional
@@ -77,39 +79,34 @@ class Server:
     """
 
     def __init__(self, cfg: RunConfig, resume: bool = False, control: RunControl | None = None):
-        self.cfg = cfg
         #: stop flag and backend checks of the run (server/control.py); the rounds' waits poll it
         self.control = control if control is not None else RunControl()
         self.rundir = RunDir(Path(cfg.run_dir), resume=resume)
         self.pop: Population = build_population(cfg)
-        self.delta = cfg.resolve_delta(len(self.pop.data.train))
-        self.cfg.target_delta = self.delta
+        #: the settings resolved once (server/plan.py): delta, calibrated noise, server step
+        self.plan = resolve(cfg, self.pop)
+        cfg = self.plan.settings
+        if resume and self.rundir.deletions_path.exists():  # the run's own copy (wherever the run now lives)
+            cfg = cfg.replace(deletions=str(self.rundir.deletions_path))
+        self.delta = self.plan.delta
         self.num_labels = len(self.pop.data.label_names)
         #: the run's privacy mechanism (mechanisms/): the stages and the devices ask it, never a flag
-        self.mechanism = mechanism_for(cfg)
+        self.mechanism = self.plan.mechanism
         #: the secret source of every noise draw and sampling decision of the server
         self.noise = NoiseSource(cfg.seed if cfg.reproducible_noise else None)
         self.activity = self.pop.activity(1)  # a_k(1); updated each round in the continual setting
         #: deletion requests (--deletions): device -> the round from which its data is gone
-        if resume and self.rundir.deletions_path.exists():  # the run's own copy (wherever the run now lives)
-            cfg.deletions = str(self.rundir.deletions_path)
         self.deletion_requests: dict[int, int] = load_deletions(cfg.deletions, self.pop.num_devices) if cfg.deletions else {}
         empty = int((self.activity == 0).sum())
         if empty:
             log.warning("%d devices hold no examples after partitioning; they are never selected", empty)
-        planned = self.pop.planned_activity(cfg.rounds)  # [T, K] (continual) or [K]
-        cfg.server_learning_rate = cfg.resolved_server_learning_rate()  # config.toml records the step used
-        alpha = cfg.activity_exponent if cfg.selection == "activity" else 0.0
-        self.selector = ActivitySelector(planned, alpha, cfg.cohort_size, cfg.selection_constant)
-        # the mechanism's noise from its targets (a calibration target is also every device's budget)
-        calibration = self.mechanism.calibrate(planned, self.delta, lambda: largest_selection_probability(self.selector, planned))
-        for name, value in calibration.values.items():
-            setattr(cfg, name, value)
-        for note in calibration.notes:
+        self.selector = self.plan.selector
+        for note in self.plan.calibration.notes:
             log.warning("%s", note)
+        self.cfg = cfg
         self._check_holdout_budget()  # before anything is written
         if cfg.deletions and not resume:  # the run keeps its own copy: a resume reads the requests it started with
-            cfg.deletions = str(self.rundir.keep_deletions(cfg.deletions))
+            self.cfg = cfg = cfg.replace(deletions=str(self.rundir.keep_deletions(cfg.deletions)))
         self.ledger = Ledger(self.rundir.ledger_path, cfg.run_id)
         self.ledger.start_run(
             target_delta=self.delta, accountant=cfg.accountant, selection_constant=self.selector.c,

@@ -78,9 +78,26 @@ def parse_trainable(spec: str) -> int | None:
     raise ValueError(f"must be 'all', 'head' or 'topN' (N >= 1 top encoder layers), got {spec!r}")
 
 
-@dataclass
+#: Settings only the server reads; a device's messages carry every other field
+#: (:meth:`RunConfig.device_settings`), so a device never learns the run directory, the budgets,
+#: the selection rule, the deletion requests or the server optimizer.
+SERVER_ONLY = frozenset({
+    "run_id", "run_dir", "eval_every", "extra",
+    "release_every", "baseline_model", "deletions", "round_checkpoints", "holdout_noise_multiplier",
+    "cohort_size", "selection", "activity_exponent", "selection_constant",
+    "target_epsilon", "max_epsilon", "target_epsilon_device",
+    "strategy", "server_learning_rate", "server_ema", "server_lr_schedule",
+    "ray_address",
+})
+
+
+@dataclass(frozen=True)
 class RunConfig:
-    """All settings of one run.
+    """All settings of one run, as the user gave them (frozen: nothing changes them in place).
+
+    The values derived from them (delta, a calibrated noise multiplier, the server learning rate)
+    are resolved once into a new RunConfig by :func:`server.plan.resolve`; each field belongs to
+    one setting group (:meth:`group`).
 
     Units: ``learning_rate`` per optimizer step; ``batch_size`` is the *expected* Poisson
     batch size (examples); ``target_delta`` is the delta at which every epsilon is stated
@@ -598,11 +615,28 @@ class RunConfig:
         The random suffix keeps runs started in the same second apart; the directory itself is
         created atomically when the run starts (:func:`rundir.claim_run_dir`).
         """
-        if not self.run_id:
-            self.run_id = time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
-        if not self.run_dir:
-            self.run_dir = str(Path("runs") / self.run_id)
-        return self
+        run_id = self.run_id or time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
+        return self.replace(run_id=run_id, run_dir=self.run_dir or str(Path("runs") / run_id))
+
+    def group(self, name: str) -> tuple[tuple[str, Any], ...]:
+        """The settings of one group (a field's ``metadata["group"]``) as ``((field, value), ...)``.
+
+        Hashable (except the ``run`` group, which holds ``extra``): the caches of what a group
+        determines are keyed by it (e.g. :func:`partitions.population.population_key`).
+
+        Raises
+        ------
+        KeyError
+            For a name no field carries.
+        """
+        out = tuple((f.name, getattr(self, f.name)) for f in fields(self) if f.metadata.get("group") == name)
+        if not out:
+            raise KeyError(f"no setting group {name!r}")
+        return out
+
+    def device_settings(self) -> dict[str, Any]:
+        """What a device's message carries: every scalar setting except :data:`SERVER_ONLY` ones."""
+        return {k: v for k, v in self.to_dict_flat().items() if k not in SERVER_ONLY}
 
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict[str, Any]:
@@ -651,7 +685,7 @@ class RunConfig:
             return cls.from_mapping(tomllib.load(fh))
 
     def replace(self, **changes: Any) -> "RunConfig":
-        """A copy with ``changes`` applied (not validated)."""
+        """A copy with ``changes`` applied (not validated; the RunConfig itself is frozen)."""
         return dataclasses.replace(self, **changes)
 
 

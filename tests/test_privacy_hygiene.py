@@ -113,7 +113,7 @@ def test_dp_replies_carry_no_loss_timing_or_other_statistic(tmp_path, data_dir):
         assert set(privacy) == PRIVACY_FIELDS, privacy
         assert privacy["sample_rate"] == pytest.approx(min(1.0, cfg.batch_size / n))
         assert privacy["steps"] == math.ceil(cfg.local_epochs * n / cfg.batch_size)
-        assert privacy["noise_multiplier"] == cfg.noise_multiplier and privacy["max_grad_norm"] == cfg.max_grad_norm
+        assert privacy["noise_multiplier"] == server.cfg.noise_multiplier and privacy["max_grad_norm"] == cfg.max_grad_norm
         assert set(content["info"].keys()) == {"ray-node", "device-id"}
     assert all(o.train_loss is None and o.train_seconds_mean is None for o in outs)
     for line in read_metric_lines(cfg.run_dir):

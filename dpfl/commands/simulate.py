@@ -81,9 +81,7 @@ def preflight(cfg: RunConfig, resume: bool = False) -> None:
     from nlu.tasks import task_for_data
     from partitions.population import build_population
     from rundir import RunDirError, config_path
-    from mechanisms import mechanism_for
-    from server.privacy import largest_selection_probability
-    from server.selection import ActivitySelector
+    from server.plan import resolve
 
     if not cfg.ray_address:
         check_local_resources(cfg.client_cpus, cfg.client_gpus)
@@ -105,13 +103,7 @@ def preflight(cfg: RunConfig, resume: bool = False) -> None:
     if top and top > num_encoder_layers(cfg.model):
         raise ConfigError(f"--trainable {cfg.trainable}: {cfg.model} has {num_encoder_layers(cfg.model)} "
                           "transformer layers; choose a smaller N")
-    alpha = cfg.activity_exponent if cfg.selection == "activity" else 0.0
-    # the same planned activities the server calibrates on: [T, K] (continual) or [K]
-    planned = pop.planned_activity(cfg.rounds)
-    selector = ActivitySelector(planned, alpha, cfg.cohort_size, cfg.selection_constant)  # calibrates c when not given
-    # the mechanism's calibration as the server will run it (the default target included); cfg is left as it is
-    mechanism_for(cfg).calibrate(planned, cfg.resolve_delta(len(pop.data.train)),
-                                 lambda: largest_selection_probability(selector, planned))
+    resolve(cfg, pop)  # the server's own resolution: selection constant and calibration (the default target included)
 
 
 def resume_config(run_dir: str) -> RunConfig:
@@ -127,9 +119,7 @@ def resume_config(run_dir: str) -> RunConfig:
     path = config_path(run_dir)
     if not path.exists():
         raise RunDirError(f"--resume {run_dir}: no run there (config.toml is missing)")
-    cfg = RunConfig.from_toml(path)
-    cfg.run_dir = str(run_dir)
-    return cfg.validate()
+    return RunConfig.from_toml(path).replace(run_dir=str(run_dir)).validate()
 
 
 #: Longest temp folder Ray's session files fit under: its socket paths add about 70 characters

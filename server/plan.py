@@ -1,0 +1,88 @@
+"""One resolution of a run's settings into what the run uses: :func:`resolve` -> :class:`RunPlan`.
+
+The user's :class:`settings.config.RunConfig` is frozen; what is derived from it and from the
+data (delta from the number of training examples, the selection constant c from the planned
+activities, the noise multipliers the mechanism calibrates for its targets, the server learning
+rate of the run's mode) is computed here once, by the same function the preflight of ``dpfl
+simulate`` and the :class:`server.state.Server` call, so the preflight checks exactly the
+calibration the run will use.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from mechanisms import mechanism_for
+from mechanisms.base import Calibration, Mechanism
+from partitions.population import Population
+from server.privacy import largest_selection_probability
+from server.selection import ActivitySelector
+from settings.config import RunConfig
+
+__all__ = ["RunPlan", "resolve"]
+
+
+@dataclass(frozen=True, eq=False)
+class RunPlan:
+    """The settings a run uses, resolved once (see :func:`resolve`).
+
+    Attributes
+    ----------
+    settings : settings.config.RunConfig
+        The user's settings with the derived values filled in: ``target_delta``, the calibrated
+        ``noise_multiplier`` / ``device_noise_multiplier`` (and the default ``target_epsilon``
+        they were calibrated for), ``server_learning_rate``. ``config.toml`` records these.
+    delta : float
+        The delta at which every epsilon of the run is stated.
+    planned : numpy.ndarray, shape [K] or [T, K] (continual setting), int
+        The devices' planned activities (training examples held) the calibrations read.
+    selector : server.selection.ActivitySelector
+        The activity-weighted Poisson selection with its constant c fixed (given or calibrated).
+    mechanism : mechanisms.base.Mechanism
+        The run's privacy mechanism, built from :attr:`settings`.
+    calibration : mechanisms.base.Calibration
+        What the mechanism calibrated (field -> value) and one log line for each.
+    """
+
+    settings: RunConfig
+    delta: float
+    planned: np.ndarray
+    selector: ActivitySelector
+    mechanism: Mechanism
+    calibration: Calibration
+
+    @property
+    def selection_constant(self) -> float:
+        """c of q_k = min(1, c a_k^alpha) (given with ``--selection-constant`` or calibrated)."""
+        return float(self.selector.c)
+
+
+def resolve(cfg: RunConfig, pop: Population) -> RunPlan:
+    """Resolve ``cfg`` on the population ``pop`` into the run's :class:`RunPlan` (``cfg`` is not changed).
+
+    Parameters
+    ----------
+    cfg : settings.config.RunConfig
+        Validated settings.
+    pop : partitions.population.Population
+        The run's devices (built from ``cfg``).
+
+    Raises
+    ------
+    settings.config.ConfigError
+        If a privacy target cannot be reached (the message names the setting to change).
+    ValueError
+        If no selection constant reaches ``--cohort-size``.
+    """
+    delta = cfg.resolve_delta(len(pop.data.train))
+    planned = pop.planned_activity(cfg.rounds)  # [T, K] (continual) or [K]
+    alpha = cfg.activity_exponent if cfg.selection == "activity" else 0.0
+    selector = ActivitySelector(planned, alpha, cfg.cohort_size, cfg.selection_constant)
+    # the mechanism's noise from its targets (a calibration target is also every device's budget)
+    calibration = mechanism_for(cfg).calibrate(planned, delta, lambda: largest_selection_probability(selector, planned))
+    settings = cfg.replace(target_delta=delta, **calibration.values)
+    settings = settings.replace(server_learning_rate=settings.resolved_server_learning_rate())
+    return RunPlan(settings=settings, delta=delta, planned=planned, selector=selector,
+                   mechanism=mechanism_for(settings), calibration=calibration)
