@@ -7,7 +7,9 @@ on top of Google's ``dp-accounting`` library and does not import ``flwr``.
 
 Model
 -----
-Every event is a :class:`SubsampledGaussianEvent`: a Gaussian mechanism with noise
+An event is either any dp-accounting ``DpEvent`` (composed by dp-accounting's own PLD or RDP
+accountant: a mechanism with another shape, e.g. correlated noise, needs nothing new here) or,
+the common case, a :class:`SubsampledGaussianEvent`: a Gaussian mechanism with noise
 standard deviation ``noise_multiplier * sensitivity`` applied to a Poisson subsample
 (each privacy unit included independently with probability ``sample_rate``), repeated
 ``steps`` times. The adjacency is *add or remove one* privacy unit. This covers
@@ -65,7 +67,6 @@ __all__ = [
     "ACCOUNTANTS",
     "DEFAULT_VALUE_DISCRETIZATION_INTERVAL",
     "SubsampledGaussianEvent",
-    "Accountant",
     "canonical_history",
     "compute_epsilon",
     "compute_epsilons",
@@ -81,8 +82,9 @@ DEFAULT_VALUE_DISCRETIZATION_INTERVAL = 1e-3
 _CACHE_SIZE = 65536
 
 # A canonical history: sorted tuple of (noise_multiplier, sample_rate, steps), each
-# (noise_multiplier, sample_rate) pair at most once, no zero-effect entries.
-History = tuple[tuple[float, float, int], ...]
+# (noise_multiplier, sample_rate) pair at most once, no zero-effect entries; then any other
+# dp-accounting events as sorted ("dp_event", JSON, count) entries, each JSON at most once.
+History = tuple[tuple[Any, Any, int], ...]
 
 
 def _is_number(value: Any) -> bool:
@@ -182,41 +184,99 @@ def _coerce_event(event: Any) -> SubsampledGaussianEvent:
     )
 
 
+def _as_subsampled_gaussian(event) -> SubsampledGaussianEvent | None:
+    """``event`` (a dp-accounting ``DpEvent``) as a :class:`SubsampledGaussianEvent` when it is one:
+    ``GaussianDpEvent(s)`` (q = 1, one step), ``PoissonSampledDpEvent(q, GaussianDpEvent(s))``, or
+    either under ``SelfComposedDpEvent(., n)``; ``NoOpDpEvent`` as a no-op; else None."""
+    from dp_accounting import dp_event
+
+    steps = 1
+    if isinstance(event, dp_event.SelfComposedDpEvent):
+        steps, event = int(event.count), event.event
+    if isinstance(event, dp_event.NoOpDpEvent):
+        return SubsampledGaussianEvent(0.0, 0.0, 0)
+    q = 1.0
+    if isinstance(event, dp_event.PoissonSampledDpEvent):
+        q, event = float(event.sampling_probability), event.event
+    if isinstance(event, dp_event.GaussianDpEvent):
+        return SubsampledGaussianEvent(float(event.noise_multiplier), q, steps)
+    return None
+
+
+def _canonical_entry(raw: Any) -> SubsampledGaussianEvent | tuple[str, str]:
+    """A :class:`SubsampledGaussianEvent` for events of that shape, else ``("dp_event", json)``."""
+    if isinstance(raw, (SubsampledGaussianEvent, Mapping, tuple, list)):
+        return _coerce_event(raw)
+    from dp_accounting import dp_event
+
+    if not isinstance(raw, dp_event.DpEvent):
+        return _coerce_event(raw)  # raises, naming the accepted forms
+    if isinstance(raw, dp_event.NonPrivateDpEvent):
+        return SubsampledGaussianEvent(0.0, 1.0, 1)  # releases without noise: epsilon is infinite
+    if isinstance(raw, dp_event.UnsupportedDpEvent):
+        raise ValueError("an UnsupportedDpEvent cannot be accounted")
+    sg = _as_subsampled_gaussian(raw)
+    return sg if sg is not None else ("dp_event", dp_event_to_json(raw))
+
+
 def canonical_history(events: Iterable[Any]) -> History | None:
     """Canonical, hashable form of an event history.
 
     Events with the same ``(noise_multiplier, sample_rate)`` are merged by summing
     their steps (exact: composition is commutative and
     ``M^a`` composed with ``M^b`` is ``M^(a+b)``); events with ``sample_rate == 0`` or
-    ``steps == 0`` are dropped (they release nothing).
+    ``steps == 0`` are dropped (they release nothing). Any other dp-accounting ``DpEvent``
+    (a Laplace mechanism, a composition, a banded matrix-factorization event, ...) is kept
+    as ``("dp_event", its JSON, count)``, identical events merged by count; a
+    dp-accounting event of the subsampled-Gaussian shape (``SelfComposedDpEvent``,
+    ``PoissonSampledDpEvent``, ``GaussianDpEvent``) is read as one, so the ledger's
+    serialised events and the (sigma, q, steps) columns compose to the same history.
 
     Parameters
     ----------
     events : iterable
-        :class:`SubsampledGaussianEvent` objects (or dicts / 3-tuples accepted by it).
+        :class:`SubsampledGaussianEvent` objects (or dicts / 3-tuples accepted by it), or
+        dp-accounting ``DpEvent`` objects.
 
     Returns
     -------
     tuple or None
-        Sorted tuple of ``(noise_multiplier, sample_rate, steps)``, or ``None`` when
-        the history contains a noiseless release (``noise_multiplier == 0`` with
-        ``sample_rate > 0`` and ``steps > 0``): epsilon is then infinite.
+        Sorted tuple of ``(noise_multiplier, sample_rate, steps)``, followed by the sorted
+        ``("dp_event", json, count)`` entries of other events, or ``None`` when the history
+        contains a noiseless release (``noise_multiplier == 0`` with ``sample_rate > 0`` and
+        ``steps > 0``, or a ``NonPrivateDpEvent``): epsilon is then infinite.
 
     Raises
     ------
     ValueError
-        If an event is invalid.
+        If an event is invalid (or an ``UnsupportedDpEvent``).
     """
     merged: dict[tuple[float, float], int] = {}
+    other: dict[str, int] = {}
     for raw in events:
-        event = _coerce_event(raw)
+        event = _canonical_entry(raw)
+        if isinstance(event, tuple):
+            other[event[1]] = other.get(event[1], 0) + 1
+            continue
         if event.is_noop:
             continue
         if event.noise_multiplier == 0.0:
             return None
         key = (event.noise_multiplier, event.sample_rate)
         merged[key] = merged.get(key, 0) + event.steps
-    return tuple(sorted((s, q, n) for (s, q), n in merged.items()))
+    return (tuple(sorted((s, q, n) for (s, q), n in merged.items()))
+            + tuple(("dp_event", text, n) for text, n in sorted(other.items())))
+
+
+def _general_events(history: History) -> list:
+    """The dp-accounting events of every entry of ``history`` (``(event, count)`` pairs)."""
+    out = []
+    for a, b, n in history:
+        if isinstance(a, str):
+            out.append((dp_event_from_json(b), n))
+        else:
+            out.append((to_dp_event(SubsampledGaussianEvent(a, b, 1)), n))
+    return out
 
 
 # --------------------------------------------------------------------------- PLD
@@ -252,7 +312,16 @@ def _pld_for_history(history: History, interval: float):
 def _epsilon_cached(history: History, delta: float, accountant: str, interval: float) -> float:
     if not history:
         return 0.0
-    if accountant == "pld":
+    if accountant == "pld" and any(isinstance(e[0], str) for e in history):
+        from dp_accounting.pld import pld_privacy_accountant
+
+        acc = pld_privacy_accountant.PLDAccountant(value_discretization_interval=interval)  # add-or-remove-one
+        for event, count in _general_events(history):
+            if not acc.supports(event):
+                raise ValueError(f"the pld accountant cannot compose {event}")
+            acc.compose(event, count)
+        eps = acc.get_epsilon(delta)
+    elif accountant == "pld":
         eps = _pld_for_history(history, interval).get_epsilon_for_delta(delta)
     else:
         from dp_accounting import dp_event
@@ -265,13 +334,10 @@ def _epsilon_cached(history: History, delta: float, accountant: str, interval: f
         absl_logger.setLevel(logging.ERROR)
         try:
             acc = rdp_privacy_accountant.RdpAccountant()  # add-or-remove-one by default
-            for sigma, q, steps in history:
-                acc.compose(
-                    dp_event.SelfComposedDpEvent(
-                        dp_event.PoissonSampledDpEvent(q, dp_event.GaussianDpEvent(sigma)),
-                        steps,
-                    )
-                )
+            for event, count in _general_events(history):
+                if not acc.supports(event):
+                    raise ValueError(f"the rdp accountant cannot compose {event}; use --accountant pld")
+                acc.compose(event, count)
             eps = acc.get_epsilon(delta)
         finally:
             absl_logger.setLevel(level)
@@ -517,105 +583,6 @@ def calibrate_noise_multiplier(
         if eps(lo) <= target_epsilon:
             return lo
     return bisect(eps, lo, hi)
-
-
-# -------------------------------------------------------------------- Accountant
-
-
-class Accountant:
-    """Incremental accountant for one privacy unit (e.g. one device, example level).
-
-    Holds the unit's list of :class:`SubsampledGaussianEvent`; :meth:`epsilon`
-    composes them with :func:`compute_epsilon` (cached, so many units with the same
-    history cost one computation).
-
-    Parameters
-    ----------
-    accountant : {"pld", "rdp"}
-        Which accountant converts the history to epsilon.
-    events : iterable, optional
-        Initial history.
-    value_discretization_interval : float
-        PLD grid step.
-
-    Raises
-    ------
-    ValueError
-        For an unknown accountant or an invalid event.
-    """
-
-    def __init__(
-        self,
-        accountant: str = "pld",
-        events: Iterable[Any] = (),
-        *,
-        value_discretization_interval: float = DEFAULT_VALUE_DISCRETIZATION_INTERVAL,
-    ) -> None:
-        self.accountant = _validate_accountant(accountant)
-        if not value_discretization_interval > 0:
-            raise ValueError("value_discretization_interval must be > 0")
-        self.value_discretization_interval = float(value_discretization_interval)
-        self._events: list[SubsampledGaussianEvent] = [_coerce_event(e) for e in events]
-
-    @property
-    def events(self) -> tuple[SubsampledGaussianEvent, ...]:
-        """The composed events, oldest first (read-only)."""
-        return tuple(self._events)
-
-    def __len__(self) -> int:
-        return len(self._events)
-
-    def compose(self, event: Any) -> "Accountant":
-        """Append one event (validated); returns ``self`` for chaining."""
-        self._events.append(_coerce_event(event))
-        return self
-
-    def epsilon(self, delta: float) -> float:
-        """Epsilon (nats) at ``delta`` of everything composed so far.
-
-        Raises
-        ------
-        ValueError
-            If ``delta`` is not in ``(0, 1)``.
-        """
-        return compute_epsilon(
-            self._events, delta, self.accountant,
-            value_discretization_interval=self.value_discretization_interval,
-        )
-
-    def epsilon_if(self, event: Any, delta: float) -> float:
-        """Epsilon at ``delta`` if ``event`` were composed next (state unchanged).
-
-        Use for budget checks: select a unit only if ``epsilon_if(next) <= budget``.
-        """
-        return compute_epsilon(
-            [*self._events, _coerce_event(event)], delta, self.accountant,
-            value_discretization_interval=self.value_discretization_interval,
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-serialisable state: accountant name, grid step and the event list."""
-        return {
-            "accountant": self.accountant,
-            "value_discretization_interval": self.value_discretization_interval,
-            "events": [e.to_dict() for e in self._events],
-        }
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "Accountant":
-        """Rebuild from :meth:`to_dict`. Raises ``ValueError`` on malformed state."""
-        if not isinstance(data, Mapping) or "events" not in data:
-            raise ValueError("accountant state must be a dict with an 'events' list")
-        return cls(
-            data.get("accountant", "pld"),
-            data["events"],
-            value_discretization_interval=data.get(
-                "value_discretization_interval", DEFAULT_VALUE_DISCRETIZATION_INTERVAL
-            ),
-        )
-
-    def __repr__(self) -> str:
-        return f"Accountant({self.accountant!r}, {len(self._events)} events)"
 
 
 def to_dp_event(event: SubsampledGaussianEvent):

@@ -302,15 +302,17 @@ class Ledger:
             for d, e in self.conn.execute("SELECT device_id, epsilon FROM device_epsilon WHERE run_id=? AND unit=?", (self.run_id, unit))
         }
 
-    def events(self, unit: str) -> dict[int, list[tuple[float, float, int]]]:
-        """Each device's events of ``unit`` in round order: device -> [(sigma, q, steps), ...]."""
-        out: dict[int, list[tuple[float, float, int]]] = {}
-        for d, s, q, n in self.conn.execute(
-            "SELECT device_id, noise_multiplier, sample_rate, steps FROM privacy_events"
+    def events(self, unit: str) -> dict[int, list[tuple[float, float, int] | str]]:
+        """Each device's events of ``unit`` in composition order: device -> [event, ...], each the
+        row's serialised dp-accounting event (JSON, :func:`dp.accounting.dp_event_from_json`) when
+        it has one, else its ``(sigma, q, steps)`` (rows of ledgers from before the column)."""
+        out: dict[int, list[tuple[float, float, int] | str]] = {}
+        for d, s, q, n, ev in self.conn.execute(
+            "SELECT device_id, noise_multiplier, sample_rate, steps, dp_event FROM privacy_events"
             " WHERE run_id=? AND unit=? ORDER BY round, attempt, id",
             (self.run_id, unit),
         ):
-            out.setdefault(d, []).append((s, q, n))
+            out.setdefault(d, []).append(ev if ev is not None else (s, q, n))
         return out
 
     def record_holdout(self, round_: int, attempt: int, noise_multiplier: float, noise_at: str, devices: int,

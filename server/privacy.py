@@ -10,14 +10,19 @@ charges, and how the noise is calibrated, is the run's mechanism's (mechanisms/)
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 import numpy as np
 
-from dp.accounting import SubsampledGaussianEvent, compute_epsilons
+from dp.accounting import SubsampledGaussianEvent, compute_epsilons, dp_event_from_json
 
 
 class PrivacyBook:
     """In-memory histories of both units, with budget checks.
+
+    An event is whatever the run's mechanism accounts: a
+    :class:`dp.accounting.SubsampledGaussianEvent` or any dp-accounting ``DpEvent``
+    (:func:`dp.accounting.compute_epsilons` composes either).
 
     Parameters
     ----------
@@ -35,14 +40,16 @@ class PrivacyBook:
         self.delta = delta
         self.accountant = accountant
         self.budget = {"example": max_epsilon, "device": max_epsilon_device}
-        self.history: dict[str, dict[int, list[SubsampledGaussianEvent]]] = {"example": {}, "device": {}}
+        self.history: dict[str, dict[int, list]] = {"example": {}, "device": {}}  # events as the mechanism accounts them
         self.epsilon: dict[str, dict[int, float]] = {"example": {}, "device": {}}
         self.exhausted: dict[int, tuple[str, float]] = {}
 
-    def load(self, unit: str, events: dict[int, list[tuple[float, float, int]]]) -> None:
-        """Restore histories (e.g. from the ledger on resume)."""
+    def load(self, unit: str, events: dict[int, list]) -> None:
+        """Restore histories (e.g. from the ledger on resume, :meth:`rundir.Ledger.events`): each
+        event a serialised dp-accounting event (JSON) or a ``(sigma, q, steps)`` tuple."""
+        parse = lru_cache(maxsize=None)(dp_event_from_json)  # a run has few distinct events
         for d, evs in events.items():
-            self.history[unit][d] = [SubsampledGaussianEvent(*e) for e in evs]
+            self.history[unit][d] = [parse(e) if isinstance(e, str) else SubsampledGaussianEvent(*e) for e in evs]
         self.epsilon[unit].update(compute_epsilons(self.history[unit], self.delta, self.accountant))
 
     def add(self, unit: str, events: dict[int, SubsampledGaussianEvent]) -> dict[tuple[int, str], float]:

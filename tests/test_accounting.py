@@ -1,4 +1,4 @@
-"""Accountants (PLD primary, RDP cross-check), calibration and the incremental Accountant."""
+"""Accountants (PLD primary, RDP cross-check) over Poisson-subsampled Gaussian and any dp-accounting event; calibration."""
 
 import json
 import math
@@ -6,13 +6,13 @@ import math
 import pytest
 
 from dp.accounting import (
-    Accountant,
     SubsampledGaussianEvent,
     calibrate_noise_multiplier,
     canonical_history,
     compute_epsilon,
     compute_epsilons,
     privacy_tier,
+    to_dp_event,
 )
 
 DELTA = 1e-5
@@ -148,26 +148,49 @@ def test_calibration_unreachable_and_invalid():
     assert calibrate_noise_multiplier(1.0, DELTA, 0.01, 0) == 0.0
 
 
-def test_accountant_incremental_and_persistence():
-    acc = Accountant("pld")
-    assert acc.epsilon(DELTA) == 0.0
-    ev = SubsampledGaussianEvent(1.0, 0.05, 20)
-    projected = acc.compose(ev).epsilon_if(ev, DELTA)
-    assert len(acc) == 1
-    first = acc.epsilon(DELTA)
-    assert 0 < first < projected
-    acc.compose(ev)
-    assert acc.epsilon(DELTA) == pytest.approx(projected)
-    state = json.loads(json.dumps(acc.to_dict()))
-    again = Accountant.from_dict(state)
-    assert again.events == acc.events
-    assert again.epsilon(DELTA) == acc.epsilon(DELTA)
-    rdp = Accountant("rdp", acc.events)
-    assert rdp.epsilon(DELTA) >= acc.epsilon(DELTA)
-    with pytest.raises(ValueError):
-        Accountant.from_dict({"nope": 1})
-    with pytest.raises(ValueError):
-        Accountant("moments")
+def _dp_accounting_epsilon(events, accountant):
+    """The epsilon dp-accounting's own accountant gives for ``events`` (each composed once)."""
+    from dp_accounting.pld import pld_privacy_accountant
+    from dp_accounting.rdp import rdp_privacy_accountant
+
+    acc = (pld_privacy_accountant.PLDAccountant(value_discretization_interval=1e-3) if accountant == "pld"
+           else rdp_privacy_accountant.RdpAccountant())
+    for e in events:
+        acc.compose(to_dp_event(e) if isinstance(e, SubsampledGaussianEvent) else e)
+    return acc.get_epsilon(DELTA)
+
+
+@pytest.mark.parametrize("accountant", ["pld", "rdp"])
+def test_any_dp_event_composes_as_dp_accounting_does(accountant):
+    from dp_accounting import dp_event as de
+
+    laplace = de.LaplaceDpEvent(3.0)
+    inner = de.LaplaceDpEvent(2.0) if accountant == "pld" else de.GaussianDpEvent(2.0)  # RDP: sampled Gaussians only
+    composed = de.ComposedDpEvent([de.GaussianDpEvent(4.0), de.PoissonSampledDpEvent(0.2, inner)])
+    history = [SubsampledGaussianEvent(1.1, 0.02, 40), laplace, composed, SubsampledGaussianEvent(1.1, 0.02, 10), laplace]
+    eps = compute_epsilon(history, DELTA, accountant)
+    assert eps == pytest.approx(_dp_accounting_epsilon(history, accountant), rel=1e-6)
+    # identical histories, in any order, share one value; one more event raises it
+    again = compute_epsilons({0: history, 1: history[::-1], 2: history + [laplace]}, DELTA, accountant)
+    assert again[0] == again[1] == eps < again[2]
+    if accountant == "rdp":  # an event the accountant cannot compose is refused, naming the fix
+        with pytest.raises(ValueError, match="--accountant pld"):
+            compute_epsilon([de.PoissonSampledDpEvent(0.2, de.LaplaceDpEvent(2.0))], DELTA, "rdp")
+
+
+def test_dp_events_of_the_subsampled_gaussian_shape_are_read_as_one():
+    from dp_accounting import dp_event as de
+
+    events = [SubsampledGaussianEvent(1.0, 0.05, 20), SubsampledGaussianEvent(2.0, 1.0, 1)]
+    as_dp = [to_dp_event(events[0]), de.GaussianDpEvent(2.0), de.NoOpDpEvent()]
+    assert canonical_history(as_dp) == canonical_history(events) == ((1.0, 0.05, 20), (2.0, 1.0, 1))
+    assert compute_epsilon(as_dp, DELTA) == compute_epsilon(events, DELTA)
+    assert compute_epsilon([de.NoOpDpEvent()], DELTA) == 0.0
+    assert compute_epsilon([events[0], de.NonPrivateDpEvent()], DELTA) == math.inf
+    with pytest.raises(ValueError, match="Unsupported"):
+        compute_epsilon([de.UnsupportedDpEvent()], DELTA)
+    with pytest.raises(ValueError, match="privacy events must be"):
+        compute_epsilon(["not an event"], DELTA)
 
 
 def test_privacy_tier():
