@@ -3,7 +3,7 @@
 The user's :class:`settings.config.RunConfig` is frozen; what is derived from it and from the
 data (delta from the number of training examples, the selection constant c from the planned
 activities, the noise multipliers the mechanism calibrates for its targets, the server learning
-rate of the run's mode) is computed here once, by the same function the preflight of ``dpfl
+rate of the run's mode, how the intent head starts) is computed here once, by the same function the preflight of ``dpfl
 simulate`` and the :class:`server.state.Server` call, so the preflight checks exactly the
 calibration the run will use.
 """
@@ -16,10 +16,11 @@ import numpy as np
 
 from mechanisms import mechanism_for
 from mechanisms.base import Calibration, Mechanism
+from nlu.head_init import HeadInitError, label_texts, labels_are_text
 from partitions.population import Population
 from server.privacy import largest_selection_probability
 from server.selection import ActivitySelector
-from settings.config import RunConfig
+from settings.config import ConfigError, RunConfig
 
 __all__ = ["RunPlan", "resolve"]
 
@@ -33,7 +34,8 @@ class RunPlan:
     settings : settings.config.RunConfig
         The user's settings with the derived values filled in: ``target_delta``, the calibrated
         ``noise_multiplier`` / ``device_noise_multiplier`` (and the default ``target_epsilon``
-        they were calibrated for), ``server_learning_rate``. ``config.toml`` records these.
+        they were calibrated for), ``server_learning_rate``, ``head_init`` (``auto`` resolved).
+        ``config.toml`` records these.
     delta : float
         The delta at which every epsilon of the run is stated.
     planned : numpy.ndarray, shape [K] or [T, K] (continual setting), int
@@ -59,6 +61,27 @@ class RunPlan:
         return float(self.selector.c)
 
 
+def resolve_head_init(cfg: RunConfig, label_names) -> str:
+    """``--head-init`` with ``auto`` resolved: ``label-names`` for an intent task on mean-pooled features
+    whose labels are words (:func:`nlu.head_init.labels_are_text`), else ``random``.
+
+    Raises
+    ------
+    settings.config.ConfigError
+        If ``--label-descriptions`` cannot be read or misses a label.
+    """
+    head_init = cfg.head_init
+    if head_init == "auto":
+        text = labels_are_text(label_names) or cfg.label_descriptions is not None
+        head_init = "label-names" if cfg.task == "intent" and cfg.pooling == "mean" and text else "random"
+    if head_init == "label-names":
+        try:
+            label_texts(label_names, cfg.label_descriptions)
+        except HeadInitError as exc:
+            raise ConfigError(str(exc)) from None
+    return head_init
+
+
 def resolve(cfg: RunConfig, pop: Population) -> RunPlan:
     """Resolve ``cfg`` on the population ``pop`` into the run's :class:`RunPlan` (``cfg`` is not changed).
 
@@ -82,7 +105,8 @@ def resolve(cfg: RunConfig, pop: Population) -> RunPlan:
     selector = ActivitySelector(planned, alpha, cfg.cohort_size, cfg.selection_constant)
     # the mechanism's noise from its targets (a calibration target is also every device's budget)
     calibration = mechanism_for(cfg).calibrate(planned, delta, lambda: largest_selection_probability(selector, planned))
-    settings = cfg.replace(target_delta=delta, **calibration.values)
+    settings = cfg.replace(target_delta=delta, head_init=resolve_head_init(cfg, pop.data.label_names),
+                           **calibration.values)
     settings = settings.replace(server_learning_rate=settings.resolved_server_learning_rate())
     return RunPlan(settings=settings, delta=delta, planned=planned, selector=selector,
                    mechanism=mechanism_for(settings), calibration=calibration)

@@ -20,6 +20,7 @@ from flwr.app import ArrayRecord
 from dp.secure_random import NoiseSource
 from settings.config import ConfigError, RunConfig
 from nlu.features import cache_frozen_encoder
+from nlu.head_init import init_head_from_texts, label_texts
 from nlu.model import load_tokenizer, set_trainable
 from nlu.tasks import task_for_data
 from partitions.canary_record import write_canaries
@@ -118,7 +119,11 @@ class Server:
         self.rundir.write_config(cfg)
         write_canaries(self.rundir.path, self.pop, self.rundir.ledger_path, cfg.run_id)
         self.task = task_for_data(cfg.task, self.pop.data, cfg.slot_loss_weight, pooling=cfg.pooling, pc_weight=cfg.pc_weight)
-        self.model = set_trainable(self.task.build_model(cfg.model, seed=cfg.seed), cfg.trainable, **cfg.lora_options())
+        model = self.task.build_model(cfg.model, seed=cfg.seed)
+        if cfg.head_init == "label-names":  # the public label schema only (nlu/head_init.py)
+            init_head_from_texts(model, label_texts(self.pop.data.label_names, cfg.label_descriptions),
+                                 load_tokenizer(cfg.model), cfg.max_length)
+        self.model = set_trainable(model, cfg.trainable, **cfg.lora_options())
         cache_frozen_encoder(self.model)  # --trainable head: the test split's features are computed once
         self.test_enc = self.task.encode(self.pop.data.test, load_tokenizer(cfg.model), cfg.max_length)
         self.strategy = make_strategy(cfg)

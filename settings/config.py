@@ -45,6 +45,7 @@ TASKS = ("intent", "slots", "joint")
 SETTINGS = ("static", "continual")
 NOISE_PLACEMENTS = ("device", "aggregate")
 FAULT_KINDS = ("mixed", "raise", "hang", "nan", "shape")
+HEAD_INITS = ("auto", "label-names", "random")
 
 
 class ConfigError(ValueError):
@@ -220,6 +221,19 @@ class RunConfig:
         metadata={"help": "mean (mean-pooled token states) | cls (transformers' classification head)",
                   "group": "model", "choices": ("mean", "cls")},
     )
+    head_init: str = field(
+        default="auto",
+        metadata={"help": "how the intent head starts: label-names (a prototype classifier from the encoder's "
+                          "embeddings of the label names, or of --label-descriptions: the public label schema "
+                          "only, no training example) | random (seeded) | auto (label-names when the labels are "
+                          "text, the task is intent and --pooling mean; else random)",
+                  "group": "model", "choices": HEAD_INITS},
+    )
+    label_descriptions: str | None = field(
+        default=None,
+        metadata={"help": "a JSON file {label: public description} that --head-init label-names embeds instead of "
+                          "the label names (default: none, the names themselves)", "group": "model"},
+    )
     trainable: str = field(
         default="head",
         metadata={"help": "which parameters train: all (embeddings included) | head (frozen encoder) | topN (head + "
@@ -324,6 +338,14 @@ class RunConfig:
         default=None,
         metadata={"help": "device-level epsilon budget per device (needs --device-dp) (default: none: no device-level "
                           "budget, the noise is --device-noise-multiplier)", "group": "device_privacy"},
+    )
+    participation_cap: int | None = field(
+        default=None,
+        metadata={"help": "rounds a device may join: the example-level noise is calibrated for this many of a "
+                          "device's rounds instead of --rounds, and each device stops joining once its next round "
+                          "would pass its budget (an individual privacy filter: after this many rounds for the device "
+                          "that needs the most noise; default: none, calibrated for a device that joins every round)",
+                  "group": "example_privacy"},
     )
     max_epsilon: float | None = field(
         default=None,
@@ -471,6 +493,16 @@ class RunConfig:
         )
         need(self.num_clusters >= 1, "num_clusters", "must be >= 1")
         need(self.pooling in ("mean", "cls"), "pooling", "must be 'mean' or 'cls'")
+        need(self.head_init in HEAD_INITS, "head_init", f"must be one of {HEAD_INITS}")
+        need(self.participation_cap is None or self.participation_cap >= 1, "participation_cap", "must be >= 1")
+        need(self.participation_cap is None or (self.dp and self.resolved_target_epsilon() is not None),
+             "participation_cap", "calibrates the example-level noise for a target: needs example-level DP and "
+             "--target-epsilon (or its default, without --noise-multiplier)")
+        need(self.head_init != "label-names" or (self.pooling == "mean" and self.task == "intent"), "head_init",
+             "label-names initialises the intent head on mean-pooled features: needs --task intent and --pooling mean "
+             "(or use --head-init random)")
+        need(self.label_descriptions is None or self.head_init != "random", "label_descriptions",
+             "is read only by --head-init label-names (or auto)")
         if self.trainable.strip().lower() != "lora":
             try:
                 parse_trainable(self.trainable)
