@@ -302,14 +302,15 @@ class Mechanism:
 
 def calibrate_example(cfg, delta: float, profiles: set[tuple[float, int]], hint: str) -> Calibration:
     """The example-level calibration of either placement: the smallest noise multiplier that keeps
-    every (sample_rate, steps-per-round) profile, repeated ``cfg.rounds`` times, at or below the
-    target epsilon (``--target-epsilon``, default 8 without ``--noise-multiplier``: also every
+    every (sample_rate, steps-per-round) profile, repeated ``cfg.rounds`` times (or
+    ``cfg.participation_cap`` times, the most rounds one device joins: the budget filter, with
+    the target as every device's budget, stops it there), at or below the target epsilon (``--target-epsilon``, default 8 without ``--noise-multiplier``: also every
     device's budget). The largest sigma any profile needs; nothing when no target applies.
 
     Parameters
     ----------
     cfg : settings.config.RunConfig
-        ``target_epsilon`` (resolved), ``rounds``, ``accountant``.
+        ``target_epsilon`` (resolved), ``rounds``, ``participation_cap``, ``accountant``.
     delta : float
     profiles : set of (float, int)
         (q, steps of one round) per distinct local mechanism.
@@ -324,18 +325,21 @@ def calibrate_example(cfg, delta: float, profiles: set[tuple[float, int]], hint:
     target = cfg.resolved_target_epsilon()
     if target is None:
         return Calibration()
+    rounds = min(cfg.rounds, cfg.participation_cap or cfg.rounds)  # the rounds one device may join
     sigma = 0.0
     for q, steps in sorted(profiles):
         if steps == 0:
             continue
         try:
-            s = calibrate_noise_multiplier(target, delta, schedule=[(q, steps * cfg.rounds)], accountant=cfg.accountant)
+            s = calibrate_noise_multiplier(target, delta, schedule=[(q, steps * rounds)], accountant=cfg.accountant)
         except ValueError as exc:
             raise ValueError(
                 f"--target-epsilon {target:g} is unreachable for a device with sample rate {q:.3g} "
-                f"and {steps} local steps over {cfg.rounds} rounds at delta {delta:g}: raise --target-epsilon, "
-                f"lower --rounds" + hint + f" ({exc})"
+                f"and {steps} local steps over {rounds} rounds at delta {delta:g}: raise --target-epsilon, "
+                f"lower --rounds (or --participation-cap)" + hint + f" ({exc})"
             ) from exc
         sigma = max(sigma, s)
     return Calibration({"target_epsilon": target, "noise_multiplier": sigma},
-                       (f"target epsilon {target:g}: noise multiplier calibrated to {sigma:.4f}",))
+                       (f"target epsilon {target:g}: noise multiplier calibrated to {sigma:.4f}"
+                        + (f" for at most {rounds} of the {cfg.rounds} rounds per device (--participation-cap)"
+                           if rounds < cfg.rounds else ""),))

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 import client.app as capp
-from dp.accounting import SubsampledGaussianEvent, compute_epsilon
+from dp.accounting import SubsampledGaussianEvent, calibrate_noise_multiplier, compute_epsilon
 from dp.secure_random import NoiseSource
 from settings.config import RunConfig
 from inprocess import run_rounds, toy_config, write_lamp_data
@@ -308,3 +308,33 @@ def test_target_epsilon_holds_after_a_crash_and_resume(tmp_path, data_dir, noise
     assert hits, "the crashed round's spent events should make some device reach the budget"
     rounds = [line["round"] for line in read_metric_lines(cfg.run_dir)]
     assert rounds == list(range(1, T + 1))
+
+
+@pytest.mark.parametrize("noise_at", ["device", "aggregate"])
+def test_participation_cap_calibrates_for_the_cap_and_the_filter_stops_devices_across_a_resume(tmp_path, data_dir,
+                                                                                              noise_at):
+    """--participation-cap K: the noise is calibrated for K of a device's rounds (less than for all T), and
+    the budget filter stops each device before its epsilon passes the target, across a resume."""
+    from server.plan import resolve
+
+    E, T, K = 4.0, 5, 2
+    kw = dict(noise_at=noise_at, trainable="head", rounds=T, num_devices=3, cohort_size=3, sample_rate=0.5,
+              target_epsilon=E)
+    capped = _cfg(tmp_path, data_dir, participation_cap=K, **kw)
+    uncapped = _cfg(tmp_path, data_dir, name="uncapped", **kw)
+    sigma_cap = resolve(capped, build_population(capped)).settings.noise_multiplier
+    sigma_all = resolve(uncapped, build_population(uncapped)).settings.noise_multiplier
+    assert 0 < sigma_cap < sigma_all
+    if noise_at == "aggregate":  # one event at rate p per round joined: K of them reach the target
+        assert sigma_cap == pytest.approx(calibrate_noise_multiplier(E, resolve(capped, build_population(capped)).delta,
+                                                                     schedule=[(0.5, K)]), rel=1e-9)
+    run_rounds(capped.replace(), rounds=2)
+    server, _, _, outs = run_rounds(capped.replace(), resume=True)
+    assert server.start_round == 3
+    by_device, hits = _check_ledger_within(capped, E, server.delta)
+    assert hits and set(by_device) == set(range(3))
+    if noise_at == "aggregate":  # q = 1: every device joins exactly K rounds, then none is left
+        assert all(len(evs) == K for evs in by_device.values())
+        assert outs[-1].cohort_size == 0
+    with pytest.raises(Exception, match="--participation-cap"):
+        RunConfig(participation_cap=2, noise_multiplier=1.0).validate()
