@@ -3,7 +3,7 @@
 Each arm is one ``dpfl simulate`` run on BANKING77 (``--data-dir``, default
 ``../shared/data/banking77``), 100 devices with quantity + label skew
 (``--partitioner quantity-label``), expected cohort 10, delta 1e-5, MiniLM, max length 64.
-An arm is ``NOISE:TRAINABLE:EPS``:
+An arm is ``NOISE:TRAINABLE:EPS[:LEVERS]``:
 
 * NOISE ``device``: example-level DP-SGD on every device (noise at every local step; trusts nobody);
 * NOISE ``aggregate``: example-level DP with the noise added once per round to the cohort's sum
@@ -19,6 +19,12 @@ TRAINABLE is ``head`` (frozen encoder: a private linear probe), ``lora`` or ``al
 target epsilon: the noise multiplier is calibrated through the accountant for the arm's
 schedule (``--target-epsilon``; for device level from the devices' largest selection
 probability) and the same value is every device's budget.
+
+LEVERS (optional, ``+``-joined) change one setting of the arm, for the ablation of issue 24's
+levers: ``random`` (``--head-init random``: the head starts random; by default it starts from the
+label names, ``--head-init auto``), ``labels`` (``--head-init label-names``), ``capK``
+(``--participation-cap K``: the noise calibrated for K of a device's rounds), e.g.
+``aggregate:head:1:random+cap20``.
 
 Usage::
 
@@ -86,18 +92,47 @@ TRAINABLE_SETTINGS = {
 }
 
 
-def parse_arm(text: str) -> tuple[str, str, float | None]:
-    """``"NOISE:TRAINABLE:EPS"`` -> (noise, trainable, target epsilon or None).
+def lever_args(levers: str) -> list[str]:
+    """The ``dpfl simulate`` flags of an arm's LEVERS (``+``-joined; see the module docstring).
 
     Raises
     ------
     SystemExit
-        For an unknown NOISE or TRAINABLE, or an EPS that is not a positive number (or ``-``).
+        For an unknown lever.
+    """
+    args: list[str] = []
+    for lever in filter(None, levers.split("+")):
+        if lever in LEVERS:
+            args += LEVERS[lever]
+        elif lever.startswith("cap") and lever[3:].isdigit() and int(lever[3:]) >= 1:
+            args += ["--participation-cap", lever[3:]]
+        else:
+            raise SystemExit(f"--arms: unknown lever {lever!r} (one of {sorted(LEVERS)} or capK)")
+    return args
+
+
+#: Named LEVERS of an arm (issue 24's levers for strict budgets), besides ``capK`` (--participation-cap K).
+LEVERS = {
+    "random": ["--head-init", "random"],  # the head starts random (the default starts from the label names)
+    "labels": ["--head-init", "label-names"],
+}
+
+
+def parse_arm(text: str) -> tuple[str, str, float | None]:
+    """``"NOISE:TRAINABLE:EPS[:LEVERS]"`` -> (noise, trainable, target epsilon or None); LEVERS are
+    checked by :func:`lever_args`.
+
+    Raises
+    ------
+    SystemExit
+        For an unknown NOISE, TRAINABLE or lever, or an EPS that is not a positive number (or ``-``).
     """
     parts = text.strip().split(":")
-    if len(parts) != 3:
-        raise SystemExit(f"--arms: {text!r} is not NOISE:TRAINABLE:EPS")
-    noise, trainable, eps = parts
+    if len(parts) not in (3, 4):
+        raise SystemExit(f"--arms: {text!r} is not NOISE:TRAINABLE:EPS[:LEVERS]")
+    if len(parts) == 4:
+        lever_args(parts[3])
+    noise, trainable, eps = parts[:3]
     if noise not in SETTINGS:
         raise SystemExit(f"--arms: NOISE must be one of {sorted(SETTINGS)}, got {noise!r}")
     if trainable not in TRAINABLE_SETTINGS:
@@ -121,8 +156,8 @@ def device_level_sigma(target: float, rounds: int, q: float) -> float:
 
 
 def arm_command(noise: str, trainable: str, eps: float | None, run_dir: Path, data_dir: str, seed: int,
-                extra: list[str]) -> list[str]:
-    """The exact ``dpfl simulate`` command of one arm."""
+                extra: list[str], levers: str = "") -> list[str]:
+    """The exact ``dpfl simulate`` command of one arm (``levers``: its LEVERS field, :func:`lever_args`)."""
     args = ["dpfl", "simulate", "--run-dir", str(run_dir), "--data-dir", data_dir, "--seed", str(seed),
             "--no-progress", *COMMON, *SETTINGS[noise]]
     if noise in ("aggregate", "nonoise") or trainable != "lora":
@@ -136,7 +171,7 @@ def arm_command(noise: str, trainable: str, eps: float | None, run_dir: Path, da
         q = float(args[args.index("--cohort-size") + 1]) / float(args[args.index("--num-devices") + 1])
         args += ["--device-noise-multiplier", f"{device_level_sigma(eps, rounds, q):.6f}",
                  "--target-epsilon-device", f"{eps:g}"]
-    return args + extra
+    return args + lever_args(levers) + extra
 
 
 def _metrics(run_dir: Path) -> list[dict]:
@@ -160,7 +195,8 @@ def run_arm(arm: str, out: Path, data_dir: str, seed: int, extra: list[str]) -> 
 
     noise, trainable, eps = parse_arm(arm)
     run_dir = out / arm.replace(":", "-")
-    cmd = arm_command(noise, trainable, eps, run_dir, data_dir, seed, extra)
+    levers = arm.split(":")[3] if arm.count(":") == 3 else ""
+    cmd = arm_command(noise, trainable, eps, run_dir, data_dir, seed, extra, levers)
     text = " ".join(shlex.quote(c) for c in cmd)
     rows = _metrics(run_dir)
     planned = _planned(run_dir)
@@ -183,6 +219,7 @@ def run_arm(arm: str, out: Path, data_dir: str, seed: int, extra: list[str]) -> 
         "arm": arm,
         "noise": noise,
         "trainable": trainable,
+        "levers": levers,
         "target_epsilon": eps,
         "epsilon": final.get("epsilon_example_max") if noise in ("aggregate", "device") else None,
         "epsilon_device": final.get("epsilon_device_max") if noise == "device-level" else None,
@@ -221,7 +258,7 @@ def write_outputs(results: list[dict], out: Path) -> None:
     for r in results:
         eps = r["epsilon"] if r["epsilon"] is not None else r["epsilon_device"]
         if eps is not None and r["accuracy"] is not None:
-            series.setdefault((r["noise"], r["trainable"]), []).append((eps, r["accuracy"]))
+            series.setdefault((r["noise"], r["trainable"] + (f" {r['levers']}" if r.get("levers") else "")), []).append((eps, r["accuracy"]))
     for (noise, trainable), pts in sorted(series.items()):
         pts.sort()
         unit = "device-level eps" if noise == "device-level" else "example-level eps"
