@@ -1,0 +1,75 @@
+"""The "Accountant and delta" subsection: the accountant, its sampling assumption, and delta against 1/N."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from report.blocks import Block, fmt
+from report.context import Context, Facts
+from report.sections.base import Doc, Section
+
+
+@dataclass(frozen=True)
+class Accountant:
+    """The accountant every epsilon was recomputed with and the delta they are stated at, beside the
+    population: ``num_devices``, ``num_examples`` (sum of starting activities; None without a
+    ledger), and 1/N of each (None when N is unknown or 0)."""
+
+    facts: Facts
+    num_devices: int | None
+    num_examples: int | None
+    one_over_examples: float | None
+    one_over_devices: float | None
+
+    def to_json(self) -> dict[str, Any]:
+        """``delta``, ``accountant``, ``num_devices``, ``num_examples`` and (with a delta) ``delta_vs_units``."""
+        out: dict[str, Any] = {"delta": self.facts.delta, "accountant": self.facts.accountant,
+                               "num_devices": self.num_devices, "num_examples": self.num_examples}
+        if self.facts.delta is not None:
+            out["delta_vs_units"] = {"one_over_examples": self.one_over_examples,
+                                     "one_over_devices": self.one_over_devices}
+        return out
+
+
+def compute(ctx: Context) -> Accountant:
+    """The accountant, delta and the population sizes."""
+    n_ex, n_dev = ctx.num_examples, ctx.num_devices
+    return Accountant(facts=ctx.facts, num_devices=n_dev, num_examples=n_ex,
+                      one_over_examples=(1.0 / n_ex) if n_ex else None,
+                      one_over_devices=(1.0 / n_dev) if n_dev else None)
+
+
+def render(a: Accountant, doc: Doc) -> list[Block]:
+    """The accountant and delta of a private run (nothing without DP); delta is set beside 1/N for
+    examples and for devices, with a warning when it is not far below."""
+    run = a.facts
+    if not run.any_dp:
+        return []
+    acc, delta = run.accountant, run.delta
+    where = []
+    if run.dp_on:
+        where.append("example level: " + ("each example's inclusion in its device's clipped sum, rate p"
+                                          if run.aggregate else "local batches"))
+    if run.device_dp:
+        where.append("device level: cohort selection")
+    dl = [
+        f"Accountant: {acc} ({'dp-accounting privacy loss distributions with pessimistic discretisation: an upper bound on epsilon (Koskela et al. 2020; Google dp-accounting)' if acc == 'pld' else 'dp-accounting Renyi DP (Mironov 2017) converted to (epsilon, delta) following Balle et al. 2020'}). "
+        "It assumes Poisson sampling: each unit is included in each step independently with probability q "
+        f"({'; '.join(where)}). Every epsilon in this report was recomputed from the ledger's privacy events.",
+        f"delta = {fmt(delta)}, the probability with which the epsilon bound may fail. It must be far below "
+        "1/N, since a mechanism that publishes one random unit's data outright is (0, 1/N)-DP.",
+    ]
+    if a.one_over_examples and run.dp_on:
+        dl.append(f"Example level: N = {a.num_examples} training examples, 1/N = {fmt(a.one_over_examples)}; "
+                  f"delta is {fmt(a.one_over_examples / delta, 3)} times smaller."
+                  + ("" if delta * 10 <= a.one_over_examples else " WARNING: delta is not far below 1/N."))
+    if a.one_over_devices and run.device_dp:
+        dl.append(f"Device level: N = {a.num_devices} devices, 1/N = {fmt(a.one_over_devices)}; "
+                  f"delta is {fmt(a.one_over_devices / delta, 3)} times smaller."
+                  + ("" if delta * 10 <= a.one_over_devices else " WARNING: delta is not far below 1/N."))
+    return [("h", 3, "Accountant and delta"), ("ul", dl)]
+
+
+SECTION = Section("accountant", Accountant, compute, render,
+                  keys=("delta", "accountant", "num_devices", "num_examples", "delta_vs_units"))

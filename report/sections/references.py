@@ -1,0 +1,38 @@
+"""The sources of the report's methods, closing the utility section."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from report.blocks import Block
+from report.context import Context
+from report.sections.base import Doc, Section
+
+SOURCES = ("Mironov 2017 (Renyi DP); Koskela, Jalko & Honkela 2020 and Google's dp-accounting "
+           "(privacy loss distributions); Balle et al. 2020 (RDP to (epsilon, delta)); Abadi et al. 2016 "
+           "(DP-SGD); McMahan et al. 2018 (DP-FedAvg).")
+
+
+@dataclass(frozen=True)
+class References:
+    """The works the report's accounting and mechanisms follow (one citation line)."""
+
+    sources: str = SOURCES
+
+    def to_json(self) -> dict[str, Any]:
+        """Nothing of its own in summary.json."""
+        return {}
+
+
+def compute(ctx: Context) -> References:
+    """The references (the same for every run)."""
+    return References()
+
+
+def render(r: References, doc: Doc) -> list[Block]:
+    """One paragraph: "Sources: ..."."""
+    return [("p", "Sources: " + r.sources)]
+
+
+SECTION = Section("references", References, compute, render)

@@ -1,0 +1,181 @@
+"""The "Setting and threat model" section: where the noise is added, whom each unit trusts, what is released."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from report.blocks import Block, param
+from report.context import Context, Facts
+from report.sections.base import Doc, Section
+
+
+@dataclass(frozen=True)
+class Trust:
+    """One unit's trust model: its ``name``, who is ``trusted``, and whom the guarantee ``holds_against``."""
+
+    name: str
+    trusted: str
+    holds_against: str
+
+    def to_json(self) -> dict[str, str]:
+        """``{"name", "trusted", "holds_against"}``."""
+        return {"name": self.name, "trusted": self.trusted, "holds_against": self.holds_against}
+
+
+#: The trust model of each placement of the example-level noise (``noise_at`` in config.toml).
+TRUST_MODELS: dict[str, Trust] = {
+    "device": Trust(
+        name="local DP: noise on the device (trusts nobody)",
+        trusted="nobody",
+        holds_against="everyone who sees a device's update: the server, the other devices and every "
+                      "observer of the released models",
+    ),
+    "aggregate": Trust(
+        name="central DP: noise on the aggregate (trusts the aggregator)",
+        trusted="the aggregator (the server), to add the noise and not to look at the individual clipped sums",
+        holds_against="observers of the released models, and an aggregator that sees the cohort but only the "
+                      "noisy sum (as with secure aggregation with noise shares on the devices; dpfl simulates "
+                      "the noise at the server)",
+    ),
+}
+#: The trust model of device-level DP (DP-FedAvg: the server clips each update and adds the noise).
+DEVICE_TRUST_MODEL = Trust(
+    name="central DP: DP-FedAvg on the server (trusts the aggregator)",
+    trusted="the server, to clip each device's update and add the noise; it sees the individual updates",
+    holds_against="observers of the released models",
+)
+
+
+@dataclass(frozen=True)
+class TrustModels:
+    """The trust model each privacy unit's guarantee assumes (None: that unit has no noise of its own)."""
+
+    example: Trust | None
+    device: Trust | None
+
+    def to_json(self) -> dict[str, dict[str, str] | None]:
+        """``{"example": trust | null, "device": trust | null}``."""
+        return {"example": self.example.to_json() if self.example else None,
+                "device": self.device.to_json() if self.device else None}
+
+
+@dataclass(frozen=True)
+class Setting:
+    """Which DP ran where: the flags (as :class:`report.context.Facts`), where the noise came from
+    (``noise_source``: ``"secret"``, ``"reproducible"`` or None without DP), each unit's trust model,
+    and the run's config.toml (``config``, as read)."""
+
+    facts: Facts
+    noise_source: str | None
+    trust_model: TrustModels
+    config: dict[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        """``dp``, ``device_dp``, ``noise_at``, ``reproducible_noise``, ``noise_source``, ``trust_model``, ``config``."""
+        f = self.facts
+        return {"dp": f.dp_on, "device_dp": f.device_dp, "noise_at": f.noise_at,
+                "reproducible_noise": f.reproducible_noise, "noise_source": self.noise_source,
+                "trust_model": self.trust_model.to_json(), "config": self.config}
+
+
+def compute(ctx: Context) -> Setting:
+    """The setting of the run."""
+    f = ctx.facts
+    return Setting(facts=f, noise_source=("reproducible" if f.reproducible_noise else "secret") if f.any_dp else None,
+                   trust_model=TrustModels(example=TRUST_MODELS.get(f.noise_at) if f.noise_at else None,
+                                           device=DEVICE_TRUST_MODEL if f.device_dp else None),
+                   config=ctx.cfg)
+
+
+def render(s: Setting, doc: Doc) -> list[Block]:
+    """The bullets: example-level noise and its trust model (:func:`_example_noise_items`),
+    device-level noise (:func:`_device_noise_item`), the metadata the server sees, the noise
+    source (:func:`_noise_source_item`), and that every round's model is covered."""
+    run = s.facts
+    out: list[Block] = [("h", 2, "Setting and threat model")]
+    if not run.any_dp:
+        out.append(("p", "No differential privacy: updates are neither clipped nor noised for privacy, and the "
+                         "server sees each device's update."))
+        return out
+    th = _example_noise_items(s)
+    th.append(_device_noise_item(s))
+    th.append("The server also sees activity counts (how many examples each device holds); these are "
+              "metadata outside the guarantee.")
+    th.append(_noise_source_item(run))
+    th.append("Everything released is covered: each round's global model is a function of the noisy "
+              "aggregates up to that round, and epsilon composes every round, so all rounds' models "
+              "(not only the last) are covered.")
+    if run.device_dp:
+        th.append("This report and the run directory are for the operator: they record which rounds each "
+                  "device joined and the realised cohort sizes, which the device-level guarantee (for the "
+                  "released models) does not cover.")
+    out.append(("ul", th))
+    return out
+
+
+def _example_noise_items(s: Setting) -> list[str]:
+    """Where example-level noise is added (on the device, on the aggregate, or not at all) and its trust model.
+
+    On the aggregate the server sees each device's clipped sum, so the run assumes it does not look.
+    """
+    run, cfg = s.facts, s.config
+    th = []
+    ex_trust = s.trust_model.example
+    if run.dp_on and not run.aggregate:
+        th.append(
+            "Example-level noise is added on the device: each device trains with DP-SGD (per-example "
+            "clipping to C, Gaussian noise of standard deviation sigma * C added to the summed clipped "
+            "gradients of each Poisson-sampled batch). The update that leaves the device is already private "
+            "for each of its examples.")
+    elif run.aggregate:
+        th.append(
+            f"Example-level noise is added on the aggregate: each selected device Poisson-samples its examples "
+            f"at rate p = {param(cfg, 'sample_rate')}, clips each example's gradient to C and sends only the sum "
+            "of the clipped gradients (no loss, no sample count, no timing). The server adds Gaussian noise of "
+            "standard deviation sigma * C once per round to the cohort's sum, divides by the expected number of "
+            "sampled examples (the sum of p n_k over the cohort, from the public counts) and takes a server "
+            f"optimizer step (strategy {param(cfg, 'strategy')}). A device's clipped sum carries no noise of "
+            "its own.")
+    else:
+        th.append("No example-level noise (dp = false): devices train without DP-SGD. The guarantee comes from "
+                  "device-level DP alone.")
+    if ex_trust:
+        th.append(f"Trust model at example level: {ex_trust.name}. Trusted: {ex_trust.trusted}. "
+                  f"The guarantee holds against {ex_trust.holds_against}."
+                  + (" Here the server does see the individual clipped sums: the run assumes it does not "
+                     "look at them." if run.aggregate else ""))
+    return th
+
+
+def _device_noise_item(s: Setting) -> str:
+    """Device-level noise added on the server and its trust model, or what the server sees without it."""
+    run = s.facts
+    if run.device_dp:
+        return (
+            "Device-level noise is added on the server: each device's update is clipped to norm S and "
+            "Gaussian noise of standard deviation sigma_u * S is added to the sum. Trust model at device level: "
+            f"{(s.trust_model.device or DEVICE_TRUST_MODEL).name}. The server is trusted to add this noise: it sees the individual "
+            + ("(example-level-private) updates before aggregation" if run.dp_on
+               else "updates before aggregation, which carry no noise of their own")
+            + ". The guarantee holds against observers of the released models.")
+    return ("No device-level noise: the server sees each device's individual clipped gradient sum, "
+            "which is not protected against it: only the noisy aggregate is (see the trust model)."
+            if run.aggregate else "No device-level noise: the server sees each device's individual update, "
+            "which is protected only at example level.")
+
+
+def _noise_source_item(run: Facts) -> str:
+    """Where the noise and the secret sampling decisions came from: the recorded seed (no guarantee) or a secret source."""
+    if run.reproducible:
+        return ("Noise source: derived from the seed in config.toml (--reproducible-noise), so the noise and "
+                "the sampling decisions can be regenerated: no guarantee holds.")
+    return ("Noise source: the noise and every sampling decision the accountant treats as random ("
+            + ("example sampling" if run.aggregate else "Poisson batches" if run.dp_on else "")
+            + (", " if run.dp_on else "") + "cohort selection, the Gaussian noise) came from a secret source, "
+            "a ChaCha20 generator keyed by operating-system entropy, that was never recorded. The seed in "
+            "config.toml drives only partitioning, initialisation and data splits.")
+
+
+SECTION = Section("setting", Setting, compute, render,
+                  keys=("dp", "device_dp", "noise_at", "reproducible_noise", "noise_source", "trust_model", "config"))
