@@ -101,3 +101,23 @@ def test_noise_placement_without_noise_at_comes_from_the_ledger(tmp_path):
     conn.close()
     js = build_report(named)
     assert js["noise_at"] == "aggregate" and js["trust_model"]["example"]["name"].startswith("central DP")
+
+
+@pytest.mark.parametrize("head_init", ["label-names", "random", None])
+def test_the_setting_states_how_the_head_started_and_the_participation_cap(tmp_path, head_init):
+    import tomllib
+
+    import tomli_w
+
+    run = make_run(tmp_path, device_dp=False, noise_at="aggregate")
+    cfg = tomllib.loads((run / "config.toml").read_text())
+    if head_init:
+        cfg["head_init"] = head_init
+    cfg["participation_cap"] = 3
+    (run / "config.toml").write_text(tomli_w.dumps(cfg))
+    build_report(run)
+    md = (run / "report" / "report.md").read_text()
+    assert "calibrated for at most 3 of a device's rounds" in md
+    said = "only the public label schema was read, no training example" in md
+    assert said == (head_init == "label-names")
+    assert ("seeded random initialisation" in md) == (head_init == "random")

@@ -94,15 +94,24 @@ def render(s: Setting, doc: Doc) -> list[Block]:
     source (:func:`_noise_source_item`), and that every round's model is covered."""
     run = s.facts
     out: list[Block] = [("h", 2, "Setting and threat model")]
+    prior = _head_init_item(s.config)
     if not run.any_dp:
         out.append(("p", "No differential privacy: updates are neither clipped nor noised for privacy, and the "
-                         "server sees each device's update."))
+                         "server sees each device's update." + (" " + prior if prior else "")))
         return out
     th = _example_noise_items(s)
     th.append(_device_noise_item(s))
     th.append("The server also sees activity counts (how many examples each device holds); these are "
               "metadata outside the guarantee.")
     th.append(_noise_source_item(run))
+    cap = s.config.get("participation_cap")
+    if run.dp_on and cap:
+        th.append(f"Participation cap: the example-level noise was calibrated for at most {int(cap)} of a "
+                  "device's rounds (--participation-cap) instead of every round, and a device stopped joining "
+                  "once its next round would have passed its budget (an individual privacy filter: the rule reads "
+                  "only that device's own accounted epsilon, a function of its public example count).")
+    if prior:
+        th.append(prior)
     th.append("Everything released is covered: each round's global model is a function of the noisy "
               "aggregates up to that round, and epsilon composes every round, so all rounds' models "
               "(not only the last) are covered.")
@@ -163,6 +172,20 @@ def _device_noise_item(s: Setting) -> str:
             "which is not protected against it: only the noisy aggregate is (see the trust model)."
             if run.aggregate else "No device-level noise: the server sees each device's individual update, "
             "which is protected only at example level.")
+
+
+def _head_init_item(cfg: dict[str, Any]) -> str | None:
+    """How the intent head started (``head_init`` in config.toml; None for runs that predate it)."""
+    how = cfg.get("head_init")
+    if how == "label-names":
+        source = (f"of the label descriptions in {cfg['label_descriptions']}" if cfg.get("label_descriptions")
+                  else "of the label names")
+        return (f"Initial model: the intent head started as a prototype classifier built from the pretrained "
+                f"encoder's embeddings {source} (--head-init label-names): only the public label schema was "
+                "read, no training example.")
+    if how == "random":
+        return "Initial model: the intent head started from a seeded random initialisation (--head-init random)."
+    return None
 
 
 def _noise_source_item(run: Facts) -> str:
