@@ -12,7 +12,10 @@ An arm is ``NOISE:TRAINABLE:EPS[:LEVERS]``:
   over 1,000 devices of about 10 examples, expected cohort 100; EPS is the device-level epsilon;
 * NOISE ``nonoise``: the ``aggregate`` arm's algorithm with noise multiplier 0 (clipped sums,
   no noise: what the noise costs; epsilon infinity; EPS ignored, write ``-``);
-* NOISE ``none``: federated training without DP (FedAvg of local training; EPS ignored);
+* NOISE ``nodp``: the ``aggregate`` arm's algorithm without DP, neither clipping nor noise
+  (``--no-dp``; EPS ignored);
+* NOISE ``none``: federated training without DP (FedAvg of local training, ``--no-dp --noise-at
+  device``; EPS ignored);
 * NOISE ``central``: centralized training without DP (all examples on one device).
 
 TRAINABLE is ``head`` (frozen encoder: a private linear probe), ``lora`` or ``all``. EPS is the
@@ -52,7 +55,7 @@ import time
 from pathlib import Path
 
 DEFAULT_ARMS = (
-    "nonoise:head:-,none:head:-,central:head:-,"
+    "nonoise:head:-,nodp:head:-,none:head:-,central:head:-,"
     "aggregate:head:1,aggregate:head:3,aggregate:head:8,"
     "device:head:8,device-level:head:8,aggregate:lora:8"
 )
@@ -75,9 +78,13 @@ SETTINGS = {
     "nonoise": ["--noise-at", "aggregate", "--num-devices", "100", "--cohort-size", "10", "--rounds", "60",
                 "--activity-exponent", "2", "--strategy", "fedadam", "--server-learning-rate", "0.2",
                 "--server-ema", "0.9", "--max-grad-norm", "1.0", "--noise-multiplier", "0", "--allow-zero-noise"],
-    "none": ["--no-dp", "--num-devices", "100", "--cohort-size", "10", "--rounds", "30", "--activity-exponent", "2",
+    # the aggregate arm's algorithm without DP: neither clipping nor noise (--no-dp runs it; mechanisms/fedsgd.py)
+    "nodp": ["--no-dp", "--noise-at", "aggregate", "--num-devices", "100", "--cohort-size", "10", "--rounds", "60",
+             "--activity-exponent", "2", "--strategy", "fedadam", "--server-learning-rate", "0.2",
+             "--server-ema", "0.9"],
+    "none": ["--no-dp", "--noise-at", "device", "--num-devices", "100", "--cohort-size", "10", "--rounds", "30", "--activity-exponent", "2",
              "--local-epochs", "1", "--strategy", "fedavg", "--server-ema", "0"],
-    "central": ["--no-dp", "--num-devices", "1", "--cohort-size", "1", "--partitioner", "iid", "--rounds", "5",
+    "central": ["--no-dp", "--noise-at", "device", "--num-devices", "1", "--cohort-size", "1", "--partitioner", "iid", "--rounds", "5",
                 "--local-epochs", "1", "--strategy", "fedavg", "--server-ema", "0"],
 }
 TRAINABLE_SETTINGS = {
@@ -137,7 +144,7 @@ def parse_arm(text: str) -> tuple[str, str, float | None]:
         raise SystemExit(f"--arms: NOISE must be one of {sorted(SETTINGS)}, got {noise!r}")
     if trainable not in TRAINABLE_SETTINGS:
         raise SystemExit(f"--arms: TRAINABLE must be one of {sorted(TRAINABLE_SETTINGS)}, got {trainable!r}")
-    if noise in ("none", "nonoise", "central"):
+    if noise in ("none", "nonoise", "nodp", "central"):
         return noise, trainable, None
     try:
         value = float(eps)
@@ -264,7 +271,7 @@ def write_outputs(results: list[dict], out: Path) -> None:
         unit = "device-level eps" if noise == "device-level" else "example-level eps"
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{noise} / {trainable} ({unit})")
     for r in results:
-        if r["noise"] in ("none", "nonoise", "central") and r["accuracy"] is not None:
+        if r["noise"] in ("none", "nonoise", "nodp", "central") and r["accuracy"] is not None:
             ax.axhline(r["accuracy"], linestyle="--", linewidth=1, color="black" if r["noise"] == "central" else "grey")
             ax.text(0.02, r["accuracy"], f" {r['noise']} (no DP) {r['accuracy']:.3f}", transform=ax.get_yaxis_transform(),
                     va="bottom", fontsize=8)

@@ -1,6 +1,7 @@
 """Privacy mechanisms: one module each (see :mod:`mechanisms.base` for what a mechanism owns).
 
-* :mod:`mechanisms.fedavg`: FedAvg without DP (``--no-dp``).
+* :mod:`mechanisms.fedsgd`: the aggregate placement's algorithm without DP (``--no-dp``, default placement).
+* :mod:`mechanisms.fedavg`: FedAvg of local training without DP (``--no-dp --noise-at device``).
 * :mod:`mechanisms.local_dpsgd`: local DP-SGD, the noise on the device (``--noise-at device``).
 * :mod:`mechanisms.aggregate`: the noise on the aggregate (``--noise-at aggregate``, default).
 * :mod:`mechanisms.dp_fedavg`: device-level DP-FedAvg (``--device-dp``).
@@ -9,7 +10,7 @@
 Plain PyTorch / numpy and dp-accounting: no Flower here.
 """
 
-from mechanisms import aggregate, dp_fedavg, fedavg, local_dpsgd  # noqa: F401  (registers the mechanisms)
+from mechanisms import aggregate, dp_fedavg, fedavg, fedsgd, local_dpsgd  # noqa: F401  (registers the mechanisms)
 from mechanisms.base import Aggregator, Calibration, DeviceReply, DeviceWork, Mechanism, ReplySpec, RoundPlan
 from mechanisms.registry import MECHANISMS, mechanism_for, mechanism_name
 

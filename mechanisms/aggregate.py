@@ -109,11 +109,15 @@ class AggregateNoise(Mechanism):
         """The device's clipped gradient sum, alone (no loss, no realised sample count, no timing)."""
         cfg = self.cfg
         sums = clipped_gradient_sum(
-            work.model, work.data, sample_rate=float(work.round_config["sample-rate"]), max_grad_norm=cfg.max_grad_norm,
+            work.model, work.data, sample_rate=float(work.round_config["sample-rate"]), max_grad_norm=self.device_clip(),
             physical_batch_size=cfg.physical_batch_size, noise=work.noise, dp_engine=cfg.dp_engine, task=work.task,
             teacher=work.teacher,
         )
         return DeviceReply(sums)
+
+    def device_clip(self) -> float:
+        """C, the clip of each example's gradient on the device (``--max-grad-norm``)."""
+        return float(self.cfg.max_grad_norm)
 
     def aggregator(self, noise: NoiseSource, step_size: float) -> Aggregator:
         """One noisy sum per round, then a server step of ``step_size``."""

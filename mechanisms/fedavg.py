@@ -1,4 +1,5 @@
-"""FedAvg without DP (McMahan et al. 2017): the non-private baseline (``--no-dp``).
+"""FedAvg without DP (McMahan et al. 2017): local training, the non-private reference of local
+DP-SGD (``--no-dp --noise-at device``; ``--no-dp`` alone runs :mod:`mechanisms.fedsgd`).
 
 Each device trains the global model on its examples (plain minibatches) and replies with the
 trained weights, its example count and, since nothing here is private, its training loss and

@@ -19,12 +19,14 @@ def mechanism_name(cfg) -> str:
     """The name of the mechanism a RunConfig selects.
 
     ``--device-dp``: DP-FedAvg (with local DP-SGD on the devices unless ``--no-dp``);
-    ``--no-dp``: FedAvg without DP; else the example-level placement of ``--noise-at``.
+    ``--no-dp``: the algorithm of ``--noise-at`` without clipping or noise (FedSGD for
+    ``aggregate``, FedAvg of local training for ``device``); else the example-level placement of
+    ``--noise-at``.
     """
     if cfg.device_dp:
         return "dp-fedavg"
     if not cfg.dp:
-        return "fedavg"
+        return {"device": "fedavg", "aggregate": "fedsgd"}[cfg.noise_at]
     return {"device": "local-dpsgd", "aggregate": "aggregate"}[cfg.noise_at]
 
 

@@ -599,10 +599,11 @@ class RunConfig:
         return DEFAULT_TARGET_EPSILON if self.dp and self.noise_multiplier is None else None
 
     def resolved_strategy(self) -> str:
-        """``--strategy``, with ``auto`` resolved: fedadam (server Adam) for noise on the aggregate, else fedavg."""
+        """``--strategy``, with ``auto`` resolved: fedadam (server Adam) for the aggregate placement (with or
+        without DP: ``--no-dp`` runs the same algorithm without clipping and noise), else fedavg."""
         if self.strategy != "auto":
             return self.strategy
-        return "fedadam" if self.dp and self.noise_at == "aggregate" else "fedavg"
+        return "fedadam" if not self.device_dp and self.noise_at == "aggregate" else "fedavg"
 
     def resolved_server_learning_rate(self) -> float:
         """``--server-learning-rate``, or its default for the run's mode.

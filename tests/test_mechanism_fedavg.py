@@ -31,7 +31,8 @@ def lamp(tmp_path_factory):
 
 
 def _cfg(**kw) -> RunConfig:
-    return RunConfig(**{"dp": False, "model": "tiny", "batch_size": 4, "local_epochs": 1, **kw}).validate()
+    return RunConfig(**{"dp": False, "noise_at": "device", "model": "tiny", "batch_size": 4, "local_epochs": 1,
+                        **kw}).validate()
 
 
 def _snapshot(model):
@@ -43,7 +44,7 @@ def _work(model, data, task, seed=0):
 
 
 # ---------------------------------------------------------------------------------- settings
-def test_fedavg_is_selected_by_no_dp_and_accounts_nothing():
+def test_fedavg_is_selected_by_no_dp_on_the_device_and_accounts_nothing():
     mech = mechanism_for(_cfg())
     assert type(mech) is FedAvg
     assert mech.units == () and not mech.private

@@ -16,6 +16,7 @@ from mechanisms.aggregate import AggregateNoise
 from mechanisms.base import Mechanism
 from mechanisms.dp_fedavg import DPFedAvg
 from mechanisms.fedavg import FedAvg
+from mechanisms.fedsgd import FedSGD
 from mechanisms.local_dpsgd import LocalDPSGD
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -25,8 +26,8 @@ def _expected(dp: bool, noise_at: str, device_dp: bool):
     """(class, units) the flags select, written out from the flags' documented meaning."""
     if device_dp:
         return DPFedAvg, (("example", "device") if dp else ("device",))
-    if not dp:
-        return FedAvg, ()
+    if not dp:  # the placement's algorithm without DP
+        return {"device": FedAvg, "aggregate": FedSGD}[noise_at], ()
     return {"device": LocalDPSGD, "aggregate": AggregateNoise}[noise_at], ("example",)
 
 
@@ -57,8 +58,8 @@ def test_dp_fedavg_units_follow_dp():
     assert DPFedAvg.units == ()
 
 
-def test_registry_holds_the_four_mechanisms_under_their_names():
-    assert set(mechanisms.MECHANISMS) == {"fedavg", "local-dpsgd", "aggregate", "dp-fedavg"}
+def test_registry_holds_the_five_mechanisms_under_their_names():
+    assert set(mechanisms.MECHANISMS) == {"fedavg", "fedsgd", "local-dpsgd", "aggregate", "dp-fedavg"}
     for name, cls in mechanisms.MECHANISMS.items():
         assert issubclass(cls, Mechanism) and cls is not Mechanism
         assert cls.name == name

@@ -131,8 +131,8 @@ def test_device_level_dp_replies_carry_no_loss(tmp_path, data_dir):
     assert all(o.train_loss is None for o in outs)
 
 
-def test_non_private_run_still_reports_its_loss(tmp_path, data_dir):
-    cfg = _cfg(tmp_path, data_dir, dp=False, rounds=1, cohort_size=3)
+def test_non_private_fedavg_run_still_reports_its_loss(tmp_path, data_dir):
+    cfg = _cfg(tmp_path, data_dir, dp=False, noise_at="device", rounds=1, cohort_size=3)  # FedAvg of local training
     _, grid, _, outs = run_rounds(cfg)
     assert grid.outgoing
     for _, content in grid.outgoing:

@@ -24,6 +24,8 @@ accumulated clipped sum and divides by the expected batch size.
 
 from __future__ import annotations
 
+import math
+
 from collections import defaultdict
 from typing import Any, Dict, List, Tuple
 
@@ -349,7 +351,8 @@ class DPSGDEngine:
         C = self.max_grad_norm
         # min(1, C / ||g_i||), exact at ||g_i|| = 0, with 1 / expected_batch_size folded in, so that
         # the running sum is already the averaged clipped sum and finalize() needs no extra pass.
-        clip = (C / norms.clamp_min(C)) / self.expected_batch_size
+        # (C = infinity: no clipping, the non-private reference of mechanisms/fedsgd.py)
+        clip = (C / norms.clamp_min(C) if math.isfinite(C) else torch.ones_like(norms)) / self.expected_batch_size
         cache = {REMAINING: dict(readers)}
 
         for k, r in enumerate(records):

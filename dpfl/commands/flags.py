@@ -129,8 +129,9 @@ def add_config_args(p: argparse.ArgumentParser, groups: Iterable[str] | None = N
         group = p.add_argument_group(title, description if name in wanted else None)
         if name == "example_privacy" and no_dp:
             group.add_argument("--no-dp", dest="dp", action="store_false", default=None,
-                               help="train without example-level DP: the non-private baseline "
-                                    "(default: example-level DP on)")
+                               help="train without example-level DP: the --noise-at algorithm with neither clipping "
+                                    "nor noise, the non-private reference (aggregate: FedSGD with the same server "
+                                    "step; device: FedAvg of local training) (default: example-level DP on)")
         for f in chosen[name]:
             _add_flag(group, f, hints[f.name])
 
