@@ -24,10 +24,12 @@ from torch import nn
 
 from nlu.pooling import MeanPoolClassifier, masked_mean
 
-__all__ = ["TAU", "HeadInitError", "label_texts", "label_name_text", "init_head_from_texts", "labels_are_text"]
+__all__ = ["LABEL_TEXT_MAX_LENGTH", "TAU", "HeadInitError", "label_texts", "label_name_text", "init_head_from_texts", "labels_are_text"]
 
 #: Inverse temperature of the cosine classifier the head starts as (see the module docstring).
 TAU = 20.0
+#: Tokens of a label's text (a name or a public description) embedded for the head.
+LABEL_TEXT_MAX_LENGTH = 128
 
 
 class HeadInitError(ValueError):

@@ -100,6 +100,7 @@ def read_hub(name: str, *, text_column: str = "text", label_column: str = "label
             except KeyError:
                 raise DataError(f"dataset {name!r} {where}: label {v!r} does not occur in train") from None
     out["label_names"] = label_names
+    out["labels_declared"] = bool(names)  # a ClassLabel's names: the data set's declared schema
 
     has_slots = all("tokens" in ds.column_names and "slots" in ds.column_names for ds in splits.values())
     for split, ds in splits.items():

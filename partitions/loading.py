@@ -43,6 +43,10 @@ class NLUData:
         BIO tag vocabulary with ``"O"`` first, or None when there are no slot annotations.
     source : str
         Where the data came from, for logs and reports.
+    labels_declared : bool
+        True when the label names come from a declared schema (``labels.json`` beside the JSONL
+        files, a hub ClassLabel, the built-in set), False when they were read off the training
+        split's label values (then the set of names is itself a function of the training data).
     """
 
     train: datasets.Dataset
@@ -50,6 +54,7 @@ class NLUData:
     label_names: list[str]
     slot_names: list[str] | None
     source: str
+    labels_declared: bool = False
 
     @property
     def num_labels(self) -> int:
@@ -189,18 +194,21 @@ def load_data(
             cols.append(c)
         train_cols, test_cols = cols
         source = f"JSONL files in {Path(data_dir)}"
+        declared = (Path(data_dir) / "labels.json").is_file()
     elif dataset is not None:
         from partitions.hub import read_hub
 
         raw = read_hub(dataset, text_column=text_column, label_column=label_column, device_column=device_column)
         train_cols, test_cols = raw["train"], raw["test"]
         label_names, slot_names, source = raw["label_names"], raw["slot_names"], raw["source"]
+        declared = bool(raw.get("labels_declared"))
     else:
         from partitions.synthetic import generate
 
         gen = generate(synthetic_devices, seed)
         train_cols, test_cols = gen.train, gen.test
         label_names, slot_names = gen.label_names, gen.slot_names
+        declared = True
         source = (f"built-in SYNTHETIC home-assistant commands (seed {seed}, {gen.num_devices} devices, "
                   f"{len(label_names)} intents; generated, not real user data)")
 
@@ -214,4 +222,5 @@ def load_data(
                        f"{len(test_rows)}/{n_test} test examples (seed {seed})")
     train, test = _to_dataset(train_cols, train_rows), _to_dataset(test_cols, test_rows)
     return NLUData(train=train, test=test, label_names=list(label_names),
-                   slot_names=None if slot_names is None else list(slot_names), source=source)
+                   slot_names=None if slot_names is None else list(slot_names), source=source,
+                   labels_declared=declared)

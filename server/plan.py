@@ -61,20 +61,29 @@ class RunPlan:
         return float(self.selector.c)
 
 
-def resolve_head_init(cfg: RunConfig, label_names) -> str:
+def resolve_head_init(cfg: RunConfig, label_names, declared: bool = True) -> str:
     """``--head-init`` with ``auto`` resolved: ``label-names`` for an intent task on mean-pooled features
-    whose labels are words (:func:`nlu.head_init.labels_are_text`), else ``random``.
+    whose labels are words (:func:`nlu.head_init.labels_are_text`) and come from a declared schema
+    (``declared``: ``labels.json``, a hub ClassLabel, the built-in set; or ``--label-descriptions``),
+    else ``random``.
 
     Raises
     ------
     settings.config.ConfigError
-        If ``--label-descriptions`` cannot be read or misses a label.
+        If ``--label-descriptions`` cannot be read or misses a label, or ``--head-init label-names`` is
+        asked for label names that were read off the training data (not public).
     """
+    declared = declared or cfg.label_descriptions is not None
     head_init = cfg.head_init
     if head_init == "auto":
-        text = labels_are_text(label_names) or cfg.label_descriptions is not None
-        head_init = "label-names" if cfg.task == "intent" and cfg.pooling == "mean" and text else "random"
+        usable = cfg.task == "intent" and cfg.pooling == "mean" and declared
+        head_init = "label-names" if usable and (labels_are_text(label_names) or cfg.label_descriptions) else "random"
     if head_init == "label-names":
+        if not declared:
+            raise ConfigError("--head-init label-names: the label names were read off the training data (no "
+                              "labels.json beside train.jsonl), so they are not public; write the public label schema "
+                              "to labels.json (a JSON list of the names), give --label-descriptions, or use "
+                              "--head-init random")
         try:
             label_texts(label_names, cfg.label_descriptions)
         except HeadInitError as exc:
@@ -105,8 +114,9 @@ def resolve(cfg: RunConfig, pop: Population) -> RunPlan:
     selector = ActivitySelector(planned, alpha, cfg.cohort_size, cfg.selection_constant)
     # the mechanism's noise from its targets (a calibration target is also every device's budget)
     calibration = mechanism_for(cfg).calibrate(planned, delta, lambda: largest_selection_probability(selector, planned))
-    settings = cfg.replace(target_delta=delta, head_init=resolve_head_init(cfg, pop.data.label_names),
-                           **calibration.values)
+    head_init = resolve_head_init(cfg, pop.data.label_names, pop.data.labels_declared)
+    settings = cfg.replace(target_delta=delta, head_init=head_init, **calibration.values,
+                           label_descriptions=cfg.label_descriptions if head_init == "label-names" else None)
     settings = settings.replace(server_learning_rate=settings.resolved_server_learning_rate())
     return RunPlan(settings=settings, delta=delta, planned=planned, selector=selector,
                    mechanism=mechanism_for(settings), calibration=calibration)

@@ -20,7 +20,7 @@ from flwr.app import ArrayRecord
 from dp.secure_random import NoiseSource
 from settings.config import ConfigError, RunConfig
 from nlu.features import cache_frozen_encoder
-from nlu.head_init import init_head_from_texts, label_texts
+from nlu.head_init import LABEL_TEXT_MAX_LENGTH, init_head_from_texts, label_texts
 from nlu.model import load_tokenizer, set_trainable
 from nlu.tasks import task_for_data
 from partitions.canary_record import write_canaries
@@ -122,7 +122,7 @@ class Server:
         model = self.task.build_model(cfg.model, seed=cfg.seed)
         if cfg.head_init == "label-names":  # the public label schema only (nlu/head_init.py)
             init_head_from_texts(model, label_texts(self.pop.data.label_names, cfg.label_descriptions),
-                                 load_tokenizer(cfg.model), cfg.max_length)
+                                 load_tokenizer(cfg.model), LABEL_TEXT_MAX_LENGTH)
         self.model = set_trainable(model, cfg.trainable, **cfg.lora_options())
         cache_frozen_encoder(self.model)  # --trainable head: the test split's features are computed once
         self.test_enc = self.task.encode(self.pop.data.test, load_tokenizer(cfg.model), cfg.max_length)

@@ -80,8 +80,9 @@ def parse_trainable(spec: str) -> int | None:
 
 
 #: Settings only the server reads; a device's messages carry every other field
-#: (:meth:`RunConfig.device_settings`), so a device never learns the run directory, the budgets,
-#: the selection rule, the deletion requests or the server optimizer.
+#: (:meth:`RunConfig.device_settings`), so a device is not sent the run directory, the budget and
+#: target settings, the selection rule, the deletion requests or the server optimizer (it does get
+#: the calibrated noise multiplier, sample rate, rounds and delta its mechanism needs).
 SERVER_ONLY = frozenset({
     "run_id", "run_dir", "eval_every", "extra",
     "release_every", "baseline_model", "deletions", "round_checkpoints", "holdout_noise_multiplier",
@@ -494,6 +495,9 @@ class RunConfig:
         need(self.num_clusters >= 1, "num_clusters", "must be >= 1")
         need(self.pooling in ("mean", "cls"), "pooling", "must be 'mean' or 'cls'")
         need(self.head_init in HEAD_INITS, "head_init", f"must be one of {HEAD_INITS}")
+        need(self.dp or self.device_dp or self.noise_at != "aggregate" or self.dp_engine == "dpfl", "dp_engine",
+             "--no-dp with the aggregate placement sums unclipped gradients with the dpfl engine; use --dp-engine dpfl "
+             "(or --noise-at device)")
         need(self.participation_cap is None or self.participation_cap >= 1, "participation_cap", "must be >= 1")
         need(self.participation_cap is None or (self.dp and self.resolved_target_epsilon() is not None),
              "participation_cap", "calibrates the example-level noise for a target: needs example-level DP and "
@@ -713,9 +717,20 @@ class RunConfig:
 
     @classmethod
     def from_toml(cls, path: str | Path) -> "RunConfig":
-        """Read a ``config.toml`` (see :meth:`from_mapping` for the errors)."""
+        """Read a run directory's ``config.toml`` (see :meth:`from_mapping` for the errors).
+
+        A ``config.toml`` without ``head_init`` was written before 2026-12-02 (every later one
+        records it): its run started from a random head, and its ``--no-dp`` meant FedAvg of local
+        training, so it is read as ``head_init = "random"`` and, without DP, ``noise_at = "device"``:
+        a resumed or retrained run goes on with the algorithm it started with.
+        """
         with open(path, "rb") as fh:
-            return cls.from_mapping(tomllib.load(fh))
+            values = tomllib.load(fh)
+        if "head_init" not in values:
+            values["head_init"] = "random"
+            if not values.get("dp", True) and not values.get("device_dp", False):
+                values["noise_at"] = "device"
+        return cls.from_mapping(values)
 
     def replace(self, **changes: Any) -> "RunConfig":
         """A copy with ``changes`` applied (not validated; the RunConfig itself is frozen)."""

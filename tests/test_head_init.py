@@ -58,6 +58,7 @@ def test_the_initial_head_reads_nothing_but_the_label_names(tmp_path):
         with open(d / "test.jsonl", "w") as fh:
             fh.write(json.dumps({"text": "on", "label": "lamp_on"}) + "\n")
             fh.write(json.dumps({"text": "off", "label": "lamp_off"}) + "\n")
+        (d / "labels.json").write_text(json.dumps(["lamp_on", "lamp_off"]))  # the declared (public) schema
         cfg = toy_config(tmp_path / f"run-{name}", d, rounds=1)
         server = Server(cfg)
         assert server.cfg.head_init == "label-names"  # auto, resolved and recorded
@@ -69,8 +70,15 @@ def test_the_initial_head_reads_nothing_but_the_label_names(tmp_path):
 
 
 def test_auto_resolves_by_task_pooling_and_labels(tmp_path):
-    data = write_lamp_data(tmp_path)  # labels "on" / "off": words
+    data = write_lamp_data(tmp_path)  # labels "on" / "off": words, but read off train.jsonl (no labels.json)
     cfg = toy_config(tmp_path / "run", data)
+    assert resolve(cfg, build_population(cfg)).settings.head_init == "random"  # names from the data: not public
+    with pytest.raises(ConfigError, match="labels.json"):
+        resolve(cfg.replace(head_init="label-names"), build_population(cfg))
+    (data / "labels.json").write_text(json.dumps(["off", "on"]))  # the declared schema
+    from partitions.population import population_for_key
+
+    population_for_key.cache_clear()
     assert resolve(cfg, build_population(cfg)).settings.head_init == "label-names"
     assert resolve_head_init(cfg, ["0", "1"]) == "random"
     assert resolve_head_init(cfg.replace(pooling="cls"), ["on", "off"]) == "random"
@@ -85,13 +93,42 @@ def test_label_descriptions_replace_the_names_and_bad_files_name_themselves(tmp_
     good.write_text(json.dumps({"on": "the user wants a light switched on", "off": "switch it off"}))
     assert label_texts(["on", "off"], good) == ["the user wants a light switched on", "switch it off"]
     assert label_texts(["card_arrival"]) == ["card arrival"]
-    cfg = RunConfig(label_descriptions=str(tmp_path / "short.json"))
+    cfg = RunConfig(label_descriptions=str(tmp_path / "short.json"))  # a descriptions file declares the schema
     (tmp_path / "short.json").write_text(json.dumps({"on": "light on"}))
     with pytest.raises(ConfigError, match=r"short\.json: no description for 1 label\(s\), e\.g\. off"):
-        resolve_head_init(cfg, ["on", "off"])
+        resolve_head_init(cfg, ["on", "off"], declared=False)
     (tmp_path / "short.json").write_text("{not json")
     with pytest.raises(ConfigError, match=r"short\.json: cannot read"):
         resolve_head_init(cfg, ["on", "off"])
     (tmp_path / "short.json").write_text(json.dumps({"on": 3, "off": "x"}))
     with pytest.raises(ConfigError, match="JSON object"):
         resolve_head_init(cfg, ["on", "off"])
+
+
+def test_a_run_resolved_to_random_drops_the_descriptions_and_resumes(tmp_path):
+    """--label-descriptions with a task the prior does not apply to: the head is random, the file is not
+    recorded, and the recorded settings validate again (a resume)."""
+    from rundir import config_path
+
+    data = write_lamp_data(tmp_path)
+    desc = tmp_path / "desc.json"
+    desc.write_text(json.dumps({"on": "light on", "off": "light off"}))
+    cfg = toy_config(tmp_path / "run", data, label_descriptions=str(desc), pooling="cls")
+    plan = resolve(cfg, build_population(cfg))
+    assert plan.settings.head_init == "random" and plan.settings.label_descriptions is None
+    plan.settings.validate()
+
+
+def test_a_config_from_before_head_init_resumes_as_it_started(tmp_path):
+    """A config.toml without head_init predates it: random head, and --no-dp was FedAvg of local training."""
+    import tomli_w
+
+    old = tmp_path / "config.toml"
+    old.write_text(tomli_w.dumps({"dp": False, "noise_at": "aggregate", "rounds": 3}))
+    cfg = RunConfig.from_toml(old)
+    assert cfg.head_init == "random" and cfg.noise_at == "device"
+    old.write_text(tomli_w.dumps({"dp": True, "noise_at": "aggregate", "rounds": 3}))
+    assert RunConfig.from_toml(old).noise_at == "aggregate"
+    new = tmp_path / "new.toml"
+    new.write_text(tomli_w.dumps({"dp": False, "noise_at": "aggregate", "head_init": "label-names"}))
+    assert RunConfig.from_toml(new).noise_at == "aggregate" and RunConfig.from_toml(new).head_init == "label-names"

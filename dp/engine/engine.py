@@ -432,7 +432,8 @@ class DPSGDEngine:
         """
         # The running sums already carry the 1 / expected_batch_size factor (folded into the clip
         # factors), so the noise is drawn at std sigma C / expected_batch_size and added in place.
-        std = self.noise_multiplier * self.max_grad_norm / self.expected_batch_size
+        std = (self.noise_multiplier * self.max_grad_norm / self.expected_batch_size
+               if self.noise_multiplier > 0 else 0.0)  # sigma = 0 adds none (also with C = infinity)
         for p in self._params:
             s = self._sums.get(id(p))
             if s is None:

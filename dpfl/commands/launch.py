@@ -343,9 +343,11 @@ def run(ns: argparse.Namespace) -> int:
     nodes = check_cluster(cfg, run_probe=not ns.skip_node_check)
     result = simulate(cfg, progress=not ns.no_progress)
     per_node, per_round = nodes_used(result["run_dir"])
-    if not per_node and cfg.dp and cfg.noise_at == "aggregate":
-        print(f"{len(nodes)} Ray node(s) checked; placement of device tasks not reported (noise on the aggregate: "
-              "a device's reply holds only its clipped gradient sum)")
+    from mechanisms import mechanism_for
+
+    if not per_node and not mechanism_for(cfg).reply.info:
+        print(f"{len(nodes)} Ray node(s) checked; placement of device tasks not reported (a device's reply "
+              "holds only its gradient sum)")
     else:
         print(f"devices trained on {len(per_node)} of {len(nodes)} Ray node(s) (distinct nodes per round: {per_round})")
     for nid, count in per_node.most_common():

@@ -96,8 +96,12 @@ def render(s: Setting, doc: Doc) -> list[Block]:
     out: list[Block] = [("h", 2, "Setting and threat model")]
     prior = _head_init_item(s.config)
     if not run.any_dp:
+        # a config.toml without head_init predates FedSGD for --no-dp: its --no-dp was FedAvg
+        fedsgd = s.config.get("noise_at") == "aggregate" and "head_init" in s.config
+        algorithm = ("FedSGD: each device sends the sum of its sampled examples' gradients, the server steps on "
+                     "their mean" if fedsgd else "FedAvg of local training")
         out.append(("p", "No differential privacy: updates are neither clipped nor noised for privacy, and the "
-                         "server sees each device's update." + (" " + prior if prior else "")))
+                         f"server sees each device's update ({algorithm})." + (" " + prior if prior else "")))
         return out
     th = _example_noise_items(s)
     th.append(_device_noise_item(s))
@@ -105,7 +109,7 @@ def render(s: Setting, doc: Doc) -> list[Block]:
               "metadata outside the guarantee.")
     th.append(_noise_source_item(run))
     cap = s.config.get("participation_cap")
-    if run.dp_on and cap:
+    if run.dp_on and cap and int(cap) < int(s.config.get("rounds") or 0):
         th.append(f"Participation cap: the example-level noise was calibrated for at most {int(cap)} of a "
                   "device's rounds (--participation-cap) instead of every round, and a device stopped joining "
                   "once its next round would have passed its budget (an individual privacy filter: the rule reads "
