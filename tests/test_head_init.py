@@ -132,3 +132,10 @@ def test_a_config_from_before_head_init_resumes_as_it_started(tmp_path):
     new = tmp_path / "new.toml"
     new.write_text(tomli_w.dumps({"dp": False, "noise_at": "aggregate", "head_init": "label-names"}))
     assert RunConfig.from_toml(new).noise_at == "aggregate" and RunConfig.from_toml(new).head_init == "label-names"
+
+
+def test_the_server_step_is_smaller_for_fedadam_on_the_label_name_head():
+    assert RunConfig(head_init="label-names").resolved_server_learning_rate() == 0.1  # FedAdam (aggregate)
+    assert RunConfig(head_init="random").resolved_server_learning_rate() == 0.2
+    assert RunConfig(head_init="label-names", strategy="fedavg").resolved_server_learning_rate() == 0.2
+    assert RunConfig(head_init="label-names", server_learning_rate=0.3).resolved_server_learning_rate() == 0.3
