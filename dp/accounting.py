@@ -72,6 +72,7 @@ __all__ = [
     "compute_epsilons",
     "calibrate_noise_multiplier",
     "privacy_tier",
+    "simplify_event",
     "dp_event_from_json",
     "dp_event_to_json",
     "to_dp_event",
@@ -201,6 +202,19 @@ def _as_subsampled_gaussian(event) -> SubsampledGaussianEvent | None:
     if isinstance(event, dp_event.GaussianDpEvent):
         return SubsampledGaussianEvent(float(event.noise_multiplier), q, steps)
     return None
+
+
+def simplify_event(event: Any) -> Any:
+    """``event`` as a :class:`SubsampledGaussianEvent` when it is a dp-accounting event of that shape
+    (so histories of it take the cached fast path), else ``event`` unchanged.
+
+    Raises
+    ------
+    ValueError
+        As :func:`canonical_history`, for an invalid event.
+    """
+    entry = _canonical_entry(event)
+    return entry if isinstance(entry, SubsampledGaussianEvent) else event
 
 
 def _canonical_entry(raw: Any) -> SubsampledGaussianEvent | tuple[str, str]:

@@ -14,7 +14,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from dp.accounting import SubsampledGaussianEvent, compute_epsilons, dp_event_from_json
+from dp.accounting import SubsampledGaussianEvent, compute_epsilons, dp_event_from_json, simplify_event
 
 
 class PrivacyBook:
@@ -47,7 +47,8 @@ class PrivacyBook:
     def load(self, unit: str, events: dict[int, list]) -> None:
         """Restore histories (e.g. from the ledger on resume, :meth:`rundir.Ledger.events`): each
         event a serialised dp-accounting event (JSON) or a ``(sigma, q, steps)`` tuple."""
-        parse = lru_cache(maxsize=None)(dp_event_from_json)  # a run has few distinct events
+        # a run has few distinct events; subsampled-Gaussian ones are read back as such (the fast path)
+        parse = lru_cache(maxsize=None)(lambda text: simplify_event(dp_event_from_json(text)))
         for d, evs in events.items():
             self.history[unit][d] = [parse(e) if isinstance(e, str) else SubsampledGaussianEvent(*e) for e in evs]
         self.epsilon[unit].update(compute_epsilons(self.history[unit], self.delta, self.accountant))

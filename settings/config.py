@@ -730,16 +730,23 @@ class RunConfig:
         a resumed or retrained run goes on with the algorithm it started with.
         """
         with open(path, "rb") as fh:
-            values = tomllib.load(fh)
-        if "head_init" not in values:
-            values["head_init"] = "random"
-            if not values.get("dp", True) and not values.get("device_dp", False):
-                values["noise_at"] = "device"
-        return cls.from_mapping(values)
+            return cls.from_mapping(as_recorded(tomllib.load(fh)))
 
     def replace(self, **changes: Any) -> "RunConfig":
         """A copy with ``changes`` applied (not validated; the RunConfig itself is frozen)."""
         return dataclasses.replace(self, **changes)
+
+
+def as_recorded(values: dict[str, Any]) -> dict[str, Any]:
+    """A run directory's ``config.toml`` values with what a file written before 2026-12-02 meant:
+    one without ``head_init`` started from a random head, and its ``--no-dp`` (no DP at all) was
+    FedAvg of local training (``noise_at = "device"``). Later files are returned as they are (a copy)."""
+    out = dict(values)
+    if "head_init" not in out:
+        out["head_init"] = "random"
+        if not out.get("dp", True) and not out.get("device_dp", False):
+            out["noise_at"] = "device"
+    return out
 
 
 def _coerce(name: str, value: Any, hint: Any) -> Any:

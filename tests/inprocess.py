@@ -52,6 +52,11 @@ def lamp_device(d: Path, on: int, off: int):
     return task, data
 
 
+def state_snapshot(model) -> dict:
+    """A detached copy of ``model``'s state dict (to check a mechanism left the model as it was)."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
 def toy_config(run_dir, data_dir, **settings) -> RunConfig:
     """A validated RunConfig of a small run on the toy data (tiny model, 4 devices, cohorts of 3,
     2 rounds, uniform selection); ``settings`` override any of these."""

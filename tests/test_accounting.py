@@ -237,3 +237,14 @@ def test_rdp_agrees_with_flower_rdp_accountant(sampling, sigma, sample_size, pop
     assert compute_epsilon(events, DELTA, "rdp") == pytest.approx(flwr_eps, rel=1e-9)
     pld = compute_epsilon(events, DELTA, "pld")
     assert 0.8 * flwr_eps <= pld <= flwr_eps
+
+
+def test_simplify_event_reads_the_subsampled_gaussian_shape_back_as_one():
+    from dp_accounting import dp_event as de
+
+    from dp.accounting import simplify_event
+
+    ev = SubsampledGaussianEvent(1.0, 0.05, 20)
+    assert simplify_event(to_dp_event(ev)) == ev and simplify_event(ev) == ev
+    laplace = de.LaplaceDpEvent(2.0)
+    assert simplify_event(laplace) is laplace

@@ -21,7 +21,7 @@ import torch
 
 from dp.secure_random import NoiseSource
 from settings.config import RunConfig
-from inprocess import lamp_device
+from inprocess import lamp_device, state_snapshot
 from mechanisms import DeviceWork, RoundPlan, mechanism_for
 from mechanisms.base import ReplySpec
 from mechanisms.dp_fedavg import DEFAULT_DEVICE_NOISE_MULTIPLIER, DeviceDPAggregator, DPFedAvg
@@ -172,10 +172,6 @@ def lamp(tmp_path_factory):
     return lamp_device(tmp_path_factory.mktemp("lamp"), 3, 3)
 
 
-def _snapshot(model):
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
 def _work(model, data, task, device_id=3, round_=2):
     return DeviceWork(model, data, task, NoiseSource(0), {"server-round": round_}, device_id=device_id, round=round_)
 
@@ -184,7 +180,7 @@ def test_device_part_without_dp_replies_weights_and_num_examples_alone(lamp):
     task, data = lamp
     model = set_trainable(_tiny(task), "head")
     keys = trainable_state_keys(model)
-    before = _snapshot(model)
+    before = state_snapshot(model)
     reply = DPFedAvg(_cfg(False, learning_rate=0.05)).device_part(_work(model, data, task))
     assert reply.metrics == {"num-examples": len(data)}  # no loss, no timing: a device-level private reply
     assert reply.privacy is None
@@ -199,7 +195,7 @@ def test_device_part_with_dp_is_the_local_dpsgds(lamp):
     n, B, E = len(data), 4, 2
     cfg = _cfg(True, batch_size=B, local_epochs=E, learning_rate=0.05)
     model = set_trainable(_tiny(task), "head")
-    before = _snapshot(model)
+    before = state_snapshot(model)
     reply = DPFedAvg(cfg).device_part(_work(model, data, task, device_id=5, round_=3))
     assert reply.metrics == {"num-examples": n}
     assert reply.privacy == {"device-id": 5, "round": 3, "noise_multiplier": 0.9, "sample_rate": min(1.0, B / n),
@@ -218,7 +214,7 @@ def test_device_part_with_zero_local_epochs_returns_the_weights_unchanged(lamp, 
     task, data = lamp
     cfg = _cfg(dp).replace(local_epochs=0)
     model = _tiny(task)
-    before = _snapshot(model)
+    before = state_snapshot(model)
     reply = DPFedAvg(cfg).device_part(_work(model, data, task))
     assert reply.metrics == {"num-examples": len(data)}
     for k, v in reply.arrays.items():

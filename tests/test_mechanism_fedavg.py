@@ -15,7 +15,7 @@ import torch
 
 from dp.secure_random import NoiseSource
 from settings.config import RunConfig
-from inprocess import lamp_device
+from inprocess import lamp_device, state_snapshot
 from mechanisms import DeviceWork, RoundPlan, mechanism_for
 from mechanisms.base import ReplySpec
 from mechanisms.fedavg import FedAvg, MeanAggregator
@@ -33,10 +33,6 @@ def lamp(tmp_path_factory):
 def _cfg(**kw) -> RunConfig:
     return RunConfig(**{"dp": False, "noise_at": "device", "model": "tiny", "batch_size": 4, "local_epochs": 1,
                         **kw}).validate()
-
-
-def _snapshot(model):
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 def _work(model, data, task, seed=0):
@@ -69,7 +65,7 @@ def test_device_part_trains_and_reports_loss_and_timings(lamp):
     keys = trainable_state_keys(model)
     with torch.no_grad():
         start_loss = float(task.per_example_loss(model.eval(), task.collate(data, np.arange(n))).mean())
-    before = _snapshot(model)
+    before = state_snapshot(model)
     work = _work(model, data, task)
     reply = FedAvg(cfg).device_part(work)
 
@@ -93,7 +89,7 @@ def test_device_part_with_zero_local_epochs_returns_the_weights_unchanged(lamp):
     task, data = lamp
     cfg = _cfg().replace(local_epochs=0)
     model = _tiny(task)
-    before = _snapshot(model)
+    before = state_snapshot(model)
     reply = FedAvg(cfg).device_part(_work(model, data, task))
     assert reply.metrics["num-examples"] == len(data)
     for k, v in reply.arrays.items():

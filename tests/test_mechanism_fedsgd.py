@@ -13,23 +13,14 @@ from mechanisms.aggregate import AggregateNoise, clipped_gradient_sum
 from mechanisms.base import DeviceWork
 from mechanisms.fedavg import FedAvg
 from mechanisms.fedsgd import FedSGD
-from nlu.model import build_model, trainable_state_keys
 from settings.config import RunConfig
-from tests.inprocess import lamp_device
+from inprocess import lamp_device
+from test_congruent import _brute_clipped_sum, _tiny
 
 
 @pytest.fixture
 def lamp(tmp_path):
     return lamp_device(tmp_path, 5, 4)
-
-
-def _tiny(task):
-    torch.manual_seed(0)
-    model = task.build_model("tiny", seed=0).double()
-    for m in model.modules():
-        if isinstance(m, torch.nn.Dropout):
-            m.p = 0.0
-    return model
 
 
 def test_no_dp_runs_the_placements_algorithm_without_dp():
@@ -51,17 +42,10 @@ def test_device_part_is_the_unclipped_gradient_sum(lamp):
     the private placement would have clipped (C = 0.01 changes it)."""
     task, data = lamp
     model = _tiny(task)
-    keys = trainable_state_keys(model)
     mech = mechanism_for(RunConfig(dp=False, trainable="all").validate())
     reply = mech.device_part(DeviceWork(model, data, task, NoiseSource(0), {"sample-rate": 1.0, "server-round": 1},
                                         device_id=0, round=1))
-    params = dict(model.named_parameters())
-    want = {k: torch.zeros_like(params[k]) for k in keys if k in params}
-    for i in range(len(data)):
-        model.zero_grad()
-        task.per_example_loss(model, task.collate(data, np.array([i]))).sum().backward()
-        for k in want:
-            want[k] += params[k].grad
+    want = _brute_clipped_sum(model, task, data, None, math.inf)  # C = infinity: the plain per-example sum
     for k, w in want.items():
         assert torch.allclose(torch.as_tensor(reply.arrays[k]).double(), w, atol=1e-8), k
     clipped = clipped_gradient_sum(model, data, sample_rate=1.0, max_grad_norm=0.01, physical_batch_size=64,

@@ -17,7 +17,7 @@ import torch
 
 from dp.secure_random import NoiseSource
 from settings.config import RunConfig
-from inprocess import lamp_device
+from inprocess import lamp_device, state_snapshot
 from mechanisms import DeviceWork, RoundPlan, mechanism_for
 from mechanisms.base import ReplySpec
 from mechanisms.fedavg import MeanAggregator
@@ -127,17 +127,13 @@ def lamp(tmp_path_factory):
     return lamp_device(tmp_path_factory.mktemp("lamp"), 3, 3)
 
 
-def _snapshot(model):
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
 def test_device_part_replies_trained_weights_num_examples_and_the_event(lamp):
     task, data = lamp
     n, B, E, sigma, C = len(data), 4, 2, 0.8, 0.5
     cfg = _cfg(noise_multiplier=sigma, max_grad_norm=C, batch_size=B, local_epochs=E, learning_rate=0.05)
     model = set_trainable(_tiny(task), "head")
     keys = trainable_state_keys(model)
-    before = _snapshot(model)
+    before = state_snapshot(model)
     work = DeviceWork(model, data, task, NoiseSource(0), {"server-round": 4}, device_id=7, round=4)
     reply = LocalDPSGD(cfg).device_part(work)
 
@@ -181,7 +177,7 @@ def test_device_part_with_zero_local_epochs_keeps_the_weights_and_reports_zero_s
     task, data = lamp
     cfg = _cfg().replace(local_epochs=0)
     model = _tiny(task)
-    before = _snapshot(model)
+    before = state_snapshot(model)
     reply = LocalDPSGD(cfg).device_part(DeviceWork(model, data, task, NoiseSource(0), {"server-round": 2}, 1, 2))
     for k, v in reply.arrays.items():
         assert torch.equal(v, before[k]), k

@@ -8,6 +8,7 @@ from typing import Any
 from report.blocks import Block, param
 from report.context import Context, Facts
 from report.sections.base import Doc, Section
+from settings.config import as_recorded
 
 
 @dataclass(frozen=True)
@@ -96,8 +97,7 @@ def render(s: Setting, doc: Doc) -> list[Block]:
     out: list[Block] = [("h", 2, "Setting and threat model")]
     prior = _head_init_item(s.config)
     if not run.any_dp:
-        # a config.toml without head_init predates FedSGD for --no-dp: its --no-dp was FedAvg
-        fedsgd = s.config.get("noise_at") == "aggregate" and "head_init" in s.config
+        fedsgd = as_recorded(s.config).get("noise_at") == "aggregate"  # (an old --no-dp was FedAvg)
         algorithm = ("FedSGD: each device sends the sum of its sampled examples' gradients, the server steps on "
                      "their mean" if fedsgd else "FedAvg of local training")
         out.append(("p", "No differential privacy: updates are neither clipped nor noised for privacy, and the "
