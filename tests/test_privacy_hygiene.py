@@ -123,7 +123,7 @@ def test_dp_replies_carry_no_loss_timing_or_other_statistic(tmp_path, data_dir):
 
 def test_device_level_dp_replies_carry_no_loss(tmp_path, data_dir):
     """DP-FedAvg without example-level DP is a DP run too: its replies carry no training loss or timings."""
-    cfg = _cfg(tmp_path, data_dir, dp=False, device_dp=True, rounds=1, cohort_size=3)
+    cfg = _cfg(tmp_path, data_dir, dp=False, device_dp=True, rounds=1, cohort_size=4)  # q = 1: the (secret) cohort is never empty
     server, grid, _, outs = run_rounds(cfg)
     assert grid.outgoing
     for _, content in grid.outgoing:
@@ -132,7 +132,7 @@ def test_device_level_dp_replies_carry_no_loss(tmp_path, data_dir):
 
 
 def test_non_private_fedavg_run_still_reports_its_loss(tmp_path, data_dir):
-    cfg = _cfg(tmp_path, data_dir, dp=False, noise_at="device", rounds=1, cohort_size=3)  # FedAvg of local training
+    cfg = _cfg(tmp_path, data_dir, dp=False, noise_at="device", rounds=1, cohort_size=4)  # FedAvg; q = 1: never an empty cohort
     _, grid, _, outs = run_rounds(cfg)
     assert grid.outgoing
     for _, content in grid.outgoing:
