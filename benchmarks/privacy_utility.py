@@ -26,8 +26,10 @@ probability) and the same value is every device's budget.
 LEVERS (optional, ``+``-joined) change one setting of the arm, for the ablation of issue 24's
 levers: ``random`` (``--head-init random``: the head starts random; by default it starts from the
 label names, ``--head-init auto``), ``labels`` (``--head-init label-names``), ``capK``
-(``--participation-cap K``: the noise calibrated for K of a device's rounds), e.g.
-``aggregate:head:1:random+cap20``.
+(``--participation-cap K``: the noise calibrated for K of a device's rounds), ``adaptive``
+(``--adaptive-clip-quantile 0.5``: the clip norm follows the median norm), ``clipX`` (the clip norm,
+C and S, is X instead of the arm's; with ``adaptive``, where it starts), e.g.
+``aggregate:head:1:random+cap20`` or ``aggregate:head:1:clip10+adaptive``.
 
 Usage::
 
@@ -114,15 +116,26 @@ def lever_args(levers: str) -> list[str]:
             args += LEVERS[lever]
         elif lever.startswith("cap") and lever[3:].isdigit() and int(lever[3:]) >= 1:
             args += ["--participation-cap", lever[3:]]
+        elif lever.startswith("clip") and _positive(lever[4:]):
+            args += ["--max-grad-norm", lever[4:], "--update-clip-norm", lever[4:]]
         else:
-            raise SystemExit(f"--arms: unknown lever {lever!r} (one of {sorted(LEVERS)} or capK)")
+            raise SystemExit(f"--arms: unknown lever {lever!r} (one of {sorted(LEVERS)}, capK or clipX)")
     return args
 
 
-#: Named LEVERS of an arm (issue 24's levers for strict budgets), besides ``capK`` (--participation-cap K).
+def _positive(text: str) -> bool:
+    try:
+        return float(text) > 0
+    except ValueError:
+        return False
+
+
+#: Named LEVERS of an arm (issue 24's levers for strict budgets), besides ``capK`` (--participation-cap K)
+#: and ``clipX`` (the clip norm, C and S, starts at X instead of the arm's).
 LEVERS = {
     "random": ["--head-init", "random"],  # the head starts random (the default starts from the label names)
     "labels": ["--head-init", "label-names"],
+    "adaptive": ["--adaptive-clip-quantile", "0.5"],  # the clip norm follows the median norm (Andrew et al. 2021)
 }
 
 

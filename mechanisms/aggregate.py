@@ -8,6 +8,11 @@ engine and replies with the sum of the clipped gradients and nothing else
 divides by the expected number of sampled examples and steps
 (:class:`AggregateNoiseAggregator`). Accounted per example: ONE Poisson-subsampled Gaussian
 (sigma, p) per round its device joined; device selection is not counted as amplification.
+
+With ``--adaptive-clip-quantile`` the round's C is the server's current estimate of that quantile
+of the examples' gradient norms (:mod:`mechanisms.adaptive_clip`): each device also replies with
+its centred count of unclipped examples, the server noises the cohort's count and moves C; the
+round's event stays (sigma, p), the clipped sum's noise multiplier is the larger sigma_g.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from torch import nn
 from dp.accounting import SubsampledGaussianEvent
 from dp.engines import make_engine
 from dp.secure_random import NoiseSource
+from mechanisms.adaptive_clip import QuantileClip, gradient_noise_multiplier, quantile_clip, with_count_stddev
 from mechanisms.base import (Aggregator, Calibration, DeviceReply, DeviceWork, Mechanism, ReplySpec, _numpy,
                              calibrate_example, floating_keys)
 from mechanisms.registry import register
@@ -54,25 +60,36 @@ class AggregateNoiseAggregator(Aggregator):
     step_size : float
         See above.
     noise : dp.secure_random.NoiseSource
+    clip : mechanisms.adaptive_clip.QuantileClip, optional
+        Adaptive clipping: C is ``clip.value`` this round, ``noise_multiplier`` is then the
+        clipped sum's sigma_g, and :meth:`result` moves C by the noised count of the replies'
+        centred counts over E[n].
     """
 
     name = "aggregate-noise"
 
-    def __init__(self, noise_multiplier: float, max_grad_norm: float, step_size: float, noise: NoiseSource):
+    def __init__(self, noise_multiplier: float, max_grad_norm: float, step_size: float, noise: NoiseSource,
+                 clip: QuantileClip | None = None):
         self.noise_multiplier = float(noise_multiplier)
         self.max_grad_norm = float(max_grad_norm)
         self.step_size = float(step_size)
         self.noise = noise
+        self.clip = clip
 
     def begin(self, round_, current, plan):
         super().begin(round_, current, plan)
         self.total = {k: np.zeros_like(current[k], dtype=np.float64) for k in floating_keys(current)}
         self.replies = 0
+        self.centred_count = 0.0
+        if self.clip is not None:
+            self.max_grad_norm = self.clip.value
 
-    def add(self, arrays: Mapping[str, np.ndarray], weight: float) -> None:
+    def add(self, arrays: Mapping[str, np.ndarray], weight: float, clip_count: float | None = None) -> None:
         for k in self.total:
             self.total[k] += _numpy(arrays[k])
         self.replies += 1
+        if clip_count is not None:
+            self.centred_count += float(clip_count)
 
     def noisy_gradient(self) -> dict[str, np.ndarray]:
         """g = (sum of clipped sums + N(0, (sigma C)^2 I)) / E[n] (float64), per floating array."""
@@ -89,7 +106,17 @@ class AggregateNoiseAggregator(Aggregator):
         out = dict(self.current)
         for k, g in self.noisy_gradient().items():
             out[k] = (self.current[k] - self.step_size * self.plan.lr_factor * g).astype(self.current[k].dtype)
+        if self.clip is not None:
+            self.clip.update(self.centred_count, self.plan.expected_examples, self.noise)
         return out
+
+    def state_dict(self) -> dict:
+        """The adaptive clip's state (none with a fixed C)."""
+        return {"clip": self.clip.state_dict()} if self.clip is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.clip is not None:
+            self.clip.load_state_dict(state.get("clip") or {})
 
 
 @register
@@ -98,30 +125,59 @@ class AggregateNoise(Mechanism):
 
     name = "aggregate"
     units = ("example",)
-    reply = ReplySpec("clipped-sum", privacy_record=False, info=False)
     holdout_noise_at = "aggregate"
 
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        adaptive = cfg.adaptive_clip_quantile is not None and self.units != ()
+        #: with adaptive clipping the reply also holds the centred count of unclipped examples
+        self.reply = ReplySpec("clipped-sum", privacy_record=False, info=False, clip_count=adaptive)
+        #: the server's adaptive clip (set by :meth:`aggregator`; None: C is ``--max-grad-norm``)
+        self.clip: QuantileClip | None = None
+
     def round_params(self) -> dict:
-        """``sample-rate``: the example sampling rate p of the round."""
-        return {"sample-rate": float(self.cfg.sample_rate)}
+        """``sample-rate``: the example sampling rate p of the round; with adaptive clipping ``max-grad-norm``,
+        the round's C (a function of noised counts only)."""
+        params = {"sample-rate": float(self.cfg.sample_rate)}
+        if self.clip is not None:
+            params["max-grad-norm"] = float(self.clip.value)
+        return params
 
     def device_part(self, work: DeviceWork) -> DeviceReply:
-        """The device's clipped gradient sum, alone (no loss, no realised sample count, no timing)."""
+        """The device's clipped gradient sum (no loss, no realised sample count, no timing); with adaptive
+        clipping also its centred count sum_i (1[norm_i <= C] - 1/2) over the sampled examples, which the
+        server only uses noised (the same trust as the clipped sum)."""
         cfg = self.cfg
-        sums = clipped_gradient_sum(
-            work.model, work.data, sample_rate=float(work.round_config["sample-rate"]), max_grad_norm=self.device_clip(),
+        sums, count = clipped_gradient_sum(
+            work.model, work.data, sample_rate=float(work.round_config["sample-rate"]),
+            max_grad_norm=self.device_clip(work.round_config),
             physical_batch_size=cfg.physical_batch_size, noise=work.noise, dp_engine=cfg.dp_engine, task=work.task,
-            teacher=work.teacher,
+            teacher=work.teacher, return_centred_count=True,
         )
-        return DeviceReply(sums)
+        return DeviceReply(sums, clip_count=count if self.reply.clip_count else None)
 
-    def device_clip(self) -> float:
-        """C, the clip of each example's gradient on the device (``--max-grad-norm``)."""
+    def device_clip(self, round_config: Mapping | None = None) -> float:
+        """C, the clip of each example's gradient on the device: the round's ``max-grad-norm`` (adaptive
+        clipping), else ``--max-grad-norm``."""
+        if round_config is not None and "max-grad-norm" in round_config:
+            return float(round_config["max-grad-norm"])
         return float(self.cfg.max_grad_norm)
 
+    def clip_norm(self, unit: str) -> float:
+        """C of the round (the adaptive clip's current value, or ``--max-grad-norm``)."""
+        if unit == "example" and self.clip is not None:
+            return float(self.clip.value)
+        return super().clip_norm(unit)
+
     def aggregator(self, noise: NoiseSource, step_size: float) -> Aggregator:
-        """One noisy sum per round, then a server step of ``step_size``."""
-        return AggregateNoiseAggregator(self.cfg.noise_multiplier, self.cfg.max_grad_norm, step_size, noise)
+        """One noisy sum per round, then a server step of ``step_size``; with adaptive clipping the sum's
+        noise multiplier is sigma_g and the aggregator moves C (:mod:`mechanisms.adaptive_clip`)."""
+        sigma = float(self.cfg.noise_multiplier)
+        self.clip = quantile_clip(self.cfg, self.cfg.max_grad_norm, sigma)
+        if self.clip is None:
+            return AggregateNoiseAggregator(sigma, self.cfg.max_grad_norm, step_size, noise)
+        sigma_g = gradient_noise_multiplier(sigma, self.clip.count_stddev)
+        return AggregateNoiseAggregator(sigma_g, self.clip.value, step_size, noise, clip=self.clip)
 
     def example_event(self, num_examples: int) -> SubsampledGaussianEvent:
         """ONE Poisson-subsampled Gaussian (sigma, p) per round joined, whatever the device holds.
@@ -134,8 +190,16 @@ class AggregateNoise(Mechanism):
         return SubsampledGaussianEvent(self.cfg.noise_multiplier, float(self.cfg.sample_rate), 1)
 
     def calibrate(self, planned: np.ndarray, delta: float, q_max) -> Calibration:
-        """sigma for ``--target-epsilon`` over ``rounds`` events at rate p (the same for every device)."""
-        return calibrate_example(self.cfg, delta, {(float(self.cfg.sample_rate), 1)}, " or --sample-rate")
+        """sigma for ``--target-epsilon`` over ``rounds`` events at rate p (the same for every device); with
+        adaptive clipping also sigma_b (``clipped_count_stddev``), checked against sigma.
+
+        Raises
+        ------
+        ValueError
+            If the target cannot be met; settings.config.ConfigError if sigma_b is too small for sigma.
+        """
+        cal = calibrate_example(self.cfg, delta, {(float(self.cfg.sample_rate), 1)}, " or --sample-rate")
+        return with_count_stddev(self.cfg, cal, "noise_multiplier")
 
 
 def clipped_gradient_sum(
@@ -149,7 +213,8 @@ def clipped_gradient_sum(
     dp_engine: str = "dpfl",
     task: Task | None = None,
     teacher: torch.Tensor | None = None,
-) -> dict[str, torch.Tensor]:
+    return_centred_count: bool = False,
+) -> dict[str, torch.Tensor] | tuple[dict[str, torch.Tensor], float]:
     """The device's contribution in the aggregate placement: sum_i clip_C(grad l_i(w)), no noise.
 
     Each of the device's n examples is included independently with probability
@@ -179,6 +244,9 @@ def clipped_gradient_sum(
     teacher : torch.Tensor [n, C], optional
         The previous release's logits (see :func:`mechanisms.training.train_local`): the clipped gradients are those
         of the loss with the focal distillation term.
+    return_centred_count : bool
+        Also return sum_i (1[||grad l_i|| <= C] - 1/2) over the sampled examples (adaptive clipping's
+        count, :mod:`mechanisms.adaptive_clip`).
 
     Returns
     -------
@@ -186,6 +254,8 @@ def clipped_gradient_sum(
         State-dict key of each trainable parameter -> the clipped sum, same shape (zeros when
         no example was sampled). The realised number of sampled examples is not returned: it
         must not leave the device.
+    float
+        The centred count (only with ``return_centred_count``; 0.0 when no example was sampled).
     """
     base_collate = task.collate if task is not None else collate
     loss_fn = task.per_example_loss if task is not None else per_example_loss
@@ -199,12 +269,15 @@ def clipped_gradient_sum(
     model.eval()
     if len(idx) == 0:
         model.train(was_training)
-        return {k: torch.zeros_like(by_name[k]) for k in keys}
+        zeros = {k: torch.zeros_like(by_name[k]) for k in keys}
+        return (zeros, 0.0) if return_centred_count else zeros
     collate_fn = collate_with(base_collate, device, teacher)
     engine = make_engine(dp_engine, model, noise_multiplier=0.0, max_grad_norm=max_grad_norm, expected_batch_size=1.0)
+    centred = 0.0
     try:
         for s in range(0, len(idx), physical_batch_size):
-            engine.accumulate(loss_fn(model, collate_fn(data, idx[s : s + physical_batch_size])))
+            norms = engine.accumulate(loss_fn(model, collate_fn(data, idx[s : s + physical_batch_size])))
+            centred += float((norms <= max_grad_norm).sum().item()) - 0.5 * len(norms)
         engine.finalize()
         out = {k: by_name[k].grad.detach().clone() for k in keys}
     finally:
@@ -212,4 +285,5 @@ def clipped_gradient_sum(
         model.train(was_training)
         for p in model.parameters():
             p.grad = None
-    return out
+    return (out, centred) if return_centred_count else out
+

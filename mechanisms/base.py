@@ -70,11 +70,15 @@ class ReplySpec:
         The reply must carry the round's ``privacy`` record (the device's DP-SGD event).
     info : bool
         The reply carries the ``info`` record (the Ray node it ran on, its device id).
+    clip_count : bool
+        The reply carries the ``clip`` record: the device's centred count of unclipped norms
+        (adaptive clipping, :mod:`mechanisms.adaptive_clip`), which the server uses only noised.
     """
 
     kind: str = "weights"
     privacy_record: bool = False
     info: bool = True
+    clip_count: bool = False
 
 
 @dataclass
@@ -124,11 +128,14 @@ class DeviceReply:
         The ``metrics`` record (None: no such record).
     privacy : dict, optional
         The ``privacy`` record: the round's event, from public counts only (None: no such record).
+    clip_count : float, optional
+        The ``clip`` record's centred count sum_i (1[norm_i <= C] - 1/2) (adaptive clipping; None: no such record).
     """
 
     arrays: dict[str, torch.Tensor]
     metrics: dict | None = None
     privacy: dict | None = None
+    clip_count: float | None = None
 
 
 @dataclass(frozen=True)
@@ -180,8 +187,10 @@ class Aggregator:
         """Start round ``round_`` from the global arrays ``current`` ({key: array})."""
         self.round, self.current, self.plan = round_, current, plan
 
-    def add(self, arrays: Mapping[str, np.ndarray], weight: float) -> None:  # pragma: no cover - interface
-        """Fold in one accepted reply's arrays ({key: array}; ``weight``: its ``num-examples``, where it has one)."""
+    def add(self, arrays: Mapping[str, np.ndarray], weight: float,
+            clip_count: float | None = None) -> None:  # pragma: no cover - interface
+        """Fold in one accepted reply's arrays ({key: array}; ``weight``: its ``num-examples``, where it has one;
+        ``clip_count``: its ``clip`` record's centred count, where the reply spec asks for one)."""
         raise NotImplementedError
 
     def result(self) -> dict[str, np.ndarray] | None:  # pragma: no cover - interface

@@ -8,6 +8,11 @@ cohort size (:class:`DeviceDPAggregator`). Accounted per device, individually: o
 Poisson-subsampled Gaussian (sigma_u, q_k(t)) per round for every device with q_k(t) > 0,
 selected or not; the example-level events of the local DP-SGD, when on, as
 :mod:`mechanisms.local_dpsgd` accounts them.
+
+With ``--adaptive-clip-quantile`` S is the server's current estimate of that quantile of the
+update norms (:mod:`mechanisms.adaptive_clip`, Andrew et al. 2021: the server counts the updates
+it did not clip, noises the count and moves S); the device-level event stays (sigma_u, q_k), the
+sum's noise multiplier is the larger sigma_g.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import numpy as np
 
 from dp.accounting import SubsampledGaussianEvent, calibrate_noise_multiplier
 from dp.secure_random import NoiseSource
+from mechanisms.adaptive_clip import QuantileClip, gradient_noise_multiplier, quantile_clip, with_count_stddev
 from mechanisms.base import Aggregator, Calibration, DeviceReply, DeviceWork, Mechanism, ReplySpec, _numpy, floating_keys
 from mechanisms.local_dpsgd import LocalDPSGD
 from mechanisms.registry import register
@@ -48,23 +54,30 @@ class DeviceDPAggregator(Aggregator):
     noise : dp.secure_random.NoiseSource
     step_size : float
         eta (see above).
+    clip : mechanisms.adaptive_clip.QuantileClip, optional
+        Adaptive clipping: S is ``clip.value`` this round, ``noise_multiplier`` is the sum's sigma_g,
+        and :meth:`result` moves S by the noised centred count of unclipped updates over m.
     """
 
     name = "device-dp"
 
-    def __init__(self, clip_norm: float, noise_multiplier: float, noise: NoiseSource, step_size: float = 1.0):
+    def __init__(self, clip_norm: float, noise_multiplier: float, noise: NoiseSource, step_size: float = 1.0,
+                 clip: QuantileClip | None = None):
         self.clip_norm = float(clip_norm)
         self.noise_multiplier = float(noise_multiplier)
         self.noise = noise
         self.step_size = float(step_size)
+        self.clip = clip
         self.norms: list[float] = []
 
     def begin(self, round_, current, plan):
         super().begin(round_, current, plan)
         self.total = {k: np.zeros_like(current[k], dtype=np.float64) for k in floating_keys(current)}
         self.norms = []
+        if self.clip is not None:
+            self.clip_norm = self.clip.value
 
-    def add(self, arrays: Mapping[str, np.ndarray], weight: float) -> None:
+    def add(self, arrays: Mapping[str, np.ndarray], weight: float, clip_count: float | None = None) -> None:
         deltas = {k: _numpy(arrays[k]).astype(np.float64) - self.current[k] for k in self.total}
         norm = float(np.sqrt(sum(float((d * d).sum()) for d in deltas.values())))
         self.norms.append(norm)
@@ -80,7 +93,18 @@ class DeviceDPAggregator(Aggregator):
                 s = s + self.noise.normal_numpy(s.shape, std)
             step = self.step_size * self.plan.lr_factor / self.plan.expected_cohort
             out[k] = (self.current[k] + step * s).astype(self.current[k].dtype)
+        if self.clip is not None:
+            centred = sum((1.0 if n <= self.clip_norm else 0.0) - 0.5 for n in self.norms)
+            self.clip.update(centred, self.plan.expected_cohort, self.noise)
         return out
+
+    def state_dict(self) -> dict:
+        """The adaptive clip's state (none with a fixed S)."""
+        return {"clip": self.clip.state_dict()} if self.clip is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.clip is not None:
+            self.clip.load_state_dict(state.get("clip") or {})
 
 
 def calibrate_device_noise(cfg, q_max: float, delta: float) -> float:
@@ -129,6 +153,8 @@ class DPFedAvg(Mechanism):
         self.units = (*(self.local.units if self.local else ()), "device")
         self.reply = self.local.reply if self.local else ReplySpec("weights", privacy_record=False)
         self.holdout_noise_at = self.local.holdout_noise_at if self.local else "none"
+        #: the server's adaptive clip of S (set by :meth:`aggregator`; None: S is ``--update-clip-norm``)
+        self.clip: QuantileClip | None = None
 
     def device_part(self, work: DeviceWork) -> DeviceReply:
         """Local training; a device-level private reply carries no loss or timing."""
@@ -138,8 +164,20 @@ class DPFedAvg(Mechanism):
         return DeviceReply(trainable_state(work.model), metrics={"num-examples": result.num_examples})
 
     def aggregator(self, noise: NoiseSource, step_size: float) -> Aggregator:
-        """Clip each update to S, one N(0, (sigma_u S)^2) on the sum, divide by m, step ``step_size``."""
-        return DeviceDPAggregator(self.cfg.update_clip_norm, self.cfg.device_noise_multiplier, noise, step_size)
+        """Clip each update to S, one N(0, (sigma_u S)^2) on the sum, divide by m, step ``step_size``; with
+        adaptive clipping the sum's noise multiplier is sigma_g and the aggregator moves S."""
+        sigma = float(self.cfg.device_noise_multiplier)
+        self.clip = quantile_clip(self.cfg, self.cfg.update_clip_norm, sigma)
+        if self.clip is None:
+            return DeviceDPAggregator(self.cfg.update_clip_norm, sigma, noise, step_size)
+        sigma_g = gradient_noise_multiplier(sigma, self.clip.count_stddev, "--device-noise-multiplier")
+        return DeviceDPAggregator(self.clip.value, sigma_g, noise, step_size, clip=self.clip)
+
+    def clip_norm(self, unit: str) -> float:
+        """S of the round at device level (the adaptive clip's current value, or ``--update-clip-norm``)."""
+        if unit == "device" and self.clip is not None:
+            return float(self.clip.value)
+        return super().clip_norm(unit)
 
     def example_event(self, num_examples: int) -> SubsampledGaussianEvent:
         """The local DP-SGD's event (:meth:`LocalDPSGD.example_event`)."""
@@ -156,7 +194,7 @@ class DPFedAvg(Mechanism):
         ``--device-noise-multiplier`` is given (:func:`calibrate_device_noise`)."""
         local = self.local.calibrate(planned, delta, q_max) if self.local else Calibration()
         if self.cfg.device_noise_multiplier is not None:
-            return local
+            return with_count_stddev(self.cfg, local, "device_noise_multiplier")
         values, notes = dict(local.values), list(local.notes)
         target = self.cfg.target_epsilon_device
         q = q_max() if target is not None else float("nan")
@@ -164,4 +202,4 @@ class DPFedAvg(Mechanism):
         if target is not None:
             notes.append(f"target device-level epsilon {target:g}: device noise multiplier calibrated to {sigma_u:.4f} "
                          f"(q_k <= {q:.3g})")
-        return Calibration(values, tuple(notes))
+        return with_count_stddev(self.cfg, Calibration(values, tuple(notes)), "device_noise_multiplier")

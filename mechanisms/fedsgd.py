@@ -32,7 +32,7 @@ class FedSGD(AggregateNoise):
     holdout_noise_at = "none"
     releases_on_empty_cohort = False
 
-    def device_clip(self) -> float:
+    def device_clip(self, round_config=None) -> float:
         """No clipping: the device sums its sampled examples' gradients as they are (C = infinity)."""
         return math.inf
 

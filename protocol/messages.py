@@ -55,11 +55,14 @@ HOLDOUT = "holdout"
 METRICS = "metrics"
 PRIVACY = "privacy"
 INFO = "info"
+#: adaptive clipping's record in a reply: the device's centred count of unclipped norms
+CLIP = "clip"
+CLIP_COUNT = "centred-unclipped-count"
 
 #: What a reply in each placement may hold (anything else is rejected, see :func:`validate_update`).
 REPLY_RECORDS = {
     "weights": {ARRAYS, METRICS, PRIVACY, INFO},
-    "clipped-sum": {ARRAYS},
+    "clipped-sum": {ARRAYS, CLIP},
 }
 
 
@@ -68,6 +71,7 @@ def validate_update(
     expected: dict[str, tuple[tuple[int, ...], str]],
     dp: bool,
     kind: str = "weights",
+    clip_count: bool = False,
 ) -> str | None:
     """Why a device's training reply cannot be aggregated (None if it can).
 
@@ -82,6 +86,9 @@ def validate_update(
     kind : str
         ``"weights"`` (trained parameters, with ``metrics``; the device placement and
         non-private runs) or ``"clipped-sum"`` (the aggregate placement: ``arrays`` only).
+    clip_count : bool
+        The reply must carry the ``clip`` record (a finite ``centred-unclipped-count``: adaptive
+        clipping); without it, a ``clip`` record is rejected.
 
     Checks: an ``arrays`` ArrayRecord with exactly ``expected``'s keys, shapes and dtypes, every
     value finite; for ``"weights"`` a ``metrics`` record with a finite positive
@@ -106,6 +113,14 @@ def validate_update(
         v = array_view(a)
         if v.dtype.kind in "fc" and not np.isfinite(v).all():
             return f"{k}: non-finite values (NaN or inf)"
+    if clip_count:
+        if CLIP not in content.metric_records:
+            return "no clip record in the reply (adaptive clipping)"
+        c = content.metric_records[CLIP].get(CLIP_COUNT)
+        if not isinstance(c, (int, float)) or not math.isfinite(c):
+            return f"{CLIP_COUNT} {c!r} is not a finite number"
+    elif CLIP in content:
+        return "a clip record without adaptive clipping"
     if kind == "clipped-sum":
         return None
     if METRICS not in content.metric_records:

@@ -89,7 +89,7 @@ SERVER_ONLY = frozenset({
     "cohort_size", "selection", "activity_exponent", "selection_constant",
     "target_epsilon", "max_epsilon", "target_epsilon_device",
     "strategy", "server_learning_rate", "server_ema", "server_lr_schedule",
-    "ray_address",
+    "ray_address", "adaptive_clip_lr", "clipped_count_stddev",
 })
 
 
@@ -348,6 +348,26 @@ class RunConfig:
                           "that needs the most noise; default: none, calibrated for a device that joins every round)",
                   "group": "example_privacy"},
     )
+    adaptive_clip_quantile: float | None = field(
+        default=None,
+        metadata={"help": "adaptive clipping: move the clip norm each round towards this quantile gamma of the norms "
+                          "it clips (C of each example's gradient with --noise-at aggregate, S of each device's update "
+                          "with --device-dp), from --max-grad-norm / --update-clip-norm, by a noised count of the "
+                          "unclipped norms that is accounted in the same event (Andrew et al. 2021; default: none, a "
+                          "fixed clip norm)", "group": "example_privacy"},
+    )
+    adaptive_clip_lr: float = field(
+        default=0.2,
+        metadata={"help": "adaptive clipping: eta_C of the geometric update C <- C exp(-eta_C (b - gamma)), b the "
+                          "noised fraction of unclipped norms", "group": "example_privacy"},
+    )
+    clipped_count_stddev: float | None = field(
+        default=None,
+        metadata={"help": "adaptive clipping: sigma_b, std of the Gaussian noise on the count of unclipped norms "
+                          "(each counted as +-1/2); the clipped sum's noise multiplier becomes "
+                          "(sigma^-2 - (2 sigma_b)^-2)^-1/2 so that the round's event stays the one of sigma "
+                          "(default: 5 sigma, 1% of the round's privacy to the count)", "group": "example_privacy"},
+    )
     max_epsilon: float | None = field(
         default=None,
         metadata={"help": "example-level epsilon budget per device: a device is not selected once its next round "
@@ -581,6 +601,17 @@ class RunConfig:
             "target_epsilon_device",
             "a device-level budget needs device-level DP: add --device-dp",
         )
+        if self.adaptive_clip_quantile is not None:
+            need(0 < self.adaptive_clip_quantile < 1, "adaptive_clip_quantile",
+                 f"must be in (0, 1), got {self.adaptive_clip_quantile}")
+            need(self.dp or self.device_dp, "adaptive_clip_quantile",
+                 "--no-dp clips nothing: drop --adaptive-clip-quantile (or add --device-dp to adapt S)")
+            need(self.device_dp or self.noise_at == "aggregate", "adaptive_clip_quantile",
+                 "adapting the clip norm of local DP-SGD (--noise-at device) is not supported yet: use --noise-at "
+                 "aggregate, or --device-dp to adapt the update clip S")
+        need(self.adaptive_clip_lr > 0, "adaptive_clip_lr", f"must be > 0, got {self.adaptive_clip_lr}")
+        need(self.clipped_count_stddev is None or self.clipped_count_stddev > 0, "clipped_count_stddev",
+             f"must be > 0, got {self.clipped_count_stddev}")
         need(self.canaries >= 0, "canaries", f"must be >= 0, got {self.canaries}")
         need(1 <= self.canary_repeats < 1_000_000, "canary_repeats", f"must be in [1, 1000000), got {self.canary_repeats}")
         need(self.round_timeout is None or self.round_timeout > 0, "round_timeout",

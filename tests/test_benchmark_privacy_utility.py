@@ -17,7 +17,8 @@ def _settings(arm: str, tmp_path: Path):
     return config_from_args(build_parser().parse_args(cmd[1:]))  # the command's own parser and validation
 
 
-@pytest.mark.parametrize("arm", DEFAULT_ARMS.split(",") + ["aggregate:head:1:random+cap20", "aggregate:head:3:labels"])
+@pytest.mark.parametrize("arm", DEFAULT_ARMS.split(",") + ["aggregate:head:1:random+cap20", "aggregate:head:3:labels",
+                                                      "aggregate:head:1:clip10+adaptive", "device-level:head:3:adaptive"])
 def test_every_arm_is_a_valid_dpfl_simulate_command(arm, tmp_path):
     cfg = _settings(arm, tmp_path)
     noise = arm.split(":")[0]
@@ -32,6 +33,10 @@ def test_levers_set_their_flag(tmp_path):
     cfg = _settings("aggregate:head:1:random+cap20", tmp_path)
     assert cfg.head_init == "random" and cfg.participation_cap == 20
     assert _settings("aggregate:head:1", tmp_path).head_init == "auto" and lever_args("") == []
+    cfg = _settings("aggregate:head:1:clip10+adaptive", tmp_path)
+    assert cfg.adaptive_clip_quantile == 0.5 and cfg.max_grad_norm == 10.0 and cfg.update_clip_norm == 10.0
+    with pytest.raises(SystemExit, match="unknown lever 'clip-1'"):
+        parse_arm("aggregate:head:1:clip-1")
     with pytest.raises(SystemExit, match="unknown lever 'nosuch'"):
         parse_arm("aggregate:head:1:nosuch")
     with pytest.raises(SystemExit, match="NOISE:TRAINABLE:EPS"):

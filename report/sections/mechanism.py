@@ -68,8 +68,11 @@ def _example_rows(m: Mechanism) -> list[list[str]]:
             ["example level: noise added", "on the aggregate (by the server, once per round, to the cohort's sum)"
              if run.aggregate else "on the device (DP-SGD, at every local step)"],
             ["example level: noise multiplier sigma", param(cfg, "noise_multiplier")],
-            ["example level: clipping norm C (max_grad_norm)", param(cfg, "max_grad_norm")],
+            ["example level: clipping norm C (max_grad_norm)", param(cfg, "max_grad_norm")
+             + (" (where the adaptive clip started)" if _adaptive(cfg) and run.aggregate and not run.device_dp else "")],
         ]
+        if run.aggregate and not run.device_dp and _adaptive(cfg):
+            rows += _adaptive_rows(cfg, "noise_multiplier", "C", "example gradient norms", m.example)
         if run.aggregate:
             rows += [["example level: example sampling rate p", param(cfg, "sample_rate")],
                      ["server learning rate", param(cfg, "server_learning_rate")]]
@@ -99,11 +102,41 @@ def _device_rows(m: Mechanism) -> list[list[str]]:
     if m.facts.device_dp:
         rows += [
             ["device level: noise multiplier sigma_u", param(m.config, "device_noise_multiplier")],
-            ["device level: update clip norm S", param(m.config, "update_clip_norm")],
+            ["device level: update clip norm S", param(m.config, "update_clip_norm")
+             + (" (where the adaptive clip started)" if _adaptive(m.config) else "")],
             ["server learning rate", param(m.config, "server_learning_rate")],
         ]
+        if _adaptive(m.config):
+            rows += _adaptive_rows(m.config, "device_noise_multiplier", "S", "device update norms", m.device)
         if m.device is not None:
             rows.append(["device level: inclusion probability q_k per round", fmt_range(m.device.sample_rate)])
+    return rows
+
+
+def _adaptive(cfg: dict) -> bool:
+    return cfg.get("adaptive_clip_quantile") is not None
+
+
+def _adaptive_rows(cfg: dict, sigma_field: str, name: str, what: str, ranges: LedgerRanges | None) -> list[list[str]]:
+    """Adaptive clipping's rows (mechanisms/adaptive_clip.py): the quantile, the count's noise, the sum's
+    noise multiplier sigma_g, and the clip norms the ledger recorded."""
+    from mechanisms.adaptive_clip import gradient_noise_multiplier
+
+    sigma, sigma_b = cfg.get(sigma_field), cfg.get("clipped_count_stddev")
+    try:
+        sigma_g = fmt(gradient_noise_multiplier(float(sigma), float(sigma_b))) if sigma is not None and sigma_b else "-"
+    except ValueError:
+        sigma_g = "-"
+    rows = [
+        [f"adaptive clipping of {name}", f"to the {fmt(cfg['adaptive_clip_quantile'])} quantile of the {what}, geometric "
+         f"update with learning rate {param(cfg, 'adaptive_clip_lr')} on the noised fraction of unclipped norms (Andrew "
+         "et al. 2021); each round's clip norm is a function of noised counts only and is released"],
+        ["adaptive clipping: noise std of the count of unclipped norms sigma_b", param(cfg, "clipped_count_stddev")],
+        [f"adaptive clipping: noise multiplier of the clipped sum sigma_g (sigma_g^-2 + (2 sigma_b)^-2 = {sigma_field}^-2, "
+         "the accounted event)", sigma_g],
+    ]
+    if ranges is not None and ranges.max_grad_norm is not None:
+        rows.append([f"adaptive clipping: {name} per round in the ledger", fmt_range(ranges.max_grad_norm)])
     return rows
 
 

@@ -141,6 +141,18 @@ def _example_noise_items(s: Setting) -> list[str]:
             "clipping to C, Gaussian noise of standard deviation sigma * C added to the summed clipped "
             "gradients of each Poisson-sampled batch). The update that leaves the device is already private "
             "for each of its examples.")
+    elif run.aggregate and cfg.get("adaptive_clip_quantile") is not None:
+        th.append(
+            f"Example-level noise is added on the aggregate: each selected device Poisson-samples its examples "
+            f"at rate p = {param(cfg, 'sample_rate')}, clips each example's gradient to the round's C and sends "
+            "only the sum of the clipped gradients and its count of examples whose norm was at most C, centred "
+            "(each counted as +-1/2; no loss, no sample count, no timing). The server adds Gaussian noise of "
+            "standard deviation sigma_g * C once per round to the cohort's sum and of standard deviation sigma_b "
+            "to the cohort's count, divides the sum by the expected number of sampled examples (the sum of p n_k "
+            "over the cohort, from the public counts), takes a server optimizer step (strategy "
+            f"{param(cfg, 'strategy')}), and moves C towards the {param(cfg, 'adaptive_clip_quantile')} quantile of "
+            "the examples' gradient norms by the noisy count (adaptive clipping, Andrew et al. 2021). A device's "
+            "clipped sum and count carry no noise of their own.")
     elif run.aggregate:
         th.append(
             f"Example-level noise is added on the aggregate: each selected device Poisson-samples its examples "
@@ -166,9 +178,15 @@ def _device_noise_item(s: Setting) -> str:
     run = s.facts
     if run.device_dp:
         return (
-            "Device-level noise is added on the server: each device's update is clipped to norm S and "
-            "Gaussian noise of standard deviation sigma_u * S is added to the sum. Trust model at device level: "
-            f"{(s.trust_model.device or DEVICE_TRUST_MODEL).name}. The server is trusted to add this noise: it sees the individual "
+            ("Device-level noise is added on the server: each device's update is clipped to the round's norm S, "
+             "Gaussian noise of standard deviation sigma_g * S is added to the sum and of standard deviation "
+             "sigma_b to the count of updates that were not clipped (centred), and the noisy count moves S towards "
+             f"the {param(s.config, 'adaptive_clip_quantile')} quantile of the update norms (adaptive clipping, "
+             "Andrew et al. 2021). Trust model at device level: "
+             if s.config.get("adaptive_clip_quantile") is not None else
+             "Device-level noise is added on the server: each device's update is clipped to norm S and "
+             "Gaussian noise of standard deviation sigma_u * S is added to the sum. Trust model at device level: ")
+            + f"{(s.trust_model.device or DEVICE_TRUST_MODEL).name}. The server is trusted to add this noise: it sees the individual "
             + ("(example-level-private) updates before aggregation" if run.dp_on
                else "updates before aggregation, which carry no noise of their own")
             + ". The guarantee holds against observers of the released models.")

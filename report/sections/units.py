@@ -18,6 +18,7 @@ class Units:
 
     facts: Facts
     c_calibrated: bool
+    adaptive_clip: bool = False
 
     def to_json(self) -> dict[str, Any]:
         """Nothing of its own in summary.json."""
@@ -27,7 +28,8 @@ class Units:
 def compute(ctx: Context) -> Units:
     """The units of the run."""
     return Units(facts=ctx.facts,
-                 c_calibrated=ctx.cfg.get("selection_constant") is None and bool(ctx.run.get("calibration_note")))
+                 c_calibrated=ctx.cfg.get("selection_constant") is None and bool(ctx.run.get("calibration_note")),
+                 adaptive_clip=ctx.cfg.get("adaptive_clip_quantile") is not None)
 
 
 def render(u: Units, doc: Doc) -> list[Block]:
@@ -43,12 +45,21 @@ def render(u: Units, doc: Doc) -> list[Block]:
     if run.aggregate:
         ex_unit += (" With noise on the aggregate, each round a device joined is one Poisson-subsampled Gaussian "
                     "(rate p, noise multiplier sigma) for each of its examples: one example changes the cohort's "
-                    "clipped sum by at most C. No amplification by device selection is claimed at example level: an "
+                    "clipped sum by at most C"
+                    + (" and the cohort's centred count of unclipped examples by at most 1/2 (adaptive clipping): with "
+                       "noise sigma_g C on the sum and sigma_b on the count, the pair is one Gaussian mechanism of "
+                       "noise multiplier sigma, (sigma_g^-2 + (2 sigma_b)^-2)^-1/2 (Andrew et al. 2021, Theorem 1)"
+                       if u.adaptive_clip and not run.device_dp else "")
+                    + ". No amplification by device selection is claimed at example level: an "
                     "example's inclusion is correlated with its device's other examples, whose contribution can "
                     "reveal that the device took part, so the rate is p, not q_k * p.")
     dev_unit = ("Device level: the unit is one device with all of its data (add or remove one device). With Poisson "
                 "selection each device's guarantee depends on its own inclusion probability q_k, so each device is "
-                "accounted individually.")
+                "accounted individually."
+                + (" With adaptive clipping one device also changes the centred count of unclipped updates by at "
+                   "most 1/2: with noise sigma_g S on the sum and sigma_b on the count, the pair is one Gaussian "
+                   "mechanism of noise multiplier sigma_u, (sigma_g^-2 + (2 sigma_b)^-2)^-1/2 (Andrew et al. 2021, "
+                   "Theorem 1)." if u.adaptive_clip and run.device_dp else ""))
     if run.device_dp and not run.dp_on:
         dev_unit += (" It also bounds the example level: changing one example of device k is at most removing the "
                      "device and adding it back with the changed data (same public count, same q_k), so group "
