@@ -222,8 +222,8 @@ def train(msg: Message, context: Context) -> Message:
     content[rec.ARRAYS] = record_from_state(_inject(fault, reply.arrays, cfg, round_cfg, device_id, server_round))
     if reply.metrics is not None:
         content[rec.METRICS] = MetricRecord(reply.metrics)
-    if reply.clip_count is not None:
-        content[rec.CLIP] = MetricRecord({rec.CLIP_COUNT: float(reply.clip_count)})
+    if reply.clip is not None:
+        content[rec.CLIP] = MetricRecord({mechanism.reply.clip: float(reply.clip)})
     return Message(content, reply_to=msg)
 
 

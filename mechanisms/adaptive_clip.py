@@ -43,6 +43,10 @@ from dp.secure_random import NoiseSource
 from mechanisms.base import Calibration
 from settings.config import ConfigError
 
+#: The keys of a reply's ``clip`` record (:attr:`mechanisms.base.ReplySpec.clip`).
+CLIP_COUNT = "centred-unclipped-count"
+CLIP_NORM = "clip-norm"
+
 #: sigma_b = COUNT_STDDEV_PER_SIGMA * sigma by default: (2 sigma_b)^-2 is then 1% of sigma^-2, so the
 #: clipped sum's noise grows by 1/sqrt(0.99) (0.5%); Andrew et al. 2021 use sigma_b = m / 20, which is
 #: the same 1% at m = 100 devices and sigma = 1.

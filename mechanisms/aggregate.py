@@ -26,7 +26,7 @@ from torch import nn
 from dp.accounting import SubsampledGaussianEvent
 from dp.engines import make_engine
 from dp.secure_random import NoiseSource
-from mechanisms.adaptive_clip import QuantileClip, gradient_noise_multiplier, quantile_clip, with_count_stddev
+from mechanisms.adaptive_clip import CLIP_COUNT, QuantileClip, gradient_noise_multiplier, quantile_clip, with_count_stddev
 from mechanisms.base import (Aggregator, Calibration, DeviceReply, DeviceWork, Mechanism, ReplySpec, _numpy,
                              calibrate_example, floating_keys)
 from mechanisms.registry import register
@@ -84,12 +84,12 @@ class AggregateNoiseAggregator(Aggregator):
         if self.clip is not None:
             self.max_grad_norm = self.clip.value
 
-    def add(self, arrays: Mapping[str, np.ndarray], weight: float, clip_count: float | None = None) -> None:
+    def add(self, arrays: Mapping[str, np.ndarray], weight: float, clip: float | None = None) -> None:
         for k in self.total:
             self.total[k] += _numpy(arrays[k])
         self.replies += 1
-        if clip_count is not None:
-            self.centred_count += float(clip_count)
+        if clip is not None:  # the device's centred count
+            self.centred_count += float(clip)
 
     def noisy_gradient(self) -> dict[str, np.ndarray]:
         """g = (sum of clipped sums + N(0, (sigma C)^2 I)) / E[n] (float64), per floating array."""
@@ -131,7 +131,8 @@ class AggregateNoise(Mechanism):
         super().__init__(cfg)
         adaptive = cfg.adaptive_clip_quantile is not None and self.units != ()
         #: with adaptive clipping the reply also holds the centred count of unclipped examples
-        self.reply = ReplySpec("clipped-sum", privacy_record=False, info=False, clip_count=adaptive)
+        self.reply = ReplySpec("clipped-sum", privacy_record=False, info=False,
+                               clip=CLIP_COUNT if adaptive else None)
         #: the server's adaptive clip (set by :meth:`aggregator`; None: C is ``--max-grad-norm``)
         self.clip: QuantileClip | None = None
 
@@ -154,7 +155,7 @@ class AggregateNoise(Mechanism):
             physical_batch_size=cfg.physical_batch_size, noise=work.noise, dp_engine=cfg.dp_engine, task=work.task,
             teacher=work.teacher, return_centred_count=True,
         )
-        return DeviceReply(sums, clip_count=count if self.reply.clip_count else None)
+        return DeviceReply(sums, clip=count if self.reply.clip else None)
 
     def device_clip(self, round_config: Mapping | None = None) -> float:
         """C, the clip of each example's gradient on the device: the round's ``max-grad-norm`` (adaptive

@@ -70,15 +70,16 @@ class ReplySpec:
         The reply must carry the round's ``privacy`` record (the device's DP-SGD event).
     info : bool
         The reply carries the ``info`` record (the Ray node it ran on, its device id).
-    clip_count : bool
-        The reply carries the ``clip`` record: the device's centred count of unclipped norms
-        (adaptive clipping, :mod:`mechanisms.adaptive_clip`), which the server uses only noised.
+    clip : str, optional
+        The key of the reply's ``clip`` record (adaptive clipping, :mod:`mechanisms.adaptive_clip`):
+        ``"centred-unclipped-count"`` (the aggregate placement's count, used only noised) or
+        ``"clip-norm"`` (local DP-SGD: the device's clip norm after its noised updates); None: no such record.
     """
 
     kind: str = "weights"
     privacy_record: bool = False
     info: bool = True
-    clip_count: bool = False
+    clip: str | None = None
 
 
 @dataclass
@@ -128,14 +129,14 @@ class DeviceReply:
         The ``metrics`` record (None: no such record).
     privacy : dict, optional
         The ``privacy`` record: the round's event, from public counts only (None: no such record).
-    clip_count : float, optional
-        The ``clip`` record's centred count sum_i (1[norm_i <= C] - 1/2) (adaptive clipping; None: no such record).
+    clip : float, optional
+        The ``clip`` record's value (adaptive clipping, see :attr:`ReplySpec.clip`; None: no such record).
     """
 
     arrays: dict[str, torch.Tensor]
     metrics: dict | None = None
     privacy: dict | None = None
-    clip_count: float | None = None
+    clip: float | None = None
 
 
 @dataclass(frozen=True)
@@ -188,9 +189,9 @@ class Aggregator:
         self.round, self.current, self.plan = round_, current, plan
 
     def add(self, arrays: Mapping[str, np.ndarray], weight: float,
-            clip_count: float | None = None) -> None:  # pragma: no cover - interface
+            clip: float | None = None) -> None:  # pragma: no cover - interface
         """Fold in one accepted reply's arrays ({key: array}; ``weight``: its ``num-examples``, where it has one;
-        ``clip_count``: its ``clip`` record's centred count, where the reply spec asks for one)."""
+        ``clip``: its ``clip`` record's value, where the reply spec asks for one)."""
         raise NotImplementedError
 
     def result(self) -> dict[str, np.ndarray] | None:  # pragma: no cover - interface

@@ -77,7 +77,7 @@ class DeviceDPAggregator(Aggregator):
         if self.clip is not None:
             self.clip_norm = self.clip.value
 
-    def add(self, arrays: Mapping[str, np.ndarray], weight: float, clip_count: float | None = None) -> None:
+    def add(self, arrays: Mapping[str, np.ndarray], weight: float, clip: float | None = None) -> None:
         deltas = {k: _numpy(arrays[k]).astype(np.float64) - self.current[k] for k in self.total}
         norm = float(np.sqrt(sum(float((d * d).sum()) for d in deltas.values())))
         self.norms.append(norm)

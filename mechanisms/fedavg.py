@@ -35,7 +35,7 @@ class MeanAggregator(Aggregator):
         self.sums: dict[str, np.ndarray] = {}
         self.total = 0.0
 
-    def add(self, arrays: Mapping[str, np.ndarray], weight: float, clip_count: float | None = None) -> None:
+    def add(self, arrays: Mapping[str, np.ndarray], weight: float, clip: float | None = None) -> None:
         w = float(weight)
         for k, a in arrays.items():
             v = _numpy(a)

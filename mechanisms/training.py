@@ -19,6 +19,7 @@ from torch import nn
 from dp.engines import make_engine
 from dp.secure_random import NoiseSource
 from dp.sampling import poisson_batches, sample_rate_for, steps_for
+from mechanisms.adaptive_clip import QuantileClip, count_stddev, gradient_noise_multiplier
 from mechanisms.base import DeviceWork
 from nlu.congruent import TEACHER_KEY
 from nlu.data import Encoded, collate, per_example_loss
@@ -41,6 +42,9 @@ class LocalTrainConfig:
     learning_rate: float
     proximal_mu: float = 0.0
     head_learning_rate: float | None = None
+    #: adaptive clipping of C over the local steps: (quantile gamma, eta_C, sigma_b); ``noise_multiplier``
+    #: is then the clipped sums' sigma_g (mechanisms/adaptive_clip.py). None: C stays ``max_grad_norm``.
+    adaptive_clip: tuple[float, float, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,7 @@ class LocalResult:
     sample_rate: float
     train_loss: float
     seconds: float
+    clip_norm: float | None = None  #: adaptive clipping: C after the last step's noised update (else None)
 
 
 def param_groups(model: nn.Module, lr: float, head_lr: float | None) -> list[dict]:
@@ -145,6 +150,10 @@ def train_local(model: nn.Module, data: Encoded, cfg: LocalTrainConfig, noise: N
     sum, divided by the expected batch size q * n (Abadi et al. 2016, Algorithm 1), processed in
     physical micro-batches of at most ``physical_batch_size`` examples.
     Without: ``E`` epochs of shuffled minibatches of ``batch_size`` with the mean loss.
+    With ``cfg.adaptive_clip`` (gamma, eta_C, sigma_b): after each step C moves by the step's
+    centred count of unclipped examples plus N(0, sigma_b^2) over the expected batch size
+    (:class:`mechanisms.adaptive_clip.QuantileClip`); the step's clipped sum has noise multiplier
+    ``noise_multiplier`` = sigma_g, so each step is still one Gaussian of the accounted sigma.
 
     Parameters
     ----------
@@ -206,32 +215,53 @@ def train_local(model: nn.Module, data: Encoded, cfg: LocalTrainConfig, noise: N
         expected_batch_size=q * n,
         generator=noise,
     )
+    clip = QuantileClip(cfg.max_grad_norm, *cfg.adaptive_clip) if cfg.adaptive_clip is not None else None
     try:
         for idx in poisson_batches(n, q, steps, noise):
             opt.zero_grad(set_to_none=True)
+            centred = 0.0
             for s in range(0, len(idx), cfg.physical_batch_size):
                 batch = collate_fn(data, idx[s : s + cfg.physical_batch_size])
                 loss = loss_fn(model, batch)
-                engine.accumulate(loss)
+                norms = engine.accumulate(loss)
+                if clip is not None:
+                    centred += float((norms <= engine.max_grad_norm).sum().item()) - 0.5 * len(norms)
                 losses_sum += float(loss.detach().sum())
                 losses_n += len(loss)
             engine.finalize()
             if start:
                 _add_proximal_grad(model, start, cfg.proximal_mu)
             opt.step()
+            if clip is not None:
+                engine.max_grad_norm = clip.update(centred, q * n, noise)
     finally:
         engine.detach()
         opt.zero_grad(set_to_none=True)
-    return LocalResult(n, steps, q, losses_sum / max(losses_n, 1), time.perf_counter() - t0)
+    return LocalResult(n, steps, q, losses_sum / max(losses_n, 1), time.perf_counter() - t0,
+                       clip_norm=clip.value if clip is not None else None)
 
 
-def local_config(cfg, round_config, dp: bool) -> LocalTrainConfig:
-    """The device's local training settings: the run's (``cfg``), FedProx's ``proximal-mu`` from the round config."""
+def local_config(cfg, round_config, dp: bool, adaptive: bool = False) -> LocalTrainConfig:
+    """The device's local training settings: the run's (``cfg``), FedProx's ``proximal-mu`` from the round config;
+    with ``adaptive`` (local DP-SGD's adaptive clipping) C starts at the round's ``max-grad-norm`` and the
+    steps' noise multiplier is sigma_g (:func:`mechanisms.adaptive_clip.gradient_noise_multiplier`).
+
+    Raises
+    ------
+    settings.config.ConfigError
+        If adaptive clipping's sigma_b is too small for sigma.
+    """
+    adaptive_clip, sigma = None, cfg.noise_multiplier
+    if adaptive and dp:
+        sigma_b = count_stddev(cfg, cfg.noise_multiplier)
+        adaptive_clip = (float(cfg.adaptive_clip_quantile), float(cfg.adaptive_clip_lr), sigma_b)
+        sigma = gradient_noise_multiplier(float(cfg.noise_multiplier), sigma_b)
     return LocalTrainConfig(
         dp=dp,
         dp_engine=cfg.dp_engine,
-        noise_multiplier=cfg.noise_multiplier,
-        max_grad_norm=cfg.max_grad_norm,
+        noise_multiplier=sigma,
+        max_grad_norm=float(round_config.get("max-grad-norm", cfg.max_grad_norm)) if adaptive else cfg.max_grad_norm,
+        adaptive_clip=adaptive_clip,
         batch_size=cfg.batch_size,
         physical_batch_size=cfg.physical_batch_size,
         local_epochs=cfg.local_epochs,
@@ -242,15 +272,16 @@ def local_config(cfg, round_config, dp: bool) -> LocalTrainConfig:
     )
 
 
-def local_round(cfg, work: DeviceWork, dp: bool) -> LocalResult:
+def local_round(cfg, work: DeviceWork, dp: bool, adaptive: bool = False) -> LocalResult:
     """One device's local training in one round (:func:`train_local`), DP-SGD when ``dp``.
 
     With ``--local-epochs 0`` the model is left as it came (zero DP-SGD steps; with ``dp`` the
     zero-step event keeps the sample rate min(1, B / n)): the cost of a round without training.
     """
-    local = local_config(cfg, work.round_config, dp)
+    local = local_config(cfg, work.round_config, dp, adaptive)
     if cfg.local_epochs == 0:
         q = sample_rate_for(len(work.data), cfg.batch_size) if dp else 0.0
-        return LocalResult(len(work.data), 0, q, float("nan"), 0.0)
+        return LocalResult(len(work.data), 0, q, float("nan"), 0.0,
+                           clip_norm=local.max_grad_norm if local.adaptive_clip is not None else None)
     return train_local(work.model, work.data, local, noise=work.noise, task=work.task, teacher=work.teacher)
 

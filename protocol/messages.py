@@ -55,13 +55,12 @@ HOLDOUT = "holdout"
 METRICS = "metrics"
 PRIVACY = "privacy"
 INFO = "info"
-#: adaptive clipping's record in a reply: the device's centred count of unclipped norms
+#: adaptive clipping's record in a reply (its key: mechanisms.base.ReplySpec.clip)
 CLIP = "clip"
-CLIP_COUNT = "centred-unclipped-count"
 
 #: What a reply in each placement may hold (anything else is rejected, see :func:`validate_update`).
 REPLY_RECORDS = {
-    "weights": {ARRAYS, METRICS, PRIVACY, INFO},
+    "weights": {ARRAYS, METRICS, PRIVACY, INFO, CLIP},
     "clipped-sum": {ARRAYS, CLIP},
 }
 
@@ -71,7 +70,7 @@ def validate_update(
     expected: dict[str, tuple[tuple[int, ...], str]],
     dp: bool,
     kind: str = "weights",
-    clip_count: bool = False,
+    clip_key: str | None = None,
 ) -> str | None:
     """Why a device's training reply cannot be aggregated (None if it can).
 
@@ -86,9 +85,9 @@ def validate_update(
     kind : str
         ``"weights"`` (trained parameters, with ``metrics``; the device placement and
         non-private runs) or ``"clipped-sum"`` (the aggregate placement: ``arrays`` only).
-    clip_count : bool
-        The reply must carry the ``clip`` record (a finite ``centred-unclipped-count``: adaptive
-        clipping); without it, a ``clip`` record is rejected.
+    clip_key : str, optional
+        The reply must carry the ``clip`` record with this one finite value (adaptive clipping;
+        ``clip-norm`` must also be > 0); None: a ``clip`` record is rejected.
 
     Checks: an ``arrays`` ArrayRecord with exactly ``expected``'s keys, shapes and dtypes, every
     value finite; for ``"weights"`` a ``metrics`` record with a finite positive
@@ -113,12 +112,12 @@ def validate_update(
         v = array_view(a)
         if v.dtype.kind in "fc" and not np.isfinite(v).all():
             return f"{k}: non-finite values (NaN or inf)"
-    if clip_count:
-        if CLIP not in content.metric_records:
-            return "no clip record in the reply (adaptive clipping)"
-        c = content.metric_records[CLIP].get(CLIP_COUNT)
-        if not isinstance(c, (int, float)) or not math.isfinite(c):
-            return f"{CLIP_COUNT} {c!r} is not a finite number"
+    if clip_key:
+        if CLIP not in content.metric_records or set(content.metric_records[CLIP].keys()) != {clip_key}:
+            return f"no clip record holding {clip_key} alone in the reply (adaptive clipping)"
+        c = content.metric_records[CLIP][clip_key]
+        if not isinstance(c, (int, float)) or not math.isfinite(c) or (clip_key == "clip-norm" and c <= 0):
+            return f"{clip_key} {c!r} is not a {'positive' if clip_key == 'clip-norm' else 'finite'} number"
     elif CLIP in content:
         return "a clip record without adaptive clipping"
     if kind == "clipped-sum":

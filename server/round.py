@@ -235,7 +235,7 @@ def collect(server, grid: Grid, msgs: list[Message], sel: Selection, out: RoundO
             lost.append((d, "error", reason))
             log.warning("round %d: device %d failed: %s", t, d, reason)
             return
-        why = validate_update(r.content, server.expected, spec.privacy_record, kind=spec.kind, clip_count=spec.clip_count)
+        why = validate_update(r.content, server.expected, spec.privacy_record, kind=spec.kind, clip_key=spec.clip)
         if why is None and rec.INFO in r.content and int(r.content[rec.INFO].get("device-id", d)) != d:
             why = "device id in the reply does not match the node"
         if why is not None:
@@ -244,8 +244,8 @@ def collect(server, grid: Grid, msgs: list[Message], sel: Selection, out: RoundO
             log.warning("round %d: update of device %d rejected: %s", t, d, why)
             return
         weight = float(r.content[rec.METRICS]["num-examples"]) if rec.METRICS in r.content else 1.0
-        count = float(r.content[rec.CLIP][rec.CLIP_COUNT]) if spec.clip_count else None
-        server.aggregator.add({k: array_view(a) for k, a in r.content[rec.ARRAYS].items()}, weight, count)
+        clip = float(r.content[rec.CLIP][spec.clip]) if spec.clip else None
+        server.aggregator.add({k: array_view(a) for k, a in r.content[rec.ARRAYS].items()}, weight, clip)
         kept.append(RecordDict({k: v for k, v in r.content.items() if k not in (rec.ARRAYS, rec.CLIP)}))
 
     sent = time.perf_counter()

@@ -89,7 +89,7 @@ SERVER_ONLY = frozenset({
     "cohort_size", "selection", "activity_exponent", "selection_constant",
     "target_epsilon", "max_epsilon", "target_epsilon_device",
     "strategy", "server_learning_rate", "server_ema", "server_lr_schedule",
-    "ray_address", "adaptive_clip_lr", "clipped_count_stddev",
+    "ray_address",
 })
 
 
@@ -606,9 +606,8 @@ class RunConfig:
                  f"must be in (0, 1), got {self.adaptive_clip_quantile}")
             need(self.dp or self.device_dp, "adaptive_clip_quantile",
                  "--no-dp clips nothing: drop --adaptive-clip-quantile (or add --device-dp to adapt S)")
-            need(self.device_dp or self.noise_at == "aggregate", "adaptive_clip_quantile",
-                 "adapting the clip norm of local DP-SGD (--noise-at device) is not supported yet: use --noise-at "
-                 "aggregate, or --device-dp to adapt the update clip S")
+            need(self.device_dp or self.noise_at == "aggregate" or self.dp_engine == "dpfl", "adaptive_clip_quantile",
+                 "adapting the clip norm of local DP-SGD (--noise-at device) needs --dp-engine dpfl")
         need(self.adaptive_clip_lr > 0, "adaptive_clip_lr", f"must be > 0, got {self.adaptive_clip_lr}")
         need(self.clipped_count_stddev is None or self.clipped_count_stddev > 0, "clipped_count_stddev",
              f"must be > 0, got {self.clipped_count_stddev}")

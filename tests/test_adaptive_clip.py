@@ -189,7 +189,7 @@ def test_round_loop_sends_and_records_each_rounds_C_and_resumes_it(tmp_path, dat
     assert all(len(v) == 1 for v in sent.values()) and sent[1] == {5.0}
     for _, content in grid.outgoing:  # each reply: the clipped sum and its centred count, nothing else
         assert set(content.keys()) == {rec.ARRAYS, rec.CLIP}
-        assert abs(content[rec.CLIP][rec.CLIP_COUNT]) <= 6 * 0.5 + 1e-9  # at most n_k / 2 (6 examples a device)
+        assert abs(content[rec.CLIP]["centred-unclipped-count"]) <= 6 * 0.5 + 1e-9  # at most n_k / 2 (6 examples a device)
     with LedgerReader(Path(cfg.run_dir) / "ledger.sqlite") as ledger:
         events = ledger.events_by_device("example")
     by_round = {e.round: e.max_grad_norm for evs in events.values() for e in evs}
@@ -213,7 +213,7 @@ def test_round_loop_sends_and_records_each_rounds_C_and_resumes_it(tmp_path, dat
     assert "adaptive clipping of C" in md and "0.5 quantile of the example gradient norms" in md
     sigma_g = gradient_noise_multiplier(1.0, COUNT_STDDEV_PER_SIGMA)
     assert f"{sigma_g:.4g}"[:5] in md
-    assert "C per round in the ledger" in md
+    assert "C at the start of each round, in the ledger" in md
 
 
 def test_device_dp_round_loop_records_S_per_round(tmp_path, data_dir):
@@ -235,7 +235,7 @@ def test_device_dp_round_loop_records_S_per_round(tmp_path, data_dir):
 @pytest.mark.parametrize("settings, flag", [
     (dict(adaptive_clip_quantile=1.0), "--adaptive-clip-quantile: must be in"),
     (dict(adaptive_clip_quantile=0.5, dp=False), "--no-dp"),
-    (dict(adaptive_clip_quantile=0.5, noise_at="device"), "not supported yet"),
+    (dict(adaptive_clip_quantile=0.5, noise_at="device", dp_engine="opacus"), "needs --dp-engine dpfl"),
     (dict(adaptive_clip_quantile=0.5, adaptive_clip_lr=0.0), "--adaptive-clip-lr"),
     (dict(adaptive_clip_quantile=0.5, clipped_count_stddev=-1.0), "--clipped-count-stddev"),
 ])
@@ -252,3 +252,44 @@ def test_calibration_records_sigma_b_and_refuses_one_too_small():
     bad = cfg.replace(clipped_count_stddev=0.01)
     with pytest.raises(ConfigError, match="--clipped-count-stddev"):
         mechanism_for(bad).calibrate(np.array([10, 20]), 1e-5, lambda: 1.0)
+
+
+def test_local_dpsgd_moves_C_every_step_and_the_server_takes_the_geometric_mean(tmp_path, data_dir):
+    cfg = toy_config(tmp_path / "run", data_dir, noise_at="device", trainable="head", num_devices=4, cohort_size=4,
+                     rounds=3, batch_size=2, noise_multiplier=1.0, max_grad_norm=5.0, adaptive_clip_quantile=0.5)
+    mech = mechanism_for(cfg)
+    assert mech.reply.clip == "clip-norm" and mech.round_params() == {}
+    server, grid, _, _ = run_rounds(cfg)
+    finals: dict[int, list[float]] = {}
+    for d, content in grid.outgoing:
+        if rec.CLIP in content:
+            assert set(content[rec.CLIP].keys()) == {"clip-norm"}
+            finals.setdefault(int(content[rec.PRIVACY]["round"]), []).append(float(content[rec.CLIP]["clip-norm"]))
+    starts = {int(m.content["config"]["server-round"]): float(m.content["config"]["max-grad-norm"]) for m in grid.sent
+              if "max-grad-norm" in m.content["config"]}
+    assert starts[1] == 5.0 and set(finals) >= {1, 2}
+    for t in (1, 2):  # round t + 1 starts from the geometric mean of round t's final C
+        assert starts[t + 1] == pytest.approx(float(np.exp(np.mean(np.log(finals[t])))), rel=1e-9)
+    assert any(abs(c - 5.0) > 1e-6 for c in finals[1])  # C moved within the devices' rounds
+    with LedgerReader(Path(cfg.run_dir) / "ledger.sqlite") as ledger:
+        events = ledger.events_by_device("example")
+    assert {e.round: e.max_grad_norm for evs in events.values() for e in evs} == starts
+    assert {e.noise_multiplier for evs in events.values() for e in evs} == {1.0}
+
+
+def test_local_dpsgd_steps_use_sigma_g_and_the_device_noise_moves_C():
+    """train_local with adaptive clipping: the engine's noise multiplier is sigma_g, and C changes after each step."""
+    from mechanisms.training import local_config, train_local
+    from nlu.tasks import make_task
+
+    cfg = RunConfig(model="tiny", noise_at="device", noise_multiplier=2.0, max_grad_norm=1.0, batch_size=3,
+                    local_epochs=2, adaptive_clip_quantile=0.5, clipped_count_stddev=4.0).validate()
+    local = local_config(cfg, {"max-grad-norm": 0.7}, dp=True, adaptive=True)
+    assert local.max_grad_norm == 0.7 and local.adaptive_clip == (0.5, 0.2, 4.0)
+    assert local.noise_multiplier == pytest.approx(gradient_noise_multiplier(2.0, 4.0))
+    plain = local_config(cfg, {"max-grad-norm": 0.7}, dp=True, adaptive=False)
+    assert plain.max_grad_norm == 1.0 and plain.adaptive_clip is None and plain.noise_multiplier == 2.0
+    task = make_task("intent", 3)
+    model = _tiny(task).float()
+    result = train_local(model, _device_data(n=9), local, NoiseSource(0), task=task)
+    assert result.clip_norm is not None and result.clip_norm != 0.7

@@ -69,10 +69,12 @@ def _example_rows(m: Mechanism) -> list[list[str]]:
              if run.aggregate else "on the device (DP-SGD, at every local step)"],
             ["example level: noise multiplier sigma", param(cfg, "noise_multiplier")],
             ["example level: clipping norm C (max_grad_norm)", param(cfg, "max_grad_norm")
-             + (" (where the adaptive clip started)" if _adaptive(cfg) and run.aggregate and not run.device_dp else "")],
+             + (" (where the adaptive clip started)" if _adaptive(cfg) and not run.device_dp else "")],
         ]
-        if run.aggregate and not run.device_dp and _adaptive(cfg):
-            rows += _adaptive_rows(cfg, "noise_multiplier", "C", "example gradient norms", m.example)
+        if _adaptive(cfg) and not run.device_dp:
+            rows += _adaptive_rows(cfg, "noise_multiplier", "C", "example gradient norms" if run.aggregate else
+                                   "example gradient norms, after every local step on each device (each round "
+                                   "starts from the geometric mean of the devices' final C)", m.example)
         if run.aggregate:
             rows += [["example level: example sampling rate p", param(cfg, "sample_rate")],
                      ["server learning rate", param(cfg, "server_learning_rate")]]
@@ -136,7 +138,7 @@ def _adaptive_rows(cfg: dict, sigma_field: str, name: str, what: str, ranges: Le
          "the accounted event)", sigma_g],
     ]
     if ranges is not None and ranges.max_grad_norm is not None:
-        rows.append([f"adaptive clipping: {name} per round in the ledger", fmt_range(ranges.max_grad_norm)])
+        rows.append([f"adaptive clipping: {name} at the start of each round, in the ledger", fmt_range(ranges.max_grad_norm)])
     return rows
 
 

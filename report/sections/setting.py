@@ -135,7 +135,16 @@ def _example_noise_items(s: Setting) -> list[str]:
     run, cfg = s.facts, s.config
     th = []
     ex_trust = s.trust_model.example
-    if run.dp_on and not run.aggregate:
+    if run.dp_on and not run.aggregate and cfg.get("adaptive_clip_quantile") is not None and not run.device_dp:
+        th.append(
+            "Example-level noise is added on the device: each device trains with DP-SGD (per-example "
+            "clipping to C, Gaussian noise of standard deviation sigma_g * C added to the summed clipped "
+            "gradients of each Poisson-sampled batch, and of standard deviation sigma_b to the batch's centred "
+            f"count of unclipped examples, which moves C towards the {param(cfg, 'adaptive_clip_quantile')} "
+            "quantile of the gradient norms after every step: adaptive clipping, Andrew et al. 2021). The update "
+            "and the final C that leave the device are already private for each of its examples; the next round "
+            "starts from the geometric mean of the devices' final C.")
+    elif run.dp_on and not run.aggregate:
         th.append(
             "Example-level noise is added on the device: each device trains with DP-SGD (per-example "
             "clipping to C, Gaussian noise of standard deviation sigma * C added to the summed clipped "

@@ -53,6 +53,11 @@ def render(u: Units, doc: Doc) -> list[Block]:
                     + ". No amplification by device selection is claimed at example level: an "
                     "example's inclusion is correlated with its device's other examples, whose contribution can "
                     "reveal that the device took part, so the rate is p, not q_k * p.")
+    elif run.dp_on and u.adaptive_clip and not run.device_dp:
+        ex_unit += (" With adaptive clipping on the device, one example changes a local step's clipped sum by at most "
+                    "C and the step's centred count of unclipped examples by at most 1/2: with noise sigma_g C on the "
+                    "sum and sigma_b on the count, each step is one Gaussian mechanism of noise multiplier sigma, "
+                    "(sigma_g^-2 + (2 sigma_b)^-2)^-1/2 (Andrew et al. 2021, Theorem 1).")
     dev_unit = ("Device level: the unit is one device with all of its data (add or remove one device). With Poisson "
                 "selection each device's guarantee depends on its own inclusion probability q_k, so each device is "
                 "accounted individually."
