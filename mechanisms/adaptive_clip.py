@@ -99,6 +99,13 @@ class QuantileClip:
     ----------
     last_fraction : float or None
         The last noised unclipped fraction b (None before the first update).
+
+    Notes
+    -----
+    n is the round's expected count, fixed before any reply (the DP estimate needs a public
+    denominator): a device that fails or is rejected adds nothing to the count but stays in n,
+    which pulls b towards 1/2, so with many failures and gamma far from 1/2 C settles somewhat
+    off the gamma quantile (towards the median).
     """
 
     value: float
@@ -168,6 +175,9 @@ def with_count_stddev(cfg, cal: Calibration, sigma_field: str) -> Calibration:
         return cal
     sigma_b = count_stddev(cfg, sigma)
     sigma_g = gradient_noise_multiplier(float(sigma), sigma_b, "--" + sigma_field.replace("_", "-"))
+    if sigma_b == 0:  # a zero-noise test run (--allow-zero-noise): the count is not noised either; nothing to record
+        return Calibration(cal.values, cal.notes + ("adaptive clipping with sigma = 0: the count of unclipped norms "
+                                                    "is not noised (the run is not private)",))
     return Calibration({**cal.values, "clipped_count_stddev": sigma_b},
                        cal.notes + (f"adaptive clipping to the {cfg.adaptive_clip_quantile:g} quantile: count noise "
                                     f"std {sigma_b:.4g}, clipped sum's noise multiplier {sigma_g:.4f} (accounted: "

@@ -164,6 +164,13 @@ class AggregateNoise(Mechanism):
             return float(round_config["max-grad-norm"])
         return float(self.cfg.max_grad_norm)
 
+    def check_clip(self, value: float, num_examples: int) -> str | None:
+        """A centred count is at most half the device's examples in absolute value (else the reply is rejected:
+        one device must not move C by more than its examples can)."""
+        if abs(value) > 0.5 * num_examples + 1e-9:
+            return f"centred count {value:g} exceeds half the device's {num_examples} examples"
+        return None
+
     def clip_norm(self, unit: str) -> float:
         """C of the round (the adaptive clip's current value, or ``--max-grad-norm``)."""
         if unit == "example" and self.clip is not None:
@@ -253,8 +260,9 @@ def clipped_gradient_sum(
     -------
     dict of str to torch.Tensor
         State-dict key of each trainable parameter -> the clipped sum, same shape (zeros when
-        no example was sampled). The realised number of sampled examples is not returned: it
-        must not leave the device.
+        no example was sampled). The realised number of sampled examples is not returned (the
+        centred count of adaptive clipping bounds it: |count| <= n_sampled / 2, within the trust this
+        placement gives the server).
     float
         The centred count (only with ``return_centred_count``; 0.0 when no example was sampled).
     """

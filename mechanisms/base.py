@@ -275,6 +275,11 @@ class Mechanism:
         _check_unit(unit)
         return self.example_event(num_examples) if unit == "example" else self.device_event(q)
 
+    def check_clip(self, value: float, num_examples: int) -> str | None:
+        """Why a reply's ``clip`` record value cannot be used (None if it can); ``num_examples`` is the
+        device's public example count. No check by default."""
+        return None
+
     def clip_norm(self, unit: str) -> float:
         """The L2 sensitivity bound of ``unit``'s events: C (example) or S (device).
 

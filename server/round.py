@@ -238,6 +238,8 @@ def collect(server, grid: Grid, msgs: list[Message], sel: Selection, out: RoundO
         why = validate_update(r.content, server.expected, spec.privacy_record, kind=spec.kind, clip_key=spec.clip)
         if why is None and rec.INFO in r.content and int(r.content[rec.INFO].get("device-id", d)) != d:
             why = "device id in the reply does not match the node"
+        if why is None and spec.clip:
+            why = server.mechanism.check_clip(float(r.content[rec.CLIP][spec.clip]), int(server.activity[d]))
         if why is not None:
             out.rejected += 1
             lost.append((d, "rejected", why))

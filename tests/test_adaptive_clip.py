@@ -293,3 +293,21 @@ def test_local_dpsgd_steps_use_sigma_g_and_the_device_noise_moves_C():
     model = _tiny(task).float()
     result = train_local(model, _device_data(n=9), local, NoiseSource(0), task=task)
     assert result.clip_norm is not None and result.clip_norm != 0.7
+
+
+def test_a_count_beyond_half_the_devices_examples_is_rejected():
+    mech = mechanism_for(RunConfig(model="tiny", noise_at="aggregate", noise_multiplier=1.0,
+                                   adaptive_clip_quantile=0.5).validate())
+    assert mech.check_clip(3.0, 6) is None and mech.check_clip(-3.0, 6) is None
+    assert "exceeds half" in mech.check_clip(3.5, 6)
+
+
+def test_zero_noise_adaptive_run_records_no_count_noise_and_resumes(tmp_path, data_dir):
+    cfg = toy_config(tmp_path / "run", data_dir, noise_at="aggregate", trainable="head", num_devices=4, cohort_size=4,
+                     rounds=2, sample_rate=1.0, noise_multiplier=0.0, allow_zero_noise=True, adaptive_clip_quantile=0.5)
+    run_rounds(cfg, rounds=1)
+    assert "clipped_count_stddev" not in (Path(cfg.run_dir) / "config.toml").read_text()
+    from dpfl.commands.simulate import resume_config
+
+    server, _, _, _ = run_rounds(resume_config(cfg.run_dir), resume=True)  # config.toml read back as --resume does
+    assert server.start_round == 2

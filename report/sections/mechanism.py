@@ -132,7 +132,8 @@ def _adaptive_rows(cfg: dict, sigma_field: str, name: str, what: str, ranges: Le
     rows = [
         [f"adaptive clipping of {name}", f"to the {fmt(cfg['adaptive_clip_quantile'])} quantile of the {what}, geometric "
          f"update with learning rate {param(cfg, 'adaptive_clip_lr')} on the noised fraction of unclipped norms (Andrew "
-         "et al. 2021); each round's clip norm is a function of noised counts only and is released"],
+         "et al. 2021); " + ("each round's clip norm is a function of noised counts only and is released"
+                             if sigma_b else "the count was NOT noised (sigma = 0): the clip norms are not private")],
         ["adaptive clipping: noise std of the count of unclipped norms sigma_b", param(cfg, "clipped_count_stddev")],
         [f"adaptive clipping: noise multiplier of the clipped sum sigma_g (sigma_g^-2 + (2 sigma_b)^-2 = {sigma_field}^-2, "
          "the accounted event)", sigma_g],

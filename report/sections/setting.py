@@ -155,7 +155,8 @@ def _example_noise_items(s: Setting) -> list[str]:
             f"Example-level noise is added on the aggregate: each selected device Poisson-samples its examples "
             f"at rate p = {param(cfg, 'sample_rate')}, clips each example's gradient to the round's C and sends "
             "only the sum of the clipped gradients and its count of examples whose norm was at most C, centred "
-            "(each counted as +-1/2; no loss, no sample count, no timing). The server adds Gaussian noise of "
+            "(each counted as +-1/2, so the count bounds the device's realised sample count: at least twice its "
+            "absolute value; no loss, no timing). The server adds Gaussian noise of "
             "standard deviation sigma_g * C once per round to the cohort's sum and of standard deviation sigma_b "
             "to the cohort's count, divides the sum by the expected number of sampled examples (the sum of p n_k "
             "over the cohort, from the public counts), takes a server optimizer step (strategy "
@@ -177,8 +178,9 @@ def _example_noise_items(s: Setting) -> list[str]:
     if ex_trust:
         th.append(f"Trust model at example level: {ex_trust.name}. Trusted: {ex_trust.trusted}. "
                   f"The guarantee holds against {ex_trust.holds_against}."
-                  + (" Here the server does see the individual clipped sums: the run assumes it does not "
-                     "look at them." if run.aggregate else ""))
+                  + (" Here the server does see the individual clipped sums"
+                     + (" and counts" if cfg.get("adaptive_clip_quantile") is not None and not run.device_dp else "")
+                     + ": the run assumes it does not look at them." if run.aggregate else ""))
     return th
 
 
