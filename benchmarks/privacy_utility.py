@@ -27,7 +27,8 @@ LEVERS (optional, ``+``-joined) change one setting of the arm, for the ablation 
 levers: ``random`` (``--head-init random``: the head starts random; by default it starts from the
 label names, ``--head-init auto``), ``labels`` (``--head-init label-names``), ``capK``
 (``--participation-cap K``: the noise calibrated for K of a device's rounds), ``adaptive``
-(``--adaptive-clip-quantile 0.5``: the clip norm follows the median norm), ``clipX`` (the clip norm,
+(``--adaptive-clip-quantile 0.5``: the clip norm follows the median norm; ``adaptiveG``: the G
+quantile, 0 < G < 1), ``clipX`` (the clip norm,
 C and S, is X instead of the arm's; with ``adaptive``, where it starts), e.g.
 ``aggregate:head:1:random+cap20`` or ``aggregate:head:1:clip10+adaptive``.
 
@@ -116,10 +117,12 @@ def lever_args(levers: str) -> list[str]:
             args += LEVERS[lever]
         elif lever.startswith("cap") and lever[3:].isdigit() and int(lever[3:]) >= 1:
             args += ["--participation-cap", lever[3:]]
+        elif lever.startswith("adaptive") and _positive(lever[8:]) and float(lever[8:]) < 1:
+            args += ["--adaptive-clip-quantile", lever[8:]]
         elif lever.startswith("clip") and _positive(lever[4:]):
             args += ["--max-grad-norm", lever[4:], "--update-clip-norm", lever[4:]]
         else:
-            raise SystemExit(f"--arms: unknown lever {lever!r} (one of {sorted(LEVERS)}, capK or clipX)")
+            raise SystemExit(f"--arms: unknown lever {lever!r} (one of {sorted(LEVERS)}, capK, clipX or adaptiveG)")
     return args
 
 

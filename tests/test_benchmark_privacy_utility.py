@@ -35,6 +35,9 @@ def test_levers_set_their_flag(tmp_path):
     assert _settings("aggregate:head:1", tmp_path).head_init == "auto" and lever_args("") == []
     cfg = _settings("aggregate:head:1:clip10+adaptive", tmp_path)
     assert cfg.adaptive_clip_quantile == 0.5 and cfg.max_grad_norm == 10.0 and cfg.update_clip_norm == 10.0
+    assert _settings("aggregate:head:1:adaptive0.2", tmp_path).adaptive_clip_quantile == 0.2
+    with pytest.raises(SystemExit, match="unknown lever 'adaptive1.5'"):
+        parse_arm("aggregate:head:1:adaptive1.5")
     with pytest.raises(SystemExit, match="unknown lever 'clip-1'"):
         parse_arm("aggregate:head:1:clip-1")
     with pytest.raises(SystemExit, match="unknown lever 'nosuch'"):
