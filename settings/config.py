@@ -366,7 +366,7 @@ class RunConfig:
         metadata={"help": "adaptive clipping: sigma_b, std of the Gaussian noise on the count of unclipped norms "
                           "(each counted as +-1/2); the clipped sum's noise multiplier becomes "
                           "(sigma^-2 - (2 sigma_b)^-2)^-1/2 so that the round's event stays the one of sigma "
-                          "(default: 5 sigma, 1% of the round's privacy to the count)", "group": "example_privacy"},
+                          "(default: 5 sigma, so that (2 sigma_b)^-2 is a hundredth of sigma^-2)", "group": "example_privacy"},
     )
     max_epsilon: float | None = field(
         default=None,
