@@ -1,12 +1,15 @@
 """Adaptive clipping: the clip norm follows a quantile of the norms it clips (``--adaptive-clip-quantile``).
 
 Andrew, Thakkar, McMahan & Ramaswamy 2021, "Differentially private learning with adaptive
-clipping" (NeurIPS), Algorithm 1 and Theorem 1, used by two mechanisms:
+clipping" (NeurIPS), Algorithm 1 and Theorem 1, used by three mechanisms:
 
 * the aggregate placement (:mod:`mechanisms.aggregate`): C, the clip of each example's gradient;
   each device also counts its sampled examples whose gradient norm is at most C;
 * DP-FedAvg (:mod:`mechanisms.dp_fedavg`): S, the clip of each device's update; the server
-  counts the updates whose norm is at most S.
+  counts the updates whose norm is at most S;
+* local DP-SGD (:mod:`mechanisms.local_dpsgd`, via :func:`mechanisms.training.train_local`): C,
+  moved by each device after every local step from its own noised count; the next round starts
+  from the geometric mean of the devices' final C.
 
 Each round, with the round's clip norm C_t and its quantile target gamma:
 
@@ -148,6 +151,22 @@ class QuantileClip:
         if state:
             self.value = float(state["value"])
             self.last_fraction = state.get("last_fraction")
+
+
+class ClipStateMixin:
+    """``state_dict`` / ``load_state_dict`` of an aggregator whose ``clip`` attribute is a
+    :class:`QuantileClip` or None (nothing to keep with a fixed clip norm)."""
+
+    clip: QuantileClip | None = None
+
+    def state_dict(self) -> dict:
+        """The adaptive clip's state (none with a fixed clip norm)."""
+        return {"clip": self.clip.state_dict()} if self.clip is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`'s output."""
+        if self.clip is not None:
+            self.clip.load_state_dict((state or {}).get("clip") or {})
 
 
 def quantile_clip(cfg, start: float, sigma: float) -> QuantileClip | None:

@@ -26,7 +26,7 @@ from torch import nn
 from dp.accounting import SubsampledGaussianEvent
 from dp.engines import make_engine
 from dp.secure_random import NoiseSource
-from mechanisms.adaptive_clip import CLIP_COUNT, QuantileClip, gradient_noise_multiplier, quantile_clip, with_count_stddev
+from mechanisms.adaptive_clip import CLIP_COUNT, ClipStateMixin, QuantileClip, gradient_noise_multiplier, quantile_clip, with_count_stddev
 from mechanisms.base import (Aggregator, Calibration, DeviceReply, DeviceWork, Mechanism, ReplySpec, _numpy,
                              calibrate_example, floating_keys)
 from mechanisms.registry import register
@@ -36,7 +36,7 @@ from nlu.model import trainable_state_keys
 from nlu.tasks import Task
 
 
-class AggregateNoiseAggregator(Aggregator):
+class AggregateNoiseAggregator(ClipStateMixin, Aggregator):
     """Noise on the aggregate: one noisy sum of the cohort's per-example-clipped gradients.
 
     Each accepted reply is a device's sum over its Poisson-sampled examples of their gradients,
@@ -110,13 +110,6 @@ class AggregateNoiseAggregator(Aggregator):
             self.clip.update(self.centred_count, self.plan.expected_examples, self.noise)
         return out
 
-    def state_dict(self) -> dict:
-        """The adaptive clip's state (none with a fixed C)."""
-        return {"clip": self.clip.state_dict()} if self.clip is not None else {}
-
-    def load_state_dict(self, state: dict) -> None:
-        if self.clip is not None:
-            self.clip.load_state_dict(state.get("clip") or {})
 
 
 @register
@@ -149,13 +142,15 @@ class AggregateNoise(Mechanism):
         clipping also its centred count sum_i (1[norm_i <= C] - 1/2) over the sampled examples, which the
         server only uses noised (the same trust as the clipped sum)."""
         cfg = self.cfg
-        sums, count = clipped_gradient_sum(
+        counted = self.reply.clip is not None
+        out = clipped_gradient_sum(
             work.model, work.data, sample_rate=float(work.round_config["sample-rate"]),
             max_grad_norm=self.device_clip(work.round_config),
             physical_batch_size=cfg.physical_batch_size, noise=work.noise, dp_engine=cfg.dp_engine, task=work.task,
-            teacher=work.teacher, return_centred_count=True,
+            teacher=work.teacher, return_centred_count=counted,
         )
-        return DeviceReply(sums, clip=count if self.reply.clip else None)
+        sums, count = out if counted else (out, None)
+        return DeviceReply(sums, clip=count)
 
     def device_clip(self, round_config: Mapping | None = None) -> float:
         """C, the clip of each example's gradient on the device: the round's ``max-grad-norm`` (adaptive
@@ -286,7 +281,8 @@ def clipped_gradient_sum(
     try:
         for s in range(0, len(idx), physical_batch_size):
             norms = engine.accumulate(loss_fn(model, collate_fn(data, idx[s : s + physical_batch_size])))
-            centred += float((norms <= max_grad_norm).sum().item()) - 0.5 * len(norms)
+            if return_centred_count:
+                centred += float((norms <= max_grad_norm).sum().item()) - 0.5 * len(norms)
         engine.finalize()
         out = {k: by_name[k].grad.detach().clone() for k in keys}
     finally:

@@ -23,7 +23,7 @@ import numpy as np
 
 from dp.accounting import SubsampledGaussianEvent, calibrate_noise_multiplier
 from dp.secure_random import NoiseSource
-from mechanisms.adaptive_clip import QuantileClip, gradient_noise_multiplier, quantile_clip, with_count_stddev
+from mechanisms.adaptive_clip import ClipStateMixin, QuantileClip, gradient_noise_multiplier, quantile_clip, with_count_stddev
 from mechanisms.base import Aggregator, Calibration, DeviceReply, DeviceWork, Mechanism, ReplySpec, _numpy, floating_keys
 from mechanisms.local_dpsgd import LocalDPSGD
 from mechanisms.registry import register
@@ -34,7 +34,7 @@ from nlu.model import trainable_state
 DEFAULT_DEVICE_NOISE_MULTIPLIER = 1.0
 
 
-class DeviceDPAggregator(Aggregator):
+class DeviceDPAggregator(ClipStateMixin, Aggregator):
     """DP-FedAvg: clip each device's update to S, sum, add N(0, (sigma_u S)^2 I) once, divide by m.
 
     The proposal is ``w + eta * lr_factor * (sum_k clip_S(w_k - w) + N(0, (sigma_u S)^2 I)) / m``
@@ -98,13 +98,6 @@ class DeviceDPAggregator(Aggregator):
             self.clip.update(centred, self.plan.expected_cohort, self.noise)
         return out
 
-    def state_dict(self) -> dict:
-        """The adaptive clip's state (none with a fixed S)."""
-        return {"clip": self.clip.state_dict()} if self.clip is not None else {}
-
-    def load_state_dict(self, state: dict) -> None:
-        if self.clip is not None:
-            self.clip.load_state_dict(state.get("clip") or {})
 
 
 def calibrate_device_noise(cfg, q_max: float, delta: float) -> float:

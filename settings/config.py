@@ -351,8 +351,9 @@ class RunConfig:
     adaptive_clip_quantile: float | None = field(
         default=None,
         metadata={"help": "adaptive clipping: move the clip norm each round towards this quantile gamma of the norms "
-                          "it clips (C of each example's gradient with --noise-at aggregate, S of each device's update "
-                          "with --device-dp), from --max-grad-norm / --update-clip-norm, by a noised count of the "
+                          "it clips (C of each example's gradient: on the aggregate, or after every local step on each "
+                          "device; S of each device's update with --device-dp), from --max-grad-norm / "
+                          "--update-clip-norm, by a noised count of the "
                           "unclipped norms that is accounted in the same event (Andrew et al. 2021; default: none, a "
                           "fixed clip norm)", "group": "example_privacy"},
     )
