@@ -46,27 +46,42 @@ def _quiet_flower() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def map_nodes_to_devices(grid: Grid, num_devices: int, timeout: float = 600.0, query: bool = False) -> dict[int, int]:
+def map_nodes_to_devices(grid: Grid, num_devices: int, timeout: float = 600.0, query: bool = False,
+                         settle: float = 5.0) -> dict[int, int]:
     """Device id -> node id.
 
     Default: device k is the k-th node in node-id order, and every training message names its
     device (``"device"`` record), so no message needs to travel before round 1. (Asking each
     node costs a round-trip per node, and Flower's in-memory link state scans every stored
-    message for every node, which grows with the square of the population.)
-    ``query=True``: ask every node which device it is (its ``partition-id``).
+    message for every node, which grows with the square of the population.) With fewer nodes
+    than devices (``flwr run .`` simulates the federation's ``num-supernodes``, 2 by default in
+    Flower 1.41), the nodes take the devices in turn: device k is node ``k mod m``'s, once no new
+    node has connected for ``settle`` seconds; a node then trains each device its messages name.
+    ``query=True``: ask every node which device it is (its ``partition-id``); every device must
+    have a node of its own.
 
     Raises
     ------
     RuntimeError
-        If fewer than ``num_devices`` nodes connect or answer within ``timeout`` seconds.
+        If no node connects within ``timeout`` seconds, or (``query=True``) if fewer than
+        ``num_devices`` nodes connect or answer within ``timeout`` seconds.
     """
-    t0 = time.time()
-    while len(node_ids := list(grid.get_node_ids())) < num_devices:
-        if time.time() - t0 > timeout:
+    t0 = last_change = time.time()
+    seen = 0
+    while len(node_ids := sorted(int(n) for n in grid.get_node_ids())) < num_devices:
+        now = time.time()
+        if len(node_ids) != seen:
+            seen, last_change = len(node_ids), now
+        if node_ids and not query and now - last_change >= settle:
+            break
+        if now - t0 > timeout:
             raise RuntimeError(f"only {len(node_ids)} of {num_devices} device nodes connected")
         time.sleep(0.5)
     if not query:
-        return {d: int(n) for d, n in enumerate(sorted(node_ids)[:num_devices])}
+        if len(node_ids) < num_devices:
+            log.info("%d devices on %d Flower nodes: each node trains the devices its messages name",
+                     num_devices, len(node_ids))
+        return {d: node_ids[d % len(node_ids)] for d in range(num_devices)}
     msgs = [Message(RecordDict(), message_type=MessageType.QUERY, dst_node_id=nid) for nid in node_ids]
     mapping: dict[int, int] = {}
     for reply in grid.send_and_receive(msgs, timeout=timeout):

@@ -71,8 +71,10 @@ class RunControl:
 
 def receive(grid: Grid, msgs: list[Message], timeout: float, on_reply, adaptive: bool = False,
             control: RunControl | None = None) -> float:
-    """Push ``msgs``; call ``on_reply`` on each reply as it is pulled, until every reply is in,
-    ``timeout`` seconds have passed, or ``control`` stops the run; return the seconds waited.
+    """Push ``msgs``; call ``on_reply(reply, i)`` on each reply as it is pulled (``i``: the index in
+    ``msgs`` of the message it answers, so a node that serves several devices is never asked who
+    it is), until every reply is in, ``timeout`` seconds have passed, or ``control`` stops the
+    run; return the seconds waited.
 
     ``adaptive`` (``--round-timeout`` unset): once half of the messages have been answered,
     after h seconds, the rest get ``max(ROUND_TIMEOUT_FLOOR, ROUND_TIMEOUT_FACTOR * h)`` more
@@ -90,7 +92,8 @@ def receive(grid: Grid, msgs: list[Message], timeout: float, on_reply, adaptive:
     from settings.config import ROUND_TIMEOUT_FACTOR, ROUND_TIMEOUT_FLOOR
 
     control = control if control is not None else RunControl()
-    ids = set(grid.push_messages(msgs))
+    index = {mid: i for i, mid in enumerate(grid.push_messages(msgs))}
+    ids = set(index)
     total = len(ids)
     del msgs
     start = time.time()
@@ -98,10 +101,10 @@ def receive(grid: Grid, msgs: list[Message], timeout: float, on_reply, adaptive:
     half_done = False
     control._checked = start
     while ids and time.time() < end:
-        got = list(grid.pull_messages(ids))
-        ids -= {m.metadata.reply_to_message_id for m in got}
+        got = [m for m in grid.pull_messages(ids) if m.metadata.reply_to_message_id in ids]
         for m in got:
-            on_reply(m)
+            ids.discard(m.metadata.reply_to_message_id)
+            on_reply(m, index[m.metadata.reply_to_message_id])
         control.poll()
         if adaptive and not half_done and total - len(ids) >= (total + 1) // 2:
             half_done = True

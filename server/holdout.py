@@ -149,12 +149,11 @@ def evaluate_holdout(server, grid, node_of: dict[int, int]) -> dict | None:
     msgs = [Message(RecordDict({rec.ARRAYS: arrays, rec.RUN: run_record, rec.CONFIG: round_cfg,
                                 rec.DEVICE: ConfigRecord({"device-id": d})}),
                     dst_node_id=node_of[d], message_type=MessageType.EVALUATE) for d in asked]
-    device_of = {n: d for d, n in node_of.items()}
     counts: dict[int, float] = {}
 
-    def on_reply(reply: Message) -> None:
-        d = device_of.get(reply.metadata.src_node_id)
-        if d is None or reply.has_error():
+    def on_reply(reply: Message, i: int) -> None:
+        d = asked[i]
+        if reply.has_error():
             return
         value, why = rec.validate_holdout_reply(reply.content)
         if why is None:

@@ -4,7 +4,7 @@
 
     sel   = select(server, t)                          # q_k(t), budgets, Poisson cohort (secret draws)
     commit_events(server, sel)                         # the mechanism's privacy events -> ledger, BEFORE anything leaves
-    msgs  = dispatch(server, grid, sel, arrays)        # one training message per cohort member
+    msgs  = dispatch(server, grid, sel, arrays, node_of)  # one training message per cohort member
     collect(server, grid, msgs, sel, out)              # replies validated and folded into the aggregator as they arrive
     arrays = aggregate(server, sel)                    # aggregator result -> strategy's server step -> new global arrays
     for hook in server.hooks: hook(server, t, arrays, out)   # evaluate, checkpoint, metrics line
@@ -184,20 +184,22 @@ def dispatch(server, grid: Grid, sel: Selection, arrays: ArrayRecord, node_of: d
     round_cfg = {"num-labels": server.num_labels, "target-delta": server.delta, "deadline": time.time() + cfg.round_deadline_seconds()}
     round_cfg.update(server.mechanism.round_params())
     run_record = ConfigRecord(cfg.device_settings())
-    cohort_grid = CohortGrid(grid, [node_of[int(k)] for k in sel.cohort])
+    # the strategy addresses cohort positions (its node sampling shuffles, and a node may serve
+    # several devices); each message then goes to its device's node
+    cohort = [int(k) for k in sel.cohort]
+    cohort_grid = CohortGrid(grid, list(range(len(cohort))))
     msgs = list(server.strategy.configure_train(sel.round, arrays, ConfigRecord(round_cfg), cohort_grid))
-    device_of = {n: d for d, n in node_of.items()}
     teacher = server.releases.last_arrays if cfg.pc_weight > 0 else None
     teacher_record = record_from_numpy(teacher) if teacher is not None else None
     out = []
     for m in msgs:  # the strategy's messages share one RecordDict: give each its own
-        d = device_of[m.metadata.dst_node_id]
+        d = cohort[int(m.metadata.dst_node_id)]
         content = RecordDict(dict(m.content.items()))
         content[rec.RUN] = run_record
         content[rec.DEVICE] = ConfigRecord({"device-id": d})
         if teacher_record is not None:
             content[rec.TEACHER] = teacher_record
-        out.append(Message(content, dst_node_id=m.metadata.dst_node_id, message_type=m.metadata.message_type))
+        out.append(Message(content, dst_node_id=node_of[d], message_type=m.metadata.message_type))
     return out
 
 
@@ -209,7 +211,7 @@ def _short_reason(reason: str) -> str:
     return line.strip().rstrip("'>").strip()[:300]
 
 
-def collect(server, grid: Grid, msgs: list[Message], sel: Selection, out: RoundOutcome, node_of: dict[int, int]) -> list[tuple[int, str, str]]:
+def collect(server, grid: Grid, msgs: list[Message], sel: Selection, out: RoundOutcome) -> list[tuple[int, str, str]]:
     """Send the messages; validate each reply and fold it into the aggregator as it arrives (the wait is
     :func:`server.control.receive`: deadline, Ctrl-C and backend checks of ``server.control``).
 
@@ -218,15 +220,15 @@ def collect(server, grid: Grid, msgs: list[Message], sel: Selection, out: RoundO
     replies' small records are kept (for timings and the Ray nodes), never their arrays.
     """
     cfg, t = server.cfg, sel.round
-    device_of = {n: d for d, n in node_of.items()}
+    devices = [int(m.content[rec.DEVICE]["device-id"]) for m in msgs]  # the server's own addressing
     answered: set[int] = set()
     lost: list[tuple[int, str, str]] = []
     kept: list[RecordDict] = []
     spec = server.mechanism.reply
 
-    def handle(r: Message) -> None:
-        d = device_of.get(r.metadata.src_node_id)
-        if d is None or d in answered:
+    def handle(r: Message, i: int) -> None:
+        d = devices[i]
+        if d in answered:
             return
         answered.add(d)
         if r.has_error():
@@ -253,9 +255,9 @@ def collect(server, grid: Grid, msgs: list[Message], sel: Selection, out: RoundO
     sent = time.perf_counter()
     latencies: list[float] = []
 
-    def timed(r: Message) -> None:
+    def timed(r: Message, i: int) -> None:
         latencies.append(time.perf_counter() - sent)
-        handle(r)
+        handle(r, i)
 
     receive(grid, msgs, cfg.round_deadline_seconds(), timed, adaptive=cfg.round_timeout is None, control=server.control)
     # the adaptive deadline's length follows the replies' times, which depend on the devices'
@@ -326,7 +328,7 @@ def run_round(server, grid: Grid, t: int, arrays: ArrayRecord, node_of: dict[int
     else:
         msgs = dispatch(server, grid, sel, arrays, node_of)
         clock.lap("messages")
-        lost = collect(server, grid, msgs, sel, out, node_of)
+        lost = collect(server, grid, msgs, sel, out)
         clock.lap("send_receive")
     server.ledger.record_lost(t, server.attempt, lost)
     if out.replies or noise_only:

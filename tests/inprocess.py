@@ -120,14 +120,17 @@ class LocalGrid:
         return [self.replies.pop(i) for i in list(ids) if i in self.replies]
 
 
-def run_rounds(cfg, rounds=None, resume=False):
-    """Run the server's rounds (from its start round to ``rounds``, else cfg.rounds) on a LocalGrid.
+def run_rounds(cfg, rounds=None, resume=False, nodes=None):
+    """Run the server's rounds (from its start round to ``rounds``, else cfg.rounds) on a LocalGrid;
+    ``nodes``: that many Flower nodes serve the devices in turn (default one node per device).
 
     Returns (server, grid, released arrays, the rounds' outcomes); the server's ledger is closed.
     """
     server = sapp.Server(cfg, resume=resume)
     grid = LocalGrid(cfg.num_devices)
     node_of = {d: n for n, d in grid.nodes.items()}
+    if nodes is not None:
+        node_of = {d: 100 + d % nodes for d in range(cfg.num_devices)}
     arrays = server.arrays
     outs = []
     for t in range(server.start_round, (rounds or cfg.rounds) + 1):

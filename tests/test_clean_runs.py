@@ -317,13 +317,13 @@ def test_adaptive_deadline_stops_waiting_for_stragglers(monkeypatch):
 
     monkeypatch.setattr(config, "ROUND_TIMEOUT_FLOOR", 0.5)
     replies = []
-    waited = receive(_Grid(2), [None] * 4, 60.0, replies.append, adaptive=True)
-    assert len(replies) == 2 and 0.4 < waited < 5.0
+    waited = receive(_Grid(2), [None] * 4, 60.0, lambda r, i: replies.append(i), adaptive=True)
+    assert replies == [0, 1] and 0.4 < waited < 5.0
     # a fixed --round-timeout waits its length even once half have replied
-    waited = receive(_Grid(2), [None] * 4, 1.5, [].append, adaptive=False)
+    waited = receive(_Grid(2), [None] * 4, 1.5, lambda r, i: None, adaptive=False)
     assert 1.4 < waited < 5.0
     # fewer than half replied: the adaptive deadline never starts, the cap ends the wait
-    waited = receive(_Grid(1), [None] * 4, 1.0, [].append, adaptive=True)
+    waited = receive(_Grid(1), [None] * 4, 1.0, lambda r, i: None, adaptive=True)
     assert 0.9 < waited < 5.0
 
 
@@ -334,7 +334,7 @@ def test_a_failed_backend_check_ends_the_round(monkeypatch):
     control = RunControl(checks=[lambda: "Ray processes died: raylet"], check_seconds=0.0)
     t0 = time.monotonic()
     with pytest.raises(BackendLost, match="raylet"):
-        receive(_Grid(1), [None] * 4, 60.0, [].append, control=control)
+        receive(_Grid(1), [None] * 4, 60.0, lambda r, i: None, control=control)
     assert time.monotonic() - t0 < 5
 
 

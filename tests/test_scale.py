@@ -117,5 +117,26 @@ class _Grid:
 def test_devices_are_assigned_to_nodes_in_node_id_order():
     ids = [907, 12, 5501, 44]
     assert map_nodes_to_devices(_Grid(ids), 4) == {0: 12, 1: 44, 2: 907, 3: 5501}
-    with pytest.raises(RuntimeError):
-        map_nodes_to_devices(_Grid(ids), 5, timeout=0.0)
+    # fewer nodes than devices (flwr run's federation has num-supernodes): the nodes take turns
+    assert map_nodes_to_devices(_Grid(ids), 6, settle=0.0) == {0: 12, 1: 44, 2: 907, 3: 5501, 4: 12, 5: 44}
+    with pytest.raises(RuntimeError, match="0 of 5"):
+        map_nodes_to_devices(_Grid([]), 5, timeout=0.0)
+    with pytest.raises(RuntimeError, match="4 of 5"):  # a deployment that asks its nodes needs one per device
+        map_nodes_to_devices(_Grid(ids), 5, timeout=0.0, query=True)
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_node_serving_several_devices_trains_each_device_it_is_sent(tmp_path):
+    """``flwr run .`` simulates fewer nodes than devices: each reply is the device's the server
+    addressed, whichever node carried it, and every cohort member's update is accepted."""
+    from inprocess import run_rounds, toy_config, write_lamp_data
+    from protocol import messages as rec
+
+    cfg = toy_config(tmp_path / "run", write_lamp_data(tmp_path), num_devices=4, cohort_size=4, rounds=2,
+                     noise_at="aggregate", trainable="head", sample_rate=1.0, noise_multiplier=1.0)
+    server, grid, _, outs = run_rounds(cfg, nodes=1)
+    assert {m.metadata.dst_node_id for m in grid.sent} == {100}
+    sent = [int(m.content[rec.DEVICE]["device-id"]) for m in grid.sent]
+    for out in outs:  # the node's own partition-id is device 0, yet every addressed device's update was accepted
+        assert out.cohort_size > 0 and out.replies == out.cohort_size and out.rejected == out.failures == 0
+    assert sorted(set(sent)) == [0, 1, 2, 3]
