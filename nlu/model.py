@@ -62,6 +62,44 @@ def resolve_model_path(name: str) -> str:
     return expanded
 
 
+def check_hub_model(name: str, timeout: float = 5.0) -> None:
+    """Fail in seconds on a ``--model`` that is a Hugging Face hub name this machine cannot fetch.
+
+    Nothing is checked for a local folder, for a name already in the Hugging Face cache, or with
+    ``HF_HUB_OFFLINE`` set (then loading reads the cache alone and fails at once). Otherwise one
+    metadata request (``huggingface_hub.model_info``, ``timeout`` seconds) replaces the minutes
+    of retries transformers spends on a hub it cannot reach.
+
+    Raises
+    ------
+    ModelError
+        If the hub says there is no such model, or cannot be reached.
+    """
+    from huggingface_hub import constants, model_info, try_to_load_from_cache
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    path = resolve_model_path(name)
+    if Path(path).exists() or constants.HF_HUB_OFFLINE:
+        return
+    try:
+        if isinstance(try_to_load_from_cache(path, "config.json"), str):
+            return
+    except ValueError:  # not a valid repo id either
+        raise ModelError(f"--model {name!r}: not a local folder nor a Hugging Face hub name (org/name)") from None
+    try:
+        model_info(path, timeout=timeout)
+    except GatedRepoError:
+        return  # exists; loading says whether this machine's token may read it
+    except RepositoryNotFoundError:
+        raise ModelError(f"--model {name!r}: no such model on the Hugging Face hub (or a private one); give a "
+                         "local folder (a model saved with save_pretrained) or another hub name") from None
+    except Exception as exc:  # no network, DNS, proxy, timeout, server error
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0][:160]
+        raise ModelError(f"--model {name!r}: not a local folder, not in the Hugging Face cache, and the hub "
+                         f"cannot be reached ({type(exc).__name__}: {reason}); give a local folder, or 'minilm' "
+                         "(installed with dpfl)") from None
+
+
 @lru_cache(maxsize=4)
 def load_tokenizer(name: str = DEFAULT_MODEL):
     """Load (and cache per process) the tokenizer for ``name``.

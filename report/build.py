@@ -13,7 +13,7 @@ written as the string ``"inf"`` because JSON has no infinity)::
     {
       "not_private": str,                          # FIRST key, present only for a run without a
                                                    # guarantee (no DP, or --reproducible-noise): why
-      "run_id": str, "status": "finished" | "running", "rounds_completed": int,
+      "run_id": str, "status": "finished" | "running" | "stopped", "rounds_completed": int,
       "rounds_planned": int | null, "dp": bool, "device_dp": bool, "guarantee": "yes" | "none",
       "noise_at": "device" | "aggregate" | null,   # example-level noise placement (null: dp = false)
       "reproducible_noise": bool, "noise_source": "secret" | "reproducible" | null,

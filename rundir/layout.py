@@ -14,6 +14,7 @@
                              link to global-r<T>.pt)
     RUN_DIR/report/          report.md, report.html, *.png, summary.json (rundir/records.py)
     RUN_DIR/audit/           audit.json, roc.json (rundir/records.py)
+    RUN_DIR/run.lock         locked (flock) by the process running the rounds, while it runs
 
 A round is complete when ``state.json`` names it; ``--resume`` continues from there.
 
@@ -41,7 +42,8 @@ from . import metrics as _metrics
 
 __all__ = [
     "RunDir", "RunDirError", "atomic_write", "config_path", "ledger_path", "metrics_path", "canaries_path",
-    "global_model_path", "report_dir", "audit_dir", "is_run_dir", "read_checkpoint_state",
+    "global_model_path", "report_dir", "audit_dir", "is_run_dir", "read_checkpoint_state", "hold_run_lock",
+    "release_run_lock", "run_in_progress", "RUN_LOCK_FILE",
     "CONFIG_FILE", "METRICS_FILE", "LEDGER_FILE", "CANARIES_FILE", "CHECKPOINTS_DIR", "STATE_FILE",
     "GLOBAL_MODEL_FILE", "REPORT_DIR", "SUMMARY_FILE", "AUDIT_DIR", "AUDIT_FILE", "ROC_FILE",
 ]
@@ -138,6 +140,66 @@ def claim_run_dir(run_dir: str | os.PathLike) -> Path:
     with os.fdopen(fd, "w") as fh:
         fh.write(f"{os.getpid()}\n")
     return path
+
+
+#: Locked by the process that runs a run's rounds (``flock``: released when that process ends, a
+#: SIGKILL included).
+RUN_LOCK_FILE = "run.lock"
+_held_locks: dict[str, Any] = {}  # realpath -> open lock file of a run this process is running
+
+
+def hold_run_lock(run_dir: str | os.PathLike) -> None:
+    """Lock ``RUN_DIR/run.lock`` for this process until it ends (again for the same run: a no-op).
+
+    Two processes never run one run's rounds at once, and :func:`run_in_progress` tells a
+    report whether the rounds it reads may still grow.
+
+    Raises
+    ------
+    RunDirError
+        If another process holds the lock (the run is running).
+    """
+    import fcntl
+
+    key = os.path.realpath(run_dir)
+    if key in _held_locks:
+        return
+    fh = open(Path(run_dir) / RUN_LOCK_FILE, "a+")
+    try:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.close()
+        raise RunDirError(f"{run_dir}: another process is running this run (it holds {RUN_LOCK_FILE}); wait for "
+                          "it to end or stop it before resuming") from None
+    _held_locks[key] = fh
+
+
+def release_run_lock(run_dir: str | os.PathLike) -> None:
+    """Release this process's lock of ``run_dir`` (:func:`hold_run_lock`), if it holds one."""
+    fh = _held_locks.pop(os.path.realpath(run_dir), None)
+    if fh is not None:
+        fh.close()
+
+
+def run_in_progress(run_dir: str | os.PathLike) -> bool:
+    """True while a process holds ``RUN_DIR/run.lock`` (this one included): the run is running.
+
+    False for a run that finished, stopped (Ctrl-C, SIGTERM, SIGKILL, a crash) or predates the lock.
+    """
+    import fcntl
+
+    if os.path.realpath(run_dir) in _held_locks:
+        return True
+    path = Path(run_dir) / RUN_LOCK_FILE
+    if not path.exists():
+        return False
+    with open(path, "a+") as fh:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+    return False
 
 
 class RunDir:

@@ -30,6 +30,7 @@ import time
 from flwr.app import Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from rundir import release_run_lock
 from settings.config import RunConfig
 from settings.interrupt import BackendLost, Interrupted
 from server.control import RunControl
@@ -146,6 +147,7 @@ def run_server(grid: Grid, cfg: RunConfig, progress: bool = True, resume: bool =
         evaluate_holdout(server, grid, node_of)  # --holdout-per-device: accuracy by activity quartile
     finally:
         server.ledger.close()
+        release_run_lock(server.rundir.path)
     return {"run_dir": str(server.rundir.path), "final": last.__dict__ if last else None, "delta": server.delta, "timings": timings}
 
 

@@ -321,7 +321,7 @@ def run_round(server, grid: Grid, t: int, arrays: ArrayRecord, node_of: dict[int
     lost: list[tuple[int, str, str]] = []
     noise_only = server.mechanism.releases_on_empty_cohort  # DP-FedAvg releases a noise-only update
     if len(sel.cohort) == 0:
-        log.warning("round %d: the Poisson-sampled cohort is empty; %s", t, "noise-only update" if noise_only else "round skipped")
+        log.info("round %d: the Poisson-sampled cohort is empty; %s", t, "noise-only update" if noise_only else "round skipped")
         out.skipped = not noise_only
         if noise_only:
             server.strategy.configure_train(t, arrays, ConfigRecord({}), CohortGrid(grid, []))

@@ -26,7 +26,7 @@ from nlu.tasks import task_for_data
 from partitions.canary_record import write_canaries
 from partitions.population import Population, build_population
 from protocol.arrays import load_into, record_from_numpy, record_from_state, trainable_state
-from rundir import Ledger, RunDir
+from rundir import Ledger, RunDir, hold_run_lock
 from mechanisms import mechanism_for
 from server.aggregation import ModelAverage, ServerStep, server_step_size
 from server.hooks import DEFAULT_HOOKS
@@ -59,6 +59,34 @@ def _calibration_note(selector: ActivitySelector, pop: Population, cfg: RunConfi
     )
 
 
+def load_baseline_model(task, cfg: RunConfig):
+    """The run's model (``task.build_model``) with ``cfg.baseline_model``'s state dict loaded.
+
+    Raises
+    ------
+    ValueError
+        If the file cannot be read as a PyTorch state dict (whatever it holds: text, a pickle,
+        an empty file) or does not fit the run's model; the message names the file.
+    """
+    import pickle
+
+    import torch
+
+    path = cfg.baseline_model
+    model = task.build_model(cfg.model, seed=cfg.seed)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(state, dict):
+            raise ValueError(f"it holds a {type(state).__name__}, not a state dict")
+        model.load_state_dict(state)
+    except (RuntimeError, OSError, ValueError, KeyError, IndexError, EOFError, pickle.UnpicklingError) as exc:
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+        raise ValueError(f"--baseline-model {path}: cannot load it into the run's model ({reason}); give a state "
+                         "dict .pt of this model, e.g. RUN_DIR/checkpoints/global.pt of a run with the same --model "
+                         "and data") from exc
+    return model
+
+
 class Server:
     """State of one run on the server side.
 
@@ -83,6 +111,7 @@ class Server:
         #: stop flag and backend checks of the run (server/control.py); the rounds' waits poll it
         self.control = control if control is not None else RunControl()
         self.rundir = RunDir(Path(cfg.run_dir), resume=resume)
+        hold_run_lock(self.rundir.path)  # one process runs a run's rounds; the report knows it is running
         self.pop: Population = build_population(cfg)
         #: the settings resolved once (server/plan.py): delta, calibrated noise, server step
         self.plan = resolve(cfg, self.pop)
@@ -103,7 +132,7 @@ class Server:
             log.warning("%d devices hold no examples after partitioning; they are never selected", empty)
         self.selector = self.plan.selector
         for note in self.plan.calibration.notes:
-            log.warning("%s", note)
+            log.info("%s", note)
         self.cfg = cfg
         self._check_holdout_budget()  # before anything is written
         if cfg.deletions and not resume:  # the run keeps its own copy: a resume reads the requests it started with
@@ -168,7 +197,7 @@ class Server:
                                                      for d in cand})
         if hits:
             q[np.array([d for d, _, _ in hits], dtype=np.int64)] = 0.0
-            log.warning("%d devices reached their privacy budget and will not be selected again", len(hits))
+            log.info("%d devices reached their privacy budget and will not be selected again", len(hits))
         return q, hits
 
     def _check_holdout_budget(self) -> None:
@@ -207,7 +236,7 @@ class Server:
         joined = self.ledger.first_joined(due)
         self.ledger.record_deletions([(d, t, joined.get(d)) for d in due])
         self.deleted.update(due)
-        log.warning("round %d: %d deletion request(s) in effect (devices %s); they are never selected again",
+        log.info("round %d: %d deletion request(s) in effect (devices %s); they are never selected again",
                     t, len(due), ", ".join(map(str, due[:10])) + (" ..." if len(due) > 10 else ""))
 
     def account(self, out) -> None:
@@ -234,18 +263,9 @@ class Server:
         ValueError
             If the file cannot be loaded into the run's model.
         """
-        path = self.cfg.baseline_model
-        if not path:
+        if not self.cfg.baseline_model:
             return None
-        import torch
-
-        model = self.task.build_model(self.cfg.model, seed=self.cfg.seed)
-        try:
-            model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        except (RuntimeError, OSError, ValueError, KeyError) as exc:
-            raise ValueError(f"--baseline-model {path}: cannot load it into the run's model "
-                             f"({str(exc).splitlines()[0][:200]})") from exc
-        return self.task.evaluate(model, self.test_enc, with_correct=True)["correct"]
+        return self.task.evaluate(load_baseline_model(self.task, self.cfg), self.test_enc, with_correct=True)["correct"]
 
     def save_checkpoint(self, released: ArrayRecord, t: int, out, iterate: ArrayRecord | None = None) -> None:
         """Checkpoint round ``t``: the released global model (whole, frozen parts included), attempt,
@@ -289,7 +309,7 @@ class Server:
             self.book.load(unit, self.ledger.events(unit))
         self.book.exhausted.update(self.ledger.exhausted())
         self.start_round = last + 1
-        log.warning(
+        log.info(
             "resuming %s after round %d (attempt %d); %d devices' privacy histories loaded from the ledger",
             self.cfg.run_dir, last, self.attempt, len(self.book.history["example"]) + len(self.book.history["device"]),
         )

@@ -591,6 +591,11 @@ class RunConfig:
              "device_noise_multiplier",
              "0 with --device-dp adds no noise and gives no device-level privacy (epsilon infinity): give a "
              "value > 0, drop --device-dp, or pass --allow-zero-noise for a clipped, non-private run")
+        need(not self.allow_zero_noise or (self.dp and self.noise_multiplier == 0)
+             or (self.device_dp and self.device_noise_multiplier == 0)
+             or (self.holdout_per_device > 0 and self.holdout_noise_multiplier == 0), "allow_zero_noise",
+             "accepts a noise multiplier of 0 and does nothing else: no noise multiplier of this run is 0 "
+             "(--noise-multiplier, --device-noise-multiplier, --holdout-noise-multiplier), so drop it")
         need(
             self.target_epsilon_device is None or self.target_epsilon_device > 0,
             "target_epsilon_device",

@@ -11,7 +11,14 @@ __all__ = ["BackendLost", "Interrupted"]
 
 
 class Interrupted(Exception):
-    """Ctrl-C stopped the run; its directory is resumable (the message says how)."""
+    """Ctrl-C (or SIGTERM) stopped the run; its directory is resumable (the message says how).
+
+    ``exit_code``: what the command exits with, 128 + the signal (130 for SIGINT, 143 for SIGTERM).
+    """
+
+    def __init__(self, message: str = "interrupted", exit_code: int = 130):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 class BackendLost(Exception):

@@ -151,3 +151,54 @@ def test_resume_refuses_new_settings(capsys, tmp_path):
     code = main(["simulate", "--resume", str(rd), "--rounds", "9"])
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == 2 and "--rounds" in err and "--resume" in err
+
+
+def _file(tmp_path, name, text):
+    p = tmp_path / name
+    p.write_text(text)
+    return str(p)
+
+
+@pytest.mark.parametrize(
+    "make, needle",
+    [
+        (lambda d: ["--deletions", _file(d, "del.txt", "1 2\nnot a line\n")], "del.txt, line 2: expected 'DEVICE_ID ROUND'"),
+        (lambda d: ["--deletions", str(d / "missing.txt")], "missing.txt: cannot read it"),
+        (lambda d: ["--deletions", _file(d, "del.txt", "9 1\n")], "device 9 is not one of the run's devices 0..3"),
+        (lambda d: ["--trainable", "lora", "--lora-targets", "nosuchmodule"], "--lora-targets ['nosuchmodule']"),
+        (lambda d: ["--baseline-model", _file(d, "notes.txt", "not a checkpoint\n")], "--baseline-model"),
+        (lambda d: ["--baseline-model", _file(d, "empty.pt", "")], "cannot load it into the run's model"),
+        (lambda d: ["--allow-zero-noise"], "--allow-zero-noise: accepts a noise multiplier of 0"),
+        (lambda d: ["--allow-zero-noise", "--noise-multiplier", "0.5"], "no noise multiplier of this run is 0"),
+        (lambda d: ["--model", "nosuchorg/nosuchmodel"], "--model 'nosuchorg/nosuchmodel'"),
+    ],
+    ids=["deletions-bad-line", "deletions-missing", "deletions-unknown-device", "lora-targets", "baseline-text",
+         "baseline-empty", "allow-zero-noise", "allow-zero-noise-with-noise", "unknown-hub-model"],
+)
+def test_late_errors_end_before_any_run_directory(capsys, tmp_path, monkeypatch, make, needle):
+    """Each of these once ended in a traceback or a clean line after Ray started and left a run
+    directory behind: now one ``dpfl: error:`` line and exit 2 from the preflight."""
+    import time
+
+    import flwr.simulation
+
+    def no_ray(*a, **k):
+        raise AssertionError("the simulation was started")
+
+    monkeypatch.setattr(flwr.simulation, "run_simulation", no_ray)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # the hub check itself must fail fast
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    t0 = time.monotonic()
+    code, err = run(capsys, [*make(tmp_path), "--run-dir", str(tmp_path / "r")])
+    assert code == 2, err
+    assert needle in err and err.startswith("dpfl: error:"), err
+    assert not (tmp_path / "r").exists()
+    assert time.monotonic() - t0 < 15
+
+
+def test_retrain_of_a_directory_without_a_run_names_the_command(capsys, tmp_path):
+    code = main(["retrain", str(tmp_path), "--from-round", "1"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and err.startswith("dpfl: error: dpfl retrain") and "--resume" not in err

@@ -223,6 +223,28 @@ def test_first_sigint_abandons_the_waiting_round_and_exits_130(tmp_path, short_t
     assert "Traceback" not in err
 
 
+def test_sigterm_stops_the_run_with_one_line_exit_143_and_a_stopped_report(tmp_path, short_tmp):
+    """A scheduler's stop (SIGTERM) ends a run as a first Ctrl-C does: the round in flight is
+    abandoned, one dpfl line, exit code 143, no stack dump of Ray's; the report says stopped."""
+    from report import build_report
+
+    rd = tmp_path / "run"
+    proc = subprocess.Popen([DPFL, "simulate", *TINY, "--rounds", "500", "--run-dir", str(rd)], env=_env(short_tmp),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for(lambda: (rd / "metrics.jsonl").exists() and (rd / "metrics.jsonl").read_text().count("\n") >= 2,
+              proc, timeout=300)
+    proc.send_signal(signal.SIGTERM)
+    try:
+        _, err = proc.communicate(timeout=90)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise AssertionError("SIGTERM did not end the run within 90 s") from None
+    assert proc.returncode == 143, err[-3000:]
+    assert err.strip().splitlines()[-1] == f"dpfl: stopped by SIGTERM; the run is resumable: dpfl simulate --resume {rd}"
+    assert "SIGTERM received" not in err and "Traceback" not in err
+    assert build_report(rd)["status"] == "stopped"
+
+
 # ------------------------------------------------------------------------------------ settings
 def test_zero_noise_with_dp_is_refused_unless_allowed_and_then_reported_not_private():
     with pytest.raises(ConfigError, match="--noise-multiplier: 0 with DP on .*--allow-zero-noise"):
@@ -291,6 +313,24 @@ def test_final_summary_is_rounded_and_says_when_nothing_trained():
     assert "0.19586" not in text
     nothing = format_summary("runs/x", {**figures, "trained": 0})
     assert "no device trained" in nothing and "accuracy" not in nothing
+    joint = format_summary("runs/x", {**figures, "slot_f1": 0.87654})  # a slot task's summary gives its slot F1
+    assert "accuracy 0.196, macro-F1 0.123, slot F1 0.877 (round 30 of 30)" in joint
+
+
+def test_report_command_prints_rounded_figures():
+    from dpfl.commands.report import headline
+
+    summary = {"status": "stopped", "rounds_completed": 4, "rounds_planned": 10, "final_accuracy": 0.8234567,
+               "final_macro_f1": 0.7111111, "final_slot_f1": 0.90123, "dp": True, "device_dp": True, "delta": 1e-5,
+               "epsilon": {"example": {"max": 7.831553352723032}, "device": {"max": 2.9951}}}
+    text = headline(summary)
+    assert text.splitlines()[0] == "status: stopped (4 of 10 rounds)"
+    assert "accuracy 0.823, macro-F1 0.711, slot F1 0.901" in text
+    assert "example-level epsilon 7.83 at delta 1e-05" in text and "device-level epsilon 3.00 at delta 1e-05" in text
+    assert "7.8315" not in text
+    off = headline({**summary, "dp": False, "device_dp": False, "not_private": "DP was off",
+                    "epsilon": {"example": {"max": "inf"}, "device": None}})
+    assert "NOT PRIVATE: DP was off" in off and "epsilon" not in off
 
 
 # ------------------------------------------------------------------------------------ the round deadline

@@ -1,5 +1,7 @@
 """Every command maps errors the same way (dpfl/commands/errors.py): bad input -> 2, Ctrl-C -> 130."""
 
+from pathlib import Path
+
 import pytest
 
 from dpfl.cli import main
@@ -52,3 +54,48 @@ def test_preflight_accepts_lora_and_rejects_too_many_top_layers():
 
     with pytest.raises(ConfigError, match="transformer layers"):
         preflight(RunConfig(model="tiny", trainable="top99", num_devices=4, cohort_size=2, max_examples=100).validate())
+
+
+def test_information_is_not_logged_as_a_warning():
+    """Noise calibration, resume and deletions in effect are information: ``dpfl: ...``; a
+    warning says so (``dpfl: warning: ...``); other libraries keep their level and name."""
+    import logging
+
+    from dpfl.commands.logs import DpflFormatter
+
+    fmt = DpflFormatter("%(levelname)s %(name)s: %(message)s")
+
+    def line(name, level, msg):
+        return fmt.format(logging.LogRecord(name, level, __file__, 1, msg, None, None))
+
+    assert line("dpfl.server", logging.INFO, "target epsilon 8: noise multiplier calibrated to 0.85") == \
+        "dpfl: target epsilon 8: noise multiplier calibrated to 0.85"
+    assert line("dpfl.server", logging.WARNING, "round 3: device 2 failed") == "dpfl: warning: round 3: device 2 failed"
+    assert line("ray", logging.WARNING, "x") == "WARNING ray: x"
+
+
+def test_calibration_and_resume_are_logged_as_information(tmp_path, caplog):
+    import logging
+
+    from inprocess import toy_config, write_lamp_data
+    from server.state import Server
+
+    cfg = toy_config(tmp_path / "run", write_lamp_data(tmp_path), noise_at="aggregate", trainable="head",
+                     target_epsilon=8.0, noise_multiplier=None)
+    with caplog.at_level(logging.INFO, logger="dpfl"):
+        Server(cfg).ledger.close()
+        Server(cfg, resume=True).ledger.close()
+    said = {r.getMessage().split(":")[0].split(" ")[0]: r.levelno for r in caplog.records if r.name.startswith("dpfl")}
+    assert said.get("target") == logging.INFO and said.get("resuming") == logging.INFO, said
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING and r.name.startswith("dpfl")]
+
+
+def test_partitions_without_out_writes_a_new_folder_not_the_current_directory(tmp_path, monkeypatch, capsys):
+    from dpfl.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["partitions", "--num-devices", "4", "--cohort-size", "2", "--max-examples", "200"]) == 0
+    assert [p.name for p in tmp_path.iterdir()] == ["runs"]
+    (folder,) = (tmp_path / "runs").iterdir()
+    assert folder.name.startswith("partitions-") and (folder / "partition_stats.json").is_file()
+    assert str(Path("runs") / folder.name) in capsys.readouterr().out

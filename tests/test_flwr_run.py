@@ -83,8 +83,10 @@ def test_flwr_run_trains_to_the_end_and_writes_the_run_directory(tmp_path):
         pytest.skip(f"a Flower SuperLink already listens on 127.0.0.1:{LOCAL_SUPERLINK_PORT}: not this test's to use")
     home = str(tmp_path / "flwr-home")
     run_dir = tmp_path / "run"
-    env = dict(os.environ, FLWR_HOME=home, FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1", HF_HUB_OFFLINE="1")
-    flwr = str(Path(sys.executable).parent / "flwr")
+    bin_dir = str(Path(sys.executable).parent)  # flwr starts `flower-superlink` from PATH: this environment's
+    env = dict(os.environ, FLWR_HOME=home, FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1", HF_HUB_OFFLINE="1",
+               PATH=bin_dir + os.pathsep + os.environ.get("PATH", ""))
+    flwr = str(Path(bin_dir) / "flwr")
     config = f'rounds=2 model="tiny" num-devices=6 cohort-size=3.0 run-dir="{run_dir}"'
     try:
         done = subprocess.run([flwr, "run", str(ROOT), "--run-config", config, "--stream"], env=env, cwd=tmp_path,

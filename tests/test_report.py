@@ -2,9 +2,12 @@
 
 import json
 import math
+import os
 import re
 import sqlite3
 import statistics
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +15,7 @@ import pytest
 from dp.accounting import SubsampledGaussianEvent, compute_epsilon
 from report import ReportError, build_report
 from report.render import fmt
-from rundir import read_metric_lines, read_summary
+from rundir import RunDirError, hold_run_lock, read_metric_lines, read_summary, release_run_lock
 from rundir.records import summary_path
 
 DELTA = 1e-5
@@ -204,16 +207,37 @@ def test_report_on_running_run_with_open_writer(tmp_path):
     writer = sqlite3.connect(run / "ledger.sqlite", isolation_level=None)
     writer.execute("BEGIN IMMEDIATE")  # the server in the middle of writing round 3
     writer.execute("INSERT INTO rounds VALUES ('synthetic-run', 3, 3.0, 2)")
+    hold_run_lock(run)  # as the server does while it runs the rounds
     try:
         summary = build_report(run)
     finally:
+        release_run_lock(run)
         writer.execute("ROLLBACK")
         writer.close()
     assert summary["status"] == "running"
     assert summary["rounds_completed"] == 2
     ex = _hand_epsilons("example", rounds_done=2)
     assert summary["epsilon"]["example"]["max"] == pytest.approx(max(ex.values()))
-    assert "in progress" in (run / "report" / "report.md").read_text()
+    assert "Running: 2 round(s) committed so far of 10" in (run / "report" / "report.md").read_text()
+
+
+def test_report_of_a_stopped_run_says_stopped(tmp_path):
+    """No process holds the run's lock (it was stopped, or killed: the lock goes with the process)."""
+    run = make_run(tmp_path, rounds_done=2, rounds_planned=10)
+    script = f"import time; from rundir import hold_run_lock; hold_run_lock({str(run)!r}); print('held', flush=True); time.sleep(60)"
+    holder = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert build_report(run)["status"] == "running"  # another process runs it
+        with pytest.raises(RunDirError, match="another process is running this run"):
+            hold_run_lock(run)  # and nobody else may
+    finally:
+        holder.kill()  # SIGKILL: the lock is released with the process
+        holder.wait()
+    summary = build_report(run)
+    assert summary["status"] == "stopped"
+    assert "Stopped after 2 of 10 planned rounds" in (run / "report" / "report.md").read_text()
 
 
 def test_non_private_run_says_no_guarantee(tmp_path):
@@ -254,7 +278,7 @@ def test_run_without_ledger_yet(tmp_path):
     (run / "config.toml").write_text('run_id = "fresh"\nrounds = 3\ntarget_delta = 1e-5\ndp = true\n')
     summary = build_report(run)
     assert summary["epsilon"]["example"]["max"] == 0.0
-    assert summary["status"] == "running"
+    assert summary["status"] == "stopped"  # no process holds its lock
 
 
 def test_noiseless_device_level_is_infinite(tmp_path):

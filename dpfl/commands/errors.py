@@ -12,7 +12,8 @@ A command's ``run(ns) -> int`` is wrapped in :func:`exits`, which maps:
   :class:`UsageError` instead of argparse's usage dump and ``SystemExit``, and :func:`dpfl.cli.main`
   reports it the same way;
 - Ctrl-C (:class:`settings.interrupt.Interrupted`, or a second Ctrl-C's ``KeyboardInterrupt``) to
-  one line ``dpfl: <message>`` and exit code 130 (:data:`EXIT_INTERRUPTED`, 128 + SIGINT);
+  one line ``dpfl: <message>`` and exit code 130 (:data:`EXIT_INTERRUPTED`, 128 + SIGINT); a
+  SIGTERM stops a run the same way, with exit code 143 (128 + SIGTERM: ``Interrupted.exit_code``);
 - a backend failure during a run (:class:`settings.interrupt.BackendLost`: Ray processes died) to
   one line ``dpfl: error: <message>`` and exit code 1 (:data:`EXIT_BACKEND_LOST`).
 
@@ -84,7 +85,7 @@ def exits(run: Callable[..., int]) -> Callable[..., int]:
             return run(*args, **kwargs)
         except Interrupted as exc:
             print(f"dpfl: {exc}", file=sys.stderr)
-            return EXIT_INTERRUPTED
+            return exc.exit_code
         except BackendLost as exc:
             print(f"dpfl: error: {exc}", file=sys.stderr)
             return EXIT_BACKEND_LOST

@@ -6,7 +6,7 @@ import logging
 import os
 import warnings
 
-__all__ = ["DropFlowerNoise", "quiet"]
+__all__ = ["DpflFormatter", "DropFlowerNoise", "quiet"]
 
 
 def quiet() -> None:
@@ -14,7 +14,8 @@ def quiet() -> None:
 
     Sets (unless already set) offline Hugging Face hub, no progress bars or telemetry, no
     tokenizer threads, Ray log de-duplication; silences Opacus and deprecation warnings; logs
-    WARNING and above, and drops Flower's own noise (:class:`DropFlowerNoise`).
+    dpfl's own INFO lines and other libraries' WARNING and above (:class:`DpflFormatter`), and
+    drops Flower's own noise (:class:`DropFlowerNoise`).
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -24,7 +25,10 @@ def quiet() -> None:
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     warnings.filterwarnings("ignore", module="opacus")
     warnings.filterwarnings("ignore", category=DeprecationWarning)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(DpflFormatter("%(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.WARNING, handlers=[handler])  # no-op where the root logger has handlers
+    logging.getLogger("dpfl").setLevel(logging.INFO)  # dpfl's own information; other libraries' warnings
     for name in ("flwr", "flower", "ray", "opacus", "transformers", "datasets"):
         logging.getLogger(name).setLevel(logging.WARNING)
     flwr_log = logging.getLogger("flwr")
@@ -45,3 +49,17 @@ class DropFlowerNoise(logging.Filter):
         """Keep INFO and above unless the message is one of :attr:`NOISE`."""
         msg = str(record.msg)
         return record.levelno >= logging.INFO and not any(n in msg for n in self.NOISE)
+
+
+class DpflFormatter(logging.Formatter):
+    """``dpfl: MESSAGE`` for information (noise calibration, resume, deletions in effect) and
+    ``dpfl: warning: MESSAGE`` for what may need the user's attention (a failed device, an
+    empty cohort of devices without examples); errors end a command elsewhere (``dpfl: error:``)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        """dpfl's records (logger ``dpfl.*``): the prefix by level, then the message; others as
+        the format given."""
+        if record.name != "dpfl" and not record.name.startswith("dpfl."):
+            return super().format(record)
+        prefix = "dpfl: " if record.levelno < logging.WARNING else "dpfl: warning: "
+        return prefix + record.getMessage()

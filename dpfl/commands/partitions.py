@@ -15,7 +15,7 @@ partition, and reports:
   ``--storage-cap``.
 
 It writes to ``--out DIR`` (default: ``RUN_DIR/partitions`` when ``--run-dir`` is given,
-else the current directory):
+else a new folder ``runs/partitions-<timestamp>``; the path is printed):
 
 - ``label_distribution.png``: labels per device for the largest devices
   (``flwr_datasets.visualization.plot_label_distributions``);
@@ -60,7 +60,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="minimum examples per device (iid, dirichlet, cluster, quantity) (default: 0)")
     p.add_argument("--out", default=None,
                    help="folder for the plots and partition_stats.json (default: RUN_DIR/partitions with "
-                   "--run-dir, else the current directory)")
+                   "--run-dir, else a new folder runs/partitions-<timestamp>)")
     p.add_argument("--top", type=int, default=10, help="rows in the table of largest devices (default 10)")
     return p
 
@@ -103,7 +103,10 @@ def _out_dir(ns) -> Path:
         return Path(ns.out)
     if getattr(ns, "run_dir", None):
         return Path(ns.run_dir) / "partitions"
-    return Path(".")
+    import secrets
+    import time
+
+    return Path("runs") / f"partitions-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
 
 
 def _plot_labels(train, devices: list, label_names: list[str], shown: np.ndarray, path: Path) -> None:

@@ -8,7 +8,7 @@ from typing import Any
 
 from dpfl.commands.errors import exits
 
-__all__ = ["add_parser", "run"]
+__all__ = ["add_parser", "headline", "run"]
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -25,6 +25,29 @@ def run(ns: argparse.Namespace) -> int:
     from report import build_report
 
     summary = build_report(Path(ns.run_dir), Path(ns.baseline) if ns.baseline else None)
-    print(f"report written to {Path(ns.run_dir) / 'report'}")
-    print(f"example-level epsilon max: {summary.get('epsilon', {}).get('example', {}).get('max')}")
+    print(f"report written to {Path(ns.run_dir) / 'report'} (report.md, report.html, summary.json)")
+    print(headline(summary))
     return 0
+
+
+def headline(summary: dict) -> str:
+    """The report's figures for the terminal, rounded: status and rounds, the final accuracy (and
+    slot F1 for a slot task), each unit's epsilon at delta (max over devices) or NOT PRIVATE."""
+    from dpfl.commands.simulate import _round
+
+    lines = [f"status: {summary.get('status')} ({summary.get('rounds_completed')} of "
+             f"{summary.get('rounds_planned')} rounds)"]
+    figures = [f"{name} {_round(summary.get(key))}" for name, key in
+               (("accuracy", "final_accuracy"), ("macro-F1", "final_macro_f1"), ("slot F1", "final_slot_f1"))
+               if summary.get(key) is not None]
+    if figures:
+        lines.append(", ".join(figures) + " (final model, test split)")
+    if summary.get("not_private"):
+        lines.append(f"NOT PRIVATE: {summary['not_private']}")
+    delta = summary.get("delta")
+    at = f"at delta {float(delta):g}" if delta is not None else "(no delta recorded)"
+    for unit in ("example", "device"):
+        eps = (summary.get("epsilon") or {}).get(unit)
+        if isinstance(eps, dict) and summary.get("dp" if unit == "example" else "device_dp"):
+            lines.append(f"{unit}-level epsilon {_round(eps.get('max'), 2)} {at} (max over devices)")
+    return "\n".join(lines)

@@ -106,7 +106,7 @@ def prepare_retrain(run_dir: str | Path, from_round: int, new_run_dir: str | Pat
     from rundir import Ledger, RunDir, claim_run_dir, ledger_path
 
     parent = Path(run_dir)
-    cfg = resume_config(str(parent))
+    cfg = resume_config(str(parent), flag="dpfl retrain")
     t = int(from_round)
     if t > cfg.rounds:
         raise ConfigError(f"--from-round {t}: the run has {cfg.rounds} rounds")

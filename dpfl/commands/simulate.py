@@ -77,11 +77,13 @@ def preflight(cfg: RunConfig, resume: bool = False) -> None:
     Raises the same errors the run would raise (ConfigError, DataError, ModelError,
     RunDirError, ValueError), so bad input ends before any process is started.
     """
-    from nlu.model import load_tokenizer, num_encoder_layers, resolve_model_path
+    from nlu.model import check_hub_model, load_tokenizer, num_encoder_layers, resolve_model_path, set_trainable, uses_lora
     from nlu.tasks import task_for_data
     from partitions.population import build_population
     from rundir import RunDirError, config_path
+    from server.deletions import load_deletions
     from server.plan import resolve
+    from server.state import load_baseline_model
 
     if not cfg.ray_address:
         check_local_resources(cfg.client_cpus, cfg.client_gpus)
@@ -94,20 +96,28 @@ def preflight(cfg: RunConfig, resume: bool = False) -> None:
         raise ConfigError(f"--baseline-model {cfg.baseline_model}: file not found (give a state dict .pt of the "
                           "run's model, e.g. RUN_DIR/checkpoints/global.pt of another run)")
     resolve_model_path(cfg.model)
+    check_hub_model(cfg.model)
     load_tokenizer(cfg.model)
     pop = build_population(cfg)
-    task_for_data(cfg.task, pop.data, cfg.slot_loss_weight)
+    task = task_for_data(cfg.task, pop.data, cfg.slot_loss_weight, pooling=cfg.pooling, pc_weight=cfg.pc_weight)
     if pop.num_devices != cfg.num_devices:
         raise ValueError(f"--num-devices: the partition has {pop.num_devices} devices, expected {cfg.num_devices}")
-    top = None if cfg.trainable.strip().lower() == "lora" else parse_trainable(cfg.trainable)
+    if cfg.deletions and not resume:  # a resume reads the run's own copy, checked when it was made
+        load_deletions(cfg.deletions, pop.num_devices)
+    top = None if uses_lora(cfg.trainable) else parse_trainable(cfg.trainable)
     if top and top > num_encoder_layers(cfg.model):
         raise ConfigError(f"--trainable {cfg.trainable}: {cfg.model} has {num_encoder_layers(cfg.model)} "
                           "transformer layers; choose a smaller N")
+    if uses_lora(cfg.trainable):  # the adapters the server will build (--lora-targets must match modules)
+        set_trainable(task.build_model(cfg.model, seed=cfg.seed), cfg.trainable, **cfg.lora_options())
+    if cfg.baseline_model:
+        load_baseline_model(task, cfg)
     resolve(cfg, pop)  # the server's own resolution: selection constant and calibration (the default target included)
 
 
-def resume_config(run_dir: str) -> RunConfig:
-    """The RunConfig of the run in ``run_dir`` (its ``config.toml``), pointed at ``run_dir``.
+def resume_config(run_dir: str, flag: str = "--resume") -> RunConfig:
+    """The RunConfig of the run in ``run_dir`` (its ``config.toml``), pointed at ``run_dir``;
+    ``flag`` is what the error names (the option or command that gave ``run_dir``).
 
     Raises
     ------
@@ -118,7 +128,7 @@ def resume_config(run_dir: str) -> RunConfig:
 
     path = config_path(run_dir)
     if not path.exists():
-        raise RunDirError(f"--resume {run_dir}: no run there (config.toml is missing)")
+        raise RunDirError(f"{flag} {run_dir}: no run there (config.toml is missing)")
     return RunConfig.from_toml(path).replace(run_dir=str(run_dir)).validate()
 
 
@@ -203,7 +213,7 @@ def _kill_local_ray() -> None:
         pass
 
 
-def _run_until_server_done(run_simulation, bound: dict, local: bool) -> None:
+def _run_until_server_done(run_simulation, bound: dict, local: bool, handlers: dict | None = None) -> None:
     """Run ``run_simulation()`` in a daemon thread; return when it returns, or when the server is
     done (``bound["done"]``) and the backend has not stopped :data:`BACKEND_STOP_SECONDS` later.
 
@@ -211,7 +221,11 @@ def _run_until_server_done(run_simulation, bound: dict, local: bool) -> None:
     ``run_simulation``, waiting forever after the last round; this returns anyway (killing
     this process's own Ray instance when ``local``) and sets :data:`STUCK`. Exceptions of
     ``run_simulation`` are re-raised here. The main thread stays free for Ctrl-C.
+
+    ``handlers`` (signal -> Python handler) are installed again once Ray has started: Ray's core
+    installs a C-level failure handler for SIGTERM that prints a stack dump and aborts.
     """
+    import sys as _sys
     holder: dict = {}
 
     def target() -> None:
@@ -224,8 +238,14 @@ def _run_until_server_done(run_simulation, bound: dict, local: bool) -> None:
     sim = threading.Thread(target=target, name="dpfl-simulation", daemon=True)
     sim.start()
     done_at = None
+    reinstalled = not handlers
     while sim.is_alive():
         sim.join(0.2)
+        if not reinstalled and getattr(_sys.modules.get("ray"), "is_initialized", lambda: False)():
+            time.sleep(1.0)  # Ray's core installs its handler as it connects
+            for signum, handler in (handlers or {}).items():
+                signal.signal(signum, handler)
+            reinstalled = True
         if done_at is None and bound.get("done"):
             done_at = time.monotonic()
         if done_at is not None and sim.is_alive() and time.monotonic() - done_at > BACKEND_STOP_SECONDS:
@@ -288,7 +308,13 @@ def simulate(cfg: RunConfig, progress: bool = True, resume: bool = False) -> dic
         return BackendLost(f"the Ray backend failed during the run ({info['reason']}); the run is resumable: "
                            f"dpfl simulate --resume {cfg.run_dir}")
 
-    old_handler = None
+    def stopped() -> Interrupted:
+        how = control.outcome.get("signal", "interrupted")
+        code = 128 + int(signal.SIGTERM if how == "stopped by SIGTERM" else signal.SIGINT)
+        return Interrupted(f"{how}; the run is resumable: dpfl simulate --resume {cfg.run_dir}", exit_code=code)
+
+    old_handlers: dict = {}
+    ours: dict = {}
     if threading.current_thread() is threading.main_thread():
 
         def _on_sigint(signum, frame):
@@ -301,31 +327,44 @@ def simulate(cfg: RunConfig, progress: bool = True, resume: bool = False) -> dic
             print("\ndpfl: stopping after the round in flight is abandoned (Ctrl-C again to abort)", file=sys.stderr)
             control.stop.set()
 
-        old_handler = signal.signal(signal.SIGINT, _on_sigint)
+        def _on_sigterm(signum, frame):  # a scheduler's or `kill`'s stop: as the first Ctrl-C, with exit code 143
+            if control.stop.is_set():  # a second one: abort now
+                STUCK.set()
+                if not cfg.ray_address:
+                    _kill_local_ray()
+                print("dpfl: stopped by a second SIGTERM; the run is resumable: "
+                      f"dpfl simulate --resume {cfg.run_dir}", file=sys.stderr, flush=True)
+                os._exit(128 + int(signal.SIGTERM))
+            print("\ndpfl: SIGTERM: stopping after the round in flight is abandoned", file=sys.stderr, flush=True)
+            control.outcome["signal"] = "stopped by SIGTERM"
+            control.stop.set()
+
+        ours = {signal.SIGINT: _on_sigint, signal.SIGTERM: _on_sigterm}
+        old_handlers = {signum: signal.signal(signum, handler) for signum, handler in ours.items()}
     try:
         _run_until_server_done(lambda: run_simulation(
             server_app=make_server_app(cfg, control, progress=progress, resume=resume),
             client_app=client_app,
             num_supernodes=cfg.num_devices,
             backend_config=backend_config,
-        ), control.outcome, local=not cfg.ray_address)
+        ), control.outcome, local=not cfg.ray_address, handlers=ours)
     except Exception:
         if control.stop.is_set():
-            raise Interrupted(f"interrupted; the run is resumable: dpfl simulate --resume {cfg.run_dir}") from None
+            raise stopped() from None
         exc = lost()
         if exc is not None:
             raise exc from None
         raise
     finally:
-        if old_handler is not None:
-            signal.signal(signal.SIGINT, old_handler)
+        for signum, handler in old_handlers.items():
+            signal.signal(signum, handler)
     result = control.outcome.get("result")
     if result is None:
         exc = lost()
         if exc is not None:
             raise exc
         if control.stop.is_set():
-            raise Interrupted(f"interrupted; the run is resumable: dpfl simulate --resume {cfg.run_dir}")
+            raise stopped()
         raise RuntimeError("the simulation ended without finishing its rounds (see the log above)")
     return result
 
@@ -345,8 +384,8 @@ def run_figures(run_dir: str) -> dict[str, Any]:
     -------
     dict
         ``rounds`` (last complete round), ``planned`` (config.toml's rounds), ``trained``
-        (accepted replies over all rounds), ``accuracy`` / ``macro_f1`` (the last evaluated
-        round's, or None), ``evaluated_round``, ``epsilon_example`` / ``epsilon_device`` (max over
+        (accepted replies over all rounds), ``accuracy`` / ``macro_f1`` / ``slot_f1`` (the last
+        evaluated round's, or None; slot F1 only for a slot task), ``evaluated_round``, ``epsilon_example`` / ``epsilon_device`` (max over
         devices, None where that level is off) and ``delta`` (the ledger's target delta).
     """
     import tomllib
@@ -371,6 +410,7 @@ def run_figures(run_dir: str) -> dict[str, Any]:
         "trained": sum(int(r.get("replies") or 0) for r in rows),
         "accuracy": evaluated[-1]["accuracy"] if evaluated else None,
         "macro_f1": evaluated[-1].get("macro_f1") if evaluated else None,
+        "slot_f1": evaluated[-1].get("slot_f1") if evaluated else None,
         "evaluated_round": evaluated[-1]["round"] if evaluated else None,
         "epsilon_example": last.get("epsilon_example_max"),
         "epsilon_device": last.get("epsilon_device_max"),
@@ -391,7 +431,8 @@ def format_summary(run_dir: str, figures: dict[str, Any]) -> str:
     if f["accuracy"] is None:
         lines.append(f"rounds: {f['rounds']} of {f['planned']}; no round was evaluated")
     else:
-        lines.append(f"accuracy {_round(f['accuracy'])}, macro-F1 {_round(f['macro_f1'])} "
+        slot = f", slot F1 {_round(f['slot_f1'])}" if f.get("slot_f1") is not None else ""
+        lines.append(f"accuracy {_round(f['accuracy'])}, macro-F1 {_round(f['macro_f1'])}{slot} "
                      f"(round {f['evaluated_round']} of {f['planned']})")
     at = f"at delta {f['delta']:g}" if f["delta"] is not None else "(no delta recorded)"
     if f["dp"]:

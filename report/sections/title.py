@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from rundir import run_in_progress
 from report.blocks import Block, fmt
 from report.context import Context
 from report.sections.base import Doc, Section
@@ -14,7 +15,8 @@ from report.sections.base import Doc, Section
 class Title:
     """The run's id and progress, and why it has no guarantee (``not_private``; None when it has one).
 
-    ``status`` is ``"finished"`` when all ``rounds_planned`` rounds are committed, else ``"running"``.
+    ``status`` is ``"finished"`` when all ``rounds_planned`` rounds are committed, else ``"running"``
+    while a process holds the run's lock (:func:`rundir.run_in_progress`), else ``"stopped"``.
     """
 
     run_id: str
@@ -35,7 +37,8 @@ def compute(ctx: Context) -> Title:
     planned = ctx.cfg.get("rounds")
     done = ctx.rounds_completed
     return Title(run_id=ctx.cfg.get("run_id") or ctx.run.get("run_id") or ctx.data.run_dir.name,
-                 status="finished" if planned is not None and done >= int(planned) else "running",
+                 status="finished" if planned is not None and done >= int(planned)
+                 else "running" if run_in_progress(ctx.data.run_dir) else "stopped",
                  rounds_completed=done, rounds_planned=planned, not_private=ctx.facts.not_private)
 
 
@@ -48,12 +51,14 @@ def render(t: Title, doc: Doc) -> list[Block]:
     if t.not_private:
         out.append(("alert", f"NOT PRIVATE: {t.not_private}."))
     out.append(("h", 1, f"Privacy budget report: run {t.run_id}"))
-    state = (
-        f"Finished: {t.rounds_completed} of {fmt(t.rounds_planned)} rounds."
-        if t.status == "finished"
-        else f"Run still in progress (or stopped early): {t.rounds_completed} round(s) committed "
-        f"of {fmt(t.rounds_planned)} planned. Numbers cover the committed rounds only."
-    )
+    if t.status == "finished":
+        state = f"Finished: {t.rounds_completed} of {fmt(t.rounds_planned)} rounds."
+    elif t.status == "running":
+        state = (f"Running: {t.rounds_completed} round(s) committed so far of {fmt(t.rounds_planned)} planned. "
+                 "Numbers cover the committed rounds only.")
+    else:
+        state = (f"Stopped after {t.rounds_completed} of {fmt(t.rounds_planned)} planned rounds (no process is "
+                 "running it; `dpfl simulate --resume` continues it). Numbers cover the committed rounds only.")
     out.append(("p", state))
     return out
 
