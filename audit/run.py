@@ -72,6 +72,7 @@ from rundir import (
     read_canaries_file, read_checkpoint_state, read_metric_lines, write_audit,
 )
 from rundir.layout import CANARIES_FILE
+from settings.config import AUDIT_EXPOSURE_SAMPLES
 
 from .bounds import clopper_pearson_threshold_sweep, one_run_audit_from_scores
 from .canaries import Canary
@@ -88,10 +89,8 @@ __all__ = [
     "DEFAULT_EXPOSURE_SAMPLES",
 ]
 
-#: Sampled candidates per canary for exposure: with all-MiniLM-L6-v2 on 2 busy CPU cores about
-#: 5 s per canary (20 canaries: under 2 minutes); resolves exposures up to ~log2(10**4/1000) =
-#: 3.3 bits reliably (beyond that the estimate saturates at log2 N).
-DEFAULT_EXPOSURE_SAMPLES = 1000
+#: Sampled candidates per canary for exposure (:data:`settings.config.AUDIT_EXPOSURE_SAMPLES`).
+DEFAULT_EXPOSURE_SAMPLES = AUDIT_EXPOSURE_SAMPLES
 
 class AuditError(ValueError):
     """The run directory cannot be audited (message says why and what to do)."""

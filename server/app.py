@@ -108,6 +108,16 @@ def _progress_postfix(last) -> dict:
     return post
 
 
+def _eta(seconds: list[float], remaining: int) -> dict:
+    """``{"eta": "m:ss"}`` for ``remaining`` rounds at the mean length of the rounds after this
+    process's first (which starts Ray and encodes features); ``{}`` before there is one."""
+    later = seconds[1:]
+    if remaining <= 0 or not later:
+        return {}
+    left = int(round(sum(later) / len(later) * remaining))
+    return {"eta": f"{left // 3600}:{left // 60 % 60:02d}:{left % 60:02d}" if left >= 3600 else f"{left // 60}:{left % 60:02d}"}
+
+
 def run_server(grid: Grid, cfg: RunConfig, progress: bool = True, resume: bool = False,
                control: RunControl | None = None) -> dict:
     """Run every round of ``cfg`` on ``grid``; return a small summary dict.
@@ -131,18 +141,32 @@ def run_server(grid: Grid, cfg: RunConfig, progress: bool = True, resume: bool =
         node_of = map_nodes_to_devices(grid, cfg.num_devices)
         timings["node_mapping"] = time.perf_counter() - t0
         arrays = server.arrays
+        # tqdm's own estimate would extrapolate the first round (Ray start, feature encoding): the
+        # remaining time is estimated from the rounds after it (_eta)
         bar = tqdm(
             range(server.start_round, cfg.rounds + 1), desc="rounds", unit="round", disable=not progress,
             dynamic_ncols=True, initial=server.start_round - 1, total=cfg.rounds,
+            bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]",
         )
         last = None
+        post: dict = {}
         for t in bar:
             if control.stop.is_set():
                 raise Interrupted(f"interrupted before round {t}")
+            first = t == server.start_round
+            note = " (devices load the model and encode their features the first time)" if first else ""
+
+            def replies(done: int, sent: int, t=t, note=note) -> None:
+                bar.set_postfix({**post, "round": f"{t}: {done}/{sent} replies{note if done < sent else ''}"})
+
+            control.progress = replies if progress else None
+            bar.set_postfix({**post, "round": f"{t}: training{note}"})
             t0 = time.perf_counter()
             arrays, last = server.run_round(grid, t, arrays, node_of)
             timings["rounds"].append(time.perf_counter() - t0)  # with checkpoint and ledger completion
-            bar.set_postfix(_progress_postfix(last))
+            post = {**_progress_postfix(last), **_eta(timings["rounds"], cfg.rounds - t)}
+            bar.set_postfix(post)
+        control.progress = None
         bar.close()
         evaluate_holdout(server, grid, node_of)  # --holdout-per-device: accuracy by activity quartile
     finally:

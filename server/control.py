@@ -39,6 +39,9 @@ class RunControl:
         What the ServerApp leaves for the command that started it: ``result`` (the run's
         summary), ``backend_lost`` (``{"reason": ...}``), ``done`` (the server has returned) and
         ``reported`` (the failure line was printed).
+    progress : callable or None
+        ``progress(replied, sent)``, called as a round's replies arrive (the progress bar's
+        line; for the operator's terminal only, never written to the run directory).
     """
 
     def __init__(self, checks=(), check_seconds: float = 1.0):
@@ -46,6 +49,7 @@ class RunControl:
         self.checks = list(checks)
         self.check_seconds = float(check_seconds)
         self.outcome: dict = {}
+        self.progress = None
         self._checked = 0.0
 
     def poll(self) -> None:

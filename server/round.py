@@ -258,6 +258,8 @@ def collect(server, grid: Grid, msgs: list[Message], sel: Selection, out: RoundO
     def timed(r: Message, i: int) -> None:
         latencies.append(time.perf_counter() - sent)
         handle(r, i)
+        if server.control.progress is not None:
+            server.control.progress(len(latencies), len(devices))
 
     receive(grid, msgs, cfg.round_deadline_seconds(), timed, adaptive=cfg.round_timeout is None, control=server.control)
     # the adaptive deadline's length follows the replies' times, which depend on the devices'

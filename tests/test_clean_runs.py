@@ -406,3 +406,14 @@ def test_target_epsilon_device_calibrates_the_device_noise(tmp_path, lamp_data):
     assert written["device_noise_multiplier"] == pytest.approx(expected, rel=1e-9)
     assert 0 < outs[-1].epsilon_device_max <= 2.0 * (1 + 1e-9)
     assert RunConfig(dp=False, device_dp=True).validate().device_noise_multiplier is None  # 1.0 at run start
+
+
+def test_progress_estimate_leaves_out_the_first_round():
+    """The first round starts Ray and encodes features (49 s of a 10-minute run): the remaining
+    time comes from the rounds after it, and none is given before there is one."""
+    from server.app import _eta
+
+    assert _eta([49.0], 29) == {}
+    assert _eta([49.0, 10.0, 12.0], 27) == {"eta": "4:57"}
+    assert _eta([49.0, 200.0], 20) == {"eta": "1:06:40"}
+    assert _eta([49.0, 10.0], 0) == {}

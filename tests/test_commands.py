@@ -99,3 +99,19 @@ def test_partitions_without_out_writes_a_new_folder_not_the_current_directory(tm
     (folder,) = (tmp_path / "runs").iterdir()
     assert folder.name.startswith("partitions-") and (folder / "partition_stats.json").is_file()
     assert str(Path("runs") / folder.name) in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", ["", "simulate", "retrain", "report", "launch", "partitions", "audit"])
+def test_help_imports_nothing_heavy(command):
+    """`dpfl --help` and each subcommand's help print without torch, transformers, Ray, Flower
+    or datasets (those imports took 10-17 s before anything was printed)."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom dpfl.cli import main\ntry:\n    main([" + (f"{command!r}, " if command else "")
+            + "'--help'])\nexcept SystemExit:\n    pass\nheavy = [m for m in ('torch', 'transformers', 'ray', 'flwr', "
+            "'datasets', 'matplotlib', 'peft') if m in sys.modules]\nprint('HEAVY', heavy)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert "usage: dpfl" in out.stdout, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "HEAVY []", out.stdout[-500:]

@@ -22,7 +22,7 @@ __all__ = ["add_parser", "run"]
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``dpfl audit`` on ``subparsers``; return its parser."""
-    from audit.run import DEFAULT_EXPOSURE_SAMPLES
+    from settings.config import AUDIT_EXPOSURE_SAMPLES as DEFAULT_EXPOSURE_SAMPLES
 
     p = subparsers.add_parser(
         "audit",
