@@ -1,12 +1,14 @@
-"""Orchestration overhead of a federated round: the same short simulation with and without training.
+"""Orchestration overhead of a federated round: the same short simulation with full and with almost no training.
 
 Runs ``dpfl.commands.simulate.simulate`` twice in ONE process (so machine load hits both alike), with the same
-settings and seed (hence the same cohorts), once with local training (``--local-epochs`` as
-given, default 1) and once with ``local_epochs=0`` (each device loads the global weights and
-returns them: everything a round costs except training). Reports:
+settings and seed (hence the same cohorts): once training what ``--trainable`` says (default
+``all``; ``--local-epochs`` as given, default 1), and once as the floor, ``--trainable head``
+(a linear head on the frozen encoder's features, cached per device after its first task: a
+device's step is milliseconds, so the round costs what it costs besides training; the runs
+refuse ``--local-epochs 0``). Reports:
 
-* ``overhead_fraction`` = round seconds without training / round seconds with training;
-* ``seconds_per_client_task`` = round seconds without training / client tasks (replies);
+* ``overhead_fraction`` = round seconds of the floor / round seconds with training;
+* ``seconds_per_client_task`` = round seconds of the floor / client tasks (replies);
 * ``train_seconds_per_client_task`` = the same with training.
 
 "Round seconds" (headline figures: rounds 2 onwards; ``all_rounds``: every round) are the sum of the rounds' wall times as the server measures them
@@ -110,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-devices", type=int, default=50)
     p.add_argument("--cohort-size", type=float, default=10.0)
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--local-epochs", type=int, default=1, help="local epochs of the training run")
+    p.add_argument("--local-epochs", type=int, default=1, help="local epochs of both runs (default 1)")
+    p.add_argument("--trainable", default="all", help="what the training run trains (default all; the floor: head)")
     p.add_argument("--data-dir", default=None, help="train.jsonl/test.jsonl folder (default: built-in data)")
     p.add_argument("--max-examples", type=int, default=None)
     p.add_argument("--no-dp", action="store_true")
@@ -134,14 +137,15 @@ def main(argv: list[str] | None = None) -> int:
             eval_every=a.rounds + 1,  # evaluate after the last round only
         )
         runs = {}
-        for name, epochs in (("train", a.local_epochs), ("no_train", 0)):
-            cfg = RunConfig(run_dir=f"{base}/{name}", run_id=name, local_epochs=epochs, **common).with_defaults().validate()
+        for name, trainable in (("train", a.trainable), ("floor", "head")):
+            cfg = RunConfig(run_dir=f"{base}/{name}", run_id=name, local_epochs=a.local_epochs, trainable=trainable,
+                            **common).with_defaults().validate()
             runs[name] = run_once(cfg)
             print(f"[{name}] {json.dumps(runs[name])}", file=sys.stderr)
         def secs(r, pre=""):
             return r[pre + "round_seconds"] - (0.0 if a.include_eval else r[pre + "eval_seconds"])
 
-        tr, nt = runs["train"], runs["no_train"]
+        tr, nt = runs["train"], runs["floor"]
         out.update(
             overhead_fraction=secs(nt, "steady_") / secs(tr, "steady_"),
             seconds_per_client_task=secs(nt, "steady_") / max(nt["steady_client_tasks"], 1),
@@ -153,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
             },
             evaluation_included=bool(a.include_eval),
             startup_excluded="Ray start, server init and node mapping always; the headline figures are over rounds 2.. (round 1 also starts the actors); all_rounds: every round",
-            settings={k: v for k, v in common.items() if k != "eval_every"} | {"local_epochs": a.local_epochs},
+            settings={k: v for k, v in common.items() if k != "eval_every"} | {"local_epochs": a.local_epochs,
+                                                                              "trainable": a.trainable, "floor": "head"},
             runs=runs,
         )
     if a.selection_devices:
@@ -164,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         if "overhead_fraction" in out:
             r = out["runs"]
             print(f"model {a.model}, {a.num_devices} devices, expected cohort {a.cohort_size:g}, {a.rounds} rounds")
-            for name in ("train", "no_train"):
+            for name in ("train", "floor"):
                 x = r[name]
                 print(f"  {name:9s} rounds {x['round_seconds']:7.1f}s (eval {x['eval_seconds']:.1f}s)  start-up {x['startup_seconds']:6.1f}s"
                       f"  tasks {x['client_tasks']}  client task mean {x['client_task_seconds_mean']}")

@@ -7,8 +7,6 @@ server/app.map_nodes_to_devices); without that record the device id is the node'
 the devices it served (built once, reused across tasks; with a frozen encoder also their
 features, nlu/features.py); every task copies the global trainable weights straight into that
 instance and replies in one copy (protocol/arrays.py). Only trainable parameters travel.
-With ``--local-epochs 0`` a device loads the weights and returns them untrained (zero
-DP-SGD steps, a zero-step privacy event): the cost of a round without its training.
 
 What the device computes and replies is its mechanism's (mechanisms/, looked up from the
 run's settings by :func:`mechanisms.mechanism_for`): this module loads the data, the model and

@@ -1,0 +1,77 @@
+"""Every benchmark runs: each one's command line on a tiny setting (the tiny model, a handful of
+devices, one or two rounds), so that a benchmark that stops working fails CI, not a user.
+
+These check that the benchmark finishes and prints what it says it prints; its figures are
+measured on the real settings and given in the issues' closing notes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SNIPS = ROOT.parent / "shared" / "data" / "snips"
+TINY_RUN = ["--model", "tiny", "--num-devices", "6", "--cohort-size", "3", "--max-examples", "300", "--max-length", "16"]
+
+pytestmark = pytest.mark.slow
+
+
+def _bench(name: str, *args: str, timeout: float = 400) -> str:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
+    done = subprocess.run([sys.executable, "-m", f"benchmarks.{name}", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, f"benchmarks.{name} failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
+    return done.stdout
+
+
+def _json_lines(out: str) -> list[dict]:
+    return [json.loads(x) for x in out.splitlines() if x.startswith("{")]
+
+
+def test_round_overhead():
+    (res,) = _json_lines(_bench("round_overhead", "--model", "tiny", "--rounds", "2", "--num-devices", "4",
+                                "--cohort-size", "2", "--selection-devices", "10000", "--json"))
+    assert res["overhead_fraction"] > 0 and res["seconds_per_client_task"] > 0
+    assert set(res["runs"]) == {"train", "floor"} and res["selection"]["devices"] == 10000
+
+
+def test_population_scale():
+    (res,) = _json_lines(_bench("population_scale", "--num-devices", "500", "--cohort-size", "5", "--rounds", "1",
+                                "--json"))
+    assert res["driver_peak_rss_mb"] > 0 and len(res["cohorts"]) == 1
+
+
+def test_dp_step():
+    rows = _json_lines(_bench("dp_step", "--shapes", "4x8", "--repeats", "1", "--warmup", "0", "--no-memory",
+                              "--methods", "nondp,engine", "--trainable", "head", "--json"))
+    assert rows and rows[0]["engine_over_nondp"] > 0
+
+
+@pytest.mark.skipif(not SNIPS.is_dir(), reason="../shared/data/snips is not here")
+def test_privacy_utility(tmp_path):
+    out = _bench("privacy_utility", "--arms", "aggregate:head:8,nodp:head:-", "--out", str(tmp_path / "pu"),
+                 "--data-dir", str(SNIPS), "--json", "--", *TINY_RUN, "--rounds", "1")
+    rows = _json_lines(out)
+    assert {r["arm"] for r in rows} == {"aggregate:head:8", "nodp:head:-"}
+    assert all(r["accuracy"] is not None for r in rows)
+
+
+@pytest.mark.skipif(not SNIPS.is_dir(), reason="../shared/data/snips is not here")
+def test_releases(tmp_path):
+    _bench("releases", "--arms", "activity:0", "--out", str(tmp_path / "rel"), "--data-dir", str(SNIPS), "--",
+           *TINY_RUN, "--rounds", "2", "--release-every", "1")
+    assert (tmp_path / "rel" / "results.json").is_file() and (tmp_path / "rel" / "results.md").is_file()
+
+
+@pytest.mark.skipif(not SNIPS.is_dir(), reason="../shared/data/snips is not here")
+def test_selection_experiment(tmp_path):
+    _bench("selection_experiment", "--out", str(tmp_path / "sel"), "--data-dir", str(SNIPS), "--", *TINY_RUN,
+           "--rounds", "1", timeout=600)
+    results = json.loads((tmp_path / "sel" / "results.json").read_text())
+    assert results and (tmp_path / "sel" / "accuracy_vs_round.png").is_file()
