@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 ENGINES = ("dpfl", "opacus")
@@ -20,8 +19,8 @@ def make_engine(
     """Build the DP-SGD engine ``name`` ("dpfl": our batched engine; "opacus": the reference).
 
     ``generator`` is the noise source: a :class:`dp.secure_random.NoiseSource` (what runs pass)
-    or a torch.Generator. The Opacus reference takes a torch.Generator, so a NoiseSource is
-    turned into one seeded with 63 secret bits from it (never recorded).
+    or a torch.Generator. Both engines draw a NoiseSource's noise from its secure stream (the
+    Opacus reference clips with Opacus and adds that noise itself, never through a seeded PRNG).
 
     Both expose ``accumulate(per_example_loss[B]) -> norms[B]``, ``finalize()`` and ``detach()``,
     and both implement the same mechanism, so the privacy events they produce are identical.
@@ -39,10 +38,6 @@ def make_engine(
     )
     if name == "opacus":
         from dp.opacus_engine import OpacusEngine
-
-        if hasattr(generator, "bytes"):  # a NoiseSource: Opacus takes a torch.Generator, seeded from it
-            seed = int.from_bytes(generator.bytes(8), "little") >> 1
-            kwargs["generator"] = torch.Generator().manual_seed(seed)
 
         return OpacusEngine(model, **kwargs)
     if name == "dpfl":

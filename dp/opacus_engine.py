@@ -31,8 +31,10 @@ class OpacusEngine:
         C, the per-example clipping norm over all trainable parameters together.
     expected_batch_size : float
         Denominator of the update (``sample_rate * n`` under Poisson sampling).
-    generator : torch.Generator, optional
-        Noise source.
+    generator : dp.secure_random.NoiseSource or torch.Generator, optional
+        Noise source. A NoiseSource (what runs pass) draws the noise itself, from its secure
+        stream; Opacus' own ``add_noise`` (a torch.Generator, else Opacus' default generator)
+        serves only a torch.Generator or None.
     """
 
     def __init__(
@@ -48,6 +50,8 @@ class OpacusEngine:
         from opacus.optimizers import DPOptimizer
 
         self.model = model
+        self.noise = generator if hasattr(generator, "add_normal_") else None  # a NoiseSource
+        self.std = float(noise_multiplier) * float(max_grad_norm)
         self.gsm = GradSampleModule(model, batch_first=True, loss_reduction="sum", strict=False)
         self.params = [p for p in model.parameters() if p.requires_grad]
         # A throwaway SGD instance: DPOptimizer only needs the parameter list here; the
@@ -58,7 +62,7 @@ class OpacusEngine:
             max_grad_norm=max_grad_norm,
             expected_batch_size=None,
             loss_reduction="sum",
-            generator=generator,
+            generator=None if self.noise is not None else generator,
         )
         self.expected_batch_size = float(expected_batch_size)
 
@@ -86,7 +90,11 @@ class OpacusEngine:
         for p in self.params:
             if p.summed_grad is None:  # nothing accumulated: noise-only step
                 p.summed_grad = torch.zeros_like(p)
-        self._dp.add_noise()
+        if self.noise is not None:  # the secure stream, never a seeded PRNG
+            for p in self.params:
+                p.grad = self.noise.add_normal_(p.summed_grad.clone(), self.std).view_as(p)
+        else:
+            self._dp.add_noise()
         for p in self.params:
             p.grad = p.grad / self.expected_batch_size
             p.summed_grad = None

@@ -249,9 +249,17 @@ def collect(server, grid: Grid, msgs: list[Message], sel: Selection, out: RoundO
             return
         weight = float(r.content[rec.METRICS]["num-examples"]) if rec.METRICS in r.content else 1.0
         clip = float(r.content[rec.CLIP][spec.clip]) if spec.clip else None
-        server.aggregator.add({k: array_view(a) for k, a in r.content[rec.ARRAYS].items()}, weight, clip)
+        arrays = {k: array_view(a) for k, a in r.content[rec.ARRAYS].items()}
+        if held is not None:  # --reproducible-noise: folded in device order once all are in
+            held.append((d, {k: np.array(a) for k, a in arrays.items()}, weight, clip))
+        else:
+            server.aggregator.add(arrays, weight, clip)
         kept.append(RecordDict({k: v for k, v in r.content.items() if k not in (rec.ARRAYS, rec.CLIP)}))
 
+    # Replies are folded in as they arrive (the server holds one running sum), so floating-point
+    # sums follow the arrival order; a --reproducible-noise run holds them and folds them in
+    # device order, so that a rerun gives the same model bit for bit.
+    held: list | None = [] if cfg.reproducible_noise else None
     sent = time.perf_counter()
     latencies: list[float] = []
 
@@ -262,6 +270,8 @@ def collect(server, grid: Grid, msgs: list[Message], sel: Selection, out: RoundO
             server.control.progress(len(latencies), len(devices))
 
     receive(grid, msgs, cfg.round_deadline_seconds(), timed, adaptive=cfg.round_timeout is None, control=server.control)
+    for _, arrays, weight, clip in sorted(held or [], key=lambda x: x[0]):
+        server.aggregator.add(arrays, weight, clip)
     # the adaptive deadline's length follows the replies' times, which depend on the devices'
     # secret sample sizes: the ledger and the log name it, never its measured length
     deadline = (f"--round-timeout {cfg.round_timeout:g}s" if cfg.round_timeout is not None

@@ -452,3 +452,32 @@ def test_lora_matches_brute_force_float64(route, monkeypatch):
     eng.detach()
     for n, p in model.named_parameters():
         assert (p.grad is not None) == (n in trainable), n
+
+
+def test_opacus_engine_draws_its_noise_from_the_secure_stream():
+    """``--dp-engine opacus`` once seeded a Mersenne Twister with 63 bits of the secure stream:
+    its noise must be the stream's own draws (the same as the dpfl engine's), whatever torch's
+    global seed, so nobody can regenerate it from a PRNG state."""
+    pytest.importorskip("opacus")
+    from dp.engines import make_engine
+    from dp.secure_random import NoiseSource
+
+    def noised(engine_name, torch_seed):
+        torch.manual_seed(torch_seed)
+        model = nn.Linear(3, 2)
+        nn.init.zeros_(model.weight)
+        nn.init.zeros_(model.bias)
+        engine = make_engine(engine_name, model, noise_multiplier=2.0, max_grad_norm=0.5, expected_batch_size=4.0,
+                             generator=NoiseSource(seed=123))  # a reproducible stream, for the test
+        x = torch.zeros(4, 3)
+        engine.accumulate((model(x) * 0.0).sum(dim=1))  # zero gradients: p.grad is the noise alone
+        engine.finalize()
+        out = torch.cat([model.weight.grad.flatten(), model.bias.grad.flatten()])
+        engine.detach()
+        return out
+
+    expected_w = NoiseSource(seed=123).normal((2, 3), 1.0) / 4.0  # sigma C = 1.0, divided by E[B] = 4
+    got = noised("opacus", 0)
+    assert torch.allclose(got[:6], expected_w.flatten(), atol=1e-6)
+    assert torch.equal(got, noised("opacus", 999))  # torch's global generator plays no part
+    assert torch.allclose(got, noised("dpfl", 0), atol=1e-6)  # the same draws as our engine

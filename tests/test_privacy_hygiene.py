@@ -121,6 +121,29 @@ def test_dp_replies_carry_no_loss_timing_or_other_statistic(tmp_path, data_dir):
         assert line.get("task_seconds_mean") is None
 
 
+def test_the_report_releases_no_round_timing(tmp_path, data_dir):
+    """A private round's seconds follow its cohort and its devices' secret Poisson sample sizes:
+    metrics.jsonl keeps them for the operator (the run directory is not a release), the report
+    (the release beside the models) carries none."""
+    from report import build_report
+
+    def keys(x, out):
+        if isinstance(x, dict):
+            for k, v in x.items():
+                out.add(str(k))
+                keys(v, out)
+        elif isinstance(x, list):
+            for v in x:
+                keys(v, out)
+        return out
+
+    cfg = _cfg(tmp_path, data_dir, noise_at="aggregate", rounds=2, cohort_size=3)
+    run_rounds(cfg)
+    assert all("seconds" in line for line in read_metric_lines(cfg.run_dir))
+    summary = build_report(Path(cfg.run_dir))
+    assert not [k for k in keys(summary, set()) if "second" in k or k.endswith("_s")]
+
+
 def test_device_level_dp_replies_carry_no_loss(tmp_path, data_dir):
     """DP-FedAvg without example-level DP is a DP run too: its replies carry no training loss or timings."""
     cfg = _cfg(tmp_path, data_dir, dp=False, device_dp=True, rounds=1, cohort_size=4)  # q = 1: the (secret) cohort is never empty

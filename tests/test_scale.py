@@ -140,3 +140,33 @@ def test_a_node_serving_several_devices_trains_each_device_it_is_sent(tmp_path):
     for out in outs:  # the node's own partition-id is device 0, yet every addressed device's update was accepted
         assert out.cohort_size > 0 and out.replies == out.cohort_size and out.rejected == out.failures == 0
     assert sorted(set(sent)) == [0, 1, 2, 3]
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_reproducible_noise_sums_replies_in_device_order_whatever_their_arrival(tmp_path):
+    """Floating-point sums follow the order of the terms: a --reproducible-noise run folds the
+    replies into the aggregate in device order, so replies that arrive in another order (Ray's
+    scheduling) still give the same model bit for bit."""
+    import server.app as sapp
+    from inprocess import LocalGrid, toy_config, write_lamp_data
+
+    class Reversed(LocalGrid):  # the replies come back last-sent first
+        def pull_messages(self, ids):
+            return list(reversed(super().pull_messages(ids)))
+
+    cfg = toy_config(tmp_path / "run", write_lamp_data(tmp_path), num_devices=4, cohort_size=4, rounds=1,
+                     dp=False, device_dp=True, noise_at="device", trainable="head", reproducible_noise=True)
+    server = sapp.Server(cfg)
+    grid = Reversed(cfg.num_devices)
+    order = []
+    add = server.aggregator.add
+
+    def spy(arrays, weight, clip=None):
+        order.append(next(d for d, content in grid.outgoing
+                          if all(np.array_equal(np.asarray(arrays[k]), content["arrays"][k].numpy()) for k in arrays)))
+        return add(arrays, weight, clip)
+
+    server.aggregator.add = spy
+    server.run_round(grid, 1, server.arrays, {d: n for n, d in grid.nodes.items()})
+    server.ledger.close()
+    assert len(order) >= 2 and order == sorted(order)
