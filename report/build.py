@@ -33,6 +33,8 @@ written as the string ``"inf"`` because JSON has no infinity)::
       },                                           # dp = false with device_dp: "example" is the bound
                                                    # implied by device level, {"max", "median", "tier",
                                                    # "delta", "implied_by": "device", ...} (2 eps_dev)
+      "per_device_withheld": {"units": [str], "reason": str},   # present only under device-level DP with
+                                                   # per-device figures withheld (see below)
       "devices_over_budget": int,                  # devices removed from selection for a budget
       "budget_events": [{"device_id", "unit", "round", "epsilon"}],   # epsilon the next round would reach
       "budget": {"max_epsilon", "target_epsilon", "target_epsilon_device",
@@ -59,6 +61,16 @@ written as the string ``"inf"`` because JSON has no infinity)::
 
 ``median`` is over the devices that have at least one event of that unit (devices that
 never trained contributed nothing); ``median_all_devices`` includes the others at 0.
+
+Under device-level DP (``device_dp``) which devices joined a round is secret (the device-level
+guarantee is amplified by the secret Poisson selection of devices), so the report is a release of
+aggregates only for every unit whose per-device figures depend on participation
+(:func:`report.context.withheld_units`; ``per_device_withheld`` lists them): for such a unit
+``epsilon.<unit>`` has no ``max_device`` and no ``per_device``, ``budget.<unit>`` has no
+``devices_reached_ids`` and no ``devices_over`` (``devices_over_count`` instead), ``budget_events``
+leaves out the unit's events, and the epsilon-against-activity plot leaves out the unit. A deletion
+row then has no ``first_joined``, ``rounds_joined``, ``last_joined``, ``epsilon_example`` or ``group``
+(:func:`report.sections.deletions.withheld_fields`). Without device-level DP nothing is withheld.
 """
 
 from __future__ import annotations
@@ -84,7 +96,7 @@ MAX_CURVE_POINTS = 8
 SUMMARY_KEYS = (
     "not_private", "run_id", "status", "rounds_completed", "rounds_planned", "dp", "device_dp", "guarantee",
     "noise_at", "reproducible_noise", "noise_source", "trust_model", "delta", "accountant", "num_devices",
-    "num_examples", "selection", "config", "warnings", "metrics_lines_skipped", "epsilon", "curves",
+    "num_examples", "selection", "config", "warnings", "metrics_lines_skipped", "epsilon", "curves", "per_device_withheld",
     "devices_over_budget", "budget_events", "budget", "train_loss_reported", "final_accuracy", "final_macro_f1",
     "final_slot_f1", "final_sentence_accuracy", "metrics", "releases", "pc_weight", "holdout", "deletions",
     "lineage", "skipped_rounds", "delta_vs_units", "baseline", "audit",
@@ -172,7 +184,10 @@ def build_report(run_dir: Path, baseline_dir: Path | None = None, *,
     summary = summary_of(objects, SUMMARY_KEYS)
     out_dir = run_dir / "report"
     out_dir.mkdir(exist_ok=True)
-    images = plots.make_plots(summary, data, out_dir)
+    eps = objects["epsilon"]
+    images = plots.make_plots(summary, data, out_dir,
+                              per_device={u: s.per_device for u, s in eps.accounted.items()},
+                              withheld=facts.withheld)
     js = json_summary(summary)
     js["plots"] = {k: p.name for k, p in images.items()}
     blocks = render_all(objects, facts, images)

@@ -55,6 +55,38 @@ def not_private_reason(any_dp: bool, reproducible: bool, zero_noise: tuple[str, 
     return None
 
 
+def withheld_units(dp_on: bool, device_dp: bool, cfg: dict[str, Any], budget_events: list[dict[str, Any]]) -> tuple[str, ...]:
+    """The units whose per-device figures (which device has which epsilon, which device reached its
+    budget) the report withholds, in :data:`~report.rundata.UNITS` order.
+
+    Without device-level DP nothing is withheld: no amplification by device selection is claimed,
+    and the report names devices as it always has. Under device-level DP the device-level guarantee
+    is amplified by the secret Poisson selection of devices, so which devices joined a round is
+    secret, and a released per-device figure must not depend on participation:
+
+    - ``"example"`` (when example-level DP is on too): example-level events exist only for the
+      devices that joined a round, so a device's example-level epsilon (0 if it never joined), the
+      device with the largest one, and its example-level budget events all reveal participation.
+    - ``"device"`` only when example-level DP is on with an example-level budget (``max_epsilon`` or
+      ``target_epsilon`` in config.toml, or an example-level budget event on record). Otherwise a
+      device's device-level events are one per round in which its q_k > 0, selected or not
+      (``mechanisms.base.Mechanism.accounted``; q_k from its own activity, its deletion request and
+      its device-level budget, itself composed of those events), so its device-level epsilon does not
+      depend on participation and is released. But a device whose example-level budget runs out
+      (which depends on the rounds it joined) gets q_k = 0 from then on (``server.state.Server.probabilities``)
+      and stops accruing device-level events, so its device-level epsilon would reveal how often it joined.
+    """
+    if not device_dp:
+        return ()
+    out = []
+    if dp_on:
+        out.append("example")
+        if (cfg.get("max_epsilon") is not None or cfg.get("target_epsilon") is not None
+                or any(b.get("unit") == "example" for b in budget_events)):
+            out.append("device")
+    return tuple(out)
+
+
 @dataclass(frozen=True)
 class Facts:
     """The few facts about a run that most sections branch on, for computing and for rendering.
@@ -64,7 +96,8 @@ class Facts:
     ``reproducible_noise`` as in config.toml; ``delta`` (None only for a run without DP) and
     ``accountant`` (``"pld"`` or ``"rdp"``) are those every epsilon of the report is stated at
     and recomputed with; ``not_private`` says why no guarantee holds (None when one does);
-    ``has_baseline`` whether a non-private baseline run was given.
+    ``has_baseline`` whether a non-private baseline run was given; ``withheld`` the units whose
+    per-device figures the report leaves out (:func:`withheld_units`; empty without device-level DP).
     """
 
     dp_on: bool
@@ -75,6 +108,13 @@ class Facts:
     accountant: str
     not_private: str | None
     has_baseline: bool
+    withheld: tuple[str, ...] = ()
+
+    @property
+    def participation_secret(self) -> bool:
+        """Device-level DP is on: its guarantee is amplified by the secret Poisson selection of devices, so
+        which devices joined a round is secret and the report gives no figure tied to one device's participation."""
+        return self.device_dp
 
     @property
     def any_dp(self) -> bool:
@@ -160,7 +200,8 @@ def resolve(data: RunData, baseline: RunData | None, max_curve_points: int) -> C
                        if on and cfg.get(key) is not None and float(cfg[key]) == 0.0)
     facts = Facts(dp_on=dp_on, device_dp=device_dp, noise_at=noise_at, reproducible_noise=reproducible,
                   delta=delta, accountant=accountant, not_private=not_private_reason(any_dp, reproducible, zero_noise),
-                  has_baseline=baseline is not None)
+                  has_baseline=baseline is not None,
+                  withheld=withheld_units(dp_on, device_dp, cfg, data.budget_events))
     ctx = Context(
         data=data, baseline=baseline, facts=facts, max_curve_points=max_curve_points, warnings=warnings,
         rounds_completed=max([r["round"] for r in data.rounds] + [m["round"] for m in data.metrics], default=0),

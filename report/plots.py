@@ -1,10 +1,17 @@
-"""PNG plots of the privacy budget report (matplotlib, headless Agg backend)."""
+"""PNG plots of the privacy budget report (matplotlib, headless Agg backend).
+
+The per-device epsilons come from the epsilon section (``per_device``: unit -> device -> epsilon),
+not from summary.json, which leaves them out for a unit whose per-device figures are withheld under
+device-level DP (:func:`report.context.withheld_units`). Such a unit is not drawn against activity
+(one point per device, at its public activity, would show which devices joined); its distribution
+over devices (a histogram, no device ids) and its max and median against round are aggregates and
+are drawn."""
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Collection, Mapping
 
 import matplotlib
 
@@ -34,15 +41,21 @@ def _save_metric_axes(fig, ax, xlabel: str, ylabel: str, path: Path) -> Path:
     return _save(fig, path)
 
 
-def _units(summary: dict[str, Any]) -> list[str]:
-    """Units with per-device epsilons (accounted from the ledger; not an implied bound)."""
-    return [u for u in ("example", "device")
-            if summary["epsilon"].get(u) and summary["epsilon"][u].get("per_device") is not None]
+PerDevice = Mapping[str, Mapping[int, float]]
 
 
-def epsilon_vs_round(summary: dict[str, Any], path: Path) -> Path | None:
+def _per_device(summary: dict[str, Any], per_device: PerDevice | None) -> PerDevice:
+    """Unit -> device -> epsilon of the units accounted from the ledger (not an implied bound), in unit
+    order: ``per_device`` when given, else what summary.json's ``per_device`` objects hold."""
+    if per_device is None:
+        per_device = {u: summary["epsilon"][u]["per_device"] for u in ("example", "device")
+                      if summary["epsilon"].get(u) and summary["epsilon"][u].get("per_device") is not None}
+    return {u: per_device[u] for u in ("example", "device") if u in per_device}
+
+
+def epsilon_vs_round(summary: dict[str, Any], path: Path, per_device: PerDevice | None = None) -> Path | None:
     """Max and median epsilon over devices after each (sampled) round, per unit."""
-    units = [u for u in _units(summary) if summary["curves"].get(u)]
+    units = [u for u in _per_device(summary, per_device) if summary["curves"].get(u)]
     if not units:
         return None
     fig, axes = plt.subplots(1, len(units), figsize=(5.2 * len(units), 3.6), squeeze=False)
@@ -66,14 +79,16 @@ def epsilon_vs_round(summary: dict[str, Any], path: Path) -> Path | None:
     return _save(fig, path)
 
 
-def epsilon_vs_activity(summary: dict[str, Any], data, path: Path) -> Path | None:
-    """Each device's epsilon against its starting activity (examples held)."""
-    units = _units(summary)
+def epsilon_vs_activity(summary: dict[str, Any], data, path: Path, per_device: PerDevice | None = None,
+                        withheld: Collection[str] = ()) -> Path | None:
+    """Each device's epsilon against its starting activity (examples held), for the units not ``withheld``."""
+    eps = _per_device(summary, per_device)
+    units = [u for u in eps if u not in withheld]
     if not units or not data.devices:
         return None
     fig, axes = plt.subplots(1, len(units), figsize=(5.2 * len(units), 3.6), squeeze=False)
     for ax, unit in zip(axes[0], units):
-        per = summary["epsilon"][unit]["per_device"]
+        per = eps[unit]
         xs, ys = [], []
         for d, info in data.devices.items():
             e = per.get(d, 0.0)
@@ -90,14 +105,14 @@ def epsilon_vs_activity(summary: dict[str, Any], data, path: Path) -> Path | Non
     return _save(fig, path)
 
 
-def epsilon_histogram(summary: dict[str, Any], path: Path) -> Path | None:
+def epsilon_histogram(summary: dict[str, Any], path: Path, per_device: PerDevice | None = None) -> Path | None:
     """Distribution of per-device epsilon (devices with events) per unit."""
-    units = _units(summary)
-    if not units:
+    eps = _per_device(summary, per_device)
+    if not eps:
         return None
-    fig, axes = plt.subplots(1, len(units), figsize=(5.2 * len(units), 3.2), squeeze=False)
-    for ax, unit in zip(axes[0], units):
-        vals = [e for e in summary["epsilon"][unit]["per_device"].values() if math.isfinite(e)]
+    fig, axes = plt.subplots(1, len(eps), figsize=(5.2 * len(eps), 3.2), squeeze=False)
+    for ax, unit in zip(axes[0], eps):
+        vals = [e for e in eps[unit].values() if math.isfinite(e)]
         if vals:
             ax.hist(vals, bins=min(30, max(5, len(vals) // 3)), color=COLORS[unit], alpha=0.8)
         ax.set_xlabel(f"epsilon at delta={summary['delta']:g}")
@@ -181,13 +196,18 @@ def accuracy_nfr_per_release(summary: dict[str, Any], path: Path) -> Path | None
     return _save_metric_axes(fig, ax, "release round", "share of test examples", path)
 
 
-def make_plots(summary: dict[str, Any], data, out_dir: Path) -> dict[str, Path]:
-    """Write the report's PNGs into ``out_dir``; returns name -> path of those written."""
+def make_plots(summary: dict[str, Any], data, out_dir: Path, per_device: PerDevice | None = None,
+               withheld: Collection[str] = ()) -> dict[str, Path]:
+    """Write the report's PNGs into ``out_dir``; returns name -> path of those written.
+
+    ``per_device``: each accounted unit's epsilon by device (the epsilon section's; default: summary's
+    ``per_device`` objects); ``withheld``: the units not drawn against activity (device-level DP).
+    """
     out: dict[str, Path] = {}
     for name, fn in (
-        ("epsilon_vs_round", lambda p: epsilon_vs_round(summary, p)),
-        ("epsilon_vs_activity", lambda p: epsilon_vs_activity(summary, data, p)),
-        ("epsilon_distribution", lambda p: epsilon_histogram(summary, p)),
+        ("epsilon_vs_round", lambda p: epsilon_vs_round(summary, p, per_device)),
+        ("epsilon_vs_activity", lambda p: epsilon_vs_activity(summary, data, p, per_device, withheld)),
+        ("epsilon_distribution", lambda p: epsilon_histogram(summary, p, per_device)),
         ("accuracy_vs_round", lambda p: accuracy_vs_round(summary, p)),
         ("audit_roc", lambda p: audit_roc(summary, data, p)),
         ("accuracy_nfr_per_release", lambda p: accuracy_nfr_per_release(summary, p)),

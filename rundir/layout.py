@@ -145,11 +145,21 @@ def claim_run_dir(run_dir: str | os.PathLike) -> Path:
 #: Locked by the process that runs a run's rounds (``flock``: released when that process ends, a
 #: SIGKILL included).
 RUN_LOCK_FILE = "run.lock"
-_held_locks: dict[str, Any] = {}  # realpath -> open lock file of a run this process is running
+_held_locks: dict[tuple[int, int], Any] = {}  # (st_dev, st_ino) of run.lock -> its open file, for the runs this process runs
+
+
+def _lock_key(run_dir: str | os.PathLike) -> tuple[int, int] | None:
+    """The identity of ``RUN_DIR/run.lock`` (device, inode): the same file after the folder moved."""
+    try:
+        st = os.stat(Path(run_dir) / RUN_LOCK_FILE)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def hold_run_lock(run_dir: str | os.PathLike) -> None:
-    """Lock ``RUN_DIR/run.lock`` for this process until it ends (again for the same run: a no-op).
+    """Lock ``RUN_DIR/run.lock`` for this process until it ends (again for the same run, even moved:
+    a no-op).
 
     Two processes never run one run's rounds at once, and :func:`run_in_progress` tells a
     report whether the rounds it reads may still grow.
@@ -161,8 +171,8 @@ def hold_run_lock(run_dir: str | os.PathLike) -> None:
     """
     import fcntl
 
-    key = os.path.realpath(run_dir)
-    if key in _held_locks:
+    key = _lock_key(run_dir)
+    if key is not None and key in _held_locks:
         return
     fh = open(Path(run_dir) / RUN_LOCK_FILE, "a+")
     try:
@@ -171,12 +181,13 @@ def hold_run_lock(run_dir: str | os.PathLike) -> None:
         fh.close()
         raise RunDirError(f"{run_dir}: another process is running this run (it holds {RUN_LOCK_FILE}); wait for "
                           "it to end or stop it before resuming") from None
-    _held_locks[key] = fh
+    st = os.fstat(fh.fileno())
+    _held_locks[(st.st_dev, st.st_ino)] = fh
 
 
 def release_run_lock(run_dir: str | os.PathLike) -> None:
     """Release this process's lock of ``run_dir`` (:func:`hold_run_lock`), if it holds one."""
-    fh = _held_locks.pop(os.path.realpath(run_dir), None)
+    fh = _held_locks.pop(_lock_key(run_dir), None)
     if fh is not None:
         fh.close()
 
@@ -188,12 +199,12 @@ def run_in_progress(run_dir: str | os.PathLike) -> bool:
     """
     import fcntl
 
-    if os.path.realpath(run_dir) in _held_locks:
-        return True
-    path = Path(run_dir) / RUN_LOCK_FILE
-    if not path.exists():
+    key = _lock_key(run_dir)
+    if key is None:
         return False
-    with open(path, "a+") as fh:
+    if key in _held_locks:
+        return True
+    with open(Path(run_dir) / RUN_LOCK_FILE, "a+") as fh:
         try:
             fcntl.flock(fh.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -58,14 +58,22 @@ DEFAULT_BUDGET_EVENTS = [(3, "example", 3, 7.5)]  # (device, unit, round, epsilo
 def make_run(tmp_path: Path, *, dp=True, device_dp=True, rounds_done=4, rounds_planned=4,
              half_line=True, run_id="synthetic-run", name="run", sigma_u=SIGMA_U, noise_at="device",
              reproducible_noise=False, max_epsilon=8.0, target_epsilon=None, target_epsilon_device=None,
-             budget_events=None) -> Path:
+             budget_events=None, ids=None, cohorts=None, deletions=()) -> Path:
     """A run directory written by hand: config.toml, ledger.sqlite and metrics.jsonl as the server writes them.
 
     Example-level events (when ``dp``) for the cohort of each round, in the given placement;
     device-level events (when ``device_dp``) for every device with q_k > 0; ``budget_events``
     (default: device 3 at example level in round 3, when dp and rounds_done >= 3). As in real
     runs, only a run with neither DP sends a training loss, and epsilons are null without DP.
+
+    ``ids``: the ledger's device id of each device (default 0, 1, ...); devices everywhere else
+    (``cohorts``, default :data:`COHORTS`; ``budget_events``; ``deletions``) are given by index.
+    ``deletions``: (device, round) requests, recorded as the server does, with the first round
+    the device had a privacy event of either unit.
     """
+    ids = list(range(len(ACTIVITY))) if ids is None else list(ids)
+    cohorts = COHORTS if cohorts is None else cohorts
+    deleted_from = dict(deletions)
     run = tmp_path / name
     run.mkdir()
     cfg = {
@@ -91,26 +99,29 @@ def make_run(tmp_path: Path, *, dp=True, device_dp=True, rounds_done=4, rounds_p
     conn.execute("INSERT INTO runs VALUES (?,?,?,?,?,?)",
                  (run_id, 0.0, DELTA, "pld", 0.01, "c calibrated once from starting activities"))
     conn.executemany("INSERT INTO devices VALUES (?,?,?,?)",
-                     [(run_id, d, a, q) for d, (a, q) in enumerate(zip(ACTIVITY, Q_DEVICE))])
+                     [(run_id, ids[d], a, q) for d, (a, q) in enumerate(zip(ACTIVITY, Q_DEVICE))])
     metrics = []
+    first_event: dict[int, int] = {}  # device -> first round with an event of either unit
     for t in range(1, rounds_done + 1):
-        cohort = COHORTS[t]
+        cohort = cohorts[t]
         if dp:
             for d in cohort:
                 s, q, n = _example_event(d, noise_at)
                 conn.execute("INSERT INTO privacy_events(run_id, round, device_id, unit, noise_multiplier,"
                              " sample_rate, steps, max_grad_norm) VALUES (?,?,?,?,?,?,?,?)",
-                             (run_id, t, d, "example", s, q, n, C))
+                             (run_id, t, ids[d], "example", s, q, n, C))
+                first_event.setdefault(d, t)
             # The server's cached "epsilon so far" (deliberately rough: the report recomputes).
             for d in cohort:
                 conn.execute("INSERT OR REPLACE INTO device_epsilon VALUES (?,?,?,?,?,?)",
-                             (run_id, d, "example", t, 1.0, DELTA))
+                             (run_id, ids[d], "example", t, 1.0, DELTA))
         if device_dp:
             for d, q in enumerate(Q_DEVICE):
-                if q > 0:
+                if q > 0 and t < deleted_from.get(d, math.inf):  # a deleted device's q_k is 0 from its request on
                     conn.execute("INSERT INTO privacy_events(run_id, round, device_id, unit, noise_multiplier,"
                                  " sample_rate, steps, max_grad_norm) VALUES (?,?,?,?,?,?,?,?)",
-                                 (run_id, t, d, "device", sigma_u, q, 1, S))
+                                 (run_id, t, ids[d], "device", sigma_u, q, 1, S))
+                    first_event.setdefault(d, t)
         conn.execute("INSERT INTO rounds VALUES (?,?,?,?)", (run_id, t, float(t), len(cohort)))
         metrics.append({"round": t, "cohort_size": len(cohort), "skipped": False,
                         "train_loss": None if (dp or device_dp) else 2.0 / t,
@@ -120,7 +131,13 @@ def make_run(tmp_path: Path, *, dp=True, device_dp=True, rounds_done=4, rounds_p
     if budget_events is None:
         budget_events = DEFAULT_BUDGET_EVENTS if dp and rounds_done >= 3 else []
     conn.executemany("INSERT INTO budget_events VALUES (?,?,?,?,?)",
-                     [(run_id, d, u, t, e) for d, u, t, e in budget_events])
+                     [(run_id, ids[d], u, t, e) for d, u, t, e in budget_events])
+    if deletions:
+        conn.execute("CREATE TABLE deletions(run_id TEXT, device_id INTEGER, round INTEGER, recorded REAL,"
+                     " first_joined INTEGER, PRIMARY KEY(run_id, device_id))")
+        conn.executemany("INSERT INTO deletions VALUES (?,?,?,?,?)",
+                         [(run_id, ids[d], t, 0.0, first_event[d] if first_event.get(d, t) < t else None)
+                          for d, t in deletions])
     conn.commit()
     conn.close()
     text = "".join(json.dumps(m) + "\n" for m in metrics)
@@ -157,8 +174,11 @@ def test_report_on_finished_run(tmp_path):
     summary = build_report(run)
     out = run / "report"
     for name in ("report.md", "report.html", "summary.json", "epsilon_vs_round.png",
-                 "epsilon_vs_activity.png", "accuracy_vs_round.png"):
+                 "epsilon_distribution.png", "accuracy_vs_round.png"):
         assert (out / name).exists() and (out / name).stat().st_size > 0, name
+    # device-level DP with an example-level budget: no unit is drawn per device against activity
+    # (a point per device at its public activity shows who joined; see the device-level DP tests below)
+    assert not (out / "epsilon_vs_activity.png").exists()
     on_disk = read_summary(run).to_dict()
     assert on_disk["epsilon"]["example"]["max"] == summary["epsilon"]["example"]["max"]
 
@@ -435,7 +455,15 @@ def test_reproducible_noise_says_not_private_in_first_line(tmp_path):
 
 
 def test_budgets_stated_with_devices_that_reached_them(tmp_path):
-    """--max-epsilon 6 --target-epsilon-device 3: both budgets in summary.json and report.md, with counts per unit."""
+    """--max-epsilon 6 --target-epsilon-device 3: both budgets in summary.json and report.md, with counts per unit.
+
+    Under device-level DP with an example-level budget, which devices reached a budget is withheld
+    (a device's example-level budget runs out because of the rounds it joined, and from then on it
+    accrues no device-level events either): only the counts are given. Which devices reached the
+    device-level budget is given in a device-level-only run (``device_only``), whose budget events
+    do not depend on participation; without device-level DP see
+    test_without_device_level_dp_the_report_still_names_devices.
+    """
     events = [(3, "example", 3, 6.2), (2, "device", 4, 3.1), (4, "device", 3, 3.05)]
     run = make_run(tmp_path, max_epsilon=6.0, target_epsilon_device=3.0, sigma_u=3.0, budget_events=events)
     build_report(run)
@@ -444,11 +472,16 @@ def test_budgets_stated_with_devices_that_reached_them(tmp_path):
     assert b["max_epsilon"] == 6.0 and b["target_epsilon_device"] == 3.0 and b["target_epsilon"] is None
     assert b["epsilon_budget"] == 6.0 and b["device_epsilon_budget"] == 3.0
     assert b["example"]["epsilon"] == 6.0 and b["example"]["devices_reached"] == 1
-    assert b["example"]["devices_reached_ids"] == [3]
     assert b["device"]["epsilon"] == 3.0 and b["device"]["devices_reached"] == 2
-    assert b["device"]["devices_reached_ids"] == [2, 4]
-    assert b["example"]["devices_over"] == [] and b["device"]["devices_over"] == []
+    for unit in ("example", "device"):
+        assert "devices_reached_ids" not in b[unit] and "devices_over" not in b[unit]
+        assert b[unit]["devices_over_count"] == 0
+    assert on_disk["budget_events"] == []
     assert on_disk["devices_over_budget"] == 3
+    device_only = make_run(tmp_path, name="device_only", dp=False, target_epsilon_device=3.0, sigma_u=3.0,
+                           budget_events=events[1:])
+    dv = build_report(device_only)["budget"]["device"]
+    assert dv["devices_reached_ids"] == [2, 4] and dv["devices_over"] == []
     md = _md(run)
     assert "Example level: epsilon <= 6 per device at delta = 1e-05 (from --max-epsilon 6)" in md
     assert "1 device reached it" in md
@@ -457,20 +490,23 @@ def test_budgets_stated_with_devices_that_reached_them(tmp_path):
     assert "example level epsilon <= 6 per device (1 device reached it); device level epsilon <= 3 per device " \
            "(2 devices reached it)" in md
     assert "No device reached its budget" not in md and "BUDGET EXCEEDED" not in md
+    assert "3 devices were removed from selection" in md and "is withheld (device participation is secret" in md
 
     # --target-epsilon is a budget too; with --max-epsilon the server uses the smaller.
     both = make_run(tmp_path, name="both", max_epsilon=7.0, target_epsilon=5.9, device_dp=False, budget_events=[])
     s = build_report(both)
     assert s["budget"]["example"]["epsilon"] == 5.9
     assert s["budget"]["example"]["from"] == ["max_epsilon", "target_epsilon"]
-    assert s["budget"]["example"]["devices_reached"] == 0
+    assert s["budget"]["example"]["devices_reached"] == 0 and s["budget"]["example"]["devices_reached_ids"] == []
     md_both = _md(both)
     assert "epsilon <= 5.9 per device" in md_both and "min(--max-epsilon, --target-epsilon)" in md_both
     assert "No device reached its budget." in md_both
 
 
 def test_budget_exceeded_is_said_loudly(tmp_path):
-    run = make_run(tmp_path, max_epsilon=1.0, budget_events=[])
+    """Example-level DP only: the alert names the devices above the budget. Under device-level DP
+    (``secret``) it gives how many, not which (their example-level epsilon depends on the rounds they joined)."""
+    run = make_run(tmp_path, max_epsilon=1.0, budget_events=[], device_dp=False)
     summary = build_report(run)
     ex = summary["epsilon"]["example"]["per_device"]
     over = sorted(int(d) for d, e in ex.items() if e > 1.0)
@@ -478,9 +514,19 @@ def test_budget_exceeded_is_said_loudly(tmp_path):
     assert summary["budget"]["example"]["devices_over"] == over
     md = _md(run)
     assert "BUDGET EXCEEDED at example level" in md and "ABOVE" in md
+    assert f"devices {', '.join(map(str, over))})" in md
     assert "No device reached its budget" not in md
     assert any("ABOVE their budget" in w for w in summary["warnings"])
     assert '<p class="alert">BUDGET EXCEEDED' in _html(run)
+
+    secret = make_run(tmp_path, name="secret", max_epsilon=1.0, budget_events=[])
+    s = build_report(secret)
+    assert s["budget"]["example"]["devices_over_count"] == len(over) and "devices_over" not in s["budget"]["example"]
+    md = _md(secret)
+    assert f"BUDGET EXCEEDED at example level: {len(over)} devices have an epsilon above the budget 1 (largest" in md
+    alert = next(line for line in md.splitlines() if "BUDGET EXCEEDED at example level" in line)
+    assert "; devices" not in alert
+    assert any("ABOVE their budget" in w and "(devices" not in w for w in s["warnings"])
 
 
 def test_device_level_only_run_is_not_called_not_private(tmp_path):
@@ -636,3 +682,121 @@ def test_epsilon_by_activity_quartile_matches_hand_accounting(tmp_path):
         assert r["rounds_joined_mean"] == pytest.approx(sum(joined) / len(g))
     md = (run / "report" / "report.md").read_text()
     assert "Example-level epsilon by activity quartile" in md and "| Q1 |" in md
+
+
+# ---------------------------------------------------------------------------------------------------
+# Device-level DP: which devices joined a round is secret (the device-level guarantee is amplified by
+# the secret Poisson selection of devices), so the report names no device in a way tied to it.
+
+IDS = [700101, 700202, 700303, 700404, 700505, 700606]  # distinctive ledger ids, to scan the files for
+JOINED = sorted({IDS[d] for c in COHORTS.values() for d in c})  # device index 4 (q_k = 0) never joins
+# the same run in which device index 5 (q_k = 0.1) is never picked: only who joined differs
+COHORTS_WITHOUT_5 = {1: [0, 2, 3], 2: [1, 3], 3: [2, 3], 4: [0, 3]}
+WITHHELD_KEYS = ('"per_device"', '"max_device"', '"devices_reached_ids"', '"devices_over"', '"first_joined"',
+                 '"rounds_joined"', '"last_joined"', '"epsilon_example"', '"group"')
+WITHHELD_SENTENCE = "Per-device figures are withheld because device participation is secret under device-level DP"
+
+
+def _released_text(run):
+    """What an attacker reads: summary.json, report.md and report.html (its embedded PNGs left out)."""
+    out = run / "report"
+    html = re.sub(r"data:image/png;base64,[A-Za-z0-9+/=]+", "", (out / "report.html").read_text())
+    return {"summary.json": (out / "summary.json").read_text(), "report.md": (out / "report.md").read_text(),
+            "report.html": html}
+
+
+def _ids_named(text):
+    """The fixture's device ids that occur in ``text`` as a number of their own."""
+    return {d for d in IDS if re.search(rf"(?<![\d.]){d}(?![\d.])", text)}
+
+
+def test_device_level_dp_report_names_no_device_that_joined(tmp_path):
+    """Example- and device-level DP (noise on the device) with an example-level budget: an attacker's
+    scan of the released files finds no id of a device that joined (except the device that asked to be
+    deleted, named once as the request, with nothing on its rounds), and none of the per-device keys."""
+    deleted = 1  # joined round 2, asks to be forgotten from round 3
+    run = make_run(tmp_path, ids=IDS, deletions=[(deleted, 3)])
+    js = build_report(run)
+    files = _released_text(run)
+    for name, text in files.items():
+        assert _ids_named(text) <= {IDS[deleted]}, name
+        assert len(re.findall(rf"(?<![\d.]){IDS[deleted]}(?![\d.])", text)) == 1, name  # the request, once
+    for key in WITHHELD_KEYS:
+        assert key not in files["summary.json"], key
+    assert js["per_device_withheld"]["units"] == ["example", "device"]
+    assert WITHHELD_SENTENCE in js["per_device_withheld"]["reason"]
+    for unit in ("example", "device"):  # every aggregate over devices is still given
+        e = js["epsilon"][unit]
+        assert {"max", "median", "p90", "min", "mean", "devices_accounted", "by_activity_quartile"} <= set(e)
+    assert js["epsilon"]["example"]["devices_accounted"] == len(JOINED)
+    assert js["budget_events"] == [] and js["devices_over_budget"] == 1
+    assert js["budget"]["example"]["devices_reached"] == 1
+    assert js["deletions"] == [{"device_id": IDS[deleted], "round": 3, "examples": ACTIVITY[deleted]}]
+    md = files["report.md"]
+    assert md.count(WITHHELD_SENTENCE) == 1
+    assert "| device | from round | examples (round 1) |" in md and "first joined" not in md
+    assert "epsilon_vs_activity" not in md and not (run / "report" / "epsilon_vs_activity.png").exists()
+    assert (run / "report" / "epsilon_distribution.png").exists()  # a distribution, no device ids
+
+
+def test_device_level_epsilons_per_device_are_released_when_they_do_not_depend_on_participation(tmp_path):
+    """Example-level DP without an example-level budget beside device-level DP: the example level's
+    per-device figures are withheld; the device level's are given, because every device with q_k > 0
+    accrues a device-level event each round whether or not it was picked: two runs that differ only in
+    who joined release the same device-level figures, and name devices that never joined alike."""
+    released = []
+    for name, cohorts in (("a", COHORTS), ("b", COHORTS_WITHOUT_5)):
+        run = make_run(tmp_path, name=name, ids=IDS, cohorts=cohorts, max_epsilon=None, budget_events=[])
+        js = build_report(run)
+        ex = js["epsilon"]["example"]
+        assert "per_device" not in ex and "max_device" not in ex
+        assert js["per_device_withheld"]["units"] == ["example"]
+        assert sorted(int(d) for d in js["epsilon"]["device"]["per_device"]) == [
+            IDS[d] for d, q in enumerate(Q_DEVICE) if q > 0]
+        md = (run / "report" / "report.md").read_text()
+        assert md.count(WITHHELD_SENTENCE) == 1 and "Per-device device-level epsilons are given" in md
+        assert "Each device's device-level epsilon against its starting activity." in md
+        released.append(js["epsilon"]["device"])
+    assert released[0] == released[1]
+    assert IDS[5] in [int(d) for d in released[1]["per_device"]]  # never joined in run b, named all the same
+
+
+def test_device_level_only_run_gives_device_level_epsilons_and_no_rounds_joined(tmp_path):
+    """dp = false, device_dp = true: nothing depends on participation at device level, so per-device
+    device-level epsilons stay; a deletion request gives no rounds joined (under device-level DP they
+    would count the rounds the device could have been selected in)."""
+    run = make_run(tmp_path, dp=False, ids=IDS, deletions=[(1, 3)])
+    js = build_report(run)
+    assert "per_device_withheld" not in js
+    dv = js["epsilon"]["device"]
+    assert int(dv["max_device"]) in IDS and len(dv["per_device"]) == 5
+    row, = js["deletions"]
+    assert set(row) == {"device_id", "round", "examples", "epsilon_device"}
+    assert row["epsilon_device"] == pytest.approx(dv["per_device"][str(IDS[1])])
+    md = _md(run)
+    assert WITHHELD_SENTENCE not in md and "the table withholds the rounds each device joined." in md
+    assert "first joined" not in md and (run / "report" / "epsilon_vs_activity.png").exists()
+
+
+def test_without_device_level_dp_the_report_still_names_devices(tmp_path):
+    """Example-level DP only (no amplification by device selection is claimed): the report is as it
+    was, per-device epsilons, the device with the largest, budget events and rounds joined included."""
+    run = make_run(tmp_path, device_dp=False, ids=IDS, deletions=[(1, 3)])
+    js = build_report(run)
+    files = _released_text(run)
+    assert "per_device_withheld" not in js
+    ex = js["epsilon"]["example"]
+    assert sorted(int(d) for d in ex["per_device"]) == JOINED and int(ex["max_device"]) in JOINED
+    assert js["budget_events"] == [{"device_id": IDS[3], "unit": "example", "round": 3, "epsilon": 7.5}]
+    assert js["budget"]["example"]["devices_reached_ids"] == [IDS[3]]
+    assert js["budget"]["example"]["devices_over"] == []
+    row, = js["deletions"]
+    assert (row["device_id"], row["first_joined"], row["rounds_joined"], row["last_joined"]) == (IDS[1], 2, 1, 2)
+    assert row["epsilon_example"] == pytest.approx(ex["per_device"][str(IDS[1])])
+    for key in WITHHELD_KEYS:
+        assert key in files["summary.json"], key
+    assert _ids_named(files["summary.json"]) == set(JOINED)
+    md = files["report.md"]
+    assert WITHHELD_SENTENCE not in md and "| first joined |" in md and str(IDS[3]) in md
+    assert (run / "report" / "epsilon_vs_activity.png").exists()
+    assert "Each device's epsilon against its starting activity." in md

@@ -37,16 +37,26 @@ class UnitBudget:
     """One unit's budget: ``epsilon`` per device (nats, at delta; None when budget events exist but
     config.toml records no budget), the settings it came ``from_``, the devices that ``reached`` it
     (a budget event: their next round would have passed it) and those ``over`` it (recomputed
-    epsilon above it, which the server should never allow; ``worst``: the largest such epsilon)."""
+    epsilon above it, which the server should never allow; ``worst``: the largest such epsilon).
+
+    ``withheld``: the unit's per-device figures are withheld (:func:`report.context.withheld_units`):
+    which devices reached the budget, and which are over it, depend on participation under
+    device-level DP; summary.json then gives only how many (``devices_reached``, ``devices_over_count``).
+    """
 
     epsilon: float | None
     from_: tuple[str, ...]
     reached: tuple[int, ...]
     over: tuple[int, ...]
     worst: float = 0.0
+    withheld: bool = False
 
     def to_json(self) -> dict[str, Any]:
-        """``{"epsilon", "from", "devices_reached", "devices_reached_ids", "devices_over"}``."""
+        """``{"epsilon", "from", "devices_reached", "devices_reached_ids", "devices_over"}``; when ``withheld``
+        ``{"epsilon", "from", "devices_reached", "devices_over_count"}`` (no device ids)."""
+        if self.withheld:
+            return {"epsilon": self.epsilon, "from": list(self.from_), "devices_reached": len(self.reached),
+                    "devices_over_count": len(self.over)}
         return {"epsilon": self.epsilon, "from": list(self.from_), "devices_reached": len(self.reached),
                 "devices_reached_ids": list(self.reached), "devices_over": list(self.over)}
 
@@ -58,7 +68,10 @@ class Budgets:
     The server's example-level budget is min(``max_epsilon``, ``target_epsilon``) (both per-device
     example-level budgets; ``target_epsilon`` also calibrates sigma), its device-level budget
     ``target_epsilon_device``; ``example`` / ``device`` are None when that unit has neither a budget
-    nor a budget event. ``events`` are the ledger's budget events.
+    nor a budget event. ``events`` are the ledger's budget events; ``withheld`` the units whose
+    per-device figures are withheld (:attr:`report.context.Facts.withheld`): their events name a
+    device whose budget ran out because of the rounds it joined, so summary.json's ``budget_events``
+    and the report's table leave them out (``devices_over_budget`` and ``devices_reached`` count them).
     """
 
     facts: Facts
@@ -68,6 +81,12 @@ class Budgets:
     example: UnitBudget | None
     device: UnitBudget | None
     events: tuple[BudgetEvent, ...] = ()
+    withheld: tuple[str, ...] = ()
+
+    @property
+    def released_events(self) -> tuple[BudgetEvent, ...]:
+        """The budget events of the units whose per-device figures are released."""
+        return tuple(e for e in self.events if e.unit not in self.withheld)
 
     @property
     def devices_removed(self) -> int:
@@ -83,7 +102,7 @@ class Budgets:
         ex, dv = self.example, self.device
         return {
             "devices_over_budget": self.devices_removed,
-            "budget_events": [e.to_json() for e in self.events],
+            "budget_events": [e.to_json() for e in self.released_events],
             "budget": {"max_epsilon": self.max_epsilon, "target_epsilon": self.target_epsilon,
                        "target_epsilon_device": self.target_epsilon_device,
                        "epsilon_budget": ex.epsilon if ex else None, "device_epsilon_budget": dv.epsilon if dv else None,
@@ -127,18 +146,21 @@ def compute(ctx: Context) -> Budgets:
         over = sorted(int(d) for d, e in per.items()
                       if budget is not None and e > budget * (1 + OVER_BUDGET_TOLERANCE))
         units[unit] = UnitBudget(epsilon=budget, from_=tuple(k for k, _ in settings[unit]), reached=tuple(reached),
-                                 over=tuple(over), worst=max((per.get(d, 0.0) for d in over), default=0.0))
+                                 over=tuple(over), worst=max((per.get(d, 0.0) for d in over), default=0.0),
+                                 withheld=unit in facts.withheld)
     for unit in UNITS:
         u = units[unit]
         if u is not None and u.over:
             ctx.warnings.append(
-                f"{unit}-level: {len(u.over)} device(s) have an epsilon ABOVE their budget of "
-                f"{u.epsilon:g} (devices {', '.join(map(str, u.over[:20]))}"
-                f"{', ...' if len(u.over) > 20 else ''}); the server should never let this happen."
+                f"{unit}-level: {len(u.over)} device(s) have an epsilon ABOVE their budget of {u.epsilon:g}"
+                + ("" if u.withheld else
+                   f" (devices {', '.join(map(str, u.over[:20]))}{', ...' if len(u.over) > 20 else ''})")
+                + "; the server should never let this happen."
             )
     return Budgets(facts=facts, max_epsilon=max_eps, target_epsilon=target, target_epsilon_device=tdev,
                    example=units["example"], device=units["device"],
-                   events=tuple(BudgetEvent(b["device_id"], b["unit"], b["round"], b["epsilon"]) for b in events))
+                   events=tuple(BudgetEvent(b["device_id"], b["unit"], b["round"], b["epsilon"]) for b in events),
+                   withheld=facts.withheld)
 
 
 def render(b: Budgets, doc: Doc) -> list[Block]:
@@ -205,9 +227,9 @@ def _exceeded_alerts(b: Budgets) -> list[Block]:
         u = b.unit(unit)
         if u is None or not u.over:
             continue
+        which = "" if u.withheld else f"; devices {', '.join(map(str, u.over[:20]))}{', ...' if len(u.over) > 20 else ''}"
         out.append(("alert", f"BUDGET EXCEEDED at {unit} level: {n_devices(len(u.over), 'have')} an "
-                             f"epsilon above the budget {fmt(u.epsilon)} (largest {fmt(u.worst)}; devices "
-                             f"{', '.join(map(str, u.over[:20]))}{', ...' if len(u.over) > 20 else ''}). "
+                             f"epsilon above the budget {fmt(u.epsilon)} (largest {fmt(u.worst)}{which}). "
                              "This should not happen: the server removes a device from selection before its "
                              "next round would pass its budget."))
     return out
@@ -217,16 +239,25 @@ def _event_blocks(b: Budgets, any_budget: bool, exceeded: bool) -> list[Block]:
     """The devices removed from selection for their budget (a table of the first 200), or that none was.
 
     Nothing is said here when no device was removed but some device exceeded its budget (the alert says it).
+    The events of a unit whose per-device figures are withheld are counted, not listed.
     """
     out: list[Block] = []
     if b.events:
-        out.append(("p", f"{n_devices(b.devices_removed, 'were')} removed from selection because their "
-                         "next round would have exceeded their budget:"))
-        out.append(("table", ["device", "unit", "round", "epsilon its next round would have reached"],
-                    [[str(e.device_id), e.unit, str(e.round), fmt(e.epsilon)]
-                     for e in b.events[:MAX_EVENT_ROWS]]))
-        if len(b.events) > MAX_EVENT_ROWS:
-            out.append(("p", f"... and {len(b.events) - MAX_EVENT_ROWS} more (see summary.json)."))
+        shown = b.released_events
+        hidden = sorted({e.unit for e in b.events if e.unit in b.withheld}, key=UNITS.index)
+        text = (f"{n_devices(b.devices_removed, 'were')} removed from selection because their "
+                "next round would have exceeded their budget")
+        if hidden:
+            levels = "example- and device-level budgets" if len(hidden) == 2 else f"{hidden[0]}-level budget"
+            text += (f"; which devices reached the {levels}, and in which round, is "
+                     "withheld (device participation is secret under device-level DP)")
+        out.append(("p", text + (":" if shown else ".")))
+        if shown:
+            out.append(("table", ["device", "unit", "round", "epsilon its next round would have reached"],
+                        [[str(e.device_id), e.unit, str(e.round), fmt(e.epsilon)]
+                         for e in shown[:MAX_EVENT_ROWS]]))
+        if len(shown) > MAX_EVENT_ROWS:
+            out.append(("p", f"... and {len(shown) - MAX_EVENT_ROWS} more (see summary.json)."))
     elif not exceeded:
         out.append(("p", "No device reached its budget." if any_budget
                          else "No device was removed from selection for a budget."))

@@ -30,6 +30,11 @@ class UnitStats:
     least one event of the unit; ``median_all_devices`` counts the others at 0. ``tier`` is the
     strength of ``max`` (:func:`dp.accounting.privacy_tier`), ``max_device`` the device that has it,
     ``ledger_max`` the ledger's cached maximum (None without cache). ``over_examples`` only at example level.
+
+    ``withheld`` (:attr:`report.context.Facts.withheld`): the unit's per-device figures depend on device
+    participation, which is secret under device-level DP, so ``per_device`` and ``max_device`` stay
+    inside the report (the distribution figure uses the values, without device ids) and are left out
+    of summary.json; every statistic over devices is still given.
     """
 
     max: float
@@ -46,15 +51,19 @@ class UnitStats:
     by_activity_quartile: tuple[QuartileEpsilon, ...]
     mechanism: LedgerRanges
     over_examples: OverExamples | None = None
+    withheld: bool = False
     implied_by: ClassVar[str | None] = None  # accounted from the ledger, not implied by another unit
 
     def to_json(self) -> dict[str, Any]:
-        """The unit's object in summary.json (``over_examples`` only at example level)."""
+        """The unit's object in summary.json (``over_examples`` only at example level; no ``max_device``
+        and no ``per_device`` when ``withheld``)."""
         out = {"max": self.max, "median": self.median, "median_all_devices": self.median_all_devices,
                "p90": self.p90, "min": self.min, "mean": self.mean, "devices_accounted": self.devices_accounted,
                "tier": self.tier, "max_device": self.max_device, "ledger_max": self.ledger_max,
                "per_device": self.per_device, "by_activity_quartile": [q.to_json() for q in self.by_activity_quartile],
                "mechanism": self.mechanism.to_json()}
+        if self.withheld:
+            del out["max_device"], out["per_device"]
         if self.over_examples is not None:
             out["over_examples"] = self.over_examples.to_json()
         return out
@@ -126,19 +135,25 @@ class CurvePoint:
 class Epsilon:
     """Each unit's epsilon: ``example`` is accounted (:class:`UnitStats`), implied by device level
     (:class:`Implied`) or :class:`Unprotected`; ``device`` is accounted or None (no device-level DP).
-    ``curves`` maps each unit to its epsilon after selected rounds (empty when not accounted)."""
+    ``curves`` maps each unit to its epsilon after selected rounds (empty when not accounted);
+    ``withheld`` the units whose per-device figures are withheld (:func:`report.context.withheld_units`)."""
 
     example: UnitStats | Implied | Unprotected
     device: UnitStats | None
     curves: dict[str, tuple[CurvePoint, ...]]
     delta: float | None
     reproducible: bool
+    withheld: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
-        """``{"epsilon": {"example", "device"}, "curves": {"example": [...], "device": [...]}}``."""
-        return {"epsilon": {"example": self.example.to_json(),
-                            "device": self.device.to_json() if self.device is not None else None},
-                "curves": {u: [p.to_json() for p in self.curves[u]] for u in UNITS}}
+        """``{"epsilon": {"example", "device"}, "curves": {"example": [...], "device": [...]}}``, and
+        ``"per_device_withheld": {"units": [...], "reason": str}`` when some unit's per-device figures are withheld."""
+        out = {"epsilon": {"example": self.example.to_json(),
+                           "device": self.device.to_json() if self.device is not None else None},
+               "curves": {u: [p.to_json() for p in self.curves[u]] for u in UNITS}}
+        if self.withheld:
+            out["per_device_withheld"] = {"units": list(self.withheld), "reason": withheld_sentence(self.withheld)}
+        return out
 
     @property
     def accounted(self) -> dict[str, UnitStats]:
@@ -207,6 +222,8 @@ def compute(ctx: Context) -> Epsilon:
             )
         if unit == "example":
             st = dataclasses.replace(st, over_examples=over_examples(data, delta, acc, eps))
+        if unit in ctx.facts.withheld:
+            st = dataclasses.replace(st, withheld=True)
         stats[unit] = st
         curves[unit] = epsilon_curve(data, unit, delta, acc, ctx.max_curve_points)
     device = stats.get("device")
@@ -214,7 +231,27 @@ def compute(ctx: Context) -> Epsilon:
         example: UnitStats | Implied | Unprotected = stats["example"]
     else:
         example = Implied.of(device, delta) if device is not None else Unprotected()
-    return Epsilon(example=example, device=device, curves=curves, delta=delta, reproducible=ctx.facts.reproducible)
+    return Epsilon(example=example, device=device, curves=curves, delta=delta, reproducible=ctx.facts.reproducible,
+                   withheld=tuple(u for u in ctx.facts.withheld if u in stats))
+
+
+def withheld_sentence(withheld: tuple[str, ...]) -> str:
+    """The report's one sentence on the per-device figures it withholds under device-level DP (and, when
+    the device level's are given, why they may be)."""
+    text = ("Per-device figures are withheld because device participation is secret under device-level DP "
+            "(its guarantee is amplified by the secret Poisson selection of devices): a device's example-level "
+            "epsilon grows only in the rounds it joined, so this report and summary.json name no device's "
+            "example-level epsilon, no device with the largest, no device that reached an example-level budget, "
+            "and draw no example-level epsilon against activity; they give aggregates over devices (counts, "
+            "max, median, quantiles, activity quartiles, the distribution).")
+    if "device" in withheld:
+        text += (" The device level's per-device figures are withheld too: a device whose example-level budget "
+                 "runs out is not selected again and stops accruing device-level events, so its device-level "
+                 "epsilon would reveal how often it joined.")
+    else:
+        text += (" Per-device device-level epsilons are given: every device with q_k > 0 accrues a device-level "
+                 "event each round, selected or not, so they do not depend on participation.")
+    return text
 
 
 def render(e: Epsilon, doc: Doc) -> list[Block]:
@@ -225,6 +262,8 @@ def render(e: Epsilon, doc: Doc) -> list[Block]:
     out: list[Block] = [("h", 2, "Epsilon per privacy unit")]
     out.append(_table(e))
     out.append(("p", _note(e)))
+    if e.withheld:
+        out.append(("p", withheld_sentence(e.withheld)))
     out += _over_examples_blocks(e)
     out += _quartile_blocks(e)
     out += _figures(doc)
@@ -303,10 +342,13 @@ def _figures(doc: Doc) -> list[Block]:
         out.append(("img", "epsilon_vs_round", "Epsilon against round (max and median over devices), "
                     "recomputed from the ledger by composing each device's events up to that round."))
     if "epsilon_vs_activity" in doc.images:
-        out.append(("img", "epsilon_vs_activity", "Each device's epsilon against its starting activity."))
+        shown = [u for u in UNITS if u not in doc.facts.withheld]
+        out.append(("img", "epsilon_vs_activity", "Each device's epsilon against its starting activity."
+                    if not doc.facts.withheld else
+                    f"Each device's {' and '.join(shown)}-level epsilon against its starting activity."))
     if "epsilon_distribution" in doc.images:
         out.append(("img", "epsilon_distribution", "Distribution of per-device epsilon."))
     return out
 
 
-SECTION = Section("epsilon", Epsilon, compute, render, keys=("epsilon", "curves"))
+SECTION = Section("epsilon", Epsilon, compute, render, keys=("epsilon", "curves", "per_device_withheld"))
