@@ -37,7 +37,7 @@ from dp.secure_random import NoiseSource
 from settings.config import RunConfig
 from mechanisms import DeviceWork, mechanism_for
 from mechanisms.training import teacher_logits
-from nlu.features import cache_frozen_encoder
+from nlu.features import cache_frozen_encoder, warm_feature_cache
 from protocol import messages as rec
 from protocol.arrays import load_into, record_from_state
 from nlu.data import Encoded
@@ -202,6 +202,7 @@ def train(msg: Message, context: Context) -> Message:
     data = device_examples(cfg, device_id, server_round)
     task = task_of(cfg)
     model = model_of(cfg, task)
+    warm_feature_cache(model, data, task.collate)  # a frozen encoder's features: a function of the device's data alone
     teacher = None
     if task.pc_weight > 0 and rec.TEACHER in msg.content.array_records:
         # positive-congruent training: the previous release's logits on this device's examples

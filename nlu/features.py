@@ -137,3 +137,36 @@ def cache_frozen_encoder(model: nn.Module, max_entries: int = 200_000) -> bool:
         enc._feature_cache = cache
         enc.forward = types.MethodType(lambda self, *a, **kw: cache.forward(*a, **kw), enc)
     return True
+
+
+#: Utterances per chunk when :func:`warm_feature_cache` encodes a device's examples.
+WARM_CHUNK = 64
+
+
+@torch.no_grad()
+def warm_feature_cache(model: nn.Module, data, collate_fn, chunk: int = WARM_CHUNK) -> bool:
+    """Encode every example of ``data`` into ``model``'s feature cache, in index order and fixed
+    chunks of ``chunk``, before any training batch asks for them.
+
+    A float encoder's output for an utterance changes in its last bits with the batch it is
+    computed in (padding and batch size change the kernels' summation order). Filled from the
+    training batches, a device's features would depend on which round, and so which Poisson batch,
+    first met it on the Ray actor that serves it; filled here, they are a function of the device's
+    examples alone, so a ``--reproducible-noise`` rerun trains the same model bit for bit.
+
+    Returns True if the cache was filled now, False without a cache or when ``data`` (the same
+    object) was warmed before.
+    """
+    enc = encoder_of(model)
+    cache = getattr(enc, "_feature_cache", None) if enc is not None else None
+    if not isinstance(cache, FeatureCache):
+        return False
+    warmed = cache.__dict__.setdefault("warmed", set())
+    if id(data) in warmed:
+        return False
+    for start in range(0, len(data), chunk):
+        batch = collate_fn(data, list(range(start, min(start + chunk, len(data)))))
+        cache.forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                      token_type_ids=batch.get("token_type_ids"))
+    warmed.add(id(data))
+    return True

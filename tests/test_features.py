@@ -61,3 +61,25 @@ def test_head_gradients_through_the_cache_equal_the_uncached_ones():
     loss = torch.nn.functional.cross_entropy(model(**inputs).logits, batch["labels"])
     got = torch.autograd.grad(loss, [model.classifier.weight])[0]
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_warmed_features_do_not_depend_on_the_batch_that_first_met_them():
+    """Two Ray actors that first meet a device in different rounds (different Poisson batches)
+    hold bit-identical features once the cache is warmed with the device's examples."""
+    from nlu.features import warm_feature_cache
+
+    def features(first_batch):
+        model, enc = _model_and_data()
+        cache_frozen_encoder(model)
+        assert warm_feature_cache(model, enc, collate)
+        assert not warm_feature_cache(model, enc, collate)  # once per device's data
+        cache = model.encoder._feature_cache
+        computed = cache.misses
+        b = collate(enc, np.array(first_batch))
+        with torch.no_grad():
+            model(**{k: v for k, v in b.items() if k != "labels"})
+        assert cache.misses == computed and len(cache.entries) == 7  # the batch computed nothing
+        return {k: v[0] for k, v in cache.entries.items()}
+
+    a, b = features([0, 1, 2, 3, 4, 5, 6, 7]), features([7, 2])
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
