@@ -11,7 +11,7 @@ import argparse
 import os
 import sys
 
-from dpfl.commands import audit, launch, partitions, report, retrain, simulate
+from dpfl.commands import audit, export, launch, partitions, predict, report, retrain, simulate
 from dpfl.commands.errors import EXIT_BAD_INPUT, CommandParser, UsageError
 from dpfl.commands.logs import quiet
 
@@ -19,7 +19,7 @@ __all__ = ["COMMANDS", "build_parser", "main"]
 
 #: The subcommands, in the order ``dpfl --help`` lists them.
 COMMANDS = {"simulate": simulate, "retrain": retrain, "report": report, "launch": launch, "partitions": partitions,
-            "audit": audit}
+            "audit": audit, "export": export, "predict": predict}
 
 
 def build_parser() -> argparse.ArgumentParser:

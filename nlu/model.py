@@ -184,7 +184,7 @@ def build_model(name: str, num_labels: int, *, seed: int = 0, pooling: str = "me
 
 
 def tiny_config(num_labels: int = 2):
-    """The ``"tiny"`` model's BertConfig (2 layers, hidden 32, 2 heads, MiniLM's vocabulary).
+    """The ``"tiny"`` model's BertConfig (2 layers, hidden 32, 2 heads, intermediate 4 x hidden as BERT's, MiniLM's vocabulary).
 
     The same encoder as :func:`build_model` ``("tiny", ...)`` builds; the slot and joint models
     (:mod:`nlu.joint`) use it so that every task's tiny model has one encoder.
@@ -196,7 +196,7 @@ def tiny_config(num_labels: int = 2):
         hidden_size=32,
         num_hidden_layers=2,
         num_attention_heads=2,
-        intermediate_size=64,
+        intermediate_size=128,
         max_position_embeddings=128,
         num_labels=num_labels,
     )

@@ -90,7 +90,7 @@ class Summary(_Record):
     Attributes
     ----------
     run_id, status : str
-        ``status`` is ``"finished"`` (all planned rounds completed) or ``"running"``.
+        ``status`` is ``"finished"`` (all planned rounds completed), ``"running"`` or ``"stopped"``.
     rounds_completed : int
     rounds_planned : int or None
     dp, device_dp : bool

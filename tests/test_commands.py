@@ -101,7 +101,7 @@ def test_partitions_without_out_writes_a_new_folder_not_the_current_directory(tm
     assert str(Path("runs") / folder.name) in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("command", ["", "simulate", "retrain", "report", "launch", "partitions", "audit"])
+@pytest.mark.parametrize("command", ["", "simulate", "retrain", "report", "launch", "partitions", "audit", "export", "predict"])
 def test_help_imports_nothing_heavy(command):
     """`dpfl --help` and each subcommand's help print without torch, transformers, Ray, Flower
     or datasets (those imports took 10-17 s before anything was printed)."""
