@@ -65,11 +65,18 @@ def epsilon_vs_round(summary: dict[str, Any], path: Path, per_device: PerDevice 
         ax.plot(rounds, [p["max"] for p in pts], "o-", color=COLORS[unit], label="max over devices")
         ax.plot(rounds, [p["median"] for p in pts], "s--", color=COLORS[unit], alpha=0.6,
                 label="median (devices with events)")
+        top = max([p["max"] for p in pts] or [0.0])
+        budget = (summary.get("budget") or {}).get("epsilon_budget" if unit == "example" else "device_epsilon_budget")
         for level, name in ((1.0, "1 (strong)"), (10.0, "10 (weak above)")):
-            top = max([p["max"] for p in pts] or [0.0])
-            if top >= level * 0.5:
+            if top >= level * 0.5 and level != budget:
                 ax.axhline(level, color="grey", lw=0.8, ls=":")
-                ax.text(rounds[0] if rounds else 0, level, f" eps={name}", va="bottom", fontsize=7, color="grey")
+                # at the right edge, above the line: clear of the markers, which start at the left
+                ax.text(0.99, level, f"eps={name}", transform=ax.get_yaxis_transform(), ha="right", va="bottom",
+                        fontsize=7, color="grey")
+        if budget is not None and math.isfinite(float(budget)):
+            ax.axhline(float(budget), color="black", lw=1.0, ls="--")
+            ax.text(0.99, float(budget), f"budget eps={float(budget):g}", transform=ax.get_yaxis_transform(),
+                    ha="right", va="bottom", fontsize=7)
         ax.set_xlabel("round")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(f"epsilon at delta={summary['delta']:g}")
@@ -189,11 +196,21 @@ def accuracy_nfr_per_release(summary: dict[str, Any], path: Path) -> Path | None
     fig, ax = plt.subplots(figsize=(6.4, 3.6))
     acc = [(r["round"], r["accuracy"]) for r in rel if r["accuracy"] is not None]
     nfr = [(r["round"], r["nfr"]) for r in rel if r["nfr"] is not None]
+    lines = []
     if acc:
-        ax.plot(*zip(*acc), "o-", label="accuracy (test split)")
-    if nfr:
-        ax.plot(*zip(*nfr), "s-", color="#d62728", label="NFR vs previous release (test split)")
-    return _save_metric_axes(fig, ax, "release round", "share of test examples", path)
+        lines += ax.plot(*zip(*acc), "o-", label="accuracy (test split, left axis)")
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("accuracy")
+    if nfr:  # flips are a few percent at most: their own axis, or they lie flat on the floor
+        right = ax.twinx()
+        lines += right.plot(*zip(*nfr), "s-", color="#d62728", label="NFR vs previous release (right axis)")
+        right.set_ylim(0, max(max(v for _, v in nfr) * 1.2, 1e-3))
+        right.set_ylabel("negative flip rate", color="#d62728")
+    ax.set_xlabel("release round")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.legend(lines, [ln.get_label() for ln in lines], fontsize=8, loc="lower right")
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
 
 
 def make_plots(summary: dict[str, Any], data, out_dir: Path, per_device: PerDevice | None = None,

@@ -800,3 +800,37 @@ def test_without_device_level_dp_the_report_still_names_devices(tmp_path):
     assert WITHHELD_SENTENCE not in md and "| first joined |" in md and str(IDS[3]) in md
     assert (run / "report" / "epsilon_vs_activity.png").exists()
     assert "Each device's epsilon against its starting activity." in md
+
+
+def test_plots_give_flips_their_own_axis_and_draw_the_budget(tmp_path, monkeypatch):
+    import report.plots as plots
+
+    figs = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figs.append(fig) or path)
+    releases = [{"round": r, "accuracy": 0.8 + 0.01 * i, "nfr": nfr}
+                for i, (r, nfr) in enumerate([(5, None), (10, 0.07), (15, 0.001), (20, 0.02)])]
+    plots.accuracy_nfr_per_release({"releases": releases}, tmp_path / "a.png")
+    (fig,) = figs
+    left, right = fig.axes
+    assert left.get_ylim() == (0, 1) and right.get_ylim()[1] < 0.1  # NFR is not flattened on the accuracy scale
+    figs.clear()
+    summary = {"delta": 1e-5, "budget": {"epsilon_budget": 8.0, "device_epsilon_budget": None},
+               "curves": {"example": [{"round": t, "max": 2.0 * t, "median": t} for t in range(1, 5)]},
+               "epsilon": {"example": {"per_device": {0: 8.0}}}}
+    plots.epsilon_vs_round(summary, tmp_path / "e.png")
+    (ax,) = figs[0].axes
+    assert any(list(line.get_ydata()) == [8.0, 8.0] for line in ax.get_lines())  # the run's budget
+    labels = {t.get_text(): t.get_position() for t in ax.texts}
+    assert "budget eps=8" in labels and labels["eps=1 (strong)"][0] == 0.99  # labels at the right edge
+
+
+def test_a_run_that_releases_every_round_gives_each_accuracy_once(tmp_path):
+    """With a release every round the two per-round tables were near-equal: the releases table then
+    holds the flip rates alone."""
+    run = make_run(tmp_path, half_line=False)
+    rounds = [json.loads(x)["round"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    _set_releases(run, {t: ({} if i == 0 else {"nfr": 0.01 * i, "pfr": 0.02 * i}) for i, t in enumerate(rounds)})
+    build_report(run)
+    md = _md(run)
+    assert "| release round | NFR vs previous | PFR vs previous |\n" in md
+    assert "| release round | accuracy |" not in md and "each one's accuracy is in the per-round table" in md

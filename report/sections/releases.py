@@ -38,6 +38,8 @@ class Releases:
     facts: Facts
     rows: tuple[Release, ...]
     pc_weight: float
+    #: every round of the rounds table is a release: its accuracy is there already (one table, one figure)
+    every_round: bool = False
 
     def to_json(self) -> dict[str, Any]:
         """``releases`` (only when there are some) and ``pc_weight``."""
@@ -48,7 +50,8 @@ class Releases:
 def compute(ctx: Context) -> Releases:
     """The release rounds of metrics.jsonl (older runs have none)."""
     rows = sorted((m for m in ctx.data.metrics if m.get("release") is True), key=lambda m: m["round"])
-    return Releases(facts=ctx.facts, pc_weight=float(ctx.cfg.get("pc_weight") or 0.0),
+    every = bool(rows) and {m["round"] for m in rows} == {m["round"] for m in ctx.data.metrics}
+    return Releases(facts=ctx.facts, pc_weight=float(ctx.cfg.get("pc_weight") or 0.0), every_round=every,
                     rows=tuple(Release(m["round"], number(m.get("accuracy")), number(m.get("nfr")),
                                        number(m.get("pfr")), number(m.get("nfr_baseline")),
                                        number(m.get("pfr_baseline"))) for m in rows))
@@ -81,8 +84,11 @@ def render(r: Releases, doc: Doc) -> list[Block]:
                         + (", inside the loss whose per-example gradients are clipped and noised, so it added no "
                            "privacy cost" if r.facts.dp_on and not r.facts.not_private else "")
                         + "; the previous release, a released model, was sent to the cohort." if pc > 0 else "")))
-    header = ["release round", "accuracy", "NFR vs previous", "PFR vs previous"]
-    keys = ["accuracy", "nfr", "pfr"]
+    if r.every_round:  # the rounds table gives each round's accuracy: this one the flips alone
+        header, keys = ["release round", "NFR vs previous", "PFR vs previous"], ["nfr", "pfr"]
+        out.append(("p", "Every round's model was released; each one's accuracy is in the per-round table."))
+    else:
+        header, keys = ["release round", "accuracy", "NFR vs previous", "PFR vs previous"], ["accuracy", "nfr", "pfr"]
     if with_baseline:
         header += ["NFR vs baseline", "PFR vs baseline"]
         keys += ["nfr_baseline", "pfr_baseline"]
