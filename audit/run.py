@@ -68,7 +68,8 @@ from torch import nn
 from dp.accounting import SubsampledGaussianEvent, compute_epsilons
 from nlu.pooling import masked_mean
 from rundir import (
-    LedgerError, LedgerReader, RecordError, canaries_path, config_path, global_model_path, ledger_path,
+    LedgerError, LedgerReader, RecordError, RunDirError, canaries_path, config_path, global_model_path, ledger_path,
+    load_global_model,
     read_canaries_file, read_checkpoint_state, read_metric_lines, write_audit,
 )
 from rundir.layout import CANARIES_FILE
@@ -413,12 +414,10 @@ def _load_run(run_dir: Path, cfg: Any, warnings: list[str], seconds: dict[str, f
     canaries, devices, source = _run_canaries(run_dir, pop, label2id, warnings)
     delta = cfg.target_delta if cfg.target_delta is not None else cfg.resolve_delta(len(pop.data.train))
     model = build_model(cfg.model, len(names), seed=cfg.seed, pooling=cfg.pooling)
-    ckpt = global_model_path(run_dir)
     try:
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)
-        model.load_state_dict(state)
-    except (RuntimeError, OSError, ValueError) as exc:
-        raise AuditError(f"cannot load {ckpt} into the run's model: {str(exc).splitlines()[0]}") from exc
+        load_global_model(run_dir, model)
+    except RunDirError as exc:
+        raise AuditError(str(exc)) from exc
     model.eval()
     tok = load_tokenizer(cfg.model)
     ck_round = (read_checkpoint_state(run_dir) or {}).get("round")

@@ -43,7 +43,7 @@ from . import metrics as _metrics
 __all__ = [
     "RunDir", "RunDirError", "atomic_write", "config_path", "ledger_path", "metrics_path", "canaries_path",
     "global_model_path", "report_dir", "audit_dir", "is_run_dir", "read_checkpoint_state", "hold_run_lock",
-    "release_run_lock", "run_in_progress", "RUN_LOCK_FILE",
+    "release_run_lock", "run_in_progress", "load_global_model", "load_model_state", "RUN_LOCK_FILE",
     "CONFIG_FILE", "METRICS_FILE", "LEDGER_FILE", "CANARIES_FILE", "CHECKPOINTS_DIR", "STATE_FILE",
     "GLOBAL_MODEL_FILE", "REPORT_DIR", "SUMMARY_FILE", "AUDIT_DIR", "AUDIT_FILE", "ROC_FILE",
 ]
@@ -106,6 +106,50 @@ def read_checkpoint_state(run_dir: str | os.PathLike) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return state if isinstance(state, dict) else None
+
+
+def load_global_model(run_dir: str | os.PathLike, model) -> int | None:
+    """Load ``run_dir``'s last checkpointed global model into ``model`` (the run's model, built from
+    its settings); return the checkpoint's round (None for an older run without ``state.json``).
+
+    A run whose encoder is frozen (``--trainable head`` or ``lora``) checkpoints only the trained
+    parameters (``state.json``'s ``frozen_from`` names the base model and seed they sit on): the
+    frozen ones keep what ``model`` was built with, which is that base. Any other checkpoint is a
+    whole state dict and is loaded strictly.
+
+    Raises
+    ------
+    RunDirError
+        If there is no checkpoint, or it does not fit ``model`` (a key it lacks or does not know).
+    """
+    path = global_model_path(run_dir)
+    if not path.is_file():
+        raise RunDirError(f"{run_dir}: no checkpoint yet ({path} is missing): let the run finish a round")
+    state = read_checkpoint_state(run_dir) or {}
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+        load_model_state(model, sd, state.get("frozen_from"))
+    except (RuntimeError, OSError, ValueError, pickle.UnpicklingError) as exc:
+        raise RunDirError(f"cannot load {path} into the run's model: {str(exc).splitlines()[0][:200]}") from exc
+    return state.get("round")
+
+
+def load_model_state(model, state_dict: Mapping[str, Any], frozen_from: Mapping[str, Any] | None) -> None:
+    """Load a checkpoint's ``state_dict`` into ``model``: strictly, or (``frozen_from`` given: a
+    checkpoint of the trained parameters only) every key it holds, none it lacks being trainable
+    in ``model``'s run.
+
+    Raises
+    ------
+    RuntimeError
+        If a key does not fit ``model``.
+    """
+    if frozen_from is None:
+        model.load_state_dict(state_dict)
+        return
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    if unexpected:
+        raise RuntimeError(f"the checkpoint holds keys the model lacks: {unexpected[:3]}")
 
 
 #: Created with O_EXCL in a new run's directory by :func:`claim_run_dir`: the run that made it owns the directory.
@@ -255,7 +299,7 @@ class RunDir:
         _metrics.append_line(self.metrics_path, line)
 
     def save_checkpoint(self, state_dict: Mapping[str, Any], round_: int, state: dict | None = None,
-                        server_state: object = None) -> None:
+                        server_state: object = None, frozen_from: Mapping[str, Any] | None = None) -> None:
         """Write round ``round_``'s checkpoint; ``state.json`` is replaced last and names it.
 
         Parameters
@@ -269,6 +313,9 @@ class RunDir:
             JSON-able (rng states, attempt, metrics line); goes into ``state.json``.
         server_state : object, optional
             Any picklable object (strategy moments, rngs); goes into ``server-r<T>.pkl``.
+        frozen_from : dict, optional
+            ``state_dict`` holds the trained parameters only; the rest are the base model's
+            (``{"model", "seed"}``: rebuilt from them, see :func:`load_global_model`).
 
         A crash at any point leaves either the previous complete checkpoint or this one.
         """
@@ -283,7 +330,10 @@ class RunDir:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, ck / model_name)
-        atomic_write(ck / STATE_FILE, json.dumps({**(state or {}), "round": round_, "model": model_name, "server": server_name}).encode())
+        record = {**(state or {}), "round": round_, "model": model_name, "server": server_name}
+        if frozen_from is not None:
+            record["frozen_from"] = dict(frozen_from)
+        atomic_write(ck / STATE_FILE, json.dumps(record).encode())
         # global.pt: a second name for the same file (a hard link), not a second serialisation.
         tmp = ck / (GLOBAL_MODEL_FILE + ".tmp")
         tmp.unlink(missing_ok=True)
@@ -384,8 +434,10 @@ class RunDir:
         if missing:
             raise RunDirError(f"{src.path}: the round {round_} copy has parameters the model lacks ({missing[:3]})")
         sd.update(trainable)
+        frozen_from = (read_checkpoint_state(src.path) or {}).get("frozen_from")  # the parent's base, if partial
+        state = {k: v for k, v in state.items() if k != "frozen_from"}
         self.save_round_copy(round_, trainable, state, server_state)
-        self.save_checkpoint(sd, round_, state, server_state)
+        self.save_checkpoint(sd, round_, state, server_state, frozen_from=frozen_from)
         if src.metrics_path.exists():
             atomic_write(self.metrics_path, src.metrics_path.read_bytes())
         self.repair_metrics(round_, state.get("metrics"))
@@ -404,7 +456,7 @@ class RunDir:
         state = json.loads((ck / STATE_FILE).read_text())
         if "model" not in state or not (ck / state["model"]).exists():
             raise RunDirError(f"{ck / STATE_FILE}: the checkpoint of round {state.get('round')} is incomplete; the run cannot be resumed")
-        sd = torch.load(ck / state["model"], weights_only=True)
+        sd = torch.load(ck / state["model"], weights_only=True)  # with state["frozen_from"]: trained keys only
         server_state = pickle.loads((ck / state["server"]).read_bytes()) if (ck / state["server"]).exists() else None
         return int(state["round"]), sd, state, server_state
 

@@ -26,7 +26,7 @@ from nlu.tasks import task_for_data
 from partitions.canary_record import write_canaries
 from partitions.population import Population, build_population
 from protocol.arrays import load_into, record_from_numpy, record_from_state, trainable_state
-from rundir import Ledger, RunDir, hold_run_lock
+from rundir import Ledger, RunDir, hold_run_lock, load_model_state
 from mechanisms import mechanism_for
 from server.aggregation import ModelAverage, ServerStep, server_step_size
 from server.hooks import DEFAULT_HOOKS
@@ -280,7 +280,11 @@ class Server:
         state = {"attempt": self.attempt, "cohort_size": out.cohort_size, "metrics": out.to_json()}
         if self.cfg.round_checkpoints or self.cfg.deletions:  # for dpfl retrain
             self.rundir.save_round_copy(t, trainable_state(self.model), state, server_state)
-        self.rundir.save_checkpoint(self.model.state_dict(), t, state, server_state)
+        if all(p.requires_grad for p in self.model.parameters()):
+            self.rundir.save_checkpoint(self.model.state_dict(), t, state, server_state)
+        else:  # a frozen encoder: the trained parameters only (KB, not the encoder's 90 MB each round)
+            self.rundir.save_checkpoint(trainable_state(self.model), t, state, server_state,
+                                        frozen_from={"model": self.cfg.model, "seed": self.cfg.seed})
 
     # ------------------------------------------------------------------ resume
     def _resume(self) -> None:
@@ -294,7 +298,7 @@ class Server:
         last, last_line = 0, None
         if ck is not None:
             last, sd, state, server_state = ck
-            self.model.load_state_dict(sd)
+            load_model_state(self.model, sd, state.get("frozen_from"))
             self.arrays = record_from_state(trainable_state(self.model))
             last_line = state.get("metrics")
             self.server_step.load_state_dict((server_state or {}).get("strategy") or {})

@@ -127,3 +127,27 @@ def test_export_refuses_what_it_cannot_write(tmp_path, data_dir, capsys):
     assert "exists and is not an empty folder" in capsys.readouterr().err and (busy / "x").read_text() == "keep me"
     assert main(["export", str(tmp_path / "nope"), "--out", str(tmp_path / "e")]) == 2
     assert "no run there" in capsys.readouterr().err
+
+
+def test_a_head_only_run_checkpoints_its_trained_parameters_only(tmp_path, data_dir):
+    """A frozen encoder is the base model's: the checkpoint holds the head (KB, not the encoder's MB),
+    names the base it sits on, and loads back into the run's model exactly (resume, export, audit)."""
+    from nlu.model import set_trainable, trainable_state_keys
+    from nlu.tasks import make_task
+    from rundir import global_model_path, load_global_model, read_checkpoint_state
+
+    cfg = _run(tmp_path, data_dir)
+    ck = global_model_path(cfg.run_dir)
+    state = torch.load(ck, weights_only=True)
+    task = make_task("intent", 2)
+    model = set_trainable(task.build_model(cfg.model, seed=cfg.seed), "head")
+    assert set(state) == set(trainable_state_keys(model)) and ck.stat().st_size < 100_000
+    assert read_checkpoint_state(cfg.run_dir)["frozen_from"] == {"model": "tiny", "seed": cfg.seed}
+    assert load_global_model(cfg.run_dir, model) == 2
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    from server.state import Server
+
+    server = Server(cfg, resume=True)  # a resume starts from it
+    server.ledger.close()
+    assert server.start_round == 3
+    assert all(torch.equal(server.model.state_dict()[k], v) for k, v in state.items())

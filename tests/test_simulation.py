@@ -8,7 +8,7 @@ import torch
 
 from dpfl.commands.simulate import simulate
 from settings.config import RunConfig
-from rundir import LedgerReader, config_path, global_model_path, read_metric_lines
+from rundir import LedgerReader, config_path, global_model_path, read_checkpoint_state, read_metric_lines
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +64,7 @@ def test_metrics_lines_and_checkpoint(run_dir):
         for key in ("round", "cohort_size", "train_loss", "accuracy", "macro_f1", "epsilon_example_max", "seconds"):
             assert key in m
         assert 0 <= m["accuracy"] <= 1
-    state = torch.load(global_model_path(run_dir))
-    assert any("embeddings" in k for k in state)
+    state = torch.load(global_model_path(run_dir))  # --trainable head (the default): the head alone
+    assert state and all(k.startswith("classifier.") for k in state)
+    assert read_checkpoint_state(run_dir)["frozen_from"] == {"model": "tiny", "seed": 0}
     assert config_path(run_dir).read_text().count("target_delta") == 1

@@ -78,13 +78,11 @@ def _run_model(run_dir: Path):
         For a directory without a run or a checkpoint, a task that does not export, or a checkpoint
         that does not fit the run's model.
     """
-    import torch
-
     from nlu.export import ExportError
     from nlu.model import load_tokenizer, set_trainable
     from nlu.tasks import task_for_data
     from partitions.population import build_population
-    from rundir import RunDirError, config_path, global_model_path
+    from rundir import RunDirError, config_path, global_model_path, load_global_model
     from settings.config import RunConfig
 
     if not config_path(run_dir).is_file():
@@ -92,16 +90,13 @@ def _run_model(run_dir: Path):
     cfg = RunConfig.from_toml(config_path(run_dir)).replace(run_dir=str(run_dir))
     if cfg.task != "intent":
         raise ExportError(f"{run_dir}: dpfl export writes intent classifiers; this run's task is {cfg.task!r}")
-    ckpt = global_model_path(run_dir)
-    if not ckpt.is_file():
-        raise RunDirError(f"{run_dir}: no checkpoint yet ({ckpt} is missing): let the run finish a round")
+    if not global_model_path(run_dir).is_file():
+        raise RunDirError(f"{run_dir}: no checkpoint yet ({global_model_path(run_dir)} is missing): let the run "
+                          "finish a round")
     pop = build_population(cfg)
     task = task_for_data(cfg.task, pop.data, cfg.slot_loss_weight, pooling=cfg.pooling)
     model = set_trainable(task.build_model(cfg.model, seed=cfg.seed), cfg.trainable, **cfg.lora_options())
-    try:
-        model.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True))
-    except (RuntimeError, OSError, ValueError) as exc:
-        raise ExportError(f"cannot load {ckpt} into the run's model: {str(exc).splitlines()[0][:200]}") from exc
+    load_global_model(run_dir, model)  # the trained parameters on the base model they were trained from
     return cfg, model.eval(), list(pop.data.label_names), load_tokenizer(cfg.model)
 
 
