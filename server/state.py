@@ -66,8 +66,11 @@ def load_baseline_model(task, cfg: RunConfig):
     ------
     ValueError
         If the file cannot be read as a PyTorch state dict (whatever it holds: text, a pickle,
-        an empty file) or does not fit the run's model; the message names the file.
+        an empty file) or does not fit the run's model; the message names the file. A run's
+        ``checkpoints/global.pt`` with a frozen encoder (its ``state.json`` has ``frozen_from``)
+        holds the trained parameters only: the rest keep the run's base model.
     """
+    import json
     import pickle
 
     import torch
@@ -78,7 +81,9 @@ def load_baseline_model(task, cfg: RunConfig):
         state = torch.load(path, map_location="cpu", weights_only=True)
         if not isinstance(state, dict):
             raise ValueError(f"it holds a {type(state).__name__}, not a state dict")
-        model.load_state_dict(state)
+        # a run's checkpoint with a frozen encoder holds the trained parameters only; its state.json says so
+        beside = json.loads((Path(path).parent / "state.json").read_text()) if (Path(path).parent / "state.json").is_file() else {}
+        load_model_state(model, state, beside.get("frozen_from") if isinstance(beside, dict) else None)
     except (RuntimeError, OSError, ValueError, KeyError, IndexError, EOFError, pickle.UnpicklingError) as exc:
         reason = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
         raise ValueError(f"--baseline-model {path}: cannot load it into the run's model ({reason}); give a state "
