@@ -75,3 +75,16 @@ def test_selection_experiment(tmp_path):
            "--rounds", "1", timeout=600)
     results = json.loads((tmp_path / "sel" / "results.json").read_text())
     assert results and (tmp_path / "sel" / "accuracy_vs_round.png").is_file()
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_export_fidelity(tmp_path):
+    from inprocess import run_rounds, toy_config, write_lamp_data
+    from report import build_report
+
+    cfg = toy_config(tmp_path / "run", write_lamp_data(tmp_path), trainable="head", noise_at="aggregate")
+    run_rounds(cfg)
+    build_report(Path(cfg.run_dir))
+    (res,) = _json_lines(_bench("export_fidelity", cfg.run_dir, str(tmp_path / "export")))
+    assert res["pipeline_equal_dpfl"] == res["test_examples"] == 2
+    assert res["pipeline_accuracy"] == pytest.approx(res["summary_final_accuracy"])

@@ -53,9 +53,9 @@ def _test_split(data_dir):
 
 def _run_predictions(cfg, rows):
     """dpfl's own model (the run's, its checkpoint loaded) on the test split, batched as dpfl evaluates."""
-    from dpfl.commands.export import _run_model
+    from dpfl.commands.export import run_model
 
-    _, model, labels, tok = _run_model(Path(cfg.run_dir))
+    _, model, labels, tok = run_model(Path(cfg.run_dir))
     from nlu.data import encode
 
     enc = encode([r["text"] for r in rows], np.zeros(len(rows), dtype=np.int64), tok, cfg.max_length)

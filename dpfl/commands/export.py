@@ -26,7 +26,7 @@ from typing import Any
 
 from dpfl.commands.errors import exits
 
-__all__ = ["add_parser", "add_predict_parser", "export_run", "ledger_digest", "load_predictor", "model_card", "run", "run_predict"]
+__all__ = ["add_parser", "add_predict_parser", "export_run", "ledger_digest", "load_predictor", "model_card", "run_model", "run", "run_predict"]
 
 EXPORT_FILE = "dpfl.json"
 
@@ -69,7 +69,7 @@ def ledger_digest(path: Path) -> str:
         con.close()
 
 
-def _run_model(run_dir: Path):
+def run_model(run_dir: Path):
     """(the run's RunConfig, its final model with the checkpoint loaded, label names, tokenizer).
 
     Raises
@@ -178,7 +178,7 @@ def export_run(run_dir: str | Path, out: str | Path) -> dict:
     run_dir, out = Path(run_dir), Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise RunDirError(f"--out {out}: exists and is not an empty folder; choose a new one")
-    cfg, model, labels, tok = _run_model(run_dir)
+    cfg, model, labels, tok = run_model(run_dir)
     hf = to_pretrained(model, dict(enumerate(labels)))
     try:
         summary = read_summary(run_dir).to_dict()
@@ -252,7 +252,7 @@ def load_predictor(path: str | Path) -> Predictor:
     if config_path(path).is_file():
         from nlu.export import to_pretrained
 
-        cfg, model, labels, tok = _run_model(path)
+        cfg, model, labels, tok = run_model(path)
         return Predictor(to_pretrained(model, dict(enumerate(labels))), tok, cfg.max_length)
     raise RunDirError(f"{path}: neither a run directory (config.toml) nor a `dpfl export` folder ({EXPORT_FILE})")
 
