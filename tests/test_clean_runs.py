@@ -201,6 +201,16 @@ def test_hang_fault_with_default_timeout_finishes_the_round_and_exits(tmp_path, 
     assert seconds < 400
 
 
+def _stop_with(proc: subprocess.Popen, signum: int, timeout: float) -> str:
+    """Send ``signum`` to a running ``dpfl simulate``; return its stderr once it has ended."""
+    proc.send_signal(signum)
+    try:
+        return proc.communicate(timeout=timeout)[1]
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise AssertionError(f"{signal.Signals(signum).name} did not end the run within {timeout:g} s") from None
+
+
 def test_first_sigint_abandons_the_waiting_round_and_exits_130(tmp_path, short_tmp):
     rd = tmp_path / "run"
     seed = _seed_with_one_hang()
@@ -212,12 +222,7 @@ def test_first_sigint_abandons_the_waiting_round_and_exits_130(tmp_path, short_t
     _wait_for(lambda: (rd / "ledger.sqlite").exists(), proc, timeout=300)
     time.sleep(8)
     assert not (rd / "metrics.jsonl").exists() or not (rd / "metrics.jsonl").read_text().strip()
-    proc.send_signal(signal.SIGINT)
-    try:
-        _, err = proc.communicate(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        raise AssertionError("a first Ctrl-C did not end the run within 60 s") from None
+    err = _stop_with(proc, signal.SIGINT, timeout=60)
     assert proc.returncode == 130, err[-3000:]
     assert f"interrupted; the run is resumable: dpfl simulate --resume {rd}" in err
     assert "Traceback" not in err
@@ -233,12 +238,7 @@ def test_sigterm_stops_the_run_with_one_line_exit_143_and_a_stopped_report(tmp_p
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait_for(lambda: (rd / "metrics.jsonl").exists() and (rd / "metrics.jsonl").read_text().count("\n") >= 2,
               proc, timeout=300)
-    proc.send_signal(signal.SIGTERM)
-    try:
-        _, err = proc.communicate(timeout=90)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        raise AssertionError("SIGTERM did not end the run within 90 s") from None
+    err = _stop_with(proc, signal.SIGTERM, timeout=90)
     assert proc.returncode == 143, err[-3000:]
     assert err.strip().splitlines()[-1] == f"dpfl: stopped by SIGTERM; the run is resumable: dpfl simulate --resume {rd}"
     assert "SIGTERM received" not in err and "Traceback" not in err
