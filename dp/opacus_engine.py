@@ -92,7 +92,7 @@ class OpacusEngine:
                 p.summed_grad = torch.zeros_like(p)
         if self.noise is not None:  # the secure stream, never a seeded PRNG
             for p in self.params:
-                p.grad = self.noise.add_normal_(p.summed_grad.clone(), self.std).view_as(p)
+                p.grad = self.noise.add_normal_(p.summed_grad, self.std).view_as(p)  # the sum is dropped below
         else:
             self._dp.add_noise()
         for p in self.params:

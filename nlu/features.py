@@ -44,6 +44,8 @@ class FeatureCache:
         self.entries: dict[bytes, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self.hits = 0
         self.misses = 0
+        #: ids of the example sets :func:`warm_feature_cache` encoded whole
+        self.warmed: set[int] = set()
 
     @staticmethod
     def _right_padded(mask: torch.Tensor, lengths: torch.Tensor) -> bool:
@@ -152,7 +154,8 @@ def warm_feature_cache(model: nn.Module, data, collate_fn, chunk: int = WARM_CHU
     computed in (padding and batch size change the kernels' summation order). Filled from the
     training batches, a device's features would depend on which round, and so which Poisson batch,
     first met it on the Ray actor that serves it; filled here, they are a function of the device's
-    examples alone, so a ``--reproducible-noise`` rerun trains the same model bit for bit.
+    examples alone (one source of run-to-run difference of a ``--reproducible-noise`` rerun
+    removed; the README says what remains).
 
     Returns True if the cache was filled now, False without a cache or when ``data`` (the same
     object) was warmed before.
@@ -161,12 +164,11 @@ def warm_feature_cache(model: nn.Module, data, collate_fn, chunk: int = WARM_CHU
     cache = getattr(enc, "_feature_cache", None) if enc is not None else None
     if not isinstance(cache, FeatureCache):
         return False
-    warmed = cache.__dict__.setdefault("warmed", set())
-    if id(data) in warmed:
+    if id(data) in cache.warmed:
         return False
     for start in range(0, len(data), chunk):
         batch = collate_fn(data, list(range(start, min(start + chunk, len(data)))))
         cache.forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                       token_type_ids=batch.get("token_type_ids"))
-    warmed.add(id(data))
+    cache.warmed.add(id(data))
     return True

@@ -19,6 +19,7 @@ from .layout import (
     RunDirError,
     hold_run_lock,
     load_global_model,
+    load_model_file,
     load_model_state,
     release_run_lock,
     run_in_progress,
@@ -69,7 +70,7 @@ from .records import (
 
 __all__ = [
     "RunDir", "RunDirError", "audit_dir", "canaries_path", "claim_run_dir", "config_path", "global_model_path", "is_run_dir",
-    "ledger_path", "metrics_path", "read_checkpoint_state", "report_dir", "hold_run_lock", "release_run_lock", "load_global_model", "load_model_state",
+    "ledger_path", "metrics_path", "read_checkpoint_state", "report_dir", "hold_run_lock", "release_run_lock", "load_global_model", "load_model_file", "load_model_state",
     "run_in_progress",
     "Ledger", "LedgerReader", "LedgerError", "EventRow", "record_canaries",
     "RunRow", "DeviceRow", "RoundRow", "PrivacyEvent", "LostUpdate", "BudgetEvent", "Holding", "CanaryRow",

@@ -43,7 +43,7 @@ from . import metrics as _metrics
 __all__ = [
     "RunDir", "RunDirError", "atomic_write", "config_path", "ledger_path", "metrics_path", "canaries_path",
     "global_model_path", "report_dir", "audit_dir", "is_run_dir", "read_checkpoint_state", "hold_run_lock",
-    "release_run_lock", "run_in_progress", "load_global_model", "load_model_state", "RUN_LOCK_FILE",
+    "release_run_lock", "run_in_progress", "load_global_model", "load_model_file", "load_model_state", "RUN_LOCK_FILE",
     "CONFIG_FILE", "METRICS_FILE", "LEDGER_FILE", "CANARIES_FILE", "CHECKPOINTS_DIR", "STATE_FILE",
     "GLOBAL_MODEL_FILE", "REPORT_DIR", "SUMMARY_FILE", "AUDIT_DIR", "AUDIT_FILE", "ROC_FILE",
 ]
@@ -125,13 +125,34 @@ def load_global_model(run_dir: str | os.PathLike, model) -> int | None:
     path = global_model_path(run_dir)
     if not path.is_file():
         raise RunDirError(f"{run_dir}: no checkpoint yet ({path} is missing): let the run finish a round")
-    state = read_checkpoint_state(run_dir) or {}
     try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-        load_model_state(model, sd, state.get("frozen_from"))
-    except (RuntimeError, OSError, ValueError, pickle.UnpicklingError) as exc:
+        load_model_file(path, model)
+    except (RuntimeError, OSError, ValueError, EOFError, IndexError, pickle.UnpicklingError) as exc:
         raise RunDirError(f"cannot load {path} into the run's model: {str(exc).splitlines()[0][:200]}") from exc
-    return state.get("round")
+    return (read_checkpoint_state(run_dir) or {}).get("round")
+
+
+def load_model_file(path: str | os.PathLike, model) -> None:
+    """Load the state dict in ``path`` into ``model``: a run's checkpoint (``checkpoints/global.pt``,
+    trained parameters only where the ``state.json`` beside it names ``frozen_from``) or any
+    whole state dict.
+
+    Raises
+    ------
+    ValueError
+        If the file holds something other than a state dict.
+    RuntimeError, OSError, pickle.UnpicklingError, EOFError
+        If it cannot be read or does not fit ``model``.
+    """
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(sd, dict):
+        raise ValueError(f"it holds a {type(sd).__name__}, not a state dict")
+    beside = Path(path).parent / STATE_FILE
+    try:
+        state = json.loads(beside.read_text(encoding="utf-8")) if beside.is_file() else {}
+    except ValueError:  # a torn state.json: the file is read as a whole state dict
+        state = {}
+    load_model_state(model, sd, state.get("frozen_from") if isinstance(state, dict) else None)
 
 
 def load_model_state(model, state_dict: Mapping[str, Any], frozen_from: Mapping[str, Any] | None) -> None:

@@ -156,8 +156,13 @@ def run_server(grid: Grid, cfg: RunConfig, progress: bool = True, resume: bool =
             first = t == server.start_round
             note = " (devices load the model and encode their features the first time)" if first else ""
 
-            def replies(done: int, sent: int, t=t, note=note) -> None:
-                bar.set_postfix({**post, "round": f"{t}: {done}/{sent} replies{note if done < sent else ''}"})
+            shown = [0.0]
+
+            def replies(done: int, sent: int, t=t, note=note, shown=shown) -> None:
+                now = time.monotonic()  # at most a redraw every half second: cohorts of thousands reply
+                if done == sent or now - shown[0] >= 0.5:
+                    shown[0] = now
+                    bar.set_postfix({**post, "round": f"{t}: {done}/{sent} replies{note if done < sent else ''}"})
 
             control.progress = replies if progress else None
             bar.set_postfix({**post, "round": f"{t}: training{note}"})

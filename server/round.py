@@ -258,7 +258,7 @@ def collect(server, grid: Grid, msgs: list[Message], sel: Selection, out: RoundO
 
     # Replies are folded in as they arrive (the server holds one running sum), so floating-point
     # sums follow the arrival order; a --reproducible-noise run holds them and folds them in
-    # device order, so that a rerun gives the same model bit for bit.
+    # device order, so that the arrival order plays no part in a rerun's model.
     held: list | None = [] if cfg.reproducible_noise else None
     sent = time.perf_counter()
     latencies: list[float] = []

@@ -26,7 +26,7 @@ from nlu.tasks import task_for_data
 from partitions.canary_record import write_canaries
 from partitions.population import Population, build_population
 from protocol.arrays import load_into, record_from_numpy, record_from_state, trainable_state
-from rundir import Ledger, RunDir, hold_run_lock, load_model_state
+from rundir import Ledger, RunDir, hold_run_lock, load_model_file, load_model_state
 from mechanisms import mechanism_for
 from server.aggregation import ModelAverage, ServerStep, server_step_size
 from server.hooks import DEFAULT_HOOKS
@@ -70,20 +70,12 @@ def load_baseline_model(task, cfg: RunConfig):
         ``checkpoints/global.pt`` with a frozen encoder (its ``state.json`` has ``frozen_from``)
         holds the trained parameters only: the rest keep the run's base model.
     """
-    import json
     import pickle
-
-    import torch
 
     path = cfg.baseline_model
     model = task.build_model(cfg.model, seed=cfg.seed)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(state, dict):
-            raise ValueError(f"it holds a {type(state).__name__}, not a state dict")
-        # a run's checkpoint with a frozen encoder holds the trained parameters only; its state.json says so
-        beside = json.loads((Path(path).parent / "state.json").read_text()) if (Path(path).parent / "state.json").is_file() else {}
-        load_model_state(model, state, beside.get("frozen_from") if isinstance(beside, dict) else None)
+        load_model_file(path, model)
     except (RuntimeError, OSError, ValueError, KeyError, IndexError, EOFError, pickle.UnpicklingError) as exc:
         reason = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
         raise ValueError(f"--baseline-model {path}: cannot load it into the run's model ({reason}); give a state "

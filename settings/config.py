@@ -297,8 +297,7 @@ class RunConfig:
     reproducible_noise: bool = field(
         default=False,
         metadata={"help": "derive the noise and the secret sampling from --seed (tests and debugging): the run is "
-                          "NOT private and its report says so; replies are summed in device order, so a rerun "
-                          "gives the same model", "group": "run"},
+                          "NOT private and its report says so; replies are summed in device order", "group": "run"},
     )
     dp_engine: str = field(default="dpfl", metadata={"help": "opacus | dpfl",
                                                      "group": "example_privacy", "choices": DP_ENGINES})

@@ -100,20 +100,13 @@ def run_model(run_dir: Path):
     return cfg, model.eval(), list(pop.data.label_names), load_tokenizer(cfg.model)
 
 
-def _fmt(x: Any, digits: int = 3) -> str:
-    if x is None:
-        return "n/a"
-    if isinstance(x, str):
-        return x
-    x = float(x)
-    return "infinity" if x == float("inf") else f"{x:.{digits}f}"
-
-
 def model_card(summary: dict, meta: dict) -> str:
     """The model card (Hugging Face ``README.md`` with YAML metadata) of an export.
 
     Every figure is ``summary``'s (the run's ``report/summary.json``) or ``meta``'s (``dpfl.json``).
     """
+    from dpfl.commands.simulate import round_figure
+
     cfg = summary.get("config") or {}
     private = summary.get("guarantee") == "yes"
     lines = ["---", "library_name: transformers", "pipeline_tag: text-classification",
@@ -131,8 +124,8 @@ def model_card(summary: dict, meta: dict) -> str:
                                 ("device", summary.get("device_dp"), "add or remove all of one device's data")):
         e = eps.get(unit)
         if on and isinstance(e, dict):
-            lines.append(f"- {unit} level ({adjacency}): epsilon {_fmt(e.get('max'), 2)} at delta {delta:g} "
-                         f"(max over devices; median {_fmt(e.get('median'), 2)})")
+            lines.append(f"- {unit} level ({adjacency}): epsilon {round_figure(e.get('max'), 2)} at delta {delta:g} "
+                         f"(max over devices; median {round_figure(e.get('median'), 2)})")
         else:
             lines.append(f"- {unit} level: not protected")
     trust = summary.get("trust_model") or {}
@@ -141,15 +134,15 @@ def model_card(summary: dict, meta: dict) -> str:
             lines.append(f"- trust model ({unit} level): {t['name']}; trusted: {t.get('trusted', 'n/a')}")
     lines += ["", "## Mechanism and training", "",
               f"- accountant: {summary.get('accountant')}; noise placement: {summary.get('noise_at')}",
-              f"- noise multiplier {_fmt(cfg.get('noise_multiplier'), 4)}, max_grad_norm {_fmt(cfg.get('max_grad_norm'))}, "
-              f"sample_rate {_fmt(cfg.get('sample_rate'))}",
+              f"- noise multiplier {round_figure(cfg.get('noise_multiplier'), 4)}, max_grad_norm {round_figure(cfg.get('max_grad_norm'))}, "
+              f"sample_rate {round_figure(cfg.get('sample_rate'))}",
               f"- rounds: {summary.get('rounds_completed')} of {summary.get('rounds_planned')} ({summary.get('status')}); "
               f"devices: {summary.get('num_devices')}; training examples: {summary.get('num_examples')}; "
               f"expected cohort: {(summary.get('selection') or {}).get('expected_cohort_size')}",
               f"- base model: {cfg.get('model')}; trained: {cfg.get('trainable')}; pooling: {cfg.get('pooling')}; "
               f"max length {meta.get('max_length')} tokens", "",
               "## Evaluation", "",
-              f"- test accuracy {_fmt(summary.get('final_accuracy'))}, macro-F1 {_fmt(summary.get('final_macro_f1'))} "
+              f"- test accuracy {round_figure(summary.get('final_accuracy'))}, macro-F1 {round_figure(summary.get('final_macro_f1'))} "
               "(the run's test split)", "",
               "## Use", "",
               "```python", "from transformers import pipeline",
@@ -277,8 +270,10 @@ def _stdin_texts():
 @exits
 def run(ns: argparse.Namespace) -> int:
     """``dpfl export``: write the export; print where and what it holds."""
+    from dpfl.commands.simulate import round_figure
+
     meta = export_run(ns.run_dir, ns.out)
-    print(f"exported run {meta['run_id']} (round {meta['round']}, test accuracy {_fmt(meta['test_accuracy'])}) to "
+    print(f"exported run {meta['run_id']} (round {meta['round']}, test accuracy {round_figure(meta['test_accuracy'])}) to "
           f"{ns.out}: model, tokenizer, README.md (model card), {EXPORT_FILE}")
     return 0
 

@@ -33,11 +33,11 @@ def run(ns: argparse.Namespace) -> int:
 def headline(summary: dict) -> str:
     """The report's figures for the terminal, rounded: status and rounds, the final accuracy (and
     slot F1 for a slot task), each unit's epsilon at delta (max over devices) or NOT PRIVATE."""
-    from dpfl.commands.simulate import _round
+    from dpfl.commands.simulate import round_figure
 
     lines = [f"status: {summary.get('status')} ({summary.get('rounds_completed')} of "
              f"{summary.get('rounds_planned')} rounds)"]
-    figures = [f"{name} {_round(summary.get(key))}" for name, key in
+    figures = [f"{name} {round_figure(summary.get(key))}" for name, key in
                (("accuracy", "final_accuracy"), ("macro-F1", "final_macro_f1"), ("slot F1", "final_slot_f1"))
                if summary.get(key) is not None]
     if figures:
@@ -49,5 +49,5 @@ def headline(summary: dict) -> str:
     for unit in ("example", "device"):
         eps = (summary.get("epsilon") or {}).get(unit)
         if isinstance(eps, dict) and summary.get("dp" if unit == "example" else "device_dp"):
-            lines.append(f"{unit}-level epsilon {_round(eps.get('max'), 2)} {at} (max over devices)")
+            lines.append(f"{unit}-level epsilon {round_figure(eps.get('max'), 2)} {at} (max over devices)")
     return "\n".join(lines)

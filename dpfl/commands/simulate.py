@@ -24,7 +24,8 @@ from dpfl.commands.flags import add_config_args, config_from_args, reject_settin
 from settings.config import ConfigError, RunConfig, parse_trainable
 from settings.interrupt import BackendLost, Interrupted
 
-__all__ = ["add_parser", "finished", "format_summary", "preflight", "print_result", "resume_config", "run", "run_figures", "simulate"]
+__all__ = ["add_parser", "finished", "format_summary", "preflight", "print_result", "resume_config", "round_figure", "run",
+           "run_figures", "simulate"]
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -225,7 +226,6 @@ def _run_until_server_done(run_simulation, bound: dict, local: bool, handlers: d
     ``handlers`` (signal -> Python handler) are installed again once Ray has started: Ray's core
     installs a C-level failure handler for SIGTERM that prints a stack dump and aborts.
     """
-    import sys as _sys
     holder: dict = {}
 
     def target() -> None:
@@ -241,7 +241,7 @@ def _run_until_server_done(run_simulation, bound: dict, local: bool, handlers: d
     reinstalled = not handlers
     while sim.is_alive():
         sim.join(0.2)
-        if not reinstalled and getattr(_sys.modules.get("ray"), "is_initialized", lambda: False)():
+        if not reinstalled and getattr(sys.modules.get("ray"), "is_initialized", lambda: False)():
             time.sleep(1.0)  # Ray's core installs its handler as it connects
             for signum, handler in (handlers or {}).items():
                 signal.signal(signum, handler)
@@ -309,9 +309,9 @@ def simulate(cfg: RunConfig, progress: bool = True, resume: bool = False) -> dic
                            f"dpfl simulate --resume {cfg.run_dir}")
 
     def stopped() -> Interrupted:
-        how = control.outcome.get("signal", "interrupted")
-        code = 128 + int(signal.SIGTERM if how == "stopped by SIGTERM" else signal.SIGINT)
-        return Interrupted(f"{how}; the run is resumable: dpfl simulate --resume {cfg.run_dir}", exit_code=code)
+        signum = control.outcome.get("signal", signal.SIGINT)
+        how = "stopped by SIGTERM" if signum == signal.SIGTERM else "interrupted"
+        return Interrupted(f"{how}; the run is resumable: dpfl simulate --resume {cfg.run_dir}", exit_code=128 + int(signum))
 
     old_handlers: dict = {}
     ours: dict = {}
@@ -336,7 +336,7 @@ def simulate(cfg: RunConfig, progress: bool = True, resume: bool = False) -> dic
                       f"dpfl simulate --resume {cfg.run_dir}", file=sys.stderr, flush=True)
                 os._exit(128 + int(signal.SIGTERM))
             print("\ndpfl: SIGTERM: stopping after the round in flight is abandoned", file=sys.stderr, flush=True)
-            control.outcome["signal"] = "stopped by SIGTERM"
+            control.outcome["signal"] = signal.SIGTERM
             control.stop.set()
 
         ours = {signal.SIGINT: _on_sigint, signal.SIGTERM: _on_sigterm}
@@ -369,7 +369,7 @@ def simulate(cfg: RunConfig, progress: bool = True, resume: bool = False) -> dic
     return result
 
 
-def _round(x: Any, digits: int = 3) -> str:
+def round_figure(x: Any, digits: int = 3) -> str:
     """A figure for the terminal: ``digits`` decimals, ``n/a`` for None, the infinity sign for inf."""
     if x is None:
         return "n/a"
@@ -431,14 +431,14 @@ def format_summary(run_dir: str, figures: dict[str, Any]) -> str:
     if f["accuracy"] is None:
         lines.append(f"rounds: {f['rounds']} of {f['planned']}; no round was evaluated")
     else:
-        slot = f", slot F1 {_round(f['slot_f1'])}" if f.get("slot_f1") is not None else ""
-        lines.append(f"accuracy {_round(f['accuracy'])}, macro-F1 {_round(f['macro_f1'])}{slot} "
+        slot = f", slot F1 {round_figure(f['slot_f1'])}" if f.get("slot_f1") is not None else ""
+        lines.append(f"accuracy {round_figure(f['accuracy'])}, macro-F1 {round_figure(f['macro_f1'])}{slot} "
                      f"(round {f['evaluated_round']} of {f['planned']})")
     at = f"at delta {f['delta']:g}" if f["delta"] is not None else "(no delta recorded)"
     if f["dp"]:
-        lines.append(f"example-level epsilon {_round(f['epsilon_example'], 2)} {at} (max over devices)")
+        lines.append(f"example-level epsilon {round_figure(f['epsilon_example'], 2)} {at} (max over devices)")
     if f["device_dp"]:
-        lines.append(f"device-level epsilon {_round(f['epsilon_device'], 2)} {at} (max over devices)")
+        lines.append(f"device-level epsilon {round_figure(f['epsilon_device'], 2)} {at} (max over devices)")
     if not (f["dp"] or f["device_dp"]):
         lines.append("not private: DP was off (--no-dp)")
     lines.append(f"next: dpfl report {run_dir}")
