@@ -151,3 +151,21 @@ def test_a_head_only_run_checkpoints_its_trained_parameters_only(tmp_path, data_
     server.ledger.close()
     assert server.start_round == 3
     assert all(torch.equal(server.model.state_dict()[k], v) for k, v in state.items())
+
+
+def test_the_ledger_digest_is_keyed_so_it_tells_nothing_of_the_cohorts(tmp_path, data_dir):
+    """The ledger records who joined each round: a plain hash in the released card could be
+    checked against guessed cohorts. The digest is keyed with a secret kept in the run directory."""
+    import hashlib
+    import sqlite3
+
+    cfg = _run(tmp_path, data_dir)
+    ledger = Path(cfg.run_dir) / "ledger.sqlite"
+    digest = ledger_digest(ledger)
+    assert digest == ledger_digest(ledger)  # the run directory's holder can recompute it
+    key = ledger.parent / "ledger.key"
+    assert len(key.read_bytes()) == 32 and (key.stat().st_mode & 0o077) == 0
+    con = sqlite3.connect(ledger)
+    plain = hashlib.sha256("".join(line + "\n" for line in con.iterdump()).encode()).hexdigest()
+    con.close()
+    assert digest != plain  # without the key, the dump's hash is not the digest

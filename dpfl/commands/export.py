@@ -7,7 +7,8 @@ mean pooling is expressed in a stock architecture), ``dpfl.json`` (where it came
 model card ``README.md`` whose figures are the run's ``report/summary.json`` (built first when
 absent): the guarantee per unit (epsilon at delta), adjacency, mechanism, trust model, rounds,
 devices, data size, test accuracy, ``NOT PRIVATE`` first where it applies, and the run id and
-ledger digest (SHA-256 of the SQL dump of ``ledger.sqlite``).
+ledger digest (HMAC-SHA256 of the ledger's SQL dump, keyed with the run directory's
+``ledger.key``, so that it reveals nothing of the secret cohorts).
 
 ``predict`` answers one JSON line per utterance (``text``, ``label``, ``probability``), from the
 arguments or, without any, from stdin (JSONL lines ``{"text": ...}`` or plain text lines). It
@@ -54,19 +55,37 @@ def add_predict_parser(subparsers: Any) -> argparse.ArgumentParser:
     return p
 
 
+#: Beside the ledger: the 256-bit key of its digest (created by the first export, never released).
+LEDGER_KEY_FILE = "ledger.key"
+
+
 def ledger_digest(path: Path) -> str:
-    """SHA-256 of the ledger's SQL dump (Python sqlite3 ``iterdump()``, one line each): the same whether its last
-    transactions sit in the write-ahead log or in the main file."""
+    """HMAC-SHA256 of the ledger's SQL dump (Python sqlite3 ``iterdump()``, one line each), keyed
+    with ``ledger.key`` beside it (32 bytes from the OS, made on first use, mode 0600).
+
+    The dump is the same whether the last transactions sit in the write-ahead log or in the main
+    file. It is keyed because the ledger is a function of the secret cohorts: a plain hash in a
+    released model card would let anyone who knows the other settings test guesses of who joined
+    (a small run's cohorts can be enumerated). Whoever holds the run directory can recompute it.
+    """
+    import hmac
+    import os
+    import secrets
     import sqlite3
 
+    key_path = Path(path).parent / LEDGER_KEY_FILE
+    if not key_path.is_file():
+        fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(secrets.token_bytes(32))
+    mac = hmac.new(key_path.read_bytes(), digestmod=hashlib.sha256)
     con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
-        h = hashlib.sha256()
         for line in con.iterdump():
-            h.update(line.encode("utf-8") + b"\n")
-        return h.hexdigest()
+            mac.update(line.encode("utf-8") + b"\n")
     finally:
         con.close()
+    return mac.hexdigest()
 
 
 def run_model(run_dir: Path):
@@ -150,7 +169,7 @@ def model_card(summary: dict, meta: dict) -> str:
               "pipe(\"turn on the lights\", truncation=True)", "```", "",
               f"{meta.get('architecture_note', '')}", "",
               "## Provenance", "",
-              f"- run id: {summary.get('run_id')}", f"- ledger digest (SHA-256 of the SQL dump of ledger.sqlite, Python sqlite3 `iterdump()` lines joined by newlines): {meta.get('ledger_sha256')}",
+              f"- run id: {summary.get('run_id')}", f"- ledger digest (HMAC-SHA256 of ledger.sqlite's SQL dump, keyed with the run directory's ledger.key): {meta.get("ledger_digest")}",
               f"- exported by dpfl from {meta.get('run_dir')}", ""]
     return "\n".join(lines)
 
@@ -186,7 +205,7 @@ def export_run(run_dir: str | Path, out: str | Path) -> dict:
     mean = isinstance(model, MeanPoolClassifier)
     meta = {
         "version": 1, "run_id": summary.get("run_id"), "run_dir": str(run_dir.resolve()),
-        "ledger_sha256": ledger_digest(ledger_path(run_dir)), "max_length": int(cfg.max_length), "pooling": cfg.pooling,
+        "ledger_digest": ledger_digest(ledger_path(run_dir)), "max_length": int(cfg.max_length), "pooling": cfg.pooling,
         "round": summary.get("rounds_completed"), "test_accuracy": summary.get("final_accuracy"),
         "labels": labels,
         "architecture_note": ("Stored as transformers' XLMForSequenceClassification with summary_type 'mean': it "
