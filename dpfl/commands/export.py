@@ -169,7 +169,7 @@ def model_card(summary: dict, meta: dict) -> str:
               "pipe(\"turn on the lights\", truncation=True)", "```", "",
               f"{meta.get('architecture_note', '')}", "",
               "## Provenance", "",
-              f"- run id: {summary.get('run_id')}", f"- ledger digest (HMAC-SHA256 of ledger.sqlite's SQL dump, keyed with the run directory's ledger.key): {meta.get("ledger_digest")}",
+              f"- run id: {summary.get('run_id')}", f"- ledger digest (HMAC-SHA256 of ledger.sqlite's SQL dump, keyed with the run directory's ledger.key): {meta.get('ledger_digest')}",
               f"- exported by dpfl from {meta.get('run_dir')}", ""]
     return "\n".join(lines)
 
