@@ -412,7 +412,7 @@ def _load_run(run_dir: Path, cfg: Any, warnings: list[str], seconds: dict[str, f
     names = list(pop.data.label_names)
     label2id = {n: i for i, n in enumerate(names)}
     canaries, devices, source = _run_canaries(run_dir, pop, label2id, warnings)
-    delta = cfg.target_delta if cfg.target_delta is not None else cfg.resolve_delta(len(pop.data.train))
+    delta = cfg.target_delta if cfg.target_delta is not None else cfg.resolve_delta(pop.data.num_train)
     model = build_model(cfg.model, len(names), seed=cfg.seed, pooling=cfg.pooling)
     try:
         load_global_model(run_dir, model)
@@ -497,7 +497,7 @@ def _real_membership(run: _Loaded, opts: AuditOptions) -> tuple[dict | None, dic
         return None, None, members_from
     tr_rows = np.sort(rng.choice(rows, size=n_tr, replace=False))
     te_rows = np.sort(rng.choice(len(pop.data.test), size=n_te, replace=False))
-    tr = pop.data.train.select(tr_rows.tolist())
+    tr = pop.data.select_train(tr_rows.tolist())
     te = pop.data.test.select(te_rows.tolist())
     s_tr = loss_scores(run.model, run.tok, tr["text"], tr["label"], opts.batch_size, cfg.max_length)
     s_te = loss_scores(run.model, run.tok, te["text"], te["label"], opts.batch_size, cfg.max_length)

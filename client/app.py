@@ -93,7 +93,7 @@ def model_of(cfg: RunConfig, task: Task):
 @lru_cache(maxsize=256)
 def _encoded(pop_key: tuple, rows: tuple, model_name: str, max_length: int, task: Task) -> Encoded:
     pop = population_for_key(pop_key)
-    sub = pop.data.train.select(list(rows))
+    sub = pop.data.train_records(rows)  # plain columns: no Dataset built per device task
     return task.encode(sub, load_tokenizer(model_name), max_length)
 
 

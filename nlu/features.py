@@ -34,18 +34,26 @@ class FeatureCache:
     encoder : torch.nn.Module
         A frozen Hugging Face encoder; its original ``forward`` computes cache misses.
     max_entries : int
-        Utterances kept (oldest dropped first); about ``len_i * H * 4`` bytes each.
+        Utterances kept (oldest dropped first).
+    max_bytes : int
+        Bytes kept (oldest dropped first): each entry counts its tensors (``(len_i + 1) * H * 4``
+        bytes in float32) and :data:`ENTRY_OVERHEAD` for its key and objects. In a large
+        population a process rarely meets a device twice, so the cache must not grow with the
+        devices it has served.
     """
 
-    def __init__(self, encoder: nn.Module, max_entries: int = 200_000):
+    #: Bytes an entry costs besides its tensors (key, tuple, tensor objects), for ``max_bytes``.
+    ENTRY_OVERHEAD = 512
+
+    def __init__(self, encoder: nn.Module, max_entries: int = 200_000, max_bytes: int = 256 * 2**20):
         self.encoder = encoder
         self.compute = encoder.forward  # the bound original forward
         self.max_entries = int(max_entries)
+        self.max_bytes = int(max_bytes)
+        self.bytes = 0
         self.entries: dict[bytes, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self.hits = 0
         self.misses = 0
-        #: ids of the example sets :func:`warm_feature_cache` encoded whole
-        self.warmed: set[int] = set()
 
     @staticmethod
     def _right_padded(mask: torch.Tensor, lengths: torch.Tensor) -> bool:
@@ -112,9 +120,20 @@ class FeatureCache:
         pooler = getattr(out, "pooler_output", None)
         for j, i in enumerate(rows):
             n = int(attention_mask[i].sum())
-            self.entries[keys[i]] = (states[j, :n].clone(), None if pooler is None else pooler[j].clone())
-        while len(self.entries) > self.max_entries:
-            self.entries.pop(next(iter(self.entries)))
+            entry = (states[j, :n].clone(), None if pooler is None else pooler[j].clone())
+            old = self.entries.pop(keys[i], None)
+            if old is not None:
+                self.bytes -= self._size(old)
+            self.entries[keys[i]] = entry
+            self.bytes += self._size(entry)
+        # never drop the entries just filled: the batch that asked for them reads them next
+        while len(self.entries) > max(self.max_entries, len(rows)) or (self.bytes > self.max_bytes and len(self.entries) > len(rows)):
+            self.bytes -= self._size(self.entries.pop(next(iter(self.entries))))
+
+    @classmethod
+    def _size(cls, entry) -> int:
+        s, p = entry
+        return cls.ENTRY_OVERHEAD + s.numel() * s.element_size() + (0 if p is None else p.numel() * p.element_size())
 
 
 def cache_frozen_encoder(model: nn.Module, max_entries: int = 200_000) -> bool:
@@ -164,11 +183,11 @@ def warm_feature_cache(model: nn.Module, data, collate_fn, chunk: int = WARM_CHU
     cache = getattr(enc, "_feature_cache", None) if enc is not None else None
     if not isinstance(cache, FeatureCache):
         return False
-    if id(data) in cache.warmed:
+    if getattr(data, "_warmed_into", None) is cache:  # marked on the example set: exact, and it goes with the set
         return False
     for start in range(0, len(data), chunk):
         batch = collate_fn(data, list(range(start, min(start + chunk, len(data)))))
         cache.forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                       token_type_ids=batch.get("token_type_ids"))
-    cache.warmed.add(id(data))
+    data._warmed_into = cache
     return True

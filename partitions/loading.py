@@ -17,6 +17,7 @@ own name (int64 when every id is an integer, else string), for ``natural``.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,10 +26,10 @@ import numpy as np
 
 from partitions.errors import DataError
 
-__all__ = ["NLUData", "load_data", "stratified_subset", "capped_test_size"]
+__all__ = ["NLUData", "SyntheticTrain", "load_data", "stratified_subset", "capped_test_size"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class NLUData:
     """A loaded data set.
 
@@ -36,7 +37,9 @@ class NLUData:
     ----------
     train, test : datasets.Dataset
         Columns ``text``, ``label``, ``uid`` and optionally ``tokens``, ``slots`` (and
-        ``device`` on the synthetic train split).
+        ``device`` on the synthetic train split). The built-in synthetic train split is
+        generated device by device when rows are asked for (:meth:`select_train`,
+        :class:`SyntheticTrain`); reading ``train`` materialises it all (once per process).
     label_names : list of str
         Label id -> name.
     slot_names : list of str or None
@@ -47,14 +50,78 @@ class NLUData:
         True when the label names come from a declared schema (``labels.json`` beside the JSONL
         files, a hub ClassLabel, the built-in set), False when they were read off the training
         split's label values (then the set of names is itself a function of the training data).
+    generated_train : SyntheticTrain or None
+        The generator of a train split that is built on demand; None when ``train`` is loaded.
+
+    Raises
+    ------
+    ValueError
+        Unless exactly one of ``train`` and ``generated_train`` is given.
     """
 
-    train: datasets.Dataset
     test: datasets.Dataset
     label_names: list[str]
     slot_names: list[str] | None
     source: str
     labels_declared: bool = False
+    generated_train: "SyntheticTrain | None" = None
+
+    def __init__(self, train: datasets.Dataset | None = None, test: datasets.Dataset | None = None,
+                 label_names: list[str] = (), slot_names: list[str] | None = None, source: str = "",
+                 labels_declared: bool = False, generated_train: "SyntheticTrain | None" = None):
+        if (train is None) == (generated_train is None):
+            raise ValueError("NLUData: give the train split or its generator, not both or neither")
+        for k, v in (("test", test), ("label_names", list(label_names)), ("slot_names", slot_names),
+                     ("source", source), ("labels_declared", labels_declared), ("generated_train", generated_train)):
+            object.__setattr__(self, k, v)
+        object.__setattr__(self, "_train", train)
+        object.__setattr__(self, "_lock", threading.Lock())
+
+    @property
+    def train(self) -> datasets.Dataset:
+        """The whole train split (a generated one is materialised on first use, once per process)."""
+        if self._train is None:
+            with self._lock:
+                if self._train is None:
+                    object.__setattr__(self, "_train", self.generated_train.materialise())
+        return self._train
+
+    @property
+    def num_train(self) -> int:
+        """Rows of the train split (without building it)."""
+        return self.generated_train.size if self._train is None else len(self._train)
+
+    @property
+    def train_columns(self) -> list[str]:
+        """Column names of the train split (without building it)."""
+        return list(SyntheticTrain.COLUMNS) if self._train is None else list(self._train.column_names)
+
+    def select_train(self, rows) -> datasets.Dataset:
+        """Train rows ``rows`` (indices into the split, in that order) as a Dataset; a generated split
+        builds only the devices that hold them."""
+        rows = [int(r) for r in rows]
+        if self._train is None:
+            return self.generated_train.select(rows)
+        return self._train.select(rows)
+
+    def train_records(self, rows) -> dict[str, list]:
+        """Train rows ``rows`` (in that order) as plain columns (name -> list), without a Dataset around
+        them: what a device task tokenises (a generated split builds only the devices that hold them)."""
+        rows = [int(r) for r in rows]
+        if self._train is None:
+            return self.generated_train.records(rows)
+        return self._train.select(rows).to_dict()
+
+    def train_uids(self) -> np.ndarray:
+        """The ``uid`` column of the train split, int64 [N] (a generated split's uid is its row index)."""
+        if self._train is None:
+            return np.arange(self.generated_train.size, dtype=np.int64)
+        return np.asarray(self._train.select_columns(["uid"]).with_format("numpy")[:]["uid"])
+
+    def with_train(self, train: datasets.Dataset) -> "NLUData":
+        """A copy with ``train`` as its (loaded) train split."""
+        return NLUData(train=train, test=self.test, label_names=self.label_names, slot_names=self.slot_names,
+                       source=self.source, labels_declared=self.labels_declared)
 
     @property
     def num_labels(self) -> int:
@@ -67,6 +134,77 @@ class NLUData:
         return self.slot_names is not None
 
 
+class SyntheticTrain:
+    """The built-in synthetic train split as an index: device sizes, and rows built when asked for.
+
+    Row ``r`` is example ``r - offsets[k]`` of device k, where ``offsets[k] <= r < offsets[k+1]``
+    (rows grouped by device, as :func:`partitions.synthetic.generate` lays them out); its
+    ``uid`` is ``r``. A device's records are a function of (seed, device id) alone
+    (:func:`partitions.synthetic.device_records`), so the rows of a few selected devices cost
+    what those devices hold, whatever the population's size.
+
+    Parameters
+    ----------
+    seed : int
+        The run seed.
+    sizes : numpy.ndarray
+        Examples per device, shape [K] int64 (:func:`partitions.synthetic.device_sizes`).
+    """
+
+    COLUMNS = ("text", "label", "uid", "tokens", "slots", "device")
+
+    def __init__(self, seed: int, sizes: np.ndarray):
+        self.seed = int(seed)
+        self.sizes = np.asarray(sizes, dtype=np.int64)
+        self.offsets = np.zeros(len(self.sizes) + 1, dtype=np.int64)
+        self.offsets[1:] = np.cumsum(self.sizes)
+
+    @property
+    def size(self) -> int:
+        """Train rows in all."""
+        return int(self.offsets[-1])
+
+    def _records(self, device: int) -> dict[str, list]:
+        from partitions.synthetic import device_records
+
+        return device_records(self.seed, device, int(self.sizes[device]))
+
+    def records(self, rows: list[int]) -> dict[str, list]:
+        """Rows ``rows`` (in that order) as columns: those of :attr:`COLUMNS` (``uid`` = the row).
+
+        Raises
+        ------
+        IndexError
+            A row outside ``0 .. size - 1``.
+        """
+        idx = np.asarray(rows, dtype=np.int64).reshape(-1)
+        if len(idx) and (idx.min() < 0 or idx.max() >= self.size):
+            raise IndexError(f"train row out of range 0..{self.size - 1}")
+        dev = np.searchsorted(self.offsets, idx, side="right") - 1
+        built = {int(k): self._records(int(k)) for k in np.unique(dev)}
+        cols: dict[str, list] = {k: [] for k in ("text", "label", "tokens", "slots", "device")}
+        for r, k in zip(idx.tolist(), dev.tolist()):
+            j = r - int(self.offsets[k])
+            for c in cols:
+                cols[c].append(built[k][c][j])
+        return {"text": cols["text"], "label": cols["label"], "uid": idx.tolist(), "tokens": cols["tokens"],
+                "slots": cols["slots"], "device": cols["device"]}
+
+    def select(self, rows: list[int]) -> datasets.Dataset:
+        """Rows ``rows`` (in that order) as a Dataset with the columns of :attr:`COLUMNS` (see :meth:`records`)."""
+        cols = self.records(rows)
+        uids = cols.pop("uid")
+        return _to_dataset(cols, uids=np.asarray(uids, dtype=np.int64), hashed=False)
+
+    def materialise(self) -> datasets.Dataset:
+        """The whole split (every device's records, in device order)."""
+        cols: dict[str, list] = {k: [] for k in ("text", "label", "tokens", "slots", "device")}
+        for k in range(len(self.sizes)):
+            for c, v in self._records(k).items():
+                cols[c] += v
+        return _to_dataset(cols)
+
+
 def _features(cols: dict[str, list]) -> datasets.Features:
     feats = {k: datasets.Value("int64" if all(isinstance(v, (int, np.integer)) for v in vals) else "string")
              for k, vals in cols.items()}
@@ -77,8 +215,14 @@ def _features(cols: dict[str, list]) -> datasets.Features:
     return datasets.Features({k: feats[k] for k in cols})
 
 
-def _to_dataset(cols: dict[str, list], rows: np.ndarray | None = None) -> datasets.Dataset:
-    """Build a split; ``uid`` = row index in ``cols``; ``rows`` (sorted) keeps only those rows."""
+def _to_dataset(cols: dict[str, list], rows: np.ndarray | None = None, uids: np.ndarray | None = None,
+                hashed: bool = True) -> datasets.Dataset:
+    """Build a split; ``uid`` = row index in ``cols`` (or ``uids``); ``rows`` (sorted) keeps only those rows.
+
+    ``hashed=False`` gives the Dataset a random fingerprint instead of a hash of its content
+    (``datasets`` pickles every value to hash it: 20 ms for a device's 30 rows, most of a
+    device task's cost with a small model); an in-memory split never uses it as a cache key.
+    """
     n = len(cols["text"])
     keep = np.arange(n, dtype=np.int64) if rows is None else np.asarray(rows, dtype=np.int64)
     order = [k for k in ("text", "label", "tokens", "slots", "device") if k in cols]
@@ -89,8 +233,16 @@ def _to_dataset(cols: dict[str, list], rows: np.ndarray | None = None) -> datase
         if k not in ("text", "label", "tokens", "slots") and not all(isinstance(v, int) for v in out[k]):
             out[k] = [str(v) for v in out[k]]  # ids mixing strings and integers: all strings
         if k == "label":
-            out["uid"] = keep
-    return datasets.Dataset.from_dict(out, features=_features(out))
+            out["uid"] = keep if uids is None else np.asarray(uids, dtype=np.int64)
+    feats = _features(out)
+    if hashed:
+        return datasets.Dataset.from_dict(out, features=feats)
+    import secrets
+
+    import pyarrow as pa
+
+    table = datasets.table.InMemoryTable(pa.Table.from_pydict(feats.encode_batch(out), schema=feats.arrow_schema))
+    return datasets.Dataset(table, info=datasets.DatasetInfo(features=feats), fingerprint=secrets.token_hex(16))
 
 
 def stratified_subset(labels: np.ndarray, k: int, seed: int) -> np.ndarray:
@@ -203,14 +355,21 @@ def load_data(
         label_names, slot_names, source = raw["label_names"], raw["slot_names"], raw["source"]
         declared = bool(raw.get("labels_declared"))
     else:
-        from partitions.synthetic import generate
+        from partitions import synthetic
 
-        gen = generate(synthetic_devices, seed)
-        train_cols, test_cols = gen.train, gen.test
-        label_names, slot_names = gen.label_names, gen.slot_names
+        if synthetic_devices < 1:
+            raise ValueError(f"synthetic_devices must be >= 1, got {synthetic_devices}")
+        sizes = synthetic.device_sizes(synthetic_devices, seed, mean=synthetic.default_mean_examples(synthetic_devices))
+        gen_train = SyntheticTrain(seed, sizes)
+        test_cols = synthetic.test_records(seed, synthetic.default_test_size(gen_train.size))
+        label_names, slot_names = list(synthetic.INTENTS), synthetic.slot_names()
         declared = True
-        source = (f"built-in SYNTHETIC home-assistant commands (seed {seed}, {gen.num_devices} devices, "
+        source = (f"built-in SYNTHETIC home-assistant commands (seed {seed}, {synthetic_devices} devices, "
                   f"{len(label_names)} intents; generated, not real user data)")
+        if max_examples is None:  # the train split stays an index: devices are built when selected
+            return NLUData(generated_train=gen_train, test=_to_dataset(test_cols), label_names=label_names,
+                           slot_names=slot_names, source=source, labels_declared=declared)
+        train_cols = synthetic.generate(synthetic_devices, seed).train  # a cap needs every label first
 
     train_rows = test_rows = None
     if max_examples is not None:

@@ -20,6 +20,7 @@ from functools import cached_property, lru_cache
 import numpy as np
 
 from partitions.continual import Stream, activity_at, held_at, make_stream
+from partitions.device_index import DeviceIndex
 from partitions.loading import NLUData, load_data
 from partitions.partitioners import partition
 
@@ -32,8 +33,10 @@ class Population:
     ----------
     data : NLUData
         Train/test splits and label names.
-    devices : tuple[numpy.ndarray, ...]
-        ``devices[k]`` holds all train row indices (int64) that ever live on device k.
+    devices : partitions.device_index.DeviceIndex
+        ``devices[k]`` holds all train row indices (int64) that ever live on device k: one index
+        for the population (offsets, and the rows unless each device's rows are a range), never an
+        object per device.
     partitioner : str
         The partitioner actually used (``auto`` resolved).
     stream : partitions.continual.Stream or None
@@ -50,7 +53,7 @@ class Population:
     """
 
     data: NLUData
-    devices: tuple
+    devices: DeviceIndex
     partitioner: str
     stream: Stream | None = None
     canaries: tuple = ()
@@ -74,8 +77,8 @@ class Population:
     def activity(self, round_: int = 1) -> np.ndarray:
         """a_k(t): examples each device holds at round ``round_``, shape [num_devices], int64."""
         if self.stream is None:
-            return np.array([len(d) for d in self.devices], dtype=np.int64)
-        return activity_at(self.stream, list(self.devices), round_)
+            return self.devices.sizes.copy()
+        return activity_at(self.stream, self.devices, round_)
 
     def planned_activity(self, rounds: int) -> np.ndarray:
         """Activities the selection constant is calibrated on: [rounds, K] a_k(t) for t = 1..rounds
@@ -88,20 +91,15 @@ class Population:
         """Train row indices device ``device_id`` holds at round ``round_`` (all of them when static)."""
         if self.stream is None:
             return self.devices[device_id]
-        return held_at(self.stream, list(self.devices), device_id, round_)
+        return held_at(self.stream, self.devices, device_id, round_)
 
     @cached_property
     def _uid_column(self) -> np.ndarray:
-        return uid_column(self.data.train)
+        return self.data.train_uids()
 
     def uids(self, rows: np.ndarray) -> np.ndarray:
         """Stable example ids (``uid`` column) of train rows (the column is read once per process)."""
         return self._uid_column[np.asarray(rows, dtype=np.int64)]
-
-
-def uid_column(train) -> np.ndarray:
-    """The ``uid`` column of a train split (a ``datasets.Dataset``) as an int64 array [N]."""
-    return np.asarray(train.select_columns(["uid"]).with_format("numpy")[:]["uid"])
 
 
 def population_key(cfg) -> tuple:
@@ -141,27 +139,33 @@ def population_for_key(key: tuple) -> Population:
         device_column=device_column if (data_dir or dataset) and partitioner == "natural" else None,
     )
     if partitioner == "auto":
-        partitioner = "natural" if device_column in data.train.column_names else "iid"
-    devices = partition(
-        data.train,
-        num_devices,
-        partitioner,
-        seed=seed,
-        dirichlet_alpha=d["dirichlet_alpha"],
-        quantity_beta=d["quantity_beta"],
-        device_column=device_column,
-        num_clusters=d["num_clusters"],
-    )
-    devices = tuple(np.asarray(d, dtype=np.int64) for d in devices)
+        partitioner = "natural" if device_column in data.train_columns else "iid"
+    generated = data.generated_train
+    if generated is not None and partitioner == "natural" and device_column == "device" and len(generated.sizes) == num_devices:
+        # the synthetic set's natural devices: rows grouped by device, nothing to read or build
+        devices = DeviceIndex.ranges(generated.sizes)
+    else:
+        devices = DeviceIndex.from_arrays(partition(
+            data.train,
+            num_devices,
+            partitioner,
+            seed=seed,
+            dirichlet_alpha=d["dirichlet_alpha"],
+            quantity_beta=d["quantity_beta"],
+            device_column=device_column,
+            num_clusters=d["num_clusters"],
+        ))
     holdout: tuple = ()
     if holdout_fraction > 0:
-        devices, holdout = split_holdout(devices, holdout_fraction, seed, uid_column(data.train))
+        train, holdout = split_holdout(tuple(devices), holdout_fraction, seed, data.train_uids())
+        devices = DeviceIndex.from_arrays(train)
     canaries, records = (), ()
     if n_canaries:
-        data, devices, canaries, records = insert_canaries(data, devices, n_canaries, canary_repeats, seed)
+        data, devices, canaries, records = insert_canaries(data, tuple(devices), n_canaries, canary_repeats, seed)
+        devices = DeviceIndex.from_arrays(devices)
     stream = None
     if d["setting"] == "continual":
-        stream = make_stream(list(devices), rounds, seed=seed, storage_cap=d["storage_cap"])
+        stream = make_stream(devices, rounds, seed=seed, storage_cap=d["storage_cap"])
     return Population(data=data, devices=devices, partitioner=partitioner, stream=stream,
                       canaries=canaries, canary_records=records, holdout=holdout)
 
@@ -242,8 +246,6 @@ def insert_canaries(data: NLUData, devices: tuple, n_canaries: int, repeats: int
         The new NLUData, the new device index arrays (copies of the included canaries appended
         to their device's array), all canaries, and the inserted records.
     """
-    import dataclasses
-
     import datasets
 
     from partitions.canaries import make_canaries
@@ -283,7 +285,7 @@ def insert_canaries(data: NLUData, devices: tuple, n_canaries: int, repeats: int
         np.concatenate([d, np.asarray(rows_of[k], dtype=np.int64)]) if k in rows_of else d
         for k, d in enumerate(devices)
     )
-    return dataclasses.replace(data, train=new_train), new_devices, tuple(canaries), tuple(records)
+    return data.with_train(new_train), new_devices, tuple(canaries), tuple(records)
 
 
 def build_population(cfg) -> Population:

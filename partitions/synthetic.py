@@ -32,6 +32,8 @@ import random
 import re
 from dataclasses import dataclass
 
+import numpy as np
+
 __all__ = ["INTENTS", "SLOT_TYPES", "SyntheticSplits", "generate", "slot_names"]
 
 # --------------------------------------------------------------------------- vocabulary
@@ -296,15 +298,81 @@ class SyntheticSplits:
     num_devices: int
 
 
-def device_sizes(num_devices: int, rng: random.Random, mean: float = 30.0, sigma: float = 1.2) -> list[int]:
-    """Heavy-tailed examples-per-device: lognormal with the given mean, at least 1 each."""
+def device_sizes(num_devices: int, seed: int, mean: float = 30.0, sigma: float = 1.2) -> np.ndarray:
+    """Heavy-tailed examples-per-device: lognormal with the given mean, at least 1 each.
+
+    Returns
+    -------
+    numpy.ndarray
+        Shape [num_devices], int64; a function of ``seed`` alone (one vectorised draw, so a
+        million devices take milliseconds).
+    """
     mu = math.log(mean) - sigma * sigma / 2
-    return [max(1, int(round(rng.lognormvariate(mu, sigma)))) for _ in range(num_devices)]
+    rng = np.random.default_rng([int(seed) % 2**63, _SIZE_STREAM])
+    return np.maximum(1, np.rint(rng.lognormal(mu, sigma, int(num_devices)))).astype(np.int64)
+
+
+#: Stream tag of the device-size draw (kept apart from every device's own stream).
+_SIZE_STREAM = 0x517E
+
+
+def default_mean_examples(num_devices: int) -> float:
+    """The size distribution's mean: ``max(30, 3000 / num_devices)`` (about 3,000 train examples for
+    up to 100 devices, about 30 per device beyond)."""
+    return max(30.0, 3000.0 / num_devices)
+
+
+def device_records(seed: int, device: int, n: int) -> dict[str, list]:
+    """The ``n`` train utterances of device ``device``: columns text, label, tokens, slots, device.
+
+    A device's habits and utterances come from a stream of its own (``random.Random`` seeded
+    with the run seed and the device id), so any one device is generated without the others:
+    the population is an index of sizes, and a device's examples are built when it is selected.
+    """
+    rng = random.Random(f"dpfl-synthetic-{seed}-device-{device}")
+    h = _device_habits(rng)
+    out: dict[str, list] = {"text": [], "label": [], "tokens": [], "slots": [], "device": []}
+    label_ids = list(range(len(INTENTS)))
+    for lab in rng.choices(label_ids, weights=h.intent_weights, k=int(n)):
+        toks, tags = _utterance(INTENTS[lab], h, rng)
+        if rng.random() < LABEL_NOISE:
+            lab = rng.choice([x for x in label_ids if x != lab])
+        out["text"].append(" ".join(toks))
+        out["label"].append(lab)
+        out["tokens"].append(toks)
+        out["slots"].append(tags)
+        out["device"].append(int(device))
+    return out
+
+
+def default_test_size(train_size: int) -> int:
+    """Test examples by default: ``max(600, min(2000, train_size // 3))``."""
+    return max(600, min(2000, train_size // 3))
+
+
+def test_records(seed: int, test_size: int) -> dict[str, list]:
+    """The test split: ``test_size`` utterances with no device habits, every intent in turn (balanced)."""
+    if test_size < 1:
+        raise ValueError(f"test_size must be >= 1, got {test_size}")
+    test: dict[str, list] = {"text": [], "label": [], "tokens": [], "slots": []}
+    pop = _population_habits()
+    test_rng = random.Random(f"dpfl-synthetic-test-{seed}")
+    for i in range(test_size):
+        lab = i % len(INTENTS)
+        toks, tags = _utterance(INTENTS[lab], pop, test_rng)
+        test["text"].append(" ".join(toks))
+        test["label"].append(lab)
+        test["tokens"].append(toks)
+        test["slots"].append(tags)
+    return test
 
 
 def generate(num_devices: int = 100, seed: int = 0, *, mean_examples_per_device: float | None = None,
              test_size: int | None = None) -> SyntheticSplits:
-    """Generate the synthetic home-assistant data set.
+    """Generate the whole synthetic home-assistant data set (every device's records, in device order).
+
+    The same records as :func:`device_records` gives device by device (what a run uses: see
+    :class:`SyntheticTrain`); this materialises them all, for tools that need the whole split.
 
     Parameters
     ----------
@@ -313,11 +381,9 @@ def generate(num_devices: int = 100, seed: int = 0, *, mean_examples_per_device:
     seed : int
         Everything (habits, sizes, utterances, test set) is a function of the seed.
     mean_examples_per_device : float or None
-        Mean of the lognormal size distribution. Default ``max(30, 3000 / num_devices)``, so
-        train has about 3,000 examples for up to 100 devices and about 30 per device beyond
-        (300,000 for 10,000 devices, generated in about 10 s).
+        Mean of the lognormal size distribution; default :func:`default_mean_examples`.
     test_size : int or None
-        Test examples; default ``max(600, min(2000, train_size // 3))``.
+        Test examples; default :func:`default_test_size` of the train size.
 
     Returns
     -------
@@ -333,35 +399,12 @@ def generate(num_devices: int = 100, seed: int = 0, *, mean_examples_per_device:
     if num_devices < 1:
         raise ValueError(f"synthetic_devices must be >= 1, got {num_devices}")
     if mean_examples_per_device is None:
-        mean_examples_per_device = max(30.0, 3000.0 / num_devices)
-    rng = random.Random(f"dpfl-synthetic-{seed}")
-    sizes = device_sizes(num_devices, rng, mean=mean_examples_per_device)
+        mean_examples_per_device = default_mean_examples(num_devices)
+    sizes = device_sizes(num_devices, seed, mean=mean_examples_per_device)
     train: dict[str, list] = {"text": [], "label": [], "tokens": [], "slots": [], "device": []}
-    label_ids = list(range(len(INTENTS)))
     for dev, n in enumerate(sizes):
-        h = _device_habits(rng)
-        for lab in rng.choices(label_ids, weights=h.intent_weights, k=n):
-            toks, tags = _utterance(INTENTS[lab], h, rng)
-            if rng.random() < LABEL_NOISE:
-                lab = rng.choice([x for x in label_ids if x != lab])
-            train["text"].append(" ".join(toks))
-            train["label"].append(lab)
-            train["tokens"].append(toks)
-            train["slots"].append(tags)
-            train["device"].append(dev)
-    if test_size is None:
-        test_size = max(600, min(2000, len(train["text"]) // 3))
-    if test_size < 1:
-        raise ValueError(f"test_size must be >= 1, got {test_size}")
-    test: dict[str, list] = {"text": [], "label": [], "tokens": [], "slots": []}
-    pop = _population_habits()
-    test_rng = random.Random(f"dpfl-synthetic-test-{seed}")
-    for i in range(test_size):
-        lab = i % len(INTENTS)  # balanced test set
-        toks, tags = _utterance(INTENTS[lab], pop, test_rng)
-        test["text"].append(" ".join(toks))
-        test["label"].append(lab)
-        test["tokens"].append(toks)
-        test["slots"].append(tags)
+        for k, v in device_records(seed, dev, int(n)).items():
+            train[k] += v
+    test = test_records(seed, default_test_size(len(train["text"])) if test_size is None else test_size)
     return SyntheticSplits(train=train, test=test, label_names=list(INTENTS), slot_names=slot_names(),
                            num_devices=num_devices)

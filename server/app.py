@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Mapping
 
 from flwr.app import Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
@@ -39,7 +40,7 @@ from server.state import Server
 
 log = logging.getLogger("dpfl.server")
 
-__all__ = ["Interrupted", "RunControl", "Server", "app", "make_server_app", "map_nodes_to_devices", "run_server"]
+__all__ = ["DeviceNodes", "Interrupted", "RunControl", "Server", "app", "make_server_app", "map_nodes_to_devices", "run_server"]
 
 
 def _quiet_flower() -> None:
@@ -47,8 +48,31 @@ def _quiet_flower() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+class DeviceNodes(Mapping):
+    """Device id -> node id when the nodes take the devices in turn: device k is ``node_ids[k mod m]``.
+
+    Holds the m node ids, not an entry per device (a million devices would be a dict of 100 MB).
+    """
+
+    def __init__(self, node_ids: list[int], num_devices: int):
+        self.node_ids = [int(n) for n in node_ids]
+        self.num_devices = int(num_devices)
+
+    def __getitem__(self, device: int) -> int:
+        d = int(device)
+        if not 0 <= d < self.num_devices:
+            raise KeyError(device)
+        return self.node_ids[d % len(self.node_ids)]
+
+    def __len__(self) -> int:
+        return self.num_devices
+
+    def __iter__(self):
+        return iter(range(self.num_devices))
+
+
 def map_nodes_to_devices(grid: Grid, num_devices: int, timeout: float = 600.0, query: bool = False,
-                         settle: float = 5.0) -> dict[int, int]:
+                         settle: float = 5.0, nodes: int | None = None) -> Mapping[int, int]:
     """Device id -> node id.
 
     Default: device k is the k-th node in node-id order, and every training message names its
@@ -58,8 +82,9 @@ def map_nodes_to_devices(grid: Grid, num_devices: int, timeout: float = 600.0, q
     than devices (``flwr run .`` simulates the federation's ``num-supernodes``, 2 by default in
     Flower 1.41), the nodes take the devices in turn: device k is node ``k mod m``'s, once no new
     node has connected for ``settle`` seconds; a node then trains each device its messages name.
-    ``query=True``: ask every node which device it is (its ``partition-id``); every device must
-    have a node of its own.
+    ``nodes``: the number of nodes the simulation runs (``dpfl simulate``), so the map is made as
+    soon as that many have connected. ``query=True``: ask every node which device it is (its
+    ``partition-id``); every device must have a node of its own.
 
     Raises
     ------
@@ -69,7 +94,8 @@ def map_nodes_to_devices(grid: Grid, num_devices: int, timeout: float = 600.0, q
     """
     t0 = last_change = time.time()
     seen = 0
-    while len(node_ids := sorted(int(n) for n in grid.get_node_ids())) < num_devices:
+    enough = num_devices if query or nodes is None else min(int(nodes), num_devices)
+    while len(node_ids := sorted(int(n) for n in grid.get_node_ids())) < enough:
         now = time.time()
         if len(node_ids) != seen:
             seen, last_change = len(node_ids), now
@@ -79,10 +105,10 @@ def map_nodes_to_devices(grid: Grid, num_devices: int, timeout: float = 600.0, q
             raise RuntimeError(f"only {len(node_ids)} of {num_devices} device nodes connected")
         time.sleep(0.5)
     if not query:
-        if len(node_ids) < num_devices:
+        if len(node_ids) < num_devices and nodes is None:
             log.info("%d devices on %d Flower nodes: each node trains the devices its messages name",
                      num_devices, len(node_ids))
-        return {d: node_ids[d % len(node_ids)] for d in range(num_devices)}
+        return DeviceNodes(node_ids, num_devices)
     msgs = [Message(RecordDict(), message_type=MessageType.QUERY, dst_node_id=nid) for nid in node_ids]
     mapping: dict[int, int] = {}
     for reply in grid.send_and_receive(msgs, timeout=timeout):
@@ -119,8 +145,9 @@ def _eta(seconds: list[float], remaining: int) -> dict:
 
 
 def run_server(grid: Grid, cfg: RunConfig, progress: bool = True, resume: bool = False,
-               control: RunControl | None = None) -> dict:
-    """Run every round of ``cfg`` on ``grid``; return a small summary dict.
+               control: RunControl | None = None, nodes: int | None = None) -> dict:
+    """Run every round of ``cfg`` on ``grid``; return a small summary dict. ``nodes``: how many Flower
+    nodes the grid will have (known to ``dpfl simulate``; None: wait until no new node connects).
 
     Raises
     ------
@@ -138,7 +165,7 @@ def run_server(grid: Grid, cfg: RunConfig, progress: bool = True, resume: bool =
     timings: dict = {"server_init": time.perf_counter() - t0, "rounds": []}
     try:
         t0 = time.perf_counter()
-        node_of = map_nodes_to_devices(grid, cfg.num_devices)
+        node_of = map_nodes_to_devices(grid, cfg.num_devices, nodes=nodes)
         timings["node_mapping"] = time.perf_counter() - t0
         arrays = server.arrays
         # tqdm's own estimate would extrapolate the first round (Ray start, feature encoding): the
@@ -188,7 +215,8 @@ def make_server_app(cfg: RunConfig, control: RunControl, progress: bool = True, 
     @server_app.main()
     def _main(grid: Grid, context: Context) -> None:
         try:
-            control.outcome["result"] = run_server(grid, cfg, progress=progress, resume=resume, control=control)
+            control.outcome["result"] = run_server(grid, cfg, progress=progress, resume=resume, control=control,
+                                                   nodes=cfg.supernodes())
         except BackendLost as exc:  # Flower re-raises it wrapped, or not at all: keep the reason
             control.outcome["backend_lost"] = {"reason": str(exc)}
             raise

@@ -108,7 +108,7 @@ def resolve(cfg: RunConfig, pop: Population) -> RunPlan:
     ValueError
         If no selection constant reaches ``--cohort-size``.
     """
-    delta = cfg.resolve_delta(len(pop.data.train))
+    delta = cfg.resolve_delta(pop.data.num_train)
     planned = pop.planned_activity(cfg.rounds)  # [T, K] (continual) or [K]
     alpha = cfg.activity_exponent if cfg.selection == "activity" else 0.0
     selector = ActivitySelector(planned, alpha, cfg.cohort_size, cfg.selection_constant)

@@ -67,22 +67,46 @@ class PrivacyBook:
     def over_budget(
         self, unit: str, next_events: dict[int, SubsampledGaussianEvent]
     ) -> list[tuple[int, str, float]]:
-        """Devices whose epsilon would exceed the unit's budget after ``next_events``.
+        """Devices whose epsilon would exceed the unit's budget after ``next_events`` (device -> event).
 
-        Returns (device, unit, epsilon it would reach) for each, and marks them exhausted.
+        Returns (device, unit, epsilon it would reach) for each, and marks them exhausted
+        (:meth:`over_budget_grouped` with one event per device).
+        """
+        devices = np.fromiter(next_events, dtype=np.int64, count=len(next_events))
+        return self.over_budget_grouped(unit, devices, list(next_events.values()), np.arange(len(devices)))
+
+    def over_budget_grouped(self, unit: str, devices: np.ndarray, events: list, which: np.ndarray) -> list[tuple[int, str, float]]:
+        """As :meth:`over_budget`, for ``devices`` [n] (int64) whose next events are ``events[which[i]]``.
+
+        The cost grows with the devices that hold a history and the distinct events, not with the
+        population: every device with no history yet (most of a large population) has the
+        projected history ``[event]``, computed once per distinct event.
+
+        Returns
+        -------
+        list of (device, unit, epsilon it would reach)
+            Those over the budget (or with a NaN epsilon), in ``devices`` order; they are marked exhausted.
         """
         budget = self.budget[unit]
-        if budget is None:
+        if budget is None or len(devices) == 0:
             return []
-        hits = []
-        cands = {d: ev for d, ev in next_events.items() if d not in self.exhausted}
-        projected = compute_epsilons(
-            {d: [*self.history[unit].get(d, []), ev] for d, ev in cands.items()}, self.delta, self.accountant
-        )
-        for d, e in projected.items():
-            if e > budget or math.isnan(e):
-                self.exhausted[d] = (unit, e)
-                hits.append((d, unit, e))
+        devices = np.asarray(devices, dtype=np.int64)
+        which = np.asarray(which, dtype=np.int64)
+        if self.exhausted:
+            keep = ~np.isin(devices, np.fromiter(self.exhausted, dtype=np.int64, count=len(self.exhausted)))
+            devices, which = devices[keep], which[keep]
+        hist = self.history[unit]
+        known = np.isin(devices, np.fromiter(hist, dtype=np.int64, count=len(hist))) if hist else np.zeros(len(devices), bool)
+        first = compute_epsilons({j: [ev] for j, ev in enumerate(events)}, self.delta, self.accountant)
+        projected = np.array([first[j] for j in range(len(events))], dtype=float)[which]
+        if known.any():
+            again = compute_epsilons({int(d): [*hist[int(d)], events[int(j)]] for d, j in zip(devices[known], which[known])},
+                                     self.delta, self.accountant)
+            projected[known] = [again[int(d)] for d in devices[known]]
+        over = (projected > budget) | np.isnan(projected)
+        hits = [(int(d), unit, float(e)) for d, e in zip(devices[over], projected[over])]
+        for d, _, e in hits:
+            self.exhausted[d] = (unit, e)
         return hits
 
 

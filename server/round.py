@@ -199,7 +199,7 @@ def dispatch(server, grid: Grid, sel: Selection, arrays: ArrayRecord, node_of: d
         content[rec.DEVICE] = ConfigRecord({"device-id": d})
         if teacher_record is not None:
             content[rec.TEACHER] = teacher_record
-        out.append(Message(content, dst_node_id=node_of[d], message_type=m.metadata.message_type))
+        out.append(Message(content, dst_node_id=int(node_of[d]), message_type=m.metadata.message_type))
     return out
 
 

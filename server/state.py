@@ -84,6 +84,22 @@ def load_baseline_model(task, cfg: RunConfig):
     return model
 
 
+def _distinct_pairs(activity: np.ndarray, q: np.ndarray) -> tuple[list[tuple[int, float]], np.ndarray]:
+    """The distinct (activity, q) pairs of n devices and each device's index into them ([n] int64).
+
+    q_k is a function of a_k (server/selection.py), so the pairs are keyed by activity (an integer
+    sort, fast for a million devices); if a pair differs within one activity, by both.
+    """
+    acts, which = np.unique(np.asarray(activity, dtype=np.int64), return_inverse=True)
+    which = which.reshape(-1)
+    first = np.zeros(len(acts), dtype=np.float64)
+    first[which[::-1]] = q[::-1]  # any one q of each activity
+    if np.array_equal(first[which], q):
+        return [(int(a), float(x)) for a, x in zip(acts, first)], which
+    keys, which = np.unique(np.stack([np.asarray(activity, dtype=np.float64), q], axis=1), axis=0, return_inverse=True)
+    return [(int(a), float(x)) for a, x in keys], which.reshape(-1)
+
+
 class Server:
     """State of one run on the server side.
 
@@ -188,10 +204,13 @@ class Server:
         q = self.selector.probabilities(self.activity, excluded=np.array(gone, dtype=np.int64))
         hits: list[tuple[int, str, float]] = []
         cand = np.flatnonzero(q > 0)
-        for unit in self.mechanism.units:
-            if self.book.budget[unit] is not None:
-                hits += self.book.over_budget(unit, {int(d): self.mechanism.event(unit, int(self.activity[d]), float(q[d]))
-                                                     for d in cand})
+        budgeted = [u for u in self.mechanism.units if self.book.budget[u] is not None]
+        if budgeted and len(cand):
+            # a device's next event is a function of its (activity, q_k): one event per distinct pair
+            pairs, which = _distinct_pairs(self.activity[cand], q[cand])
+            for unit in budgeted:
+                events = [self.mechanism.event(unit, a, qk) for a, qk in pairs]
+                hits += self.book.over_budget_grouped(unit, cand, events, which.reshape(-1))
         if hits:
             q[np.array([d for d, _, _ in hits], dtype=np.int64)] = 0.0
             log.info("%d devices reached their privacy budget and will not be selected again", len(hits))

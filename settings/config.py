@@ -95,8 +95,14 @@ SERVER_ONLY = frozenset({
     "cohort_size", "selection", "activity_exponent", "selection_constant",
     "target_epsilon", "max_epsilon", "target_epsilon_device",
     "strategy", "server_learning_rate", "server_ema", "server_lr_schedule",
-    "ray_address",
+    "ray_address", "simulation_nodes",
 })
+
+#: Flower SuperNodes a simulation runs by default (at most one per device). Flower's simulation
+#: engine keeps a context per node and scans every node for messages ten times a second, so one
+#: node per device costs memory and time in proportion to the population (0.29 s per device task
+#: at 100,000 devices); a few dozen nodes keep every actor busy (benchmarks/population_scale.py).
+SIMULATION_NODES = 32
 
 
 @dataclass(frozen=True)
@@ -453,6 +459,13 @@ class RunConfig:
         metadata={"help": "address of an existing Ray cluster to run on (set by dpfl launch --address)",
                   "group": "resources"},
     )
+    simulation_nodes: int | None = field(
+        default=None,
+        metadata={"help": "Flower SuperNodes of the simulation; the devices take them in turn, so a node trains "
+                          "whichever device a message names (default: min(num_devices, "
+                          f"{SIMULATION_NODES})); memory and message-routing time grow with it, not with the "
+                          "population", "group": "resources"},
+    )
     # reliability: round deadline and injected device faults (testing)
     round_timeout: float | None = field(
         default=None,
@@ -631,6 +644,7 @@ class RunConfig:
         need(self.fault_kind in FAULT_KINDS, "fault_kind", f"must be one of {FAULT_KINDS}")
         need(self.server_learning_rate is None or self.server_learning_rate > 0, "server_learning_rate", "must be > 0")
         need(self.client_cpus > 0, "client_cpus", "must be > 0")
+        need(self.simulation_nodes is None or self.simulation_nodes >= 1, "simulation_nodes", "must be >= 1")
         need(self.client_gpus >= 0, "client_gpus", "must be >= 0")
         return self
 
@@ -717,6 +731,12 @@ class RunConfig:
         if not out:
             raise KeyError(f"no setting group {name!r}")
         return out
+
+    def supernodes(self) -> int:
+        """Flower SuperNodes ``dpfl simulate`` runs: ``simulation_nodes``, else
+        ``min(num_devices, SIMULATION_NODES)``, never more than the devices."""
+        n = self.simulation_nodes if self.simulation_nodes is not None else SIMULATION_NODES
+        return max(1, min(int(self.num_devices), int(n)))
 
     def device_settings(self) -> dict[str, Any]:
         """What a device's message carries: every scalar setting except :data:`SERVER_ONLY` ones."""

@@ -201,7 +201,7 @@ def _build(cfg, min_partition_size: int = 0):
     data = load_data(**kw)
     name = cfg.partitioner
     if name == "auto":
-        name = "natural" if cfg.device_column in data.train.column_names else "iid"
+        name = "natural" if cfg.device_column in data.train_columns else "iid"
     devices = partition(data.train, cfg.num_devices, name, seed=cfg.seed, dirichlet_alpha=cfg.dirichlet_alpha,
                         quantity_beta=cfg.quantity_beta, min_partition_size=min_partition_size,
                         device_column=cfg.device_column, num_clusters=cfg.num_clusters)

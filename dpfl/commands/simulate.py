@@ -345,7 +345,7 @@ def simulate(cfg: RunConfig, progress: bool = True, resume: bool = False) -> dic
         _run_until_server_done(lambda: run_simulation(
             server_app=make_server_app(cfg, control, progress=progress, resume=resume),
             client_app=client_app,
-            num_supernodes=cfg.num_devices,
+            num_supernodes=cfg.supernodes(),  # devices take the nodes in turn (server.app.map_nodes_to_devices)
             backend_config=backend_config,
         ), control.outcome, local=not cfg.ray_address, handlers=ours)
     except Exception:
