@@ -50,8 +50,20 @@ logging.getLogger("opacus").setLevel(logging.ERROR)
 
 
 def run_config_from(record: ConfigRecord) -> RunConfig:
-    """The RunConfig the server sent with the message."""
-    return RunConfig.from_mapping(dict(record))
+    """The RunConfig the server sent with the message (parsed once per distinct record in this process:
+    every message of a run carries the same settings)."""
+    items = dict(record)
+    try:
+        key = tuple(sorted(items.items()))
+        hash(key)
+    except TypeError:  # a list-valued setting: parse it every time
+        return RunConfig.from_mapping(items)
+    return _parsed_config(key)
+
+
+@lru_cache(maxsize=8)
+def _parsed_config(items: tuple) -> RunConfig:
+    return RunConfig.from_mapping(dict(items))
 
 
 @lru_cache(maxsize=4)

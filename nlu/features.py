@@ -106,7 +106,8 @@ class FeatureCache:
     def _fill(self, rows, keys, input_ids, attention_mask, token_type_ids, position_ids) -> None:
         idx = torch.as_tensor(rows, device=input_ids.device)
         was = self.encoder.training
-        self.encoder.eval()
+        if was:  # (switching modes walks every submodule: only when needed)
+            self.encoder.eval()
         try:
             out = self.compute(
                 input_ids=input_ids[idx],
@@ -115,7 +116,8 @@ class FeatureCache:
                 position_ids=None if position_ids is None else position_ids[idx],
             )
         finally:
-            self.encoder.train(was)
+            if was:
+                self.encoder.train(True)
         states = out.last_hidden_state
         pooler = getattr(out, "pooler_output", None)
         for j, i in enumerate(rows):
@@ -185,9 +187,16 @@ def warm_feature_cache(model: nn.Module, data, collate_fn, chunk: int = WARM_CHU
         return False
     if getattr(data, "_warmed_into", None) is cache:  # marked on the example set: exact, and it goes with the set
         return False
-    for start in range(0, len(data), chunk):
-        batch = collate_fn(data, list(range(start, min(start + chunk, len(data)))))
-        cache.forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                      token_type_ids=batch.get("token_type_ids"))
+    was = enc.training
+    if was:
+        enc.eval()  # once for every chunk (the cache computes its entries in eval mode)
+    try:
+        for start in range(0, len(data), chunk):
+            batch = collate_fn(data, list(range(start, min(start + chunk, len(data)))))
+            cache.forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                          token_type_ids=batch.get("token_type_ids"))
+    finally:
+        if was:
+            enc.train(True)
     data._warmed_into = cache
     return True
