@@ -14,6 +14,11 @@ same Ray resources, the same number of SuperNodes, the same server-side wait
 (:func:`server.control.receive`), and messages that carry the run's trainable arrays there and
 back, but no training, no data and no privacy work: what orchestration alone costs.
 
+``--breakdown`` times a device task's stages in this process, without Flower or Ray (one
+thread, 200 devices met for the first time): parsing the settings, generating the device's
+records, tokenising, loading the weights, the frozen encoder's features, the mechanism's device
+part (the DP-SGD clipped sum), and the reply's arrays.
+
 ``--table`` runs, each in a process of its own, the populations of ``--populations`` with the
 cohorts of ``--cohorts`` and the floor of each cohort, and prints one table (``--json``: one
 line per row): rounds per second, seconds per device task, the ratio to the floor, and the peaks.
@@ -179,6 +184,11 @@ def run_floor(a) -> dict:
     task = task_for_data(cfg.task, build_population(cfg).data, cfg.slot_loss_weight, pooling=cfg.pooling)
     arrays = record_from_state(trainable_state(set_trainable(task.build_model(cfg.model, seed=cfg.seed), cfg.trainable)))
     cohort, nodes = int(round(a.cohort_size)), cfg.supernodes()
+    extra = {}
+    if a.floor_settings:  # what else a dpfl message carries: the device's settings and its id
+        from flwr.app import ConfigRecord
+
+        extra = {"run": ConfigRecord(cfg.device_settings()), "device": ConfigRecord({"device-id": 0})}
     out: dict = {"rounds": []}
     server_app, client_app = ServerApp(), ClientApp()
 
@@ -191,8 +201,8 @@ def run_floor(a) -> dict:
         try:
             node_of = map_nodes_to_devices(grid, cohort, nodes=nodes)
             for _ in range(a.rounds):
-                msgs = [Message(RecordDict({"arrays": ArrayRecord(dict(arrays.items()))}), dst_node_id=int(node_of[i]),
-                                message_type=MessageType.TRAIN) for i in range(cohort)]
+                msgs = [Message(RecordDict({"arrays": ArrayRecord(dict(arrays.items())), **extra}),
+                                dst_node_id=int(node_of[i]), message_type=MessageType.TRAIN) for i in range(cohort)]
                 got = []
                 t0 = time.perf_counter()
                 receive(grid, msgs, 3600.0, lambda r, i: got.append(i))
@@ -221,6 +231,58 @@ def run_floor(a) -> dict:
         "seconds_per_device_task": _per_task(out["rounds"], out.get("replies", [])),
         **peaks.as_dict(),
     }
+
+
+def run_breakdown(a, devices: int = 200) -> dict:
+    """Where a device task's time goes, measured in this process without Flower or Ray (one thread, as an
+    actor with one CPU): the ClientApp's stages for ``devices`` devices drawn at random (seeded), each
+    met for the first time. Milliseconds per device task, by stage."""
+    import numpy as np
+    import torch
+
+    from client.app import model_of, run_config_from, task_of
+    from dp.secure_random import NoiseSource
+    from flwr.app import ConfigRecord
+    from mechanisms import DeviceWork, mechanism_for
+    from nlu.features import warm_feature_cache
+    from nlu.model import load_tokenizer, trainable_state
+    from partitions.population import build_population
+    from protocol.arrays import load_into, record_from_state
+
+    torch.set_num_threads(1)
+    cfg = _config(a)
+    pop = build_population(cfg)
+    task, mech = task_of(cfg), mechanism_for(cfg)
+    model = model_of(cfg, task)
+    tok = load_tokenizer(cfg.model)
+    record = ConfigRecord(cfg.device_settings())
+    weights = record_from_state({k: v.detach().clone() for k, v in trainable_state(model).items()})
+    round_cfg = {"server-round": 1, **mech.round_params()}
+    ids = np.random.default_rng(0).choice(pop.num_devices, size=min(devices, pop.num_devices), replace=False)
+    stages = {"settings": 0.0, "records": 0.0, "tokenise": 0.0, "load_weights": 0.0, "features": 0.0, "device_part": 0.0,
+              "reply": 0.0}
+    for d in ids:
+        t = [time.perf_counter()]
+        run_config_from(record)
+        t.append(time.perf_counter())
+        cols = pop.data.train_records(pop.held(int(d)))
+        t.append(time.perf_counter())
+        data = task.encode(cols, tok, cfg.max_length)
+        t.append(time.perf_counter())
+        load_into(model, weights, partial=True)
+        t.append(time.perf_counter())
+        warm_feature_cache(model, data, task.collate)
+        t.append(time.perf_counter())
+        reply = mech.device_part(DeviceWork(model, data, task, NoiseSource(), round_cfg, int(d), 1, None, t[0]))
+        t.append(time.perf_counter())
+        record_from_state(reply.arrays)
+        t.append(time.perf_counter())
+        for name, t0, t1 in zip(stages, t, t[1:]):
+            stages[name] += t1 - t0
+    per = {k: 1000 * v / len(ids) for k, v in stages.items()}
+    return {"kind": "breakdown", "settings": {"model": a.model, "num_devices": a.num_devices, "devices": len(ids)},
+            "ms_per_device_task": per, "ms_total": sum(per.values()),
+            "examples_per_device": float(np.mean([len(pop.held(int(d))) for d in ids]))}
 
 
 def _child(args: list[str]) -> dict:
@@ -286,6 +348,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--local-epochs", type=int, default=1)
     p.add_argument("--floor", action="store_true", help="Flower's simulation with an empty ClientApp instead")
     p.add_argument("--table", action="store_true", help="every --populations x --cohorts, and the floors")
+    p.add_argument("--floor-settings", action="store_true",
+                   help="with --floor: the messages also carry the device settings record a dpfl message carries")
+    p.add_argument("--breakdown", action="store_true", help="a device task's stages in this process (no Flower)")
     p.add_argument("--populations", type=lambda s: [int(x) for x in s.split(",")], default=[10_000, 100_000, 1_000_000])
     p.add_argument("--cohorts", type=lambda s: [int(x) for x in s.split(",")], default=[100, 1000])
     p.add_argument("--json", action="store_true")
@@ -302,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             _print_table(rows)
         return 0
-    out = run_floor(a) if a.floor else run_dpfl(a)
+    out = run_floor(a) if a.floor else run_breakdown(a) if a.breakdown else run_dpfl(a)
     print(json.dumps(out) if a.json else json.dumps(out, indent=1))
     sys.stdout.flush()
     if a.floor:

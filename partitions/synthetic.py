@@ -14,6 +14,11 @@ network, and so that the federated setting has *natural* devices:
   shopping items), lower-case and punctuation habits and a typo rate;
 - the number of training examples per device is heavy-tailed (lognormal, sigma 1.2; at
   least one each): most devices hold a few examples and a few hold hundreds;
+- each device's habits and utterances come from a random stream of its own (the seed and the
+  device id), and the sizes from one vectorised draw: a run holds only the sizes of its
+  population and generates a device's examples when it is selected
+  (:class:`partitions.loading.SyntheticTrain`), so a million devices cost 16 MB, not 30 million
+  utterances;
 - the test set comes from the same generator with no device habits (every template, every
   value, a small typo rate), so it measures the population, not any one device.
 
