@@ -25,6 +25,7 @@ Fault injection for tests (``--fault-rate``, ``--fault-kind``): :func:`fault_for
 from __future__ import annotations
 
 import logging
+import os
 import time
 from functools import lru_cache
 
@@ -47,6 +48,9 @@ from partitions.population import population_for_key, population_key
 
 app = ClientApp()
 logging.getLogger("opacus").setLevel(logging.ERROR)
+# A device tokenises its few utterances at a time: the tokenizers' thread pool only competes with
+# the other actors for the cores (and spins while it waits)
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def run_config_from(record: ConfigRecord) -> RunConfig:

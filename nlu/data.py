@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,13 +47,14 @@ def collate(enc: Encoded, idx, pad_id: int = 0) -> dict[str, torch.Tensor]:
     """
     idx = np.asarray(idx, dtype=np.int64)
     rows = [enc.input_ids[i] for i in idx]
-    length = max((len(r) for r in rows), default=1)
     b = len(rows)
-    input_ids = torch.full((b, length), pad_id, dtype=torch.long)
-    mask = torch.zeros((b, length), dtype=torch.long)
-    for i, r in enumerate(rows):
-        input_ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[i, : len(r)] = 1
+    lens = np.fromiter(map(len, rows), dtype=np.int64, count=b)
+    length = max(int(lens.max(initial=0)), 1)
+    present = np.arange(length) < lens[:, None]  # right padding: row i holds lens[i] tokens
+    ids = np.full((b, length), pad_id, dtype=np.int64)
+    ids[present] = np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int64, count=int(lens.sum()))
+    input_ids = torch.from_numpy(ids)
+    mask = torch.from_numpy(present.astype(np.int64))
     return {
         "input_ids": input_ids,
         "attention_mask": mask,

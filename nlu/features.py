@@ -18,9 +18,11 @@ default position ids; any other batch is encoded directly, uncached.
 from __future__ import annotations
 
 import types
+from collections import OrderedDict
 
 import torch
 from torch import nn
+from torch.nn.utils.rnn import pad_sequence
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from nlu.model import encoder_of
@@ -51,7 +53,8 @@ class FeatureCache:
         self.max_entries = int(max_entries)
         self.max_bytes = int(max_bytes)
         self.bytes = 0
-        self.entries: dict[bytes, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        #: insertion order is the eviction order (OrderedDict: dropping the oldest is O(1) however many went before)
+        self.entries: OrderedDict[bytes, tuple[torch.Tensor, torch.Tensor | None]] = OrderedDict()
         self.hits = 0
         self.misses = 0
 
@@ -92,13 +95,12 @@ class FeatureCache:
             self._fill(missing, keys, input_ids, attention_mask, token_type_ids, position_ids)
         self.hits += B - len(missing)
         self.misses += len(missing)
-        first = self.entries[keys[0]][0]
-        states = torch.zeros(B, L, first.shape[-1], dtype=first.dtype, device=input_ids.device)
-        pooled = []
-        for i, k in enumerate(keys):
-            s, p = self.entries[k]
-            states[i, : s.shape[0]] = s
-            pooled.append(p)
+        got = [self.entries[k] for k in keys]
+        states = pad_sequence([s for s, _ in got], batch_first=True)  # [B, max len_i, H], zeros after each
+        if states.shape[1] < L:
+            states = torch.nn.functional.pad(states, (0, 0, 0, L - states.shape[1]))
+        states = states.to(input_ids.device)
+        pooled = [p for _, p in got]
         pooler = None if any(p is None for p in pooled) else torch.stack(pooled)
         return BaseModelOutputWithPooling(last_hidden_state=states, pooler_output=pooler)
 
@@ -120,8 +122,7 @@ class FeatureCache:
                 self.encoder.train(True)
         states = out.last_hidden_state
         pooler = getattr(out, "pooler_output", None)
-        for j, i in enumerate(rows):
-            n = int(attention_mask[i].sum())
+        for j, (i, n) in enumerate(zip(rows, attention_mask[idx].sum(1).tolist())):
             entry = (states[j, :n].clone(), None if pooler is None else pooler[j].clone())
             old = self.entries.pop(keys[i], None)
             if old is not None:
@@ -130,7 +131,7 @@ class FeatureCache:
             self.bytes += self._size(entry)
         # never drop the entries just filled: the batch that asked for them reads them next
         while len(self.entries) > max(self.max_entries, len(rows)) or (self.bytes > self.max_bytes and len(self.entries) > len(rows)):
-            self.bytes -= self._size(self.entries.pop(next(iter(self.entries))))
+            self.bytes -= self._size(self.entries.popitem(last=False)[1])
 
     @classmethod
     def _size(cls, entry) -> int:
