@@ -143,7 +143,7 @@ def population_for_key(key: tuple) -> Population:
     generated = data.generated_train
     if generated is not None and partitioner == "natural" and device_column == "device" and len(generated.sizes) == num_devices:
         # the synthetic set's natural devices: rows grouped by device, nothing to read or build
-        devices = DeviceIndex.ranges(generated.sizes)
+        devices = DeviceIndex(generated.offsets)  # shares the generator's offsets
     else:
         devices = DeviceIndex.from_arrays(partition(
             data.train,

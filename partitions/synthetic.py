@@ -17,7 +17,7 @@ network, and so that the federated setting has *natural* devices:
 - each device's habits and utterances come from a random stream of its own (the seed and the
   device id), and the sizes from one vectorised draw: a run holds only the sizes of its
   population and generates a device's examples when it is selected
-  (:class:`partitions.loading.SyntheticTrain`), so a million devices cost 16 MB, not 30 million
+  (:class:`partitions.loading.SyntheticTrain`), so a million devices cost 16 MB of sizes and offsets, not 30 million
   utterances;
 - the test set comes from the same generator with no device habits (every template, every
   value, a small typo rate), so it measures the population, not any one device.

@@ -42,9 +42,19 @@ def test_round_overhead():
 
 
 def test_population_scale():
-    (res,) = _json_lines(_bench("population_scale", "--num-devices", "500", "--cohort-size", "5", "--rounds", "1",
-                                "--json"))
-    assert res["driver_peak_rss_mb"] > 0 and len(res["cohorts"]) == 1
+    """The table: a dpfl run and Flower's empty-ClientApp floor, each in a process of its own."""
+    (row,) = _json_lines(_bench("population_scale", "--table", "--populations", "300", "--cohorts", "4",
+                                "--rounds", "2", "--json"))
+    assert row["num_devices"] == 300 and row["supernodes"] == 32
+    assert row["seconds_per_device_task"] > 0 and row["floor_seconds_per_device_task"] > 0 and row["over_floor"] > 0
+    assert row["driver_peak_rss_mb"] > 0 and row["tree_peak_rss_mb"] >= row["driver_peak_rss_mb"]
+
+
+def test_population_scale_breakdown():
+    (res,) = _json_lines(_bench("population_scale", "--breakdown", "--num-devices", "2000", "--json"))
+    stages = res["ms_per_device_task"]
+    assert set(stages) >= {"records", "tokenise", "features", "device_part", "reply"} and all(v >= 0 for v in stages.values())
+    assert res["ms_total"] == sum(stages.values()) and res["settings"]["devices"] == 200
 
 
 def test_dp_step():

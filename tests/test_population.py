@@ -20,7 +20,7 @@ from partitions.device_index import DeviceIndex
 from partitions.loading import SyntheticTrain, load_data
 from partitions.population import build_population
 from partitions.synthetic import device_records, device_sizes, generate
-from server.app import DeviceNodes, map_nodes_to_devices
+from rundir import release_run_lock
 from server.privacy import PrivacyBook
 from settings.config import SIMULATION_NODES, ConfigError, RunConfig
 
@@ -112,17 +112,10 @@ def test_the_server_never_builds_a_generated_split(tmp_path, monkeypatch):
         assert 10 < len(sel.cohort) < 150
     finally:
         server.ledger.close()
+        release_run_lock(server.rundir.path)
 
 
 # --------------------------------------------------------------------------- Flower nodes
-class _Grid:
-    def __init__(self, ids):
-        self.ids = ids
-
-    def get_node_ids(self):
-        return set(self.ids)
-
-
 def test_supernodes_setting():
     assert RunConfig(num_devices=1_000_000).supernodes() == SIMULATION_NODES
     assert RunConfig(num_devices=5).supernodes() == 5
@@ -131,16 +124,6 @@ def test_supernodes_setting():
     with pytest.raises(ConfigError, match="simulation-nodes"):
         RunConfig(simulation_nodes=0).validate()
     assert "simulation_nodes" not in RunConfig().device_settings()  # a server setting
-
-
-def test_nodes_take_the_devices_in_turn_without_waiting():
-    ids = [907, 12, 5501]
-    m = map_nodes_to_devices(_Grid(ids), 1_000_000, nodes=3, settle=3600.0)  # no settle wait: all 3 are there
-    assert isinstance(m, DeviceNodes) and len(m) == 1_000_000
-    assert [m[d] for d in (0, 1, 2, 3, 999_999)] == [12, 907, 5501, 12, 12]
-    assert map_nodes_to_devices(_Grid(ids), 4, nodes=3) == {0: 12, 1: 907, 2: 5501, 3: 12}
-    with pytest.raises(KeyError):
-        m[1_000_000]
 
 
 # --------------------------------------------------------------------------- budgets at scale
@@ -196,6 +179,7 @@ def test_accounting_of_a_large_population_equals_dp_accounting(tmp_path):
     cfg = RunConfig(model="tiny", num_devices=20_000, cohort_size=8, rounds=2, run_dir=str(tmp_path / "run"),
                     run_id="acc", noise_multiplier=1.0, sample_rate=0.25, round_timeout=60.0).validate()
     server, _, _, outs = run_rounds(cfg, nodes=4)
+    release_run_lock(server.rundir.path)
     assert sum(o.cohort_size for o in outs) > 0
     with LedgerReader(server.rundir.ledger_path) as led:
         by_device = led.events_by_device("example")

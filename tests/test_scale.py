@@ -17,7 +17,7 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from protocol.arrays import array_view, load_into, record_from_numpy, record_from_state
 from mechanisms import RoundPlan
 from mechanisms.fedavg import MeanAggregator
-from server.app import map_nodes_to_devices
+from server.app import DeviceNodes, map_nodes_to_devices
 from server.selection import ActivitySelector, poisson_cohort
 
 
@@ -170,3 +170,13 @@ def test_reproducible_noise_sums_replies_in_device_order_whatever_their_arrival(
     server.run_round(grid, 1, server.arrays, {d: n for n, d in grid.nodes.items()})
     server.ledger.close()
     assert len(order) >= 2 and order == sorted(order)
+
+
+def test_nodes_take_the_devices_in_turn_without_waiting():
+    ids = [907, 12, 5501]
+    m = map_nodes_to_devices(_Grid(ids), 1_000_000, nodes=3, settle=3600.0)  # no settle wait: all 3 are there
+    assert isinstance(m, DeviceNodes) and len(m) == 1_000_000
+    assert [m[d] for d in (0, 1, 2, 3, 999_999)] == [12, 907, 5501, 12, 12]
+    assert map_nodes_to_devices(_Grid(ids), 4, nodes=3) == {0: 12, 1: 907, 2: 5501, 3: 12}
+    with pytest.raises(KeyError):
+        m[1_000_000]
