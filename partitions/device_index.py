@@ -70,9 +70,7 @@ class DeviceIndex(Sequence):
     def __len__(self) -> int:
         return len(self.offsets) - 1
 
-    def __getitem__(self, k):
-        if isinstance(k, slice):
-            return [self[i] for i in range(*k.indices(len(self)))]
+    def __getitem__(self, k: int) -> np.ndarray:
         k = int(k)
         if k < 0:
             k += len(self)

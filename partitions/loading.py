@@ -154,10 +154,13 @@ class SyntheticTrain:
     COLUMNS = ("text", "label", "uid", "tokens", "slots", "device")
 
     def __init__(self, seed: int, sizes: np.ndarray):
+        from partitions.device_index import DeviceIndex
+
         self.seed = int(seed)
         self.sizes = np.asarray(sizes, dtype=np.int64)
-        self.offsets = np.zeros(len(self.sizes) + 1, dtype=np.int64)
-        self.offsets[1:] = np.cumsum(self.sizes)
+        #: the natural devices' rows: device k holds rows offsets[k] .. offsets[k + 1] - 1
+        self.index = DeviceIndex.ranges(self.sizes)
+        self.offsets = self.index.offsets
 
     @property
     def size(self) -> int:
@@ -198,11 +201,9 @@ class SyntheticTrain:
 
     def materialise(self) -> datasets.Dataset:
         """The whole split (every device's records, in device order)."""
-        cols: dict[str, list] = {k: [] for k in ("text", "label", "tokens", "slots", "device")}
-        for k in range(len(self.sizes)):
-            for c, v in self._records(k).items():
-                cols[c] += v
-        return _to_dataset(cols)
+        from partitions.synthetic import train_columns
+
+        return _to_dataset(train_columns(self.seed, self.sizes))
 
 
 def _features(cols: dict[str, list]) -> datasets.Features:
@@ -369,7 +370,7 @@ def load_data(
         if max_examples is None:  # the train split stays an index: devices are built when selected
             return NLUData(generated_train=gen_train, test=_to_dataset(test_cols), label_names=label_names,
                            slot_names=slot_names, source=source, labels_declared=declared)
-        train_cols = synthetic.generate(synthetic_devices, seed).train  # a cap needs every label first
+        train_cols = synthetic.train_columns(seed, sizes)  # a cap needs every label first
 
     train_rows = test_rows = None
     if max_examples is not None:

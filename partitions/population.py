@@ -141,9 +141,8 @@ def population_for_key(key: tuple) -> Population:
     if partitioner == "auto":
         partitioner = "natural" if device_column in data.train_columns else "iid"
     generated = data.generated_train
-    if generated is not None and partitioner == "natural" and device_column == "device" and len(generated.sizes) == num_devices:
-        # the synthetic set's natural devices: rows grouped by device, nothing to read or build
-        devices = DeviceIndex(generated.offsets)  # shares the generator's offsets
+    if generated is not None and partitioner == "natural" and device_column == "device":
+        devices = generated.index  # the synthetic set's natural devices: rows grouped by device, nothing to build
     else:
         devices = DeviceIndex.from_arrays(partition(
             data.train,

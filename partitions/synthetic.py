@@ -350,6 +350,15 @@ def device_records(seed: int, device: int, n: int) -> dict[str, list]:
     return out
 
 
+def train_columns(seed: int, sizes) -> dict[str, list]:
+    """Every device's records (:func:`device_records`), device 0 first: the whole train split's columns."""
+    train: dict[str, list] = {"text": [], "label": [], "tokens": [], "slots": [], "device": []}
+    for dev, n in enumerate(sizes):
+        for k, v in device_records(seed, dev, int(n)).items():
+            train[k] += v
+    return train
+
+
 def default_test_size(train_size: int) -> int:
     """Test examples by default: ``max(600, min(2000, train_size // 3))``."""
     return max(600, min(2000, train_size // 3))
@@ -405,11 +414,7 @@ def generate(num_devices: int = 100, seed: int = 0, *, mean_examples_per_device:
         raise ValueError(f"synthetic_devices must be >= 1, got {num_devices}")
     if mean_examples_per_device is None:
         mean_examples_per_device = default_mean_examples(num_devices)
-    sizes = device_sizes(num_devices, seed, mean=mean_examples_per_device)
-    train: dict[str, list] = {"text": [], "label": [], "tokens": [], "slots": [], "device": []}
-    for dev, n in enumerate(sizes):
-        for k, v in device_records(seed, dev, int(n)).items():
-            train[k] += v
+    train = train_columns(seed, device_sizes(num_devices, seed, mean=mean_examples_per_device))
     test = test_records(seed, default_test_size(len(train["text"])) if test_size is None else test_size)
     return SyntheticSplits(train=train, test=test, label_names=list(INTENTS), slot_names=slot_names(),
                            num_devices=num_devices)
