@@ -193,8 +193,8 @@ def launched(cluster, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("launch") / "run"
     cmd = [
         str(DPFL), "launch", "--address", cluster.address, "--model", "tiny", "--num-devices", "6",
-        "--rounds", "2", "--cohort-size", "4", "--client-cpus", "1", "--max-length", "24", "--max-examples", "240",
-        "--run-dir", str(run_dir), "--no-progress", "--selection", "uniform",
+        "--rounds", "2", "--cohort-size", "6", "--client-cpus", "1", "--max-length", "24", "--max-examples", "240",
+        "--run-dir", str(run_dir), "--no-progress", "--selection", "uniform",  # q = 1: all six devices each round
         "--noise-at", "device",  # device replies name the Ray node they ran on (aggregate replies hold only the sum)
     ]
     r = _run_in_group(cmd, cluster.env, timeout=150, cwd=REPO)
