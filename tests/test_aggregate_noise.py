@@ -301,7 +301,7 @@ def test_aggregate_accounting_equals_dp_accounting_on_a_hand_built_schedule():
 def test_aggregate_accounting_of_a_run_equals_dp_accounting_on_its_recorded_schedule(tmp_path, data_dir):
     """The ledger's events are the rounds each device was sent a message; its epsilons are dp-accounting's."""
     sigma, p = 1.4, 0.4
-    cfg = _cfg(tmp_path, data_dir, trainable="head", num_devices=5, cohort_size=2, rounds=5, sample_rate=p,
+    cfg = _cfg(tmp_path, data_dir, trainable="head", num_devices=5, cohort_size=3, rounds=5, sample_rate=p,
                noise_multiplier=sigma)
     server, grid, _, _ = run_rounds(cfg)
     joined: dict[int, list[int]] = {}

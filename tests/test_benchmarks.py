@@ -43,7 +43,7 @@ def test_round_overhead():
 
 def test_population_scale():
     """The table: a dpfl run and Flower's empty-ClientApp floor, each in a process of its own."""
-    (row,) = _json_lines(_bench("population_scale", "--table", "--populations", "300", "--cohorts", "4",
+    (row,) = _json_lines(_bench("population_scale", "--table", "--populations", "300", "--cohorts", "12",
                                 "--rounds", "2", "--json"))
     assert row["num_devices"] == 300 and row["supernodes"] == 32
     assert row["seconds_per_device_task"] > 0 and row["floor_seconds_per_device_task"] > 0 and row["over_floor"] > 0

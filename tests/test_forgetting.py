@@ -239,8 +239,8 @@ def test_retrain_from_a_kept_round_keeps_the_parents_rounds(tmp_path, data_dir):
     dels = tmp_path / "deletions.txt"
     dels.write_text("3 1\n")  # device 3 never joins
     parent = tmp_path / "parent"
-    cfg = toy_config(parent, data_dir, rounds=4, num_devices=4, cohort_size=3, selection="uniform",
-                     deletions=str(dels), noise_at="aggregate")
+    cfg = toy_config(parent, data_dir, rounds=4, num_devices=4, cohort_size=4, selection="uniform",
+                     deletions=str(dels), noise_at="aggregate")  # q = 1: no round's cohort is empty
     run_rounds(cfg)
     with LedgerReader(parent) as reader:
         parent_events = [(e.round, e.device_id, e.noise_multiplier) for e in reader.events("example") if e.round < 3]

@@ -51,7 +51,7 @@ def _pld(events) -> float:
 def test_run_rows_name_the_mechanism_and_compose_to_the_ledger_epsilon(tmp_path, settings, name, units):
     data = write_lamp_data(tmp_path)
     cfg = toy_config(tmp_path / "run", data, target_delta=DELTA, trainable="head", rounds=3, num_devices=4,
-                     cohort_size=2, **settings)
+                     cohort_size=3, **settings)  # q = 3/4: all three rounds empty with probability 6e-8
     run_rounds(cfg)
     with LedgerReader(Path(cfg.run_dir) / "ledger.sqlite") as ledger:
         for unit in units:

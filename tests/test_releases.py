@@ -77,7 +77,7 @@ def test_pc_runs_send_the_previous_release_as_the_teacher(tmp_path, data_dir):
     from protocol.arrays import array_view
 
     cfg = toy_config(tmp_path / "pc", data_dir, rounds=3, release_every=1, pc_weight=1.0, noise_at="aggregate",
-                     server_ema=0.0)  # the release is the iterate
+                     server_ema=0.0, cohort_size=4)  # the release is the iterate; q = 1: no empty round
     server, grid, arrays, _ = run_rounds(cfg)
     by_round = {}
     for m in grid.sent:
