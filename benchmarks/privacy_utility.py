@@ -29,7 +29,8 @@ label names, ``--head-init auto``), ``labels`` (``--head-init label-names``), ``
 (``--participation-cap K``: the noise calibrated for K of a device's rounds), ``adaptive``
 (``--adaptive-clip-quantile 0.5``: the clip norm follows the median norm; ``adaptiveG``: the G
 quantile, 0 < G < 1), ``clipX`` (the clip norm,
-C and S, is X instead of the arm's; with ``adaptive``, where it starts), e.g.
+C and S, is X instead of the arm's; with ``adaptive``, where it starts), ``bandsB`` (``--bands B``:
+correlated noise across rounds, banded matrix factorization with B bands and cyclic selection), e.g.
 ``aggregate:head:1:random+cap20`` or ``aggregate:head:1:clip10+adaptive``.
 
 Usage::
@@ -119,10 +120,12 @@ def lever_args(levers: str) -> list[str]:
             args += ["--participation-cap", lever[3:]]
         elif lever.startswith("adaptive") and _positive(lever[8:]) and float(lever[8:]) < 1:
             args += ["--adaptive-clip-quantile", lever[8:]]
+        elif lever.startswith("bands") and lever[5:].isdigit() and int(lever[5:]) >= 1:
+            args += ["--bands", lever[5:]]
         elif lever.startswith("clip") and _positive(lever[4:]):
             args += ["--max-grad-norm", lever[4:], "--update-clip-norm", lever[4:]]
         else:
-            raise SystemExit(f"--arms: unknown lever {lever!r} (one of {sorted(LEVERS)}, capK, clipX or adaptiveG)")
+            raise SystemExit(f"--arms: unknown lever {lever!r} (one of {sorted(LEVERS)}, capK, clipX, adaptiveG or bandsB)")
     return args
 
 
@@ -193,6 +196,10 @@ def arm_command(noise: str, trainable: str, eps: float | None, run_dir: Path, da
     if noise == "device-level":
         rounds = int(args[args.index("--rounds") + 1])
         q = float(args[args.index("--cohort-size") + 1]) / float(args[args.index("--num-devices") + 1])
+        lev = lever_args(levers)
+        if "--bands" in lev:  # cyclic selection: q_k = b m / K in the ceil(T / b) rounds a device may join
+            bands = int(lev[lev.index("--bands") + 1])
+            rounds, q = -(-rounds // bands), min(1.0, q * bands)
         args += ["--device-noise-multiplier", f"{device_level_sigma(eps, rounds, q):.6f}",
                  "--target-epsilon-device", f"{eps:g}"]
     return args + lever_args(levers) + extra

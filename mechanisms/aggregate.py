@@ -27,6 +27,7 @@ from dp.accounting import SubsampledGaussianEvent
 from dp.engines import make_engine
 from dp.secure_random import NoiseSource
 from mechanisms.adaptive_clip import CLIP_COUNT, ClipStateMixin, QuantileClip, gradient_noise_multiplier, quantile_clip, with_count_stddev
+from mechanisms.correlated_noise import BandedNoise, correlated_noise
 from mechanisms.base import (Aggregator, Calibration, DeviceReply, DeviceWork, Mechanism, ReplySpec, _numpy,
                              calibrate_example, floating_keys)
 from mechanisms.registry import register
@@ -64,17 +65,21 @@ class AggregateNoiseAggregator(ClipStateMixin, Aggregator):
         Adaptive clipping: C is ``clip.value`` this round, ``noise_multiplier`` is then the
         clipped sum's sigma_g, and :meth:`result` moves C by the noised count of the replies'
         centred counts over E[n].
+    correlated : mechanisms.correlated_noise.BandedNoise, optional
+        Correlated noise across rounds (``--bands``): the sum's noise is sigma C times row t of C^-1 z
+        instead of sigma C times a fresh z_t.
     """
 
     name = "aggregate-noise"
 
     def __init__(self, noise_multiplier: float, max_grad_norm: float, step_size: float, noise: NoiseSource,
-                 clip: QuantileClip | None = None):
+                 clip: QuantileClip | None = None, correlated: BandedNoise | None = None):
         self.noise_multiplier = float(noise_multiplier)
         self.max_grad_norm = float(max_grad_norm)
         self.step_size = float(step_size)
         self.noise = noise
         self.clip = clip
+        self.correlated = correlated
 
     def begin(self, round_, current, plan):
         super().begin(round_, current, plan)
@@ -95,9 +100,13 @@ class AggregateNoiseAggregator(ClipStateMixin, Aggregator):
         """g = (sum of clipped sums + N(0, (sigma C)^2 I)) / E[n] (float64), per floating array."""
         std = self.noise_multiplier * self.max_grad_norm
         denom = max(float(self.plan.expected_examples), 1e-12)
+        rows = (self.correlated.draw(self.round, {k: v.shape for k, v in self.total.items()})
+                if self.correlated is not None and std > 0 else None)
         out = {}
         for k, s in self.total.items():
-            if std > 0:
+            if rows is not None:
+                s = s + std * rows[k]
+            elif std > 0:
                 s = s + self.noise.normal_numpy(s.shape, std)
             out[k] = s / denom
         return out
@@ -178,7 +187,8 @@ class AggregateNoise(Mechanism):
         sigma = float(self.cfg.noise_multiplier)
         self.clip = quantile_clip(self.cfg, self.cfg.max_grad_norm, sigma)
         if self.clip is None:
-            return AggregateNoiseAggregator(sigma, self.cfg.max_grad_norm, step_size, noise)
+            return AggregateNoiseAggregator(sigma, self.cfg.max_grad_norm, step_size, noise,
+                                            correlated=correlated_noise(self.cfg, noise))
         sigma_g = gradient_noise_multiplier(sigma, self.clip.count_stddev)
         return AggregateNoiseAggregator(sigma_g, self.clip.value, step_size, noise, clip=self.clip)
 

@@ -315,11 +315,19 @@ class Mechanism:
         return Calibration()
 
 
+def joinable_rounds(cfg) -> int:
+    """The most rounds one device can join: ``cfg.rounds``, or ceil(rounds / bands) under cyclic selection
+    (``--bands`` b > 1: device k may join only the rounds t with (t - 1) mod b = k mod b;
+    :class:`server.selection.ActivitySelector`)."""
+    return -(-int(cfg.rounds) // int(getattr(cfg, "bands", 1)))
+
+
 def calibrate_example(cfg, delta: float, profiles: set[tuple[float, int]], hint: str) -> Calibration:
     """The example-level calibration of either placement: the smallest noise multiplier that keeps
     every (sample_rate, steps-per-round) profile, repeated ``cfg.rounds`` times (or
     ``cfg.participation_cap`` times, the most rounds one device joins: the budget filter, with
-    the target as every device's budget, stops it there), at or below the target epsilon (``--target-epsilon``, default 8 without ``--noise-multiplier``: also every
+    the target as every device's budget, stops it there; or ceil(rounds / bands) times under
+    cyclic selection, :func:`joinable_rounds`), at or below the target epsilon (``--target-epsilon``, default 8 without ``--noise-multiplier``: also every
     device's budget). The largest sigma any profile needs; nothing when no target applies.
 
     Parameters
@@ -340,7 +348,7 @@ def calibrate_example(cfg, delta: float, profiles: set[tuple[float, int]], hint:
     target = cfg.resolved_target_epsilon()
     if target is None:
         return Calibration()
-    rounds = min(cfg.rounds, cfg.participation_cap or cfg.rounds)  # the rounds one device may join
+    rounds = min(joinable_rounds(cfg), cfg.participation_cap or cfg.rounds)  # the rounds one device may join
     sigma = 0.0
     for q, steps in sorted(profiles):
         if steps == 0:
@@ -356,5 +364,6 @@ def calibrate_example(cfg, delta: float, profiles: set[tuple[float, int]], hint:
         sigma = max(sigma, s)
     return Calibration({"target_epsilon": target, "noise_multiplier": sigma},
                        (f"target epsilon {target:g}: noise multiplier calibrated to {sigma:.4f}"
-                        + (f" for at most {rounds} of the {cfg.rounds} rounds per device (--participation-cap)"
+                        + (f" for at most {rounds} of the {cfg.rounds} rounds per device ("
+                           + ("--participation-cap" if rounds < joinable_rounds(cfg) else f"--bands {cfg.bands}") + ")"
                            if rounds < cfg.rounds else ""),))

@@ -24,7 +24,9 @@ import numpy as np
 from dp.accounting import SubsampledGaussianEvent, calibrate_noise_multiplier
 from dp.secure_random import NoiseSource
 from mechanisms.adaptive_clip import ClipStateMixin, QuantileClip, gradient_noise_multiplier, quantile_clip, with_count_stddev
-from mechanisms.base import Aggregator, Calibration, DeviceReply, DeviceWork, Mechanism, ReplySpec, _numpy, floating_keys
+from mechanisms.base import (Aggregator, Calibration, DeviceReply, DeviceWork, Mechanism, ReplySpec, _numpy, floating_keys,
+                             joinable_rounds)
+from mechanisms.correlated_noise import BandedNoise, correlated_noise
 from mechanisms.local_dpsgd import LocalDPSGD
 from mechanisms.registry import register
 from mechanisms.training import local_round
@@ -57,17 +59,20 @@ class DeviceDPAggregator(ClipStateMixin, Aggregator):
     clip : mechanisms.adaptive_clip.QuantileClip, optional
         Adaptive clipping: S is ``clip.value`` this round, ``noise_multiplier`` is the sum's sigma_g,
         and :meth:`result` moves S by the noised centred count of unclipped updates over m.
+    correlated : mechanisms.correlated_noise.BandedNoise, optional
+        Correlated noise across rounds (``--bands``): the sum's noise is sigma_u S times row t of C^-1 z.
     """
 
     name = "device-dp"
 
     def __init__(self, clip_norm: float, noise_multiplier: float, noise: NoiseSource, step_size: float = 1.0,
-                 clip: QuantileClip | None = None):
+                 clip: QuantileClip | None = None, correlated: BandedNoise | None = None):
         self.clip_norm = float(clip_norm)
         self.noise_multiplier = float(noise_multiplier)
         self.noise = noise
         self.step_size = float(step_size)
         self.clip = clip
+        self.correlated = correlated
         self.norms: list[float] = []
 
     def begin(self, round_, current, plan):
@@ -87,9 +92,13 @@ class DeviceDPAggregator(ClipStateMixin, Aggregator):
 
     def result(self) -> dict[str, np.ndarray]:
         std = self.noise_multiplier * self.clip_norm
+        rows = (self.correlated.draw(self.round, {k: v.shape for k, v in self.total.items()})
+                if self.correlated is not None and std > 0 else None)
         out = dict(self.current)
         for k, s in self.total.items():
-            if std > 0:
+            if rows is not None:
+                s = s + std * rows[k]
+            elif std > 0:
                 s = s + self.noise.normal_numpy(s.shape, std)
             step = self.step_size * self.plan.lr_factor / self.plan.expected_cohort
             out[k] = (self.current[k] + step * s).astype(self.current[k].dtype)
@@ -102,7 +111,8 @@ class DeviceDPAggregator(ClipStateMixin, Aggregator):
 
 def calibrate_device_noise(cfg, q_max: float, delta: float) -> float:
     """sigma_u for device-level DP: the smallest that keeps a device selected with probability
-    ``q_max`` (the largest q_k of the run) in each of ``cfg.rounds`` rounds at or below
+    ``q_max`` (the largest q_k of the run) in each of ``cfg.rounds`` rounds (ceil(rounds / bands) under
+    cyclic selection, :func:`mechanisms.base.joinable_rounds`) at or below
     ``cfg.target_epsilon_device`` (one Poisson-subsampled Gaussian per round; DP-FedAvg,
     McMahan et al. 2018). Every other device has q_k <= q_max and spends less.
     Without a target: :data:`DEFAULT_DEVICE_NOISE_MULTIPLIER`.
@@ -114,13 +124,14 @@ def calibrate_device_noise(cfg, q_max: float, delta: float) -> float:
     """
     if cfg.target_epsilon_device is None:
         return DEFAULT_DEVICE_NOISE_MULTIPLIER
+    rounds = joinable_rounds(cfg)
     try:
-        return calibrate_noise_multiplier(cfg.target_epsilon_device, delta, schedule=[(float(q_max), cfg.rounds)],
+        return calibrate_noise_multiplier(cfg.target_epsilon_device, delta, schedule=[(float(q_max), rounds)],
                                           accountant=cfg.accountant)
     except ValueError as exc:
         raise ValueError(
             f"--target-epsilon-device {cfg.target_epsilon_device:g} is unreachable for a device selected with "
-            f"probability {q_max:.3g} in each of {cfg.rounds} rounds at delta {delta:g}: raise "
+            f"probability {q_max:.3g} in each of {rounds} rounds at delta {delta:g}: raise "
             f"--target-epsilon-device, lower --rounds or --cohort-size ({exc})"
         ) from exc
 
@@ -162,7 +173,8 @@ class DPFedAvg(Mechanism):
         sigma = float(self.cfg.device_noise_multiplier)
         self.clip = quantile_clip(self.cfg, self.cfg.update_clip_norm, sigma)
         if self.clip is None:
-            return DeviceDPAggregator(self.cfg.update_clip_norm, sigma, noise, step_size)
+            return DeviceDPAggregator(self.cfg.update_clip_norm, sigma, noise, step_size,
+                                      correlated=correlated_noise(self.cfg, noise))
         sigma_g = gradient_noise_multiplier(sigma, self.clip.count_stddev, "--device-noise-multiplier")
         return DeviceDPAggregator(self.clip.value, sigma_g, noise, step_size, clip=self.clip)
 

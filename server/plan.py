@@ -111,7 +111,12 @@ def resolve(cfg: RunConfig, pop: Population) -> RunPlan:
     delta = cfg.resolve_delta(pop.data.num_train)
     planned = pop.planned_activity(cfg.rounds)  # [T, K] (continual) or [K]
     alpha = cfg.activity_exponent if cfg.selection == "activity" else 0.0
-    selector = ActivitySelector(planned, alpha, cfg.cohort_size, cfg.selection_constant)
+    try:
+        selector = ActivitySelector(planned, alpha, cfg.cohort_size, cfg.selection_constant, bands=cfg.bands)
+    except ValueError as exc:
+        if cfg.bands == 1:
+            raise
+        raise ConfigError(str(exc)) from None
     # the mechanism's noise from its targets (a calibration target is also every device's budget)
     calibration = mechanism_for(cfg).calibrate(planned, delta, lambda: largest_selection_probability(selector, planned))
     head_init = resolve_head_init(cfg, pop.data.label_names, pop.data.labels_declared)

@@ -114,7 +114,7 @@ def select(server, t: int) -> Selection:
     """
     server.activity = server.pop.activity(t)
     server.apply_deletions(t)
-    q, hits = server.probabilities()
+    q, hits = server.probabilities(t)
     return Selection(t, q, poisson_cohort(q, server.noise), hits)
 
 

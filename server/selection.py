@@ -87,7 +87,14 @@ def poisson_cohort(q: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 class ActivitySelector:
-    """Fixed-constant Poisson selector (the state needed to resume is ``c`` and the rng).
+    """Fixed-constant Poisson selection (the state needed to resume is ``c`` and the rng), optionally cyclic.
+
+    With ``bands`` b > 1 (cyclic Poisson selection, the participation pattern of amplified banded
+    matrix factorization: Choquette-Choo et al. 2023, "(Amplified) Banded Matrix Factorization",
+    Algorithm 2) the devices form b groups, device k in group k mod b, and round t (from 1) may
+    select only group (t - 1) mod b: two rounds a device may join are at least b apart, and it
+    joins at most ceil(T / b) of T rounds. c is then calibrated for an expected b * m devices
+    over the population, so that the group of a round has m expected devices on average.
 
     Parameters
     ----------
@@ -97,19 +104,49 @@ class ActivitySelector:
     alpha : float
         Activity exponent; ``selection="uniform"`` is alpha = 0.
     expected_cohort : float
-        Target expected cohort size for the calibration.
+        Target expected cohort size m of a round for the calibration.
     c : float, optional
         Use this constant instead of calibrating.
+    bands : int
+        b, the number of device groups of cyclic selection (1: every device may join every round).
+
+    Raises
+    ------
+    ValueError
+        If no c reaches b * m expected devices (see :func:`calibrate_constant`).
     """
 
-    def __init__(self, activity: np.ndarray, alpha: float, expected_cohort: float, c: float | None = None):
+    def __init__(self, activity: np.ndarray, alpha: float, expected_cohort: float, c: float | None = None,
+                 bands: int = 1):
         self.alpha = float(alpha)
+        self.bands = int(bands)
         self.calibrated = c is None
-        self.c = calibrate_constant(activity, alpha, expected_cohort) if c is None else float(c)
+        if c is None:
+            try:
+                c = calibrate_constant(activity, alpha, expected_cohort * self.bands)
+            except ValueError as exc:
+                if self.bands == 1:
+                    raise
+                raise ValueError(f"--bands {self.bands} selects one device in {self.bands} each round, so "
+                                 f"--cohort-size {expected_cohort:g} needs {self.bands} x {expected_cohort:g} "
+                                 f"devices with examples: lower --bands or --cohort-size ({exc})") from None
+        self.c = float(c)
 
-    def probabilities(self, activity: np.ndarray, excluded: np.ndarray | None = None) -> np.ndarray:
-        """q_k(t) for the current activities; devices in ``excluded`` (e.g. over budget) get 0."""
+    def eligible(self, num_devices: int, round_: int) -> np.ndarray:
+        """Whether each of ``num_devices`` devices may be selected in round ``round_`` (bool [K]):
+        every device when ``bands`` is 1, else the devices k with k mod b = (round_ - 1) mod b."""
+        if self.bands == 1:
+            return np.ones(num_devices, dtype=bool)
+        return np.arange(num_devices) % self.bands == (int(round_) - 1) % self.bands
+
+    def probabilities(self, activity: np.ndarray, excluded: np.ndarray | None = None,
+                      round_: int | None = None) -> np.ndarray:
+        """q_k(t) for the current activities; devices in ``excluded`` (e.g. over budget) get 0, and with
+        cyclic selection (``bands`` > 1) so do the devices outside round ``round_``'s group. Without
+        ``round_``: each device's q_k in the rounds it may join."""
         q = inclusion_probabilities(activity, self.alpha, self.c)
         if excluded is not None and len(excluded):
             q[np.asarray(excluded, dtype=np.int64)] = 0.0
+        if self.bands > 1 and round_ is not None:
+            q[..., ~self.eligible(q.shape[-1], round_)] = 0.0
         return q

@@ -198,10 +198,11 @@ class Server:
         budgets = [b for b in (self.cfg.max_epsilon, self.cfg.target_epsilon) if b is not None]
         return min(budgets) if budgets else None
 
-    def probabilities(self) -> tuple[np.ndarray, list[tuple[int, str, float]]]:
-        """q_k(t) after removing devices whose next round would exceed a budget (and those hits)."""
+    def probabilities(self, round_: int | None = None) -> tuple[np.ndarray, list[tuple[int, str, float]]]:
+        """q_k(t) after removing devices whose next round would exceed a budget (and those hits); with
+        cyclic selection (``--bands``) also the devices outside round ``round_``'s group."""
         gone = sorted(set(self.book.exhausted) | self.deleted)
-        q = self.selector.probabilities(self.activity, excluded=np.array(gone, dtype=np.int64))
+        q = self.selector.probabilities(self.activity, excluded=np.array(gone, dtype=np.int64), round_=round_)
         hits: list[tuple[int, str, float]] = []
         cand = np.flatnonzero(q > 0)
         budgeted = [u for u in self.mechanism.units if self.book.budget[u] is not None]

@@ -95,7 +95,7 @@ SERVER_ONLY = frozenset({
     "cohort_size", "selection", "activity_exponent", "selection_constant",
     "target_epsilon", "max_epsilon", "target_epsilon_device",
     "strategy", "server_learning_rate", "server_ema", "server_lr_schedule",
-    "ray_address", "simulation_nodes",
+    "ray_address", "simulation_nodes", "bands",
 })
 
 #: Flower SuperNodes a simulation runs by default (at most one per device). Flower's simulation
@@ -359,6 +359,16 @@ class RunConfig:
                           "would pass its budget (an individual privacy filter: after this many rounds for the device "
                           "that needs the most noise; default: none, calibrated for a device that joins every round)",
                   "group": "example_privacy"},
+    )
+    bands: int = field(
+        default=1,
+        metadata={"help": "correlated noise across rounds: banded matrix factorization (BandMF) with this many bands "
+                          "b (Choquette-Choo et al. 2023; the strategy and its accounting from jax-privacy), for the "
+                          "server's noise (--noise-at aggregate, or --device-dp's): each round's noise is row t of "
+                          "C^-1 z for the optimised b-banded Toeplitz strategy C, and selection is cyclic: device k "
+                          "may join only rounds t with (t - 1) mod b = k mod b (so a device joins at most "
+                          "ceil(rounds / b) rounds and is accounted for those); 1 (default): independent noise each "
+                          "round (DP-SGD)", "group": "example_privacy"},
     )
     adaptive_clip_quantile: float | None = field(
         default=None,
@@ -626,6 +636,15 @@ class RunConfig:
             "target_epsilon_device",
             "a device-level budget needs device-level DP: add --device-dp",
         )
+        need(self.bands >= 1, "bands", f"must be >= 1, got {self.bands}")
+        if self.bands > 1:
+            need(self.bands <= self.rounds, "bands", f"{self.bands} bands need at least as many rounds; lower --bands "
+                 f"or raise --rounds (got {self.rounds})")
+            need(self.device_dp or (self.dp and self.noise_at == "aggregate"), "bands",
+                 "correlates the server's noise across rounds: needs the noise on the aggregate (--noise-at aggregate "
+                 "with DP) or device-level DP (--device-dp)")
+            need(self.adaptive_clip_quantile is None, "bands",
+                 "is not built with adaptive clipping yet: drop --adaptive-clip-quantile or use --bands 1")
         if self.adaptive_clip_quantile is not None:
             need(0 < self.adaptive_clip_quantile < 1, "adaptive_clip_quantile",
                  f"must be in (0, 1), got {self.adaptive_clip_quantile}")

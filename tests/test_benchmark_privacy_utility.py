@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.privacy_utility import DEFAULT_ARMS, arm_command, lever_args, parse_arm
+from benchmarks.privacy_utility import DEFAULT_ARMS, arm_command, device_level_sigma, lever_args, parse_arm
 from dpfl.cli import build_parser
 from dpfl.commands.flags import config_from_args
 
@@ -18,7 +18,8 @@ def _settings(arm: str, tmp_path: Path):
 
 
 @pytest.mark.parametrize("arm", DEFAULT_ARMS.split(",") + ["aggregate:head:1:random+cap20", "aggregate:head:3:labels",
-                                                      "aggregate:head:1:clip10+adaptive", "device-level:head:3:adaptive"])
+                                                      "aggregate:head:1:clip10+adaptive", "device-level:head:3:adaptive",
+                                                      "aggregate:head:1:bands4", "device-level:head:3:bands5"])
 def test_every_arm_is_a_valid_dpfl_simulate_command(arm, tmp_path):
     cfg = _settings(arm, tmp_path)
     noise = arm.split(":")[0]
@@ -36,6 +37,11 @@ def test_levers_set_their_flag(tmp_path):
     cfg = _settings("aggregate:head:1:clip10+adaptive", tmp_path)
     assert cfg.adaptive_clip_quantile == 0.5 and cfg.max_grad_norm == 10.0 and cfg.update_clip_norm == 10.0
     assert _settings("aggregate:head:1:adaptive0.2", tmp_path).adaptive_clip_quantile == 0.2
+    assert _settings("aggregate:head:1:bands4", tmp_path).bands == 4
+    banded = _settings("device-level:head:3:bands5", tmp_path)  # 150 rounds, q 0.1: 30 rounds at q 0.5 per device
+    assert banded.bands == 5 and banded.device_noise_multiplier == pytest.approx(device_level_sigma(3.0, 30, 0.5), abs=1e-6)
+    with pytest.raises(SystemExit, match="unknown lever 'bands0'"):
+        parse_arm("aggregate:head:1:bands0")
     with pytest.raises(SystemExit, match="unknown lever 'adaptive1.5'"):
         parse_arm("aggregate:head:1:adaptive1.5")
     with pytest.raises(SystemExit, match="unknown lever 'clip-1'"):

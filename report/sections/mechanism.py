@@ -54,6 +54,7 @@ def render(m: Mechanism, doc: Doc) -> list[Block]:
                  ["expected local batch size", param(cfg, "batch_size")]]
     rows += _example_rows(m)
     rows += _device_rows(m)
+    rows += _correlation_rows(m)
     rows += [["strategy", param(cfg, "strategy")], ["model", param(cfg, "model")],
              ["dataset", param(cfg, "dataset") if "dataset" in cfg else (param(cfg, "data_dir") if "data_dir" in cfg else "built-in synthetic home-assistant set (generated)")]]
     return [("h", 3, "Mechanism parameters"), ("table", ["parameter", "value"], rows)]
@@ -113,6 +114,26 @@ def _device_rows(m: Mechanism) -> list[list[str]]:
         if m.device is not None:
             rows.append(["device level: inclusion probability q_k per round", fmt_range(m.device.sample_rate)])
     return rows
+
+
+def _correlation_rows(m: Mechanism) -> list[list[str]]:
+    """How the server's noise relates across rounds: independent (DP-SGD) or banded matrix factorization
+    (``--bands``, mechanisms/correlated_noise.py) with its cyclic selection."""
+    run, bands = m.facts, int(m.config.get("bands") or 1)
+    if not (run.aggregate or run.device_dp):
+        return []
+    if bands <= 1:
+        return [["server noise across rounds", "independent each round (a fresh Gaussian per round)"]]
+    rounds = m.rounds_planned
+    most = f"ceil({fmt(rounds)} / {bands}) = {-(-int(rounds) // bands)}" if rounds else "ceil(rounds / b)"
+    return [
+        ["server noise across rounds", f"correlated: banded matrix factorization with b = {bands} bands (round t's "
+         "noise is row t of C^-1 z, C the column-normalised b-banded Toeplitz strategy jax-privacy optimises for the "
+         "prefix sums of the planned rounds; Choquette-Choo et al. 2023); the noise of past rounds is kept in the "
+         "server's memory only, and a resumed run starts a new stream"],
+        ["cyclic selection", f"device k may join only the rounds t with (t - 1) mod {bands} = k mod {bands}: at most "
+         f"{most} rounds per device, each at least {bands} rounds apart"],
+    ]
 
 
 def _adaptive(cfg: dict) -> bool:

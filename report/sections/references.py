@@ -25,9 +25,15 @@ class References:
         return {}
 
 
+#: Added when the run's noise is correlated across rounds (``--bands``).
+BANDMF_SOURCES = (" Choquette-Choo et al. 2023 ((amplified) banded matrix factorization) and Google's jax-privacy "
+                  "(its strategies and accounting).")
+
+
 def compute(ctx: Context) -> References:
-    """The references (the same for every run)."""
-    return References()
+    """The references (the same for every run, plus banded matrix factorization where the run used it)."""
+    bands = int(ctx.cfg.get("bands") or 1)
+    return References(SOURCES + (BANDMF_SOURCES if bands > 1 else ""))
 
 
 def render(r: References, doc: Doc) -> list[Block]:

@@ -14,11 +14,13 @@ from report.sections.base import Doc, Section
 @dataclass(frozen=True)
 class Units:
     """The run's privacy units (from its facts) and whether the selection constant c was calibrated
-    once from the example counts (``c_calibrated``: no ``--selection-constant`` and a calibration on record)."""
+    once from the example counts (``c_calibrated``: no ``--selection-constant`` and a calibration on record);
+    ``bands``: b of correlated noise across rounds (1: independent noise)."""
 
     facts: Facts
     c_calibrated: bool
     adaptive_clip: bool = False
+    bands: int = 1
 
     def to_json(self) -> dict[str, Any]:
         """Nothing of its own in summary.json."""
@@ -29,7 +31,8 @@ def compute(ctx: Context) -> Units:
     """The units of the run."""
     return Units(facts=ctx.facts,
                  c_calibrated=ctx.cfg.get("selection_constant") is None and bool(ctx.run.get("calibration_note")),
-                 adaptive_clip=ctx.cfg.get("adaptive_clip_quantile") is not None)
+                 adaptive_clip=ctx.cfg.get("adaptive_clip_quantile") is not None,
+                 bands=int(ctx.cfg.get("bands") or 1))
 
 
 def render(u: Units, doc: Doc) -> list[Block]:
@@ -50,6 +53,12 @@ def render(u: Units, doc: Doc) -> list[Block]:
                        "noise sigma_g C on the sum and sigma_b on the count, the pair is one Gaussian mechanism of "
                        "noise multiplier sigma, (sigma_g^-2 + (2 sigma_b)^-2)^-1/2 (Andrew et al. 2021, Theorem 1)"
                        if u.adaptive_clip and not run.device_dp else "")
+                    + (". With correlated noise across rounds (banded matrix factorization, b = "
+                       f"{u.bands} bands) each round's noise is a row of C^-1 z; every column of the strategy C has "
+                       "norm at most 1 and spans b rounds, and cyclic selection keeps a device's rounds at least b "
+                       "apart, so each round joined is still one such Gaussian and they compose over the at most "
+                       "ceil(T / b) rounds a device can join (Choquette-Choo et al. 2023, Theorem 4)"
+                       if u.bands > 1 else "")
                     + ". No amplification by device selection is claimed at example level: an "
                     "example's inclusion is correlated with its device's other examples, whose contribution can "
                     "reveal that the device took part, so the rate is p, not q_k * p.")
@@ -61,6 +70,10 @@ def render(u: Units, doc: Doc) -> list[Block]:
     dev_unit = ("Device level: the unit is one device with all of its data (add or remove one device). With Poisson "
                 "selection each device's guarantee depends on its own inclusion probability q_k, so each device is "
                 "accounted individually."
+                + (f" With correlated noise across rounds (banded matrix factorization, b = {u.bands} bands) and "
+                   "cyclic selection a device is accounted one Poisson-subsampled Gaussian for each of the at most "
+                   "ceil(T / b) rounds its group may be selected, at least b apart (Choquette-Choo et al. 2023, "
+                   "Theorem 4)." if u.bands > 1 and run.device_dp else "")
                 + (" With adaptive clipping one device also changes the centred count of unclipped updates by at "
                    "most 1/2: with noise sigma_g S on the sum and sigma_b on the count, the pair is one Gaussian "
                    "mechanism of noise multiplier sigma_u, (sigma_g^-2 + (2 sigma_b)^-2)^-1/2 (Andrew et al. 2021, "
