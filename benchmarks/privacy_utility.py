@@ -30,7 +30,8 @@ label names, ``--head-init auto``), ``labels`` (``--head-init label-names``), ``
 (``--adaptive-clip-quantile 0.5``: the clip norm follows the median norm; ``adaptiveG``: the G
 quantile, 0 < G < 1), ``clipX`` (the clip norm,
 C and S, is X instead of the arm's; with ``adaptive``, where it starts), ``bandsB`` (``--bands B``:
-correlated noise across rounds, banded matrix factorization with B bands and cyclic selection), e.g.
+correlated noise across rounds, banded matrix factorization with B bands and cyclic selection),
+``cyclicB`` (the same cyclic selection and accounting with independent noise: the correlation's ablation), e.g.
 ``aggregate:head:1:random+cap20`` or ``aggregate:head:1:clip10+adaptive``.
 
 Usage::
@@ -122,10 +123,12 @@ def lever_args(levers: str) -> list[str]:
             args += ["--adaptive-clip-quantile", lever[8:]]
         elif lever.startswith("bands") and lever[5:].isdigit() and int(lever[5:]) >= 1:
             args += ["--bands", lever[5:]]
+        elif lever.startswith("cyclic") and lever[6:].isdigit() and int(lever[6:]) >= 1:
+            args += ["--bands", lever[6:], "--bands-noise", "independent"]
         elif lever.startswith("clip") and _positive(lever[4:]):
             args += ["--max-grad-norm", lever[4:], "--update-clip-norm", lever[4:]]
         else:
-            raise SystemExit(f"--arms: unknown lever {lever!r} (one of {sorted(LEVERS)}, capK, clipX, adaptiveG or bandsB)")
+            raise SystemExit(f"--arms: unknown lever {lever!r} (one of {sorted(LEVERS)}, capK, clipX, adaptiveG, bandsB or cyclicB)")
     return args
 
 
@@ -197,7 +200,7 @@ def arm_command(noise: str, trainable: str, eps: float | None, run_dir: Path, da
         rounds = int(args[args.index("--rounds") + 1])
         q = float(args[args.index("--cohort-size") + 1]) / float(args[args.index("--num-devices") + 1])
         lev = lever_args(levers)
-        if "--bands" in lev:  # cyclic selection: q_k = b m / K in the ceil(T / b) rounds a device may join
+        if "--bands" in lev:  # cyclic selection (bandsB, cyclicB): q_k = b m / K in the ceil(T / b) rounds a device may join
             bands = int(lev[lev.index("--bands") + 1])
             rounds, q = -(-rounds // bands), min(1.0, q * bands)
         args += ["--device-noise-multiplier", f"{device_level_sigma(eps, rounds, q):.6f}",

@@ -158,7 +158,8 @@ class BandedNoise:
 
 
 def correlated_noise(cfg, noise: NoiseSource) -> BandedNoise | None:
-    """The run's :class:`BandedNoise` when ``cfg.bands`` > 1, else None (independent noise each round)."""
-    if int(getattr(cfg, "bands", 1)) <= 1:
+    """The run's :class:`BandedNoise` when ``cfg.bands`` > 1, else None (independent noise each round; also with
+    ``cfg.bands_noise == "independent"``, cyclic selection without the correlation)."""
+    if int(getattr(cfg, "bands", 1)) <= 1 or getattr(cfg, "bands_noise", "correlated") != "correlated":
         return None
     return BandedNoise(cfg.bands, cfg.rounds, noise)

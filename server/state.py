@@ -43,6 +43,15 @@ log = logging.getLogger("dpfl.server")
 
 
 def _calibration_note(selector: ActivitySelector, pop: Population, cfg: RunConfig) -> str:
+    note = _calibration_sentence(selector, pop, cfg)
+    if selector.bands > 1 and selector.calibrated:
+        note += (f" With cyclic selection (--bands {selector.bands}) the calibration is for {selector.bands} x "
+                 f"{cfg.cohort_size:g} expected devices over the population, one group of {selector.bands} selectable "
+                 "per round.")
+    return note
+
+
+def _calibration_sentence(selector: ActivitySelector, pop: Population, cfg: RunConfig) -> str:
     if not selector.calibrated:
         return "c was set directly by the user (--selection-constant)."
     if pop.stream is None:
@@ -201,6 +210,8 @@ class Server:
     def probabilities(self, round_: int | None = None) -> tuple[np.ndarray, list[tuple[int, str, float]]]:
         """q_k(t) after removing devices whose next round would exceed a budget (and those hits); with
         cyclic selection (``--bands``) also the devices outside round ``round_``'s group."""
+        if self.selector.bands > 1 and round_ is None:
+            raise ValueError("cyclic selection (--bands) needs the round whose group may be selected")
         gone = sorted(set(self.book.exhausted) | self.deleted)
         q = self.selector.probabilities(self.activity, excluded=np.array(gone, dtype=np.int64), round_=round_)
         hits: list[tuple[int, str, float]] = []

@@ -95,7 +95,7 @@ SERVER_ONLY = frozenset({
     "cohort_size", "selection", "activity_exponent", "selection_constant",
     "target_epsilon", "max_epsilon", "target_epsilon_device",
     "strategy", "server_learning_rate", "server_ema", "server_lr_schedule",
-    "ray_address", "simulation_nodes", "bands",
+    "ray_address", "simulation_nodes", "bands", "bands_noise",
 })
 
 #: Flower SuperNodes a simulation runs by default (at most one per device). Flower's simulation
@@ -370,6 +370,12 @@ class RunConfig:
                           "ceil(rounds / b) rounds and is accounted for those); 1 (default): independent noise each "
                           "round (DP-SGD)", "group": "example_privacy"},
     )
+    bands_noise: str = field(
+        default="correlated",
+        metadata={"help": "with --bands: 'correlated' (banded matrix factorization) or 'independent' (the cyclic "
+                          "selection and its accounting with a fresh Gaussian each round: the ablation of the "
+                          "correlation)", "group": "example_privacy", "choices": ("correlated", "independent")},
+    )
     adaptive_clip_quantile: float | None = field(
         default=None,
         metadata={"help": "adaptive clipping: move the clip norm each round towards this quantile gamma of the norms "
@@ -637,6 +643,7 @@ class RunConfig:
             "a device-level budget needs device-level DP: add --device-dp",
         )
         need(self.bands >= 1, "bands", f"must be >= 1, got {self.bands}")
+        need(self.bands_noise in ("correlated", "independent"), "bands_noise", "must be 'correlated' or 'independent'")
         if self.bands > 1:
             need(self.bands <= self.rounds, "bands", f"{self.bands} bands need at least as many rounds; lower --bands "
                  f"or raise --rounds (got {self.rounds})")
@@ -645,6 +652,12 @@ class RunConfig:
                  "with DP) or device-level DP (--device-dp)")
             need(self.adaptive_clip_quantile is None, "bands",
                  "is not built with adaptive clipping yet: drop --adaptive-clip-quantile or use --bands 1")
+            need(self.selection_constant is None, "bands",
+                 "calibrates the selection constant for its device groups: drop --selection-constant")
+            joinable = -(-self.rounds // self.bands)
+            need(self.participation_cap is None or self.participation_cap < joinable, "participation_cap",
+                 f"{self.participation_cap} does nothing with --bands {self.bands}: a device can join at most "
+                 f"ceil({self.rounds} / {self.bands}) = {joinable} rounds; give a cap below that or drop it")
         if self.adaptive_clip_quantile is not None:
             need(0 < self.adaptive_clip_quantile < 1, "adaptive_clip_quantile",
                  f"must be in (0, 1), got {self.adaptive_clip_quantile}")

@@ -108,6 +108,19 @@ def test_aggregator_adds_the_correlated_rows():
         np.testing.assert_allclose(out, -(np.ones(5) + sigma * clip * twin.draw(t, {"w": (5,)})["w"]) / 2.0)
 
 
+def test_independent_bands_noise_keeps_cyclic_selection_without_the_correlation():
+    from mechanisms import mechanism_for
+
+    base = dict(model="tiny", rounds=8, bands=4, noise_multiplier=1.0)
+    for device_dp in (False, True):
+        extra = dict(device_dp=True, dp=False, device_noise_multiplier=1.0) if device_dp else {}
+        correlated = mechanism_for(RunConfig(**base, **extra).validate()).aggregator(NoiseSource(seed=1), 1.0)
+        independent = mechanism_for(RunConfig(**base, **extra, bands_noise="independent").validate()).aggregator(
+            NoiseSource(seed=1), 1.0)
+        assert isinstance(correlated.correlated, BandedNoise) and correlated.correlated.bands == 4
+        assert independent.correlated is None
+
+
 # ---------------------------------------------------------------------------------- cyclic selection
 def test_cyclic_selection_groups_and_calibrates_for_the_round():
     a = np.array([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12], dtype=float)
@@ -157,6 +170,12 @@ def test_example_level_run_accounts_what_jax_privacy_accounts(tmp_path, data_dir
         assert stored[d] == pytest.approx(_amplified_bandmf_epsilon(sigma, 6, 2, 0.5, server.delta), rel=1e-4)
     assert max(stored.values()) <= 3.0 + 1e-6
     assert [o.cohort_size for o in outs] == [2] * 6
+    from report import build_report
+
+    build_report(server.rundir.path)
+    text = (server.rundir.path / "report" / "report.md").read_text()
+    assert "correlated: banded matrix factorization with b = 2 bands" in text
+    assert "at most ceil(6 / 2) = 3 rounds per device" in text and "Choquette-Choo et al. 2023" in text
 
 
 def test_device_level_run_charges_only_a_devices_rounds(tmp_path, data_dir):
@@ -197,6 +216,9 @@ def test_device_level_calibration_uses_the_joinable_rounds():
     (dict(bands=2, noise_at="device"), "needs the noise on the aggregate"),
     (dict(bands=2, dp=False), "needs the noise on the aggregate"),
     (dict(bands=2, adaptive_clip_quantile=0.5), "adaptive clipping"),
+    (dict(bands=2, selection_constant=0.5), "drop --selection-constant"),
+    (dict(bands=2, target_epsilon=3.0, participation_cap=5), "does nothing with --bands 2"),
+    (dict(bands=2, bands_noise="sometimes"), "must be 'correlated' or 'independent'"),
 ])
 def test_settings_without_correlated_noise_are_refused(settings, message):
     with pytest.raises(ConfigError, match=message):

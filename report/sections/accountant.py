@@ -21,6 +21,7 @@ class Accountant:
     num_examples: int | None
     one_over_examples: float | None
     one_over_devices: float | None
+    bands: int = 1  # b of cyclic selection (--bands; 1: every device may join every round)
 
     def to_json(self) -> dict[str, Any]:
         """``delta``, ``accountant``, ``num_devices``, ``num_examples`` and (with a delta) ``delta_vs_units``."""
@@ -37,7 +38,7 @@ def compute(ctx: Context) -> Accountant:
     n_ex, n_dev = ctx.num_examples, ctx.num_devices
     return Accountant(facts=ctx.facts, num_devices=n_dev, num_examples=n_ex,
                       one_over_examples=(1.0 / n_ex) if n_ex else None,
-                      one_over_devices=(1.0 / n_dev) if n_dev else None)
+                      one_over_devices=(1.0 / n_dev) if n_dev else None, bands=int(ctx.cfg.get("bands") or 1))
 
 
 def render(a: Accountant, doc: Doc) -> list[Block]:
@@ -56,6 +57,9 @@ def render(a: Accountant, doc: Doc) -> list[Block]:
     dl = [
         f"Accountant: {acc} ({'dp-accounting privacy loss distributions with pessimistic discretisation: an upper bound on epsilon (Koskela et al. 2020; Google dp-accounting)' if acc == 'pld' else 'dp-accounting Renyi DP (Mironov 2017) converted to (epsilon, delta) following Balle et al. 2020'}). "
         "It assumes Poisson sampling: each unit is included in each step independently with probability q "
+        + ("(under cyclic selection, --bands, q is 0 outside the rounds of a device's group, which are not composed) "
+           if a.bands > 1 else "")
+        + 
         f"({'; '.join(where)}). Every epsilon in this report was recomputed from the ledger's privacy events.",
         f"delta = {fmt(delta)}, the probability with which the epsilon bound may fail. It must be far below "
         "1/N, since a mechanism that publishes one random unit's data outright is (0, 1/N)-DP.",

@@ -250,7 +250,8 @@ def withheld_sentence(withheld: tuple[str, ...]) -> str:
                  "epsilon would reveal how often it joined.")
     else:
         text += (" Per-device device-level epsilons are given: every device with q_k > 0 accrues a device-level "
-                 "event each round, selected or not, so they do not depend on participation.")
+                 "event in each round it has q_k > 0 (every round, or its group's rounds under cyclic selection), "
+                 "selected or not, so they do not depend on participation.")
     return text
 
 

@@ -88,7 +88,11 @@ def headline_items(doc: Doc) -> list[str]:
         items.append("Trust model: " + "; ".join(names) + ".")
     items.append(f"Accountant: {acc.upper()} ({'privacy loss distributions, tight' if acc == 'pld' else 'Renyi DP, an upper bound'}); "
                  "adjacency: add or remove one unit, with the example counts the server uses treated as public "
-                 "(see Privacy units and adjacency); sampling: Poisson.")
+                 "(see Privacy units and adjacency); sampling: Poisson"
+                 + (f", cyclic (device groups take turns, --bands {bands})" + (
+                     ", with the server's noise correlated across rounds (banded matrix factorization)."
+                     if (doc.get("setting").config.get("bands_noise") or "correlated") == "correlated" else ".")
+                    if (bands := int(doc.get("setting").config.get("bands") or 1)) > 1 else "."))
     holdout = doc.get("holdout")
     if holdout is not None and holdout.epsilon is not None and holdout.noise_at != "none":
         items.append(f"Holdout examples (--holdout-per-device; never trained on): epsilon = {fmt(holdout.epsilon)} at "

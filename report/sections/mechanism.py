@@ -122,17 +122,19 @@ def _correlation_rows(m: Mechanism) -> list[list[str]]:
     run, bands = m.facts, int(m.config.get("bands") or 1)
     if not (run.aggregate or run.device_dp):
         return []
-    if bands <= 1:
-        return [["server noise across rounds", "independent each round (a fresh Gaussian per round)"]]
     rounds = m.rounds_planned
     most = f"ceil({fmt(rounds)} / {bands}) = {-(-int(rounds) // bands)}" if rounds else "ceil(rounds / b)"
+    cyclic = ["cyclic selection", f"device k may join only the rounds t with (t - 1) mod {bands} = k mod {bands}: at "
+              f"most {most} rounds per device, each at least {bands} rounds apart"]
+    if bands <= 1 or (m.config.get("bands_noise") or "correlated") != "correlated":
+        return [["server noise across rounds", "independent each round (a fresh Gaussian per round)"]] + (
+            [cyclic] if bands > 1 else [])
     return [
         ["server noise across rounds", f"correlated: banded matrix factorization with b = {bands} bands (round t's "
          "noise is row t of C^-1 z, C the column-normalised b-banded Toeplitz strategy jax-privacy optimises for the "
          "prefix sums of the planned rounds; Choquette-Choo et al. 2023); the noise of past rounds is kept in the "
          "server's memory only, and a resumed run starts a new stream"],
-        ["cyclic selection", f"device k may join only the rounds t with (t - 1) mod {bands} = k mod {bands}: at most "
-         f"{most} rounds per device, each at least {bands} rounds apart"],
+        cyclic,
     ]
 
 

@@ -32,8 +32,8 @@ BANDMF_SOURCES = (" Choquette-Choo et al. 2023 ((amplified) banded matrix factor
 
 def compute(ctx: Context) -> References:
     """The references (the same for every run, plus banded matrix factorization where the run used it)."""
-    bands = int(ctx.cfg.get("bands") or 1)
-    return References(SOURCES + (BANDMF_SOURCES if bands > 1 else ""))
+    banded = int(ctx.cfg.get("bands") or 1) > 1 and (ctx.cfg.get("bands_noise") or "correlated") == "correlated"
+    return References(SOURCES + (BANDMF_SOURCES if banded else ""))
 
 
 def render(r: References, doc: Doc) -> list[Block]:

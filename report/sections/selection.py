@@ -22,6 +22,7 @@ class Selection:
     calibration_note: str | None
     expected_cohort_size: float | None
     dp_on: bool
+    bands: int = 1  # cyclic selection's groups (--bands; 1: every device may join every round)
 
     def to_json(self) -> dict[str, Any]:
         """``{"selection": {"mode", "activity_exponent", "selection_constant", "calibration_note", "expected_cohort_size"}}``."""
@@ -37,7 +38,7 @@ def compute(ctx: Context) -> Selection:
     return Selection(mode=cfg.get("selection"), activity_exponent=cfg.get("activity_exponent"),
                      selection_constant=run.get("selection_constant", cfg.get("selection_constant")),
                      calibration_note=run.get("calibration_note"), expected_cohort_size=cfg.get("cohort_size"),
-                     dp_on=ctx.facts.dp_on)
+                     dp_on=ctx.facts.dp_on, bands=int(cfg.get("bands") or 1))
 
 
 def render(s: Selection, doc: Doc) -> list[Block]:
@@ -47,6 +48,11 @@ def render(s: Selection, doc: Doc) -> list[Block]:
         f"and c = {fmt(s.selection_constant)}; expected cohort size {fmt(s.expected_cohort_size)}.",
         "Selection used activity counts (the number of examples each device holds), which the server sees.",
     ]
+    if s.bands > 1:
+        sel_text.insert(1, f"Cyclic selection (--bands {s.bands}): device k could be selected only in the rounds t with "
+                           f"(t - 1) mod {s.bands} = k mod {s.bands} (q_k = 0 in the others), and c was calibrated so "
+                           f"that sum_k q_k = {s.bands} x the expected cohort size over all devices: each round's group "
+                           "holds the expected cohort size on average.")
     if s.dp_on:
         sel_text.append(
             "Example-level accounting is conditioned on participation: each device composes the steps of the "

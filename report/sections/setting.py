@@ -108,6 +108,10 @@ def render(s: Setting, doc: Doc) -> list[Block]:
     th.append("The server also sees activity counts (how many examples each device holds); these are "
               "metadata outside the guarantee.")
     th.append(_noise_source_item(run))
+    if _bands(s.config) > 1:
+        th.append(f"Cyclic selection (--bands {_bands(s.config)}): device k could be selected only in the rounds t "
+                  f"with (t - 1) mod {_bands(s.config)} = k mod {_bands(s.config)}, so its rounds are at least "
+                  f"{_bands(s.config)} apart, as the correlated noise requires.")
     cap = s.config.get("participation_cap")
     if run.dp_on and cap and int(cap) < int(s.config.get("rounds") or 0):
         th.append(f"Participation cap: the example-level noise was calibrated for at most {int(cap)} of a "
@@ -168,8 +172,12 @@ def _example_noise_items(s: Setting) -> list[str]:
             f"Example-level noise is added on the aggregate: each selected device Poisson-samples its examples "
             f"at rate p = {param(cfg, 'sample_rate')}, clips each example's gradient to C and sends only the sum "
             "of the clipped gradients (no loss, no sample count, no timing). The server adds Gaussian noise of "
-            "standard deviation sigma * C once per round to the cohort's sum, divides by the expected number of "
-            "sampled examples (the sum of p n_k over the cohort, from the public counts) and takes a server "
+            + ("scale sigma * C once per round to the cohort's sum, correlated across rounds (row t of C^-1 z, "
+               f"banded matrix factorization with {_bands(cfg)} bands: see the mechanism table; the server keeps the "
+               f"last {_bands(cfg) - 1} noise rows secret, in memory only), divides by the expected number of "
+               if _correlated(cfg) else
+               "standard deviation sigma * C once per round to the cohort's sum, divides by the expected number of ")
+            + "sampled examples (the sum of p n_k over the cohort, from the public counts) and takes a server "
             f"optimizer step (strategy {param(cfg, 'strategy')}). A device's clipped sum carries no noise of "
             "its own.")
     else:
@@ -196,7 +204,11 @@ def _device_noise_item(s: Setting) -> str:
              "Andrew et al. 2021). Trust model at device level: "
              if s.config.get("adaptive_clip_quantile") is not None else
              "Device-level noise is added on the server: each device's update is clipped to norm S and "
-             "Gaussian noise of standard deviation sigma_u * S is added to the sum. Trust model at device level: ")
+             + ("Gaussian noise of scale sigma_u * S, correlated across rounds (row t of C^-1 z, banded matrix "
+                f"factorization with {_bands(s.config)} bands; the server keeps the last {_bands(s.config) - 1} noise "
+                "rows secret, in memory only), is added to the sum. Trust model at device level: "
+                if _correlated(s.config) else
+                "Gaussian noise of standard deviation sigma_u * S is added to the sum. Trust model at device level: "))
             + f"{(s.trust_model.device or DEVICE_TRUST_MODEL).name}. The server is trusted to add this noise: it sees the individual "
             + ("(example-level-private) updates before aggregation" if run.dp_on
                else "updates before aggregation, which carry no noise of their own")
@@ -235,3 +247,13 @@ def _noise_source_item(run: Facts) -> str:
 
 SECTION = Section("setting", Setting, compute, render,
                   keys=("dp", "device_dp", "noise_at", "reproducible_noise", "noise_source", "trust_model", "config"))
+
+
+def _bands(cfg: dict) -> int:
+    """b of correlated noise across rounds (``--bands``; 1: independent noise each round)."""
+    return int(cfg.get("bands") or 1)
+
+
+def _correlated(cfg: dict) -> bool:
+    """The server's noise was correlated across rounds (``--bands`` > 1 with ``--bands-noise correlated``)."""
+    return _bands(cfg) > 1 and (cfg.get("bands_noise") or "correlated") == "correlated"

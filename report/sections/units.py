@@ -21,6 +21,7 @@ class Units:
     c_calibrated: bool
     adaptive_clip: bool = False
     bands: int = 1
+    correlated: bool = True
 
     def to_json(self) -> dict[str, Any]:
         """Nothing of its own in summary.json."""
@@ -32,7 +33,8 @@ def compute(ctx: Context) -> Units:
     return Units(facts=ctx.facts,
                  c_calibrated=ctx.cfg.get("selection_constant") is None and bool(ctx.run.get("calibration_note")),
                  adaptive_clip=ctx.cfg.get("adaptive_clip_quantile") is not None,
-                 bands=int(ctx.cfg.get("bands") or 1))
+                 bands=int(ctx.cfg.get("bands") or 1),
+                 correlated=(ctx.cfg.get("bands_noise") or "correlated") == "correlated")
 
 
 def render(u: Units, doc: Doc) -> list[Block]:
@@ -58,7 +60,9 @@ def render(u: Units, doc: Doc) -> list[Block]:
                        "norm at most 1 and spans b rounds, and cyclic selection keeps a device's rounds at least b "
                        "apart, so each round joined is still one such Gaussian and they compose over the at most "
                        "ceil(T / b) rounds a device can join (Choquette-Choo et al. 2023, Theorem 4)"
-                       if u.bands > 1 else "")
+                       if u.bands > 1 and u.correlated else
+                       f". Cyclic selection (b = {u.bands} groups) lets a device join at most ceil(T / b) rounds, "
+                       "which are composed" if u.bands > 1 else "")
                     + ". No amplification by device selection is claimed at example level: an "
                     "example's inclusion is correlated with its device's other examples, whose contribution can "
                     "reveal that the device took part, so the rate is p, not q_k * p.")
@@ -70,8 +74,9 @@ def render(u: Units, doc: Doc) -> list[Block]:
     dev_unit = ("Device level: the unit is one device with all of its data (add or remove one device). With Poisson "
                 "selection each device's guarantee depends on its own inclusion probability q_k, so each device is "
                 "accounted individually."
-                + (f" With correlated noise across rounds (banded matrix factorization, b = {u.bands} bands) and "
-                   "cyclic selection a device is accounted one Poisson-subsampled Gaussian for each of the at most "
+                + ((f" With correlated noise across rounds (banded matrix factorization, b = {u.bands} bands) and "
+                    if u.correlated else " With ")
+                   + "cyclic selection a device is accounted one Poisson-subsampled Gaussian for each of the at most "
                    "ceil(T / b) rounds its group may be selected, at least b apart (Choquette-Choo et al. 2023, "
                    "Theorem 4)." if u.bands > 1 and run.device_dp else "")
                 + (" With adaptive clipping one device also changes the centred count of unclipped updates by at "
