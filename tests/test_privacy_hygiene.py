@@ -70,7 +70,7 @@ def _trainable_keys(cfg) -> tuple[list[str], list[str]]:
 @pytest.mark.parametrize("noise_at", ["device", "aggregate"])
 @pytest.mark.parametrize("trainable", ["head", "lora"])
 def test_messages_hold_only_trainable_parameters(tmp_path, data_dir, noise_at, trainable):
-    cfg = _cfg(tmp_path, data_dir, noise_at=noise_at, trainable=trainable, rounds=2, cohort_size=3)
+    cfg = _cfg(tmp_path, data_dir, noise_at=noise_at, trainable=trainable, rounds=2, cohort_size=4)  # q = 1
     keys, frozen = _trainable_keys(cfg)
     assert "encoder.embeddings.word_embeddings.weight" in frozen and len(frozen) > len(keys)
     if trainable == "lora":
@@ -99,7 +99,7 @@ PRIVACY_FIELDS = {"device-id", "round", "noise_multiplier", "sample_rate", "step
 
 
 def test_dp_replies_carry_no_loss_timing_or_other_statistic(tmp_path, data_dir):
-    cfg = _cfg(tmp_path, data_dir, noise_at="device", rounds=2, cohort_size=3, batch_size=4, local_epochs=2)
+    cfg = _cfg(tmp_path, data_dir, noise_at="device", rounds=2, cohort_size=4, batch_size=4, local_epochs=2)  # q = 1
     server, grid, _, outs = run_rounds(cfg)
     assert grid.outgoing
     for d, content in grid.outgoing:

@@ -163,7 +163,7 @@ def test_resume_in_process_restores_strategy_and_book(tmp_path, data_dir):
 
     The cohort draws are secret (issue 15): the checkpoint holds no sampling state to restore.
     """
-    cfg = _cfg(tmp_path, data_dir, rounds=4, strategy="fedadam", cohort_size=3)
+    cfg = _cfg(tmp_path, data_dir, rounds=4, strategy="fedadam", cohort_size=4)  # q = 1: rounds 1-2 train
     server, grid, _, _ = run_rounds(cfg, rounds=2)
     st = read_checkpoint_state(cfg.run_dir)
     assert st["round"] == 2 and "selection_rng" not in st and "rng" not in str(sorted(st))
