@@ -317,7 +317,7 @@ class Mechanism:
 
 def joinable_rounds(cfg) -> int:
     """The most rounds one device can join: ``cfg.rounds``, or ceil(rounds / bands) under cyclic selection
-    (``--bands`` b > 1: device k may join only the rounds t with (t - 1) mod b = k mod b;
+    (``--bands`` b > 1: a device may join only the rounds of its group, one round in b;
     :class:`server.selection.ActivitySelector`)."""
     return -(-int(cfg.rounds) // int(getattr(cfg, "bands", 1)))
 

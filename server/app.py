@@ -49,23 +49,20 @@ def _quiet_flower() -> None:
 
 
 class DeviceNodes(Mapping):
-    """Device id -> node id when the nodes take the devices in turn: device k is ``node_ids[(k // stride) mod m]``.
+    """Device id -> node id when the nodes take the devices in turn: device k is ``node_ids[k mod m]``.
 
     Holds the m node ids, not an entry per device (a million devices would be a dict of 100 MB).
-    ``stride`` is b of cyclic selection (``--bands``): a round selects only devices k = g, g + b, g + 2b, ...,
-    which then fall on consecutive nodes instead of on m / gcd(b, m) of them.
     """
 
-    def __init__(self, node_ids: list[int], num_devices: int, stride: int = 1):
+    def __init__(self, node_ids: list[int], num_devices: int):
         self.node_ids = [int(n) for n in node_ids]
         self.num_devices = int(num_devices)
-        self.stride = max(1, int(stride))
 
     def __getitem__(self, device: int) -> int:
         d = int(device)
         if not 0 <= d < self.num_devices:
             raise KeyError(device)
-        return self.node_ids[(d // self.stride) % len(self.node_ids)]
+        return self.node_ids[d % len(self.node_ids)]
 
     def __len__(self) -> int:
         return self.num_devices
@@ -75,7 +72,7 @@ class DeviceNodes(Mapping):
 
 
 def map_nodes_to_devices(grid: Grid, num_devices: int, timeout: float = 600.0, query: bool = False,
-                         settle: float = 5.0, nodes: int | None = None, stride: int = 1) -> Mapping[int, int]:
+                         settle: float = 5.0, nodes: int | None = None) -> Mapping[int, int]:
     """Device id -> node id.
 
     Default: device k is the k-th node in node-id order, and every training message names its
@@ -87,7 +84,7 @@ def map_nodes_to_devices(grid: Grid, num_devices: int, timeout: float = 600.0, q
     node has connected for ``settle`` seconds; a node then trains each device its messages name.
     ``nodes``: the number of nodes the simulation runs (``dpfl simulate``), so the map is made as
     soon as that many have connected. ``query=True``: ask every node which device it is (its
-    ``partition-id``); every device must have a node of its own. ``stride``: see :class:`DeviceNodes`.
+    ``partition-id``); every device must have a node of its own.
 
     Raises
     ------
@@ -111,7 +108,7 @@ def map_nodes_to_devices(grid: Grid, num_devices: int, timeout: float = 600.0, q
         if len(node_ids) < num_devices and nodes is None:
             log.info("%d devices on %d Flower nodes: each node trains the devices its messages name",
                      num_devices, len(node_ids))
-        return DeviceNodes(node_ids, num_devices, stride)
+        return DeviceNodes(node_ids, num_devices)
     msgs = [Message(RecordDict(), message_type=MessageType.QUERY, dst_node_id=nid) for nid in node_ids]
     mapping: dict[int, int] = {}
     for reply in grid.send_and_receive(msgs, timeout=timeout):
@@ -168,7 +165,7 @@ def run_server(grid: Grid, cfg: RunConfig, progress: bool = True, resume: bool =
     timings: dict = {"server_init": time.perf_counter() - t0, "rounds": []}
     try:
         t0 = time.perf_counter()
-        node_of = map_nodes_to_devices(grid, cfg.num_devices, nodes=nodes, stride=cfg.bands)
+        node_of = map_nodes_to_devices(grid, cfg.num_devices, nodes=nodes)
         timings["node_mapping"] = time.perf_counter() - t0
         arrays = server.arrays
         # tqdm's own estimate would extrapolate the first round (Ray start, feature encoding): the

@@ -86,15 +86,42 @@ def poisson_cohort(q: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.flatnonzero(rng.random(len(q)) < q).astype(np.int64)
 
 
+def balanced_groups(activity: np.ndarray, bands: int) -> np.ndarray:
+    """Each device's group of cyclic selection (int32 [K]): the devices ranked by activity (most examples
+    first; ties by device id; shape [T, K]: the mean over the planned rounds), dealt to the ``bands`` groups
+    in snake order (0, 1, .., b-1, b-1, .., 1, 0, 0, 1, ..), so that the groups hold about the same
+    number of examples and of devices. A function of the public example counts only (the counts
+    the selection already reads; DESIGN.md, "Privacy model").
+
+    Raises
+    ------
+    ValueError
+        If ``bands`` < 1.
+    """
+    if bands < 1:
+        raise ValueError(f"bands must be >= 1, got {bands}")
+    a = np.asarray(activity, dtype=np.float64)
+    if a.ndim == 2:
+        a = a.mean(axis=0)
+    order = np.argsort(-a, kind="stable")
+    i = np.arange(len(a))
+    lap, pos = i // bands, i % bands
+    groups = np.empty(len(a), dtype=np.int32)
+    groups[order] = np.where(lap % 2 == 0, pos, bands - 1 - pos)
+    return groups
+
+
 class ActivitySelector:
     """Fixed-constant Poisson selection (the state needed to resume is ``c`` and the rng), optionally cyclic.
 
     With ``bands`` b > 1 (cyclic Poisson selection, the participation pattern of amplified banded
     matrix factorization: Choquette-Choo et al. 2023, "(Amplified) Banded Matrix Factorization",
-    Algorithm 2) the devices form b groups, device k in group k mod b, and round t (from 1) may
-    select only group (t - 1) mod b: two rounds a device may join are at least b apart, and it
-    joins at most ceil(T / b) of T rounds. c is then calibrated for an expected b * m devices
-    over the population, so that the group of a round has m expected devices on average.
+    Algorithm 2) the devices form b groups (:func:`balanced_groups`: ranked by their public example
+    counts and dealt to the groups in snake order, so that each group holds about the same data),
+    and round t (from 1) may select only group (t - 1) mod b: two rounds a device may join are at
+    least b apart, and it joins at most ceil(T / b) of T rounds. c is then calibrated for an
+    expected b * m devices over the population, so that the group of a round has m expected
+    devices on average.
 
     Parameters
     ----------
@@ -109,6 +136,11 @@ class ActivitySelector:
         Use this constant instead of calibrating.
     bands : int
         b, the number of device groups of cyclic selection (1: every device may join every round).
+
+    Attributes
+    ----------
+    groups : numpy.ndarray [K] of int32, or None
+        Each device's group (None when ``bands`` is 1).
 
     Raises
     ------
@@ -131,13 +163,14 @@ class ActivitySelector:
                                  f"--cohort-size {expected_cohort:g} needs {self.bands} x {expected_cohort:g} "
                                  f"devices with examples: lower --bands or --cohort-size ({exc})") from None
         self.c = float(c)
+        self.groups = balanced_groups(activity, self.bands) if self.bands > 1 else None
 
     def eligible(self, num_devices: int, round_: int) -> np.ndarray:
         """Whether each of ``num_devices`` devices may be selected in round ``round_`` (bool [K]):
-        every device when ``bands`` is 1, else the devices k with k mod b = (round_ - 1) mod b."""
-        if self.bands == 1:
+        every device when ``bands`` is 1, else the devices of group (round_ - 1) mod b."""
+        if self.groups is None:
             return np.ones(num_devices, dtype=bool)
-        return np.arange(num_devices) % self.bands == (int(round_) - 1) % self.bands
+        return self.groups[:num_devices] == (int(round_) - 1) % self.bands
 
     def probabilities(self, activity: np.ndarray, excluded: np.ndarray | None = None,
                       round_: int | None = None) -> np.ndarray:

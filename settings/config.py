@@ -366,7 +366,8 @@ class RunConfig:
                           "b (Choquette-Choo et al. 2023; the strategy and its accounting from jax-privacy), for the "
                           "server's noise (--noise-at aggregate, or --device-dp's): each round's noise is row t of "
                           "C^-1 z for the optimised b-banded Toeplitz strategy C, and selection is cyclic: device k "
-                          "may join only rounds t with (t - 1) mod b = k mod b (so a device joins at most "
+                          "may join only the rounds of its group, one round in b (b groups of about equal data, "
+                          "ranked by examples held and dealt in snake order; so a device joins at most "
                           "ceil(rounds / b) rounds and is accounted for those); 1 (default): independent noise each "
                           "round (DP-SGD)", "group": "example_privacy"},
     )

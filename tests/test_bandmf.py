@@ -4,7 +4,8 @@
   coefficients: C (built here from the coefficients, not by jax-privacy) times the rows is
   white noise, and the rows' covariance is C^-1 C^-T;
 * a skipped round still advances the stream; rows are drawn once, in order;
-* cyclic selection: a device joins only the rounds of its group, at most ceil(T / b) of them;
+* cyclic selection: groups of about equal data (snake order of the example counts); a device joins
+  only the rounds of its group, at most ceil(T / b) of them;
 * the ledger's epsilon equals jax-privacy's ``amplified_bandmf_event`` composed by dp-accounting,
   and the calibrated sigma is the one jax-privacy's event calibrates to;
 * settings that cannot carry correlated noise are refused with the setting to change.
@@ -126,10 +127,15 @@ def test_cyclic_selection_groups_and_calibrates_for_the_round():
     a = np.array([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12], dtype=float)
     sel = ActivitySelector(a, 0.0, 2.0, bands=3)
     assert sel.probabilities(a).sum() == pytest.approx(6.0)  # b m over the population
+    # snake order of 12, 11, .., 1: {12, 7, 6, 1}, {11, 8, 5, 2}, {10, 9, 4, 3}: 26 examples each
+    assert [sorted(a[sel.groups == g].astype(int).tolist()) for g in range(3)] == [[1, 6, 7, 12], [2, 5, 8, 11],
+                                                                                  [3, 4, 9, 10]]
     for t in range(1, 7):
         q = sel.probabilities(a, round_=t)
-        assert set(np.flatnonzero(q)) == {k for k in range(12) if k % 3 == (t - 1) % 3}
+        assert set(np.flatnonzero(q)) == set(np.flatnonzero(sel.groups == (t - 1) % 3))
         assert q.sum() == pytest.approx(2.0)
+    continual = ActivitySelector(np.stack([a, 2 * a]), 0.0, 2.0, bands=3)  # [T, K]: ranked by the mean
+    np.testing.assert_array_equal(continual.groups, sel.groups)
     with pytest.raises(ValueError, match="--bands 3 selects one device in 3"):
         ActivitySelector(a, 0.0, 5.0, bands=3)
 
@@ -161,11 +167,14 @@ def test_example_level_run_accounts_what_jax_privacy_accounts(tmp_path, data_dir
     with LedgerReader(server.rundir.path) as reader:
         events = reader.events("example")
         stored = reader.device_epsilons("example")
+    groups = server.selector.groups
+    assert sorted(np.bincount(groups).tolist()) == [2, 2]
     joined = {}
     for e in events:
-        assert e.device_id % 2 == (e.round - 1) % 2  # only the rounds of its group
+        assert groups[e.device_id] == (e.round - 1) % 2  # only the rounds of its group
         joined.setdefault(e.device_id, []).append(e.round)
-    assert {d: sorted(r) for d, r in joined.items()} == {0: [1, 3, 5], 1: [2, 4, 6], 2: [1, 3, 5], 3: [2, 4, 6]}
+    assert {d: sorted(r) for d, r in joined.items()} == {d: [1 + int(groups[d]), 3 + int(groups[d]), 5 + int(groups[d])]
+                                                         for d in range(4)}
     for d in range(4):
         assert stored[d] == pytest.approx(_amplified_bandmf_epsilon(sigma, 6, 2, 0.5, server.delta), rel=1e-4)
     assert max(stored.values()) <= 3.0 + 1e-6
@@ -188,11 +197,12 @@ def test_device_level_run_charges_only_a_devices_rounds(tmp_path, data_dir):
     with LedgerReader(server.rundir.path) as reader:
         events = reader.events("device")
         stored = reader.device_epsilons("device")
+    groups = server.selector.groups
     rounds = {}
     for e in events:
         assert e.sample_rate == pytest.approx(0.5)
         rounds.setdefault(e.device_id, []).append(e.round)
-    assert {d: sorted(r) for d, r in rounds.items()} == {0: [1, 3], 1: [2, 4], 2: [1, 3], 3: [2, 4]}
+    assert {d: sorted(r) for d, r in rounds.items()} == {d: [1 + int(groups[d]), 3 + int(groups[d])] for d in range(4)}
     for d in range(4):
         assert stored[d] == pytest.approx(_amplified_bandmf_epsilon(1.1, 4, 2, 0.5, server.delta), rel=1e-4)
 

@@ -180,6 +180,3 @@ def test_nodes_take_the_devices_in_turn_without_waiting():
     assert map_nodes_to_devices(_Grid(ids), 4, nodes=3) == {0: 12, 1: 907, 2: 5501, 3: 12}
     with pytest.raises(KeyError):
         m[1_000_000]
-    # cyclic selection (--bands 4): a round's group k = g, g + 4, g + 8 falls on consecutive nodes
-    cyc = map_nodes_to_devices(_Grid(ids), 12, nodes=3, stride=4)
-    assert [cyc[d] for d in (1, 5, 9)] == [12, 907, 5501] and [cyc[d] for d in (0, 1, 2, 3)] == [12] * 4

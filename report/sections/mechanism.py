@@ -124,8 +124,9 @@ def _correlation_rows(m: Mechanism) -> list[list[str]]:
         return []
     rounds = m.rounds_planned
     most = f"ceil({fmt(rounds)} / {bands}) = {-(-int(rounds) // bands)}" if rounds else "ceil(rounds / b)"
-    cyclic = ["cyclic selection", f"device k may join only the rounds t with (t - 1) mod {bands} = k mod {bands}: at "
-              f"most {most} rounds per device, each at least {bands} rounds apart"]
+    cyclic = ["cyclic selection", f"{bands} device groups of about equal data (ranked by examples held, dealt in snake "
+              f"order); round t selects only from group (t - 1) mod {bands}: at most {most} rounds per device, each "
+              f"at least {bands} rounds apart"]
     if bands <= 1 or (m.config.get("bands_noise") or "correlated") != "correlated":
         return [["server noise across rounds", "independent each round (a fresh Gaussian per round)"]] + (
             [cyclic] if bands > 1 else [])

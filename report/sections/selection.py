@@ -49,8 +49,9 @@ def render(s: Selection, doc: Doc) -> list[Block]:
         "Selection used activity counts (the number of examples each device holds), which the server sees.",
     ]
     if s.bands > 1:
-        sel_text.insert(1, f"Cyclic selection (--bands {s.bands}): device k could be selected only in the rounds t with "
-                           f"(t - 1) mod {s.bands} = k mod {s.bands} (q_k = 0 in the others), and c was calibrated so "
+        sel_text.insert(1, f"Cyclic selection (--bands {s.bands}): the devices were ranked by their example counts and "
+                           f"dealt to {s.bands} groups in snake order (each group about the same data); round t could "
+                           f"select only group (t - 1) mod {s.bands} (q_k = 0 for the others), and c was calibrated so "
                            f"that sum_k q_k = {s.bands} x the expected cohort size over all devices: each round's group "
                            "holds the expected cohort size on average.")
     if s.dp_on:

@@ -109,9 +109,10 @@ def render(s: Setting, doc: Doc) -> list[Block]:
               "metadata outside the guarantee.")
     th.append(_noise_source_item(run))
     if _bands(s.config) > 1:
-        th.append(f"Cyclic selection (--bands {_bands(s.config)}): device k could be selected only in the rounds t "
-                  f"with (t - 1) mod {_bands(s.config)} = k mod {_bands(s.config)}, so its rounds are at least "
-                  f"{_bands(s.config)} apart, as the correlated noise requires.")
+        th.append(f"Cyclic selection (--bands {_bands(s.config)}): each device belonged to one of {_bands(s.config)} "
+                  f"groups (ranked by examples held, dealt in snake order) and could be selected only in its group's "
+                  f"rounds, one round in {_bands(s.config)}, so its rounds are at least {_bands(s.config)} apart, as "
+                  "the correlated noise requires.")
     cap = s.config.get("participation_cap")
     if run.dp_on and cap and int(cap) < int(s.config.get("rounds") or 0):
         th.append(f"Participation cap: the example-level noise was calibrated for at most {int(cap)} of a "
