@@ -46,7 +46,9 @@ class RoundPlan:
         capped at q_k = 1 or removed by a budget, and in the continual setting only on average).
     expected_examples : float
         sum over the cohort of p_k n_k, the expected number of sampled examples (the
-        aggregate placement's denominator; n_k are the public example counts).
+        aggregate placement's denominator; n_k are the public example counts); under cyclic
+        selection (``--bands``) the same expectation over a cycle, (1/b) sum_k q_k p n_k over
+        all devices (:func:`server.round.plan_of`).
     lr_factor : float
         The server learning-rate schedule's factor this round (``--server-lr-schedule``).
     """

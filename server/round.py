@@ -150,12 +150,20 @@ def commit_events(server, sel: Selection) -> None:
 
 
 def plan_of(server, sel: Selection) -> RoundPlan:
-    """The round's public expectations: m (expected cohort) and sum_k p_k n_k over the cohort."""
+    """The round's public expectations: m (expected cohort) and the expected examples E[n]: sum_k p n_k over
+    the cohort, or, under cyclic selection (``--bands`` b > 1), the expectation over a cycle of b rounds,
+    (1/b) sum_k q_k p n_k over all devices (every group's rounds divide by the same E[n], so that a group
+    holding little data takes a small step and a cycle's steps add up to one over all the data)."""
     cfg = server.cfg
+    if server.selector.bands > 1:
+        q_all = server.selector.probabilities(server.activity)
+        expected = float(cfg.sample_rate * np.dot(q_all, server.activity) / server.selector.bands)
+    else:
+        expected = float(sum(cfg.sample_rate * int(server.activity[d]) for d in sel.cohort))
     return RoundPlan(
         round=sel.round,
         expected_cohort=float(cfg.cohort_size),
-        expected_examples=float(sum(cfg.sample_rate * int(server.activity[d]) for d in sel.cohort)),
+        expected_examples=expected,
         lr_factor=lr_factor(cfg.server_lr_schedule, sel.round, cfg.rounds),
     )
 

@@ -179,6 +179,11 @@ def test_example_level_run_accounts_what_jax_privacy_accounts(tmp_path, data_dir
         assert stored[d] == pytest.approx(_amplified_bandmf_epsilon(sigma, 6, 2, 0.5, server.delta), rel=1e-4)
     assert max(stored.values()) <= 3.0 + 1e-6
     assert [o.cohort_size for o in outs] == [2] * 6
+    from server.round import Selection, plan_of
+
+    a = server.activity.astype(float)  # every round divides by the expectation over a cycle of the 2 groups
+    plan = plan_of(server, Selection(1, np.ones(4), np.array([0]), []))
+    assert plan.expected_examples == pytest.approx(0.5 * a.sum() / 2)
     from report import build_report
 
     build_report(server.rundir.path)

@@ -178,8 +178,10 @@ def _example_noise_items(s: Setting) -> list[str]:
                f"last {_bands(cfg) - 1} noise rows secret, in memory only), divides by the expected number of "
                if _correlated(cfg) else
                "standard deviation sigma * C once per round to the cohort's sum, divides by the expected number of ")
-            + "sampled examples (the sum of p n_k over the cohort, from the public counts) and takes a server "
-            f"optimizer step (strategy {param(cfg, 'strategy')}). A device's clipped sum carries no noise of "
+            + ("sampled examples of a round averaged over a cycle of the groups ((1/b) sum_k q_k p n_k over all "
+               "devices, from the public counts) and takes a server " if _bands(cfg) > 1 else
+               "sampled examples (the sum of p n_k over the cohort, from the public counts) and takes a server ")
+            + f"optimizer step (strategy {param(cfg, 'strategy')}). A device's clipped sum carries no noise of "
             "its own.")
     else:
         th.append("No example-level noise (dp = false): devices train without DP-SGD. The guarantee comes from "
