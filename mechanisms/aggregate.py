@@ -27,7 +27,7 @@ from dp.accounting import SubsampledGaussianEvent
 from dp.engines import make_engine
 from dp.secure_random import NoiseSource
 from mechanisms.adaptive_clip import CLIP_COUNT, ClipStateMixin, QuantileClip, gradient_noise_multiplier, quantile_clip, with_count_stddev
-from mechanisms.correlated_noise import BandedNoise, correlated_noise
+from mechanisms.correlated_noise import BandedNoise, correlated_noise, noised_sums
 from mechanisms.base import (Aggregator, Calibration, DeviceReply, DeviceWork, Mechanism, ReplySpec, _numpy,
                              calibrate_example, floating_keys)
 from mechanisms.registry import register
@@ -100,16 +100,7 @@ class AggregateNoiseAggregator(ClipStateMixin, Aggregator):
         """g = (sum of clipped sums + N(0, (sigma C)^2 I)) / E[n] (float64), per floating array."""
         std = self.noise_multiplier * self.max_grad_norm
         denom = max(float(self.plan.expected_examples), 1e-12)
-        rows = (self.correlated.draw(self.round, {k: v.shape for k, v in self.total.items()})
-                if self.correlated is not None and std > 0 else None)
-        out = {}
-        for k, s in self.total.items():
-            if rows is not None:
-                s = s + std * rows[k]
-            elif std > 0:
-                s = s + self.noise.normal_numpy(s.shape, std)
-            out[k] = s / denom
-        return out
+        return {k: s / denom for k, s in noised_sums(self.total, std, self.noise, self.correlated, self.round).items()}
 
     def result(self) -> dict[str, np.ndarray]:
         out = dict(self.current)

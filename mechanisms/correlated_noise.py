@@ -157,6 +157,19 @@ class BandedNoise:
                 return row
 
 
+def noised_sums(totals: Mapping[str, np.ndarray], std: float, noise: NoiseSource, correlated: BandedNoise | None,
+                round_: int) -> dict[str, np.ndarray]:
+    """``totals`` ({key: sum array}) plus the round's server noise of scale ``std`` (sigma times the clip norm):
+    ``std`` times row ``round_`` of C^-1 z with ``correlated``, else a fresh N(0, std^2) per array from
+    ``noise``; unchanged when ``std`` is 0."""
+    if std <= 0:
+        return dict(totals)
+    if correlated is not None:
+        rows = correlated.draw(round_, {k: v.shape for k, v in totals.items()})
+        return {k: s + std * rows[k] for k, s in totals.items()}
+    return {k: s + noise.normal_numpy(s.shape, std) for k, s in totals.items()}
+
+
 def correlated_noise(cfg, noise: NoiseSource) -> BandedNoise | None:
     """The run's :class:`BandedNoise` when ``cfg.bands`` > 1, else None (independent noise each round; also with
     ``cfg.bands_noise == "independent"``, cyclic selection without the correlation)."""

@@ -26,7 +26,7 @@ from dp.secure_random import NoiseSource
 from mechanisms.adaptive_clip import ClipStateMixin, QuantileClip, gradient_noise_multiplier, quantile_clip, with_count_stddev
 from mechanisms.base import (Aggregator, Calibration, DeviceReply, DeviceWork, Mechanism, ReplySpec, _numpy, floating_keys,
                              joinable_rounds)
-from mechanisms.correlated_noise import BandedNoise, correlated_noise
+from mechanisms.correlated_noise import BandedNoise, correlated_noise, noised_sums
 from mechanisms.local_dpsgd import LocalDPSGD
 from mechanisms.registry import register
 from mechanisms.training import local_round
@@ -92,14 +92,8 @@ class DeviceDPAggregator(ClipStateMixin, Aggregator):
 
     def result(self) -> dict[str, np.ndarray]:
         std = self.noise_multiplier * self.clip_norm
-        rows = (self.correlated.draw(self.round, {k: v.shape for k, v in self.total.items()})
-                if self.correlated is not None and std > 0 else None)
         out = dict(self.current)
-        for k, s in self.total.items():
-            if rows is not None:
-                s = s + std * rows[k]
-            elif std > 0:
-                s = s + self.noise.normal_numpy(s.shape, std)
+        for k, s in noised_sums(self.total, std, self.noise, self.correlated, self.round).items():
             step = self.step_size * self.plan.lr_factor / self.plan.expected_cohort
             out[k] = (self.current[k] + step * s).astype(self.current[k].dtype)
         if self.clip is not None:

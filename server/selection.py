@@ -165,13 +165,6 @@ class ActivitySelector:
         self.c = float(c)
         self.groups = balanced_groups(activity, self.bands) if self.bands > 1 else None
 
-    def eligible(self, num_devices: int, round_: int) -> np.ndarray:
-        """Whether each of ``num_devices`` devices may be selected in round ``round_`` (bool [K]):
-        every device when ``bands`` is 1, else the devices of group (round_ - 1) mod b."""
-        if self.groups is None:
-            return np.ones(num_devices, dtype=bool)
-        return self.groups[:num_devices] == (int(round_) - 1) % self.bands
-
     def probabilities(self, activity: np.ndarray, excluded: np.ndarray | None = None,
                       round_: int | None = None) -> np.ndarray:
         """q_k(t) for the current activities; devices in ``excluded`` (e.g. over budget) get 0, and with
@@ -181,5 +174,5 @@ class ActivitySelector:
         if excluded is not None and len(excluded):
             q[np.asarray(excluded, dtype=np.int64)] = 0.0
         if self.bands > 1 and round_ is not None:
-            q[..., ~self.eligible(q.shape[-1], round_)] = 0.0
+            q[..., self.groups != (int(round_) - 1) % self.bands] = 0.0  # outside the round's group
         return q
