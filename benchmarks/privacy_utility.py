@@ -8,6 +8,8 @@ An arm is ``NOISE:TRAINABLE:EPS[:LEVERS]``:
 * NOISE ``device``: example-level DP-SGD on every device (noise at every local step; trusts nobody);
 * NOISE ``aggregate``: example-level DP with the noise added once per round to the cohort's sum
   of per-example-clipped gradients (central DP; trusts the aggregator);
+* NOISE ``secure``: the ``aggregate`` arm with the noise added on the devices (Skellam shares) and
+  summed under secure aggregation (SecAgg+; trusts no server; ``--noise-at secure``, 20 bits);
 * NOISE ``device-level``: DP-FedAvg (each device's update clipped and noised on the server)
   over 1,000 devices of about 10 examples, expected cohort 100; EPS is the device-level epsilon;
 * NOISE ``nonoise``: the ``aggregate`` arm's algorithm with noise multiplier 0 (clipped sums,
@@ -81,6 +83,10 @@ SETTINGS = {
                      "--selection", "uniform", "--rounds", "150", "--local-epochs", "1", "--optimizer", "sgd",
                      "--head-learning-rate", "2.0", "--update-clip-norm", "1.0",
                      "--strategy", "fedavg", "--server-learning-rate", "1.5", "--server-ema", "0", "--eval-every", "50"],
+    # the aggregate arm with the noise from the devices under secure aggregation (mechanisms/secure.py)
+    "secure": ["--noise-at", "secure", "--num-devices", "100", "--cohort-size", "10", "--rounds", "60",
+               "--activity-exponent", "2", "--strategy", "fedadam",
+               "--server-ema", "0.9", "--max-grad-norm", "1.0"],
     "nonoise": ["--noise-at", "aggregate", "--num-devices", "100", "--cohort-size", "10", "--rounds", "60",
                 "--activity-exponent", "2", "--strategy", "fedadam",
                 "--server-ema", "0.9", "--max-grad-norm", "1.0", "--noise-multiplier", "0", "--allow-zero-noise"],
@@ -190,11 +196,11 @@ def arm_command(noise: str, trainable: str, eps: float | None, run_dir: Path, da
     """The exact ``dpfl simulate`` command of one arm (``levers``: its LEVERS field, :func:`lever_args`)."""
     args = ["dpfl", "simulate", "--run-dir", str(run_dir), "--data-dir", data_dir, "--seed", str(seed),
             "--no-progress", *COMMON, *SETTINGS[noise]]
-    if noise in ("aggregate", "nonoise") or trainable != "lora":
+    if noise in ("aggregate", "secure", "nonoise") or trainable != "lora":
         args += TRAINABLE_SETTINGS[trainable]  # (the later of two equal flags wins: arm settings override)
     else:
         args += ["--trainable", "lora"]
-    if noise in ("aggregate", "device"):
+    if noise in ("aggregate", "secure", "device"):
         args += ["--target-epsilon", f"{eps:g}"]
     if noise == "device-level":
         rounds = int(args[args.index("--rounds") + 1])
@@ -255,7 +261,7 @@ def run_arm(arm: str, out: Path, data_dir: str, seed: int, extra: list[str]) -> 
         "trainable": trainable,
         "levers": levers,
         "target_epsilon": eps,
-        "epsilon": final.get("epsilon_example_max") if noise in ("aggregate", "device") else None,
+        "epsilon": final.get("epsilon_example_max") if noise in ("aggregate", "secure", "device") else None,
         "epsilon_device": final.get("epsilon_device_max") if noise == "device-level" else None,
         "delta": DELTA,
         "accuracy": last_eval.get("accuracy"),

@@ -179,6 +179,15 @@ def _noise_source(cfg: RunConfig, server_round: int, device_id: int) -> NoiseSou
     return NoiseSource()
 
 
+def _keep_state(context: Context, key: str, state: dict) -> None:
+    """Keep ``state`` (what the device holds between a round's exchanges) in the node's state under ``key``
+    (removed when empty). The node state stays on the device side: it is never sent to the server."""
+    if state:
+        context.state[key] = ConfigRecord(state)
+    elif key in context.state.config_records:
+        del context.state[key]
+
+
 def _inject(fault: str | None, state: dict, cfg: RunConfig, round_cfg, device_id: int, server_round: int) -> dict:
     """Apply an injected fault (testing) to the reply's arrays, or raise / hang."""
     if fault == "raise":
@@ -215,6 +224,14 @@ def train(msg: Message, context: Context) -> Message:
     if "deadline" in round_cfg and time.time() > float(round_cfg["deadline"]):
         # The server stopped waiting for this round before the task started: do not train.
         raise TimeoutError(f"round {server_round} task started after the round deadline; not trained")
+    state_key = f"device-{device_id}"
+    state = dict(context.state.config_records[state_key]) if state_key in context.state.config_records else {}
+    if rec.STAGE_KEY in round_cfg:  # one of the round's other exchanges (secure aggregation's protocol)
+        reply = mechanism_for(cfg).device_stage(str(round_cfg[rec.STAGE_KEY]), round_cfg, state,
+                                                _noise_source(cfg, server_round, device_id),
+                                                server_round)
+        _keep_state(context, state_key, state)
+        return Message(RecordDict({rec.STAGE: ConfigRecord(reply)}), reply_to=msg)
     data = device_examples(cfg, device_id, server_round)
     task = task_of(cfg)
     model = model_of(cfg, task)
@@ -228,7 +245,8 @@ def train(msg: Message, context: Context) -> Message:
     noise = _noise_source(cfg, server_round, device_id)
     fault = fault_for(cfg.seed, server_round, device_id, cfg.fault_rate, cfg.fault_kind)
     mechanism = mechanism_for(cfg)
-    reply = mechanism.device_part(DeviceWork(model, data, task, noise, round_cfg, device_id, server_round, teacher, t0))
+    reply = mechanism.device_part(DeviceWork(model, data, task, noise, round_cfg, device_id, server_round, teacher, t0,
+                                             state=state))
     content = RecordDict()
     if mechanism.reply.info:
         content[rec.INFO] = ConfigRecord({"ray-node": _ray_node_id(), "device-id": device_id})

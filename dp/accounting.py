@@ -19,6 +19,11 @@ standard deviation ``noise_multiplier * sensitivity`` applied to a Poisson subsa
 * device-level DP-FedAvg on the server (unit = one device, ``sample_rate`` = the
   device's inclusion probability ``q_k(t)``, ``steps = 1`` per round).
 
+A history that holds a ``ZCDpEvent`` (secure aggregation's Skellam mechanism, dp/discrete.py,
+whose bound holds at integer Renyi orders) is composed by dp-accounting's RDP accountant at the
+integer orders :data:`INTEGER_RDP_ORDERS`, whichever accountant was asked for (the PLD
+accountant cannot compose a zCDP event).
+
 Accountants
 -----------
 ``"pld"`` (primary, tight)
@@ -80,6 +85,10 @@ __all__ = [
 
 ACCOUNTANTS = ("pld", "rdp")
 DEFAULT_VALUE_DISCRETIZATION_INTERVAL = 1e-3
+#: The RDP orders a history holding a ``ZCDpEvent`` is composed at, whichever accountant was asked
+#: for: the Skellam mechanism's bound (dp/discrete.py, Agarwal et al. 2021, Theorem 3.5) holds at
+#: integer orders, and dp-accounting's PLD accountant cannot compose a zCDP event.
+INTEGER_RDP_ORDERS = tuple(range(2, 64)) + tuple(range(64, 257, 8)) + (320, 384, 512, 768, 1024)
 _CACHE_SIZE = 65536
 
 # A canonical history: sorted tuple of (noise_multiplier, sample_rate, steps), each
@@ -326,6 +335,8 @@ def _pld_for_history(history: History, interval: float):
 def _epsilon_cached(history: History, delta: float, accountant: str, interval: float) -> float:
     if not history:
         return 0.0
+    if any(isinstance(e[0], str) and '"ZCDpEvent"' in e[1] for e in history):
+        accountant = "rdp-integer"  # a zCDP event (the Skellam bound) holds at integer orders: compose there
     if accountant == "pld" and any(isinstance(e[0], str) for e in history):
         from dp_accounting.pld import pld_privacy_accountant
 
@@ -347,7 +358,8 @@ def _epsilon_cached(history: History, delta: float, accountant: str, interval: f
         level = absl_logger.level
         absl_logger.setLevel(logging.ERROR)
         try:
-            acc = rdp_privacy_accountant.RdpAccountant()  # add-or-remove-one by default
+            orders = INTEGER_RDP_ORDERS if accountant == "rdp-integer" else None
+            acc = rdp_privacy_accountant.RdpAccountant(orders) if orders else rdp_privacy_accountant.RdpAccountant()
             for event, count in _general_events(history):
                 if not acc.supports(event):
                     raise ValueError(f"the rdp accountant cannot compose {event}; use --accountant pld")
@@ -602,9 +614,11 @@ def calibrate_noise_multiplier(
 def to_dp_event(event: SubsampledGaussianEvent):
     """The dp-accounting event of ``event``:
     ``SelfComposedDpEvent(PoissonSampledDpEvent(q, GaussianDpEvent(sigma)), steps)`` (the
-    composition this module's PLD accountant equals; module docstring)."""
+    composition this module's PLD accountant equals; module docstring); a dp-accounting event as it is."""
     from dp_accounting import dp_event
 
+    if isinstance(event, dp_event.DpEvent):  # already one (e.g. the Skellam mechanism's ZCDpEvent)
+        return event
     ev = _coerce_event(event)
     return dp_event.SelfComposedDpEvent(
         dp_event.PoissonSampledDpEvent(ev.sample_rate, dp_event.GaussianDpEvent(ev.noise_multiplier)), ev.steps)

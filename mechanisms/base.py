@@ -51,12 +51,19 @@ class RoundPlan:
         all devices (:func:`server.round.plan_of`).
     lr_factor : float
         The server learning-rate schedule's factor this round (``--server-lr-schedule``).
+    cohort : tuple of int
+        The round's cohort (device ids, in the server's order): the devices a multi-exchange round
+        (secure aggregation) numbers.
+    cohort_examples : float
+        sum over the cohort of n_k, the examples its devices hold (public counts).
     """
 
     round: int
     expected_cohort: float = 1.0
     expected_examples: float = 1.0
     lr_factor: float = 1.0
+    cohort: tuple[int, ...] = ()
+    cohort_examples: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -65,9 +72,10 @@ class ReplySpec:
 
     Attributes
     ----------
-    kind : {"weights", "clipped-sum"}
+    kind : {"weights", "clipped-sum", "masked"}
         ``"weights"``: the locally trained trainable parameters with a ``metrics`` record
-        (``num-examples``); ``"clipped-sum"``: the sum of clipped per-example gradients, alone.
+        (``num-examples``); ``"clipped-sum"``: the sum of clipped per-example gradients, alone;
+        ``"masked"``: secure aggregation's masked integer vector, alone (:meth:`Mechanism.reply_arrays`).
     privacy_record : bool
         The reply must carry the round's ``privacy`` record (the device's DP-SGD event).
     info : bool
@@ -106,6 +114,9 @@ class DeviceWork:
         The previous release's logits on the device's examples (``--pc-weight``).
     started : float
         ``time.perf_counter()`` when the handler started (non-private runs report task time).
+    state : dict
+        What the device part of a multi-exchange round keeps between the round's exchanges
+        (:meth:`Mechanism.device_stage`; bytes, str and numbers; the ClientApp keeps it in the node's state).
     """
 
     model: torch.nn.Module
@@ -117,6 +128,7 @@ class DeviceWork:
     round: int
     teacher: torch.Tensor | None = None
     started: float = field(default_factory=time.perf_counter)
+    state: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -207,6 +219,42 @@ class Aggregator:
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict`'s output."""
 
+    # A round may hold exchanges before and after its training message (secure aggregation's
+    # protocol): the round loop sends each stage's requests and folds in the replies.
+    #: the names of the exchanges before the training message, in order
+    stages_before: tuple[str, ...] = ()
+    #: the names of the exchanges after the training message (the replies are all in), in order
+    stages_after: tuple[str, ...] = ()
+
+    def stage_requests(self, stage: str) -> dict[int, dict]:
+        """Device id -> the config entries of its message in exchange ``stage`` (bytes, numbers, str, lists of one
+        of them); no entry: no message."""
+        return {}
+
+    def stage_reply(self, stage: str, device: int, reply: Mapping | None) -> str | None:
+        """Fold in ``device``'s reply to exchange ``stage`` (its ``stage`` record; None when it failed or did not
+        reply in time); return why it was rejected, or None."""
+        return None
+
+    def train_entries(self, device: int) -> dict | None:
+        """Extra config entries of ``device``'s training message ({} by default); None: send it none."""
+        return {}
+
+    def lost_updates(self) -> list[tuple[int, str, str]]:
+        """(device, reason, detail) of the round's devices whose update the aggregator could not use besides the
+        round loop's failed, rejected and late replies (after :meth:`result`; none by default)."""
+        return []
+
+    def round_stats(self) -> dict:
+        """Entries the round's metrics line gets from the aggregator (none by default; never a statistic of the
+        devices' data)."""
+        return {}
+
+    def add_reply(self, device: int, arrays: Mapping[str, np.ndarray], weight: float,
+                  clip: float | None = None) -> None:
+        """:meth:`add` for device ``device``'s accepted reply (an aggregator that needs to know the sender overrides it)."""
+        self.add(arrays, weight, clip)
+
 
 class Mechanism:
     """A run's privacy mechanism (see the module docstring); one subclass per module, registered by name.
@@ -251,6 +299,22 @@ class Mechanism:
     def device_part(self, work: DeviceWork) -> DeviceReply:  # pragma: no cover - interface
         """What the device computes from its data in one round, and the reply it may send."""
         raise NotImplementedError
+
+    def device_stage(self, stage: str, config: Mapping, state: dict, noise: NoiseSource, round_: int) -> dict:
+        """The device's part of a non-training exchange ``stage`` (:attr:`Aggregator.stages_before` / ``stages_after``):
+        the reply's ``stage`` record from the message's ``config``; ``state`` persists over the round's exchanges.
+
+        Raises
+        ------
+        ValueError
+            For a mechanism without exchanges (always, by default).
+        """
+        raise ValueError(f"{self.name} has no {stage!r} exchange")
+
+    def reply_arrays(self, expected: Mapping[str, tuple]) -> Mapping[str, tuple]:
+        """``{key: (shape, dtype name)}`` of a training reply's arrays, given the trainable parameters' ``expected``
+        (the same by default)."""
+        return expected
 
     # ------------------------------------------------------------------ server
     def aggregator(self, noise: NoiseSource, step_size: float) -> Aggregator:  # pragma: no cover - interface

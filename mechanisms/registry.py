@@ -21,13 +21,13 @@ def mechanism_name(cfg) -> str:
     ``--device-dp``: DP-FedAvg (with local DP-SGD on the devices unless ``--no-dp``);
     ``--no-dp``: the algorithm of ``--noise-at`` without clipping or noise (FedSGD for
     ``aggregate``, FedAvg of local training for ``device``); else the example-level placement of
-    ``--noise-at``.
+    ``--noise-at`` (``secure``: noise from the devices under secure aggregation).
     """
     if cfg.device_dp:
         return "dp-fedavg"
     if not cfg.dp:
         return {"device": "fedavg", "aggregate": "fedsgd"}[cfg.noise_at]
-    return {"device": "local-dpsgd", "aggregate": "aggregate"}[cfg.noise_at]
+    return {"device": "local-dpsgd", "aggregate": "aggregate", "secure": "secure"}[cfg.noise_at]
 
 
 def mechanism_for(cfg):

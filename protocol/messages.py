@@ -27,6 +27,14 @@ mechanisms/):
 * ``clipped-sum`` (noise on the aggregate): ``arrays`` only, the sum over the device's
   Poisson-sampled examples of their clipped gradients. Nothing else derived from its data
   leaves the device: no loss, no realised sample count, no timing.
+* ``masked`` (secure aggregation, ``--noise-at secure``): ``arrays`` only, one uint32 array
+  ``masked`` of D entries: the device's quantised, noised sum masked mod 2^b (uniform given
+  everything else the server holds, mechanisms/secagg.py).
+
+Secure aggregation's other exchanges (``keys``, ``shares`` before training, ``unmask`` after) are
+messages of type ``train`` whose ``config`` names the exchange (``stage``) and carries the
+protocol's entries (public keys, routed ciphertexts, survivor lists); their replies hold one
+record, ``stage`` (ConfigRecord): public keys, ciphertexts for other devices, or Shamir shares.
 
 A holdout evaluation message (``--holdout-per-device``, after the last round; Flower message
 type ``evaluate``) holds ``arrays`` (the final released model's trainable parameters), ``run``,
@@ -57,11 +65,16 @@ PRIVACY = "privacy"
 INFO = "info"
 #: adaptive clipping's record in a reply (its key: mechanisms.base.ReplySpec.clip)
 CLIP = "clip"
+#: a non-training exchange's reply record (secure aggregation's keys, shares, unmask), and the config
+#: entry that names the exchange in its message
+STAGE = "stage"
+STAGE_KEY = "stage"
 
 #: What a reply in each placement may hold (anything else is rejected, see :func:`validate_update`).
 REPLY_RECORDS = {
     "weights": {ARRAYS, METRICS, PRIVACY, INFO, CLIP},
     "clipped-sum": {ARRAYS, CLIP},
+    "masked": {ARRAYS},
 }
 
 
@@ -96,10 +109,10 @@ def validate_update(
     """
     if ARRAYS not in content.array_records:
         return "no arrays in the reply"
-    if kind == "clipped-sum":
+    if kind in ("clipped-sum", "masked"):
         extra = sorted(set(content.keys()) - REPLY_RECORDS[kind])
         if extra:
-            return f"a clipped-sum reply holds only its arrays; it also carries {extra}"
+            return f"a {kind} reply holds only its arrays; it also carries {extra}"
     arrays = content.array_records[ARRAYS]
     keys = set(arrays.keys())
     if keys != set(expected):
@@ -120,7 +133,7 @@ def validate_update(
             return f"{clip_key} {c!r} is not a {'positive' if clip_key == 'clip-norm' else 'finite'} number"
     elif CLIP in content:
         return "a clip record without adaptive clipping"
-    if kind == "clipped-sum":
+    if kind in ("clipped-sum", "masked"):
         return None
     if METRICS not in content.metric_records:
         return "no metrics in the reply"

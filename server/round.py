@@ -29,7 +29,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
-from dp.accounting import dp_event_to_json, to_dp_event
+from dp.accounting import SubsampledGaussianEvent, dp_event_to_json, to_dp_event
 from protocol import messages as rec
 from protocol.arrays import array_view, record_from_numpy
 from protocol.messages import validate_update
@@ -137,8 +137,11 @@ def commit_events(server, sel: Selection) -> None:
             continue
         clip = mech.clip_norm(unit)
         serialised = {e: dp_event_to_json(to_dp_event(e)) for e in set(charged.values())}  # one per distinct event
-        events += [EventRow(d, unit, e.noise_multiplier, e.sample_rate, e.steps, clip, mech.name, serialised[e])
-                   for d, e in charged.items()]
+        # the (sigma, q, steps) columns of another dp-accounting event (secure aggregation's Skellam
+        # zCDP bound): the run's noise multiplier, one release; its dp_event is what is composed
+        columns = {e: (e.noise_multiplier, e.sample_rate, e.steps) if isinstance(e, SubsampledGaussianEvent)
+                   else (float(server.cfg.noise_multiplier or 0.0), 1.0, 1) for e in serialised}
+        events += [EventRow(d, unit, *columns[e], clip, mech.name, serialised[e]) for d, e in charged.items()]
         epsilons.update(book.add(unit, charged))
     holdings = []
     if "example" in mech.units and server.pop.stream is not None:
@@ -165,6 +168,8 @@ def plan_of(server, sel: Selection) -> RoundPlan:
         expected_cohort=float(cfg.cohort_size),
         expected_examples=expected,
         lr_factor=lr_factor(cfg.server_lr_schedule, sel.round, cfg.rounds),
+        cohort=tuple(int(d) for d in sel.cohort),
+        cohort_examples=float(sum(int(server.activity[d]) for d in sel.cohort)),
     )
 
 
@@ -202,13 +207,69 @@ def dispatch(server, grid: Grid, sel: Selection, arrays: ArrayRecord, node_of: d
     out = []
     for m in msgs:  # the strategy's messages share one RecordDict: give each its own
         d = cohort[int(m.metadata.dst_node_id)]
+        entries = server.aggregator.train_entries(d)
+        if entries is None:  # the device left the round's protocol (secure aggregation)
+            continue
         content = RecordDict(dict(m.content.items()))
+        if entries:
+            content[rec.CONFIG] = ConfigRecord({**dict(content[rec.CONFIG]), **entries})
         content[rec.RUN] = run_record
         content[rec.DEVICE] = ConfigRecord({"device-id": d})
         if teacher_record is not None:
             content[rec.TEACHER] = teacher_record
         out.append(Message(content, dst_node_id=int(node_of[d]), message_type=m.metadata.message_type))
     return out
+
+
+def exchange(server, grid: Grid, sel: Selection, stage: str, node_of: dict[int, int]) -> None:
+    """One of the round's exchanges besides training (:attr:`mechanisms.base.Aggregator.stages_before` /
+    ``stages_after``: secure aggregation's keys, shares and unmask): the aggregator's request to each device
+    it names, each reply's ``stage`` record (alone) back to the aggregator, a failed or late one as None.
+
+    A device's node state holds what it keeps between the exchanges, so a node gets one message at a time:
+    devices that share a node are asked in turns (waves), never at once.
+    """
+    requests = server.aggregator.stage_requests(stage)
+    if not requests:
+        return
+    cfg, t = server.cfg, sel.round
+    run_record = ConfigRecord(cfg.device_settings())
+    waves: list[list[int]] = []
+    seen: dict[int, int] = {}
+    for d in requests:
+        w = seen.get(node_of[d], 0)
+        seen[node_of[d]] = w + 1
+        if w == len(waves):
+            waves.append([])
+        waves[w].append(d)
+    answered: set[int] = set()
+    for wave in waves:
+        deadline = time.time() + cfg.round_deadline_seconds()
+        msgs = []
+        for d in wave:
+            entries = {"server-round": t, "deadline": deadline, rec.STAGE_KEY: stage, **requests[d]}
+            content = RecordDict({rec.CONFIG: ConfigRecord(entries), rec.RUN: run_record,
+                                  rec.DEVICE: ConfigRecord({"device-id": d})})
+            msgs.append(Message(content, dst_node_id=int(node_of[d]), message_type="train"))
+
+        def handle(r: Message, i: int, wave=wave) -> None:
+            d = wave[i]
+            answered.add(d)
+            reply = None
+            if r.has_error():
+                log.warning("round %d: device %d failed in the %s exchange: %s", t, d, stage, _short_reason(r.error.reason))
+            elif set(r.content.keys()) != {rec.STAGE} or rec.STAGE not in r.content.config_records:
+                log.warning("round %d: %s reply of device %d rejected: it must hold the stage record alone", t, stage, d)
+            else:
+                reply = dict(r.content.config_records[rec.STAGE])
+            why = server.aggregator.stage_reply(stage, d, reply)
+            if why is not None:
+                log.warning("round %d: %s reply of device %d rejected: %s", t, stage, d, why)
+
+        receive(grid, msgs, cfg.round_deadline_seconds(), handle, adaptive=cfg.round_timeout is None, control=server.control)
+    for d in sorted(set(requests) - answered):
+        log.warning("round %d: device %d did not answer the %s exchange in time", t, d, stage)
+        server.aggregator.stage_reply(stage, d, None)
 
 
 def _short_reason(reason: str) -> str:
@@ -233,6 +294,7 @@ def collect(server, grid: Grid, msgs: list[Message], sel: Selection, out: RoundO
     lost: list[tuple[int, str, str]] = []
     kept: list[RecordDict] = []
     spec = server.mechanism.reply
+    expected = server.mechanism.reply_arrays(server.expected)
 
     def handle(r: Message, i: int) -> None:
         d = devices[i]
@@ -245,7 +307,7 @@ def collect(server, grid: Grid, msgs: list[Message], sel: Selection, out: RoundO
             lost.append((d, "error", reason))
             log.warning("round %d: device %d failed: %s", t, d, reason)
             return
-        why = validate_update(r.content, server.expected, spec.privacy_record, kind=spec.kind, clip_key=spec.clip)
+        why = validate_update(r.content, expected, spec.privacy_record, kind=spec.kind, clip_key=spec.clip)
         if why is None and rec.INFO in r.content and int(r.content[rec.INFO].get("device-id", d)) != d:
             why = "device id in the reply does not match the node"
         if why is None and spec.clip:
@@ -261,7 +323,7 @@ def collect(server, grid: Grid, msgs: list[Message], sel: Selection, out: RoundO
         if held is not None:  # --reproducible-noise: folded in device order once all are in
             held.append((d, {k: np.array(a) for k, a in arrays.items()}, weight, clip))
         else:
-            server.aggregator.add(arrays, weight, clip)
+            server.aggregator.add_reply(d, arrays, weight, clip)
         kept.append(RecordDict({k: v for k, v in r.content.items() if k not in (rec.ARRAYS, rec.CLIP)}))
 
     # Replies are folded in as they arrive (the server holds one running sum), so floating-point
@@ -278,8 +340,8 @@ def collect(server, grid: Grid, msgs: list[Message], sel: Selection, out: RoundO
             server.control.progress(len(latencies), len(devices))
 
     receive(grid, msgs, cfg.round_deadline_seconds(), timed, adaptive=cfg.round_timeout is None, control=server.control)
-    for _, arrays, weight, clip in sorted(held or [], key=lambda x: x[0]):
-        server.aggregator.add(arrays, weight, clip)
+    for d, arrays, weight, clip in sorted(held or [], key=lambda x: x[0]):
+        server.aggregator.add_reply(d, arrays, weight, clip)
     # the adaptive deadline's length follows the replies' times, which depend on the devices'
     # secret sample sizes: the ledger and the log name it, never its measured length
     deadline = (f"--round-timeout {cfg.round_timeout:g}s" if cfg.round_timeout is not None
@@ -287,7 +349,7 @@ def collect(server, grid: Grid, msgs: list[Message], sel: Selection, out: RoundO
     if latencies and not server.mechanism.private:
         # only for non-private runs: a DP-SGD device's time depends on its secret Poisson batch sizes
         out.extra["reply_seconds_mean"] = float(np.mean(latencies))
-    for d in sorted(set(map(int, sel.cohort)) - answered):
+    for d in sorted(set(devices) - answered):
         out.timeouts += 1
         lost.append((d, "timeout", f"no reply within {deadline}"))
     if out.timeouts:
@@ -346,13 +408,19 @@ def run_round(server, grid: Grid, t: int, arrays: ArrayRecord, node_of: dict[int
         if noise_only:
             server.strategy.configure_train(t, arrays, ConfigRecord({}), CohortGrid(grid, []))
     else:
+        for stage in server.aggregator.stages_before:
+            exchange(server, grid, sel, stage, node_of)
         msgs = dispatch(server, grid, sel, arrays, node_of)
         clock.lap("messages")
         lost = collect(server, grid, msgs, sel, out)
+        for stage in server.aggregator.stages_after:
+            exchange(server, grid, sel, stage, node_of)
         clock.lap("send_receive")
-    server.ledger.record_lost(t, server.attempt, lost)
     if out.replies or noise_only:
         arrays = aggregate(server, sel, arrays)
+    lost += server.aggregator.lost_updates()
+    server.ledger.record_lost(t, server.attempt, lost)
+    out.extra.update(server.aggregator.round_stats())
     clock.lap("aggregate")
     server.account(out)
     clock.lap("accounting")

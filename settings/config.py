@@ -49,7 +49,7 @@ DP_ENGINES = ("dpfl", "opacus")
 OPTIMIZERS = ("sgd", "adamw")
 TASKS = ("intent", "slots", "joint")
 SETTINGS = ("static", "continual")
-NOISE_PLACEMENTS = ("device", "aggregate")
+NOISE_PLACEMENTS = ("device", "aggregate", "secure")
 FAULT_KINDS = ("mixed", "raise", "hang", "nan", "shape")
 HEAD_INITS = ("auto", "label-names", "random")
 
@@ -292,7 +292,9 @@ class RunConfig:
         default="aggregate",
         metadata={"help": "where the example-level noise is added: device (local DP-SGD at every step; trusts nobody) | "
                           "aggregate (each device sends its clipped gradient sum, the server adds the noise once per "
-                          "round to the cohort's sum; trusts the aggregator)",
+                          "round to the cohort's sum; trusts the aggregator) | secure (each device quantises its "
+                          "clipped gradients, adds its share of Skellam noise and masks the result with secure "
+                          "aggregation, SecAgg+; the server sees only the masked sum)",
                   "group": "example_privacy", "choices": NOISE_PLACEMENTS},
     )
     sample_rate: float = field(
@@ -359,6 +361,24 @@ class RunConfig:
                           "would pass its budget (an individual privacy filter: after this many rounds for the device "
                           "that needs the most noise; default: none, calibrated for a device that joins every round)",
                   "group": "example_privacy"},
+    )
+    secure_bits: int = field(
+        default=20,
+        metadata={"help": "--noise-at secure: bits b per coordinate on the wire (the sum is taken mod 2^b; 8 to 32)",
+                  "group": "example_privacy"},
+    )
+    dropout_tolerance: float = field(
+        default=0.1,
+        metadata={"help": "--noise-at secure: the fraction f of a round's cohort that may drop out (or collude with "
+                          "the server) with the noise still at its calibrated variance: each device adds the noise "
+                          "share of n - floor(f n) devices; a round with more drops is abandoned (in [0, 0.5))",
+                  "group": "example_privacy"},
+    )
+    secagg_neighbours: int | None = field(
+        default=None,
+        metadata={"help": "--noise-at secure: each device shares its secrets with this many neighbours on a ring "
+                          "(SecAgg+, Bell et al. 2020; even, >= 2); default: with every other device of the round "
+                          "(SecAgg)", "group": "example_privacy"},
     )
     bands: int = field(
         default=1,
@@ -643,6 +663,24 @@ class RunConfig:
             "target_epsilon_device",
             "a device-level budget needs device-level DP: add --device-dp",
         )
+        if self.noise_at == "secure":
+            need(self.dp, "noise_at", "secure aggregation without noise is not built: drop --no-dp or use "
+                 "--noise-at aggregate")
+            need(not self.device_dp, "noise_at", "secure aggregation of DP-FedAvg's updates (device level) is not "
+                 "built yet: drop --device-dp, or use --noise-at device for both units")
+            need(self.sample_rate == 1, "sample_rate", "--noise-at secure accounts no amplification by example "
+                 "sampling yet: drop --sample-rate (1)")
+            need(self.bands == 1, "bands", "correlated noise needs the server's noise: drop --bands with --noise-at secure")
+            need(self.adaptive_clip_quantile is None, "adaptive_clip_quantile",
+                 "is not built with --noise-at secure yet: drop it")
+            need(not self.reproducible_noise, "reproducible_noise",
+                 "would derive secure aggregation's keys from --seed: drop it with --noise-at secure")
+            need(self.holdout_per_device == 0, "holdout_per_device", "is not built with --noise-at secure yet: drop it")
+            need(self.dp_engine == "dpfl", "dp_engine", "--noise-at secure clips with the dpfl engine: drop --dp-engine")
+        need(8 <= self.secure_bits <= 32, "secure_bits", f"must be in [8, 32], got {self.secure_bits}")
+        need(0 <= self.dropout_tolerance < 0.5, "dropout_tolerance", f"must be in [0, 0.5), got {self.dropout_tolerance}")
+        need(self.secagg_neighbours is None or (self.secagg_neighbours >= 2 and self.secagg_neighbours % 2 == 0),
+             "secagg_neighbours", f"must be even and >= 2, got {self.secagg_neighbours}")
         need(self.bands >= 1, "bands", f"must be >= 1, got {self.bands}")
         need(self.bands_noise in ("correlated", "independent"), "bands_noise", "must be 'correlated' or 'independent'")
         if self.bands > 1:
@@ -696,7 +734,7 @@ class RunConfig:
         without DP: ``--no-dp`` runs the same algorithm without clipping and noise), else fedavg."""
         if self.strategy != "auto":
             return self.strategy
-        return "fedadam" if not self.device_dp and self.noise_at == "aggregate" else "fedavg"
+        return "fedadam" if not self.device_dp and self.noise_at in ("aggregate", "secure") else "fedavg"
 
     def resolved_server_learning_rate(self) -> float:
         """``--server-learning-rate``, or its default for the run's mode.

@@ -41,6 +41,17 @@ def test_round_overhead():
     assert set(res["runs"]) == {"train", "floor"} and res["selection"]["devices"] == 10000
 
 
+def test_secure_round():
+    """Secure aggregation's round beside the aggregate placement's, one cohort size (a real Ray simulation)."""
+    (row,) = _json_lines(_bench("secure_round", "--cohorts", "4", "--rounds", "2", "--model", "tiny",
+                                "--max-examples", "200", "--json"))
+    sec, agg = row["secure"], row["aggregate"]
+    assert sec["replies"] == agg["replies"] == 4 and sec["abandoned_rounds"] == 0
+    assert agg["bytes_per_device"] == 4 * row["trainable_parameters"]
+    assert sec["bytes_per_device"] > 4 * sec["padded_dimension"]  # the masked vector and the protocol's messages
+    assert row["secure_over_aggregate"] > 0 and sec["server_cpu_seconds"] > 0
+
+
 def test_population_scale():
     """The table: a dpfl run and Flower's empty-ClientApp floor, each in a process of its own."""
     (row,) = _json_lines(_bench("population_scale", "--table", "--populations", "300", "--cohorts", "12",

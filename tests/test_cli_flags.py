@@ -97,7 +97,7 @@ def test_simulate_help_has_the_groups_in_order_and_the_choices(monkeypatch, caps
     out = _help(monkeypatch, capsys, "simulate")
     positions = [out.index("\n" + title + ":\n") for title, _ in GROUPS.values()]
     assert positions == sorted(positions)
-    assert "--noise-at {device,aggregate}" in out
+    assert "--noise-at {device,aggregate,secure}" in out
     assert "--partitioner {auto,iid,dirichlet,quantity,quantity-label,cluster,natural}" in out
     assert "--fault-kind {mixed,raise,hang,nan,shape}" in out
     for line in out.splitlines():

@@ -58,8 +58,8 @@ def test_dp_fedavg_units_follow_dp():
     assert DPFedAvg.units == ()
 
 
-def test_registry_holds_the_five_mechanisms_under_their_names():
-    assert set(mechanisms.MECHANISMS) == {"fedavg", "fedsgd", "local-dpsgd", "aggregate", "dp-fedavg"}
+def test_registry_holds_the_six_mechanisms_under_their_names():
+    assert set(mechanisms.MECHANISMS) == {"fedavg", "fedsgd", "local-dpsgd", "aggregate", "dp-fedavg", "secure"}
     for name, cls in mechanisms.MECHANISMS.items():
         assert issubclass(cls, Mechanism) and cls is not Mechanism
         assert cls.name == name
