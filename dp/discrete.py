@@ -146,8 +146,10 @@ def conditional_round(x: torch.Tensor, bound: float, noise: NoiseSource) -> torc
 def skellam(shape: tuple[int, ...], variance: float, noise: NoiseSource) -> np.ndarray:
     """Skellam noise of per-coordinate ``variance`` v: Poisson(v/2) - Poisson(v/2), int64 of ``shape``.
 
-    The Poisson draws are numpy's (PTRS, Hoermann 1993) on a Philox stream keyed by 256 bits from the
-    secure source ``noise`` (never recorded), so nobody can replay them. ``variance`` 0 gives zeros.
+    The Poisson draws are numpy's (PTRS, Hoermann 1993, in floating point: not an exact sampler) on a
+    Philox stream keyed by 128 bits from the secure source ``noise`` (never recorded), so nobody can
+    replay them; Philox is not a cryptographic generator, but no single device's draw is ever released
+    (the server sees only the masked sum). ``variance`` 0 gives zeros.
     """
     if variance < 0 or not math.isfinite(variance):
         raise ValueError(f"Skellam variance must be finite and >= 0, got {variance!r}")
@@ -160,12 +162,14 @@ def skellam(shape: tuple[int, ...], variance: float, noise: NoiseSource) -> np.n
 
 
 def choose_scale(max_grad_norm: float, dimension: int, max_examples: float, noise_multiplier: float,
-                 bits: int, k: float = 4.0) -> float:
+                 bits: int, k: float = 4.0, noise_inflation: float = 1.0) -> float:
     """gamma, the scale (integer units per gradient unit), so that the decoded sum fits in 2^b.
 
     After rotation a coordinate of the round's sum has standard deviation at most
-    ``sqrt((gamma N C)^2 / D + mu)`` (N C bounds the sum of N clipped examples in L2, the rotation
-    spreads it evenly; mu ~ (sigma gamma C)^2 is the noise variance); gamma is the largest value with
+    ``sqrt((gamma N C)^2 / D + r mu + N / 4)`` (N C bounds the sum of N clipped examples in L2, the
+    rotation spreads it evenly; mu = (sigma Delta_2)^2 is the calibrated noise variance and r =
+    ``noise_inflation`` the most the survivors' noise can exceed it, n / n_min; N / 4 bounds the
+    rounding's variance); gamma is the largest value with
     k of these standard deviations inside the half range 2^(b-1) (the k-stddev rule of Kairouz et al.
     2021, Section 5, and TensorFlow Federated's ``ddp_secure_aggregator``). Public inputs only.
 
@@ -194,7 +198,7 @@ def choose_scale(max_grad_norm: float, dimension: int, max_examples: float, nois
 
     def half_range_needed(gamma: float) -> float:  # k standard deviations of a coordinate of the sum
         l2 = rounded_l2_bound(gamma * c, dim)
-        return k * math.sqrt((gamma * n * c) ** 2 / dim + (noise_multiplier * l2) ** 2)
+        return k * math.sqrt((gamma * n * c) ** 2 / dim + noise_inflation * (noise_multiplier * l2) ** 2 + n / 4.0)
 
     lo, hi = 0.0, 2.0 ** bits / c
     for _ in range(200):  # the margin grows with gamma: bisect for the largest gamma that fits

@@ -2,7 +2,7 @@
 Overhead"; SecAgg, Bonawitz et al. 2017): the server learns the sum of the devices' vectors mod 2^b and
 nothing else, even when some devices drop out.
 
-The devices of a round are numbered 0 .. n-1 (their positions; the server's order of the cohort).
+The devices of a round are numbered 0 .. n-1 (their positions: the order in which their keys reached the server).
 Each device u holds the secrets of one round (:class:`DeviceSecrets`): two X25519 key pairs (one to
 encrypt shares, one to agree pairwise masks) and a 32-byte self-mask seed b_u, all from the secure
 source. The round's four exchanges:
@@ -21,7 +21,10 @@ source. The round's four exchanges:
    pairwise masks its survivors added for it).
 
 The server reaches the sum if at least t of every share set answer in step 4; with fewer it learns
-nothing. With t above half the share set, the server cannot get both secrets of one device.
+nothing. With t above half the share set and above the tolerated drops, neither the server nor its
+colluders can get both secrets of one device; with the ring's degree at least twice the tolerated
+drops (:func:`ring_degree`), removing them never splits the survivors, so the server learns only
+the sum of all of them (and it checks that before unmasking, :func:`connected`).
 Model: honest-but-curious server and devices (keys are not signed; a malicious server could
 impersonate devices, Bonawitz et al. 2017, Section 6). Shamir sharing is pycryptodome's
 (``Crypto.Protocol.SecretSharing.Shamir``, GF(2^128), the library Flower's SecAgg+ uses); key
@@ -86,20 +89,64 @@ class DeviceSecrets:
 
 
 # ---------------------------------------------------------------------------------- the graph
+def ring_degree(n: int, neighbours: int | None, tolerated: int) -> int | None:
+    """The ring's degree k for ``n`` positions when at most ``tolerated`` devices may drop out or collude: the
+    requested ``neighbours`` raised to at least 2 * tolerated (even), or None (every position, SecAgg) when
+    that reaches n - 1 or none was requested.
+
+    With k >= 2 * tolerated the ring (a Harary graph, k-connected) stays connected when any ``tolerated``
+    positions are removed, so the server can only unmask the sum of ALL the surviving honest devices, never
+    of a part of them (whose noise would be below the calibrated variance); and every share set (k + 1
+    holders) keeps t = k + 1 - tolerated > tolerated shares after the drops, more than the colluders hold.
+    """
+    if neighbours is None:
+        return None
+    k = max(int(neighbours), 2 * int(tolerated), 2)
+    k += k % 2
+    return None if k >= n - 1 else k
+
+
 def share_set(position: int, n: int, neighbours: int | None) -> tuple[int, ...]:
     """The positions holding shares of ``position``'s secrets (itself included), sorted: its ``neighbours``
-    k nearest positions on the ring 0 .. n-1 (k/2 on each side; SecAgg+'s Harary graph), or every
-    position when ``neighbours`` is None or k >= n - 1 (SecAgg)."""
+    k nearest positions on the ring 0 .. n-1 (k/2 on each side; SecAgg+'s Harary graph; k from
+    :func:`ring_degree`), or every position when ``neighbours`` is None or k >= n - 1 (SecAgg). The graph is
+    symmetric: v holds u's shares exactly when u holds v's."""
     if neighbours is None or neighbours >= n - 1:
         return tuple(range(n))
     half = max(1, int(neighbours) // 2)
     return tuple(sorted({(position + j) % n for j in range(-half, half + 1)}))
 
 
-def threshold(size: int, tolerance: float) -> int:
-    """t, the shares that rebuild a secret of a share set of ``size``: size - floor(tolerance * size), and more
-    than half the set (so that no one can hold both secrets of a device); at least 1."""
-    return max(1, size - int(math.floor(tolerance * size)), size // 2 + 1)
+def threshold(size: int, tolerated: int) -> int:
+    """t, the shares that rebuild a secret of a share set of ``size``: size - tolerated (so that ``tolerated``
+    missing holders still leave enough), and more than half the set and more than ``tolerated`` (so that
+    neither colluders nor a server holding one secret's shares can rebuild the other); at least 1.
+
+    Raises
+    ------
+    ValueError
+        If no threshold meets both (size <= 2 * tolerated: the share set is too small for the tolerance).
+    """
+    t = max(1, size - int(tolerated))
+    if size > 1 and (t <= size // 2 or t <= tolerated):
+        raise ValueError(f"a share set of {size} cannot tolerate {tolerated} missing holders with a threshold above "
+                         "half of it: lower --dropout-tolerance or raise --secagg-neighbours")
+    return t
+
+
+def connected(positions: set[int], n: int, neighbours: int | None) -> bool:
+    """True when ``positions`` form one connected piece of the mask graph (:func:`share_set`) restricted to them."""
+    if not positions:
+        return False
+    start = min(positions)
+    seen, todo = {start}, [start]
+    while todo:
+        u = todo.pop()
+        for v in share_set(u, n, neighbours):
+            if v in positions and v not in seen:
+                seen.add(v)
+                todo.append(v)
+    return seen == positions
 
 
 # ---------------------------------------------------------------------------------- primitives

@@ -18,12 +18,14 @@ Privacy: with at least n_min survivors the sum carries Skellam noise of variance
 per coordinate, so each round a device takes part in is, for one of its examples, the Skellam
 mechanism of L2 sensitivity Delta_2 (:func:`dp.discrete.skellam_event`, Agarwal et al. 2021,
 Theorem 3.5), accounted per example over the rounds its device joined (no amplification by
-example sampling: p must be 1). The event is computed at the smallest Delta_2 a round may use
-(:data:`MIN_SCALED_CLIP`), where the bound is largest, so the ledger's events are the same whatever
-each round's scale. Trust: the server sees only masked vectors and the masked sum; the guarantee
+example sampling: p must be 1). The event is computed at Delta_2 = :data:`MIN_SCALED_CLIP`, below any round's
+Delta_2, where the bound is largest, so the ledger's events are the same whatever each round's scale. Trust: the server sees only masked vectors and the masked sum; the guarantee
 holds against the server and any devices it colludes with as long as the devices that drop out or
-collude number at most floor(f n) (colluders know their own noise shares); devices and server are
-assumed to follow the protocol (honest-but-curious).
+collude number at most floor(f n) (colluders know their own noise shares; with SecAgg+'s ring the
+degree is raised to 2 floor(f n) so that they can never split the survivors, :func:`mechanisms.secagg.ring_degree`);
+devices and server are assumed to follow the protocol (honest-but-curious). A device keeps its
+round's secrets in its node's state until it answers the unmask (or, when the round ended before,
+until its next round's keys exchange; a round's secrets are never used in another round).
 """
 
 from __future__ import annotations
@@ -51,8 +53,9 @@ from nlu.model import trainable_state_keys
 
 log = logging.getLogger(__name__)
 
-#: The smallest scaled clip gamma C a round may use (integer units); the events are computed at the
-#: rounding bound of this value, an upper bound on the privacy loss of any larger scale.
+#: The smallest scaled clip gamma C a round may use (integer units); the events are computed at
+#: Delta_2 = this value (below the rounding bound of any scale a round uses), where rho and xi are
+#: largest: an upper bound on the privacy loss of any round.
 MIN_SCALED_CLIP = 100.0
 #: The key of the masked vector in a reply's arrays.
 MASKED = "masked"
@@ -62,8 +65,9 @@ STAGES_AFTER = ("unmask",)
 
 
 def secure_event(noise_multiplier: float):
-    """The example-level event of one round joined: :func:`dp.discrete.skellam_event` at Delta_2 = the rounding
-    bound of :data:`MIN_SCALED_CLIP` (its largest), Delta_1 = Delta_2^2, mu = (sigma Delta_2)^2.
+    """The example-level event of one round joined: :func:`dp.discrete.skellam_event` at Delta_2 =
+    :data:`MIN_SCALED_CLIP`, Delta_1 = Delta_2^2, mu = (sigma Delta_2)^2: rho = 1/(2 sigma^2) + 1/(2 sigma^4 Delta_2^2)
+    and xi <= 5/(4 sigma^4 Delta_2^2) fall as Delta_2 grows, so this bounds every round (whose Delta_2 is larger).
 
     Raises
     ------
@@ -161,11 +165,12 @@ class SecureAggregator(AggregateNoiseAggregator):
         self.dim = discrete.padded_dimension(self.d)
         self.cohort = [int(x) for x in plan.cohort]
         n = len(self.cohort)
-        self.n_min = n - int(math.floor(cfg.dropout_tolerance * n))
+        self.tolerated = int(math.floor(cfg.dropout_tolerance * n))  # drops (or colluders) the noise is sized for
+        self.n_min = n - self.tolerated
         self.abandoned: str | None = None if n >= 1 else "empty cohort"
         try:
             self.gamma = discrete.choose_scale(cfg.max_grad_norm, self.dim, max(plan.cohort_examples, 1.0),
-                                               self.noise_multiplier, self.bits)
+                                               self.noise_multiplier, self.bits, noise_inflation=n / max(self.n_min, 1))
         except ValueError:
             self.gamma = 0.0
         if self.gamma * cfg.max_grad_norm < MIN_SCALED_CLIP:  # before any message: nothing is computed or sent
@@ -185,6 +190,7 @@ class SecureAggregator(AggregateNoiseAggregator):
         self.survivors: set[int] = set()
         self.revealed: dict[int, dict[int, bytes]] = {}
         self.bytes_up = 0  # bytes the devices sent (stage replies and masked vectors)
+        self.near_wrap: int | None = None  # decoded coordinates near the edge of the range (None: nothing decoded)
         self.trained: set[int] = set()  # devices sent the training message
 
     def lost_updates(self) -> list[tuple[int, str, str]]:
@@ -203,7 +209,8 @@ class SecureAggregator(AggregateNoiseAggregator):
         n = max(len(self.cohort), 1)
         return {"secure_bytes_per_device": self.bytes_up / n, "secure_server_cpu_seconds": round(self.cpu_seconds, 4),
                 "secure_abandoned": self.abandoned is not None, "secure_bits": self.bits,
-                "secure_parameters": self.d, "secure_dimension": self.dim}
+                "secure_parameters": self.d, "secure_dimension": self.dim,
+                "secure_coordinates_near_wrap": self.near_wrap}
 
     def _abandon(self, why: str) -> None:
         if self.abandoned is None:
@@ -216,8 +223,12 @@ class SecureAggregator(AggregateNoiseAggregator):
             self._abandon(f"{count} devices answered {stage}, fewer than the {self.n_min} the noise is sized for "
                           f"(--dropout-tolerance {self.cfg.dropout_tolerance:g} of a cohort of {len(self.cohort)})")
 
+    def _degree(self) -> int | None:
+        """The ring's degree over this round's key holders (None: SecAgg, every device)."""
+        return secagg.ring_degree(len(self.positions), self.cfg.secagg_neighbours, self.tolerated)
+
     def _set(self, position: int) -> tuple[int, ...]:
-        return secagg.share_set(position, len(self.positions), self.cfg.secagg_neighbours)
+        return secagg.share_set(position, len(self.positions), self._degree())
 
     # ------------------------------------------------------------------ the exchanges
     @_server_cpu
@@ -237,7 +248,7 @@ class SecureAggregator(AggregateNoiseAggregator):
                 holders = self._set(p)
                 out[d] = {"secagg-position": p, "secagg-holders": list(holders),
                           "secagg-enc-keys": [self.enc_keys[by_position[h]] for h in holders],
-                          "secagg-threshold": secagg.threshold(len(holders), self.cfg.dropout_tolerance)}
+                          "secagg-threshold": secagg.threshold(len(holders), self.tolerated)}
             return out
         if stage == "unmask":
             self._check_count("the masked input", len(self.survivors))
@@ -327,11 +338,16 @@ class SecureAggregator(AggregateNoiseAggregator):
         by_position = {q: d for d, q in self.positions.items()}
         masks = {p: self.mask_keys[by_position[p]] for p in self.ciphertexts}
         sets = {p: self._set(p) for p in self.ciphertexts}
-        t = {p: secagg.threshold(len(s), self.cfg.dropout_tolerance) for p, s in sets.items()}
+        t = {p: secagg.threshold(len(s), self.tolerated) for p, s in sets.items()}
         alive = {self.positions[d] for d in self.survivors}
         dropped = set(self.ciphertexts) - alive
+        if not secagg.connected(alive, len(self.positions), self._degree()):  # (k >= 2 x tolerated prevents it)
+            raise secagg.Abandoned("the survivors do not form one connected piece of the mask graph")
         total = secagg.unmask(self.masked_total, alive, self.revealed, masks, sets, t, dropped, self.round, self.bits)
-        ints = discrete.centred(total, self.bits).astype(np.float64) / self.gamma
+        centred = discrete.centred(total, self.bits)
+        # a coordinate within an eighth of the range's edge may have wrapped around (decoded 2^b / gamma off)
+        self.near_wrap = int((np.abs(centred) >= 0.875 * 2.0 ** (self.bits - 1)).sum())
+        ints = centred.astype(np.float64) / self.gamma
         flat = discrete.unrotate(torch.from_numpy(ints)[None, :], discrete.rotation_signs(self.rotation, self.dim),
                                  self.d)[0].numpy()
         out, at = {}, 0
@@ -406,6 +422,7 @@ class SecureAggregation(AggregateNoise):
             On an exchange out of order or a request the protocol forbids (see :func:`mechanisms.secagg.reveal`).
         """
         if stage == "keys":
+            state.clear()  # a previous round's secrets (kept when that round ended before its unmask)
             secrets = secagg.DeviceSecrets.new(noise)
             state["secagg-secrets"] = secrets.to_bytes()
             state["secagg-round"] = round_
@@ -443,7 +460,7 @@ class SecureAggregation(AggregateNoise):
         ints = quantised_gradient_sum(
             work.model, work.data, max_grad_norm=float(cfg.max_grad_norm), scale=float(rc["secure-scale"]),
             bound=float(rc["secure-bound"]), signs=discrete.rotation_signs(bytes(rc["secure-rotation"]), dim),
-            noise=work.noise, task=work.task, teacher=work.teacher)
+            noise=work.noise, task=work.task, teacher=work.teacher, physical_batch_size=cfg.physical_batch_size)
         ints = ints + discrete.skellam((dim,), float(rc["secure-variance"]), work.noise)
         neighbours = [int(v) for v in rc["secagg-neighbours"] if int(v) >= 0]
         keys = dict(zip(neighbours, (bytes(k) for k in rc["secagg-mask-keys"])))
@@ -452,40 +469,43 @@ class SecureAggregation(AggregateNoise):
 
 
 def quantised_gradient_sum(model, data, *, max_grad_norm: float, scale: float, bound: float, signs: torch.Tensor,
-                           noise: NoiseSource, task=None, teacher=None) -> np.ndarray:
+                           noise: NoiseSource, task=None, teacher=None, physical_batch_size: int = 32) -> np.ndarray:
     """sum_i R_i over the device's examples (int64 [D]): R_i = the conditional randomised rounding (to L2 norm <=
     ``bound``) of ``scale`` times the rotation (``signs``, :func:`dp.discrete.rotate`) of example i's gradient
-    clipped to ``max_grad_norm``. Each example's clipped gradient comes from the DP-SGD engine, one example at
-    a time (its clipped sum over a batch of one), in eval mode (no dropout); the model is left unchanged."""
+    clipped to ``max_grad_norm`` C.
+
+    Each example's gradient over all trainable parameters comes from the DP-SGD engine's per-example
+    instantiation (:meth:`dp.engine.engine.DPSGDEngine.per_example_gradients`, ``physical_batch_size``
+    examples per pass: memory that many times the trainable parameters, in float64), is clipped to C in
+    float64 and, after rotation and scaling, clipped again to gamma C (so that float rounding never lets a
+    vector past the scaled clip). Eval mode (no dropout); the model is left unchanged.
+    """
     base_collate = task.collate if task is not None else collate
     loss_fn = task.per_example_loss if task is not None else per_example_loss
     device = next(model.parameters()).device
     by_name = dict(model.named_parameters(remove_duplicate=False))
     keys = trainable_state_keys(model)
-    dim = signs.numel()
-    total = np.zeros(dim, dtype=np.int64)
+    total = np.zeros(signs.numel(), dtype=np.int64)
     if len(data) == 0:
         return total
     was_training = model.training
     model.eval()
     collate_fn = collate_with(base_collate, device, teacher)
     engine = make_engine("dpfl", model, noise_multiplier=0.0, max_grad_norm=max_grad_norm, expected_batch_size=1.0)
-    batch = 64
     try:
-        rows = []
-        for i in range(len(data)):
-            for p in model.parameters():
-                p.grad = None
-            engine.accumulate(loss_fn(model, collate_fn(data, np.array([i], dtype=np.int64))))
-            engine.finalize()
-            rows.append(torch.cat([by_name[k].grad.detach().reshape(-1).to(torch.float64).cpu() for k in keys]))
-            if len(rows) == batch or i == len(data) - 1:
-                scaled = discrete.rotate(torch.stack(rows), signs) * scale
-                # the engine clips in the model's float32: clip again, in float64, to gamma C exactly
-                norms = torch.linalg.vector_norm(scaled, dim=1, keepdim=True)
-                scaled = scaled * torch.clamp(scale * max_grad_norm / norms.clamp_min(1e-300), max=1.0)
-                total += discrete.conditional_round(scaled, bound, noise).sum(dim=0).numpy()
-                rows = []
+        for start in range(0, len(data), max(1, int(physical_batch_size))):
+            idx = np.arange(start, min(len(data), start + max(1, int(physical_batch_size))), dtype=np.int64)
+            pe = engine.per_example_gradients(loss_fn(model, collate_fn(data, idx)))
+            rows = torch.cat([(pe[by_name[k]] if by_name[k] in pe else torch.zeros((len(idx), *by_name[k].shape)))
+                              .reshape(len(idx), -1).to(torch.float64).cpu() for k in keys], dim=1)
+            del pe
+            rows = rows * torch.clamp(max_grad_norm / torch.linalg.vector_norm(rows, dim=1, keepdim=True).clamp_min(1e-300),
+                                      max=1.0)
+            scaled = discrete.rotate(rows, signs) * scale
+            del rows
+            norms = torch.linalg.vector_norm(scaled, dim=1, keepdim=True)
+            scaled = scaled * torch.clamp(scale * max_grad_norm / norms.clamp_min(1e-300), max=1.0)
+            total += discrete.conditional_round(scaled, bound, noise).sum(dim=0).numpy()
     finally:
         engine.detach()
         model.train(was_training)

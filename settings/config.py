@@ -376,9 +376,10 @@ class RunConfig:
     )
     secagg_neighbours: int | None = field(
         default=None,
-        metadata={"help": "--noise-at secure: each device shares its secrets with this many neighbours on a ring "
-                          "(SecAgg+, Bell et al. 2020; even, >= 2); default: with every other device of the round "
-                          "(SecAgg)", "group": "example_privacy"},
+        metadata={"help": "--noise-at secure: each device shares its secrets and masks with this many neighbours on "
+                          "a ring (SecAgg+, Bell et al. 2020; even, >= 2), raised each round to at least twice the "
+                          "tolerated drops, floor(f n), so that drops never split the survivors; default: with every "
+                          "other device of the round (SecAgg)", "group": "example_privacy"},
     )
     bands: int = field(
         default=1,

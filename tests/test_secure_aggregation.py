@@ -49,8 +49,10 @@ def _protocol(n, dim, bits, neighbours, tolerance, inputs, drop_after_shares=(),
     pubs = [s.public_keys() for s in sec]
     enc = {i: p[0] for i, p in enumerate(pubs)}
     mk = {i: p[1] for i, p in enumerate(pubs)}
-    sets = {i: secagg.share_set(i, n, neighbours) for i in range(n)}
-    t = {i: secagg.threshold(len(sets[i]), tolerance) for i in range(n)}
+    tolerated = int(math.floor(tolerance * n))
+    k = secagg.ring_degree(n, neighbours, tolerated)
+    sets = {i: secagg.share_set(i, n, k) for i in range(n)}
+    t = {i: secagg.threshold(len(sets[i]), tolerated) for i in range(n)}
     cts = {u: secagg.encrypt_shares(sec[u], u, enc, sets[u], t[u], round_, noise) for u in range(n)}
     survivors = [u for u in range(n) if u not in drop_after_shares]
     masked = {u: secagg.masked_input(inputs[u], sec[u], u, {v: mk[v] for v in sets[u] if v != u}, round_, bits)
@@ -70,8 +72,8 @@ def test_unmasked_sum_equals_the_sum_of_the_inputs_with_tolerated_drops(neighbou
     n, dim, bits = 9, 257, 20
     rng = np.random.default_rng(0)
     inputs = [rng.integers(0, 1 << bits, dim).astype(np.uint32) for _ in range(n)]
-    # tolerance 0.25: share sets of 9 (SecAgg) tolerate 2 missing holders, of 5 (ring, k = 4) one
-    drops = (2, 6) if neighbours is None else (2,)
+    # tolerance 0.25 of 9: 2 drops; share sets of 9 (SecAgg) or of 5 (ring, k = 4 = 2 x 2) tolerate 2 missing holders
+    drops = (2, 6)
     for dropped in [(), drops]:
         out, _ = _protocol(n, dim, bits, neighbours, 0.25, inputs, drop_after_shares=dropped)
         want = sum(inputs[u].astype(np.int64) for u in range(n) if u not in dropped) & ((1 << bits) - 1)
@@ -79,6 +81,27 @@ def test_unmasked_sum_equals_the_sum_of_the_inputs_with_tolerated_drops(neighbou
     # one missing holder more than tolerated: the sum cannot be unmasked
     with pytest.raises(secagg.Abandoned):
         _protocol(n, dim, bits, neighbours, 0.25, inputs, drop_after_shares=drops, silent_at_unmask=(3,))
+
+
+def test_the_ring_is_wide_enough_that_tolerated_drops_never_split_the_survivors():
+    """SecAgg+'s ring degree is raised to twice the tolerated drops: removing any of that many positions leaves the
+    survivors connected (so the server can unmask only the sum of all of them), and every share set keeps a
+    threshold above both half the set and the tolerated drops."""
+    from itertools import combinations
+
+    n, tolerated = 14, 3
+    k = secagg.ring_degree(n, 2, tolerated)
+    assert k == 6
+    assert secagg.ring_degree(n, 2, 7) is None  # as wide as every device: SecAgg
+    for gone in combinations(range(n), tolerated):
+        assert secagg.connected(set(range(n)) - set(gone), n, k)
+    # a ring of degree 2 with 3 drops would split: the check the server makes before unmasking
+    assert not secagg.connected(set(range(n)) - {0, 5}, n, 2)
+    size = len(secagg.share_set(0, n, k))
+    t = secagg.threshold(size, tolerated)
+    assert t == size - tolerated and t > size // 2 and t > tolerated
+    with pytest.raises(ValueError, match="dropout-tolerance"):
+        secagg.threshold(5, 3)
 
 
 def test_masked_vectors_are_uniform_whatever_the_input():
@@ -275,6 +298,18 @@ def test_a_round_with_more_drops_than_tolerated_is_abandoned_and_accounted(tmp_p
         assert len(ledger.events_by_device("example")) == 6  # the whole cohort stays charged
         lost = {(u.device_id, u.reason) for u in ledger.lost_updates()}
     assert lost == {(1, "error"), (4, "error")} | {(d, "abandoned") for d in (0, 2, 3, 5)}
+
+
+def test_a_secagg_plus_round_with_a_tolerated_drop_is_released(tmp_path, data_dir, monkeypatch):
+    """The ring (SecAgg+, k = 2 asked, raised to 2 x floor(0.2 x 6) = 2) with one device failing after training."""
+    orig = capp.fault_for
+    monkeypatch.setattr(capp, "fault_for", lambda seed, r, d, rate, kind: "raise" if d == 3 else orig(seed, r, d, rate, kind))
+    cfg = _cfg(tmp_path, data_dir, rounds=1, dropout_tolerance=0.2, secagg_neighbours=2)
+    server, grid, arrays, outs = run_rounds(cfg)
+    assert outs[0].replies == 5 and not outs[0].extra["secure_abandoned"]
+    shares = [m for m in grid.sent if m.content["config"].get("stage") == "shares"]
+    assert {len(m.content["config"]["secagg-holders"]) for m in shares} == {3}  # itself and one neighbour each side
+    assert any(not np.array_equal(v.numpy(), arrays[k].numpy()) for k, v in server.arrays.items())
 
 
 def test_ledger_epsilon_is_dp_accountings_on_the_recorded_events(tmp_path, data_dir):

@@ -246,6 +246,42 @@ class DPSGDEngine:
 
     # ------------------------------------------------------------ core step
     def _clip_step(self, per_example_loss: torch.Tensor, accumulate: bool) -> torch.Tensor:
+        captured = self._backward(per_example_loss)
+        if captured is None:
+            return per_example_loss.detach().new_zeros(0)
+        records, grads, B = captured
+        return self._clip_from_grads(records, grads, per_example_loss.dtype, B, accumulate)
+
+    def per_example_gradients(self, per_example_loss: torch.Tensor) -> Dict[nn.Parameter, torch.Tensor]:
+        """Each example's gradient of every trainable parameter, unclipped: ``{param: [B, *param.shape]}``.
+
+        Instantiated from the captured tensors by each layer's rule (``Rule.per_example_grads``:
+        memory B x parameters); a parameter used several times in the pass gets the sum of its
+        uses. Consumes the captured forward pass (one backward pass) like :meth:`accumulate`, but
+        adds nothing to the running clipped sum. A parameter that got no gradient is absent.
+        Raises as :meth:`accumulate` does.
+        """
+        captured = self._backward(per_example_loss)
+        if captured is None:
+            return {}
+        records, grads, _ = captured
+        layer_of = {id(m): (rule, own) for m, rule, own in self._layers}
+        out: Dict[int, torch.Tensor] = {}
+        with torch.no_grad():
+            for k, r in enumerate(records):
+                G, grads[k] = grads[k], None
+                if G is None:
+                    continue
+                rule, own = layer_of[id(r.module)]
+                pe = rule.per_example_grads(r, G, [n for n, _ in own])
+                for n, p in own:
+                    if n in pe:
+                        out[id(p)] = pe[n] if id(p) not in out else out[id(p)] + pe[n]
+        return {p: out[id(p)] for p in self._params if id(p) in out}
+
+    def _backward(self, per_example_loss: torch.Tensor):
+        """(records, gradients of the loss sum w.r.t. each captured output, B) of the captured forward pass, or None
+        for an empty batch; checks the pass as :meth:`accumulate` documents."""
         if per_example_loss.dim() != 1:
             raise ValueError(
                 f"per_example_loss must have shape [B] (one unreduced loss per example), got {tuple(per_example_loss.shape)}"
@@ -253,7 +289,7 @@ class DPSGDEngine:
         B = per_example_loss.shape[0]
         records, self._records = self._records, []
         if B == 0:
-            return per_example_loss.detach().new_zeros(0)
+            return None
         if not records:
             raise RuntimeError(
                 "no forward pass was captured: call the model (with gradients enabled) on the micro-batch "
@@ -275,7 +311,7 @@ class DPSGDEngine:
         grads = list(
             torch.autograd.grad(per_example_loss.sum(), [r.output for r in records], allow_unused=True)
         )
-        return self._clip_from_grads(records, grads, per_example_loss.dtype, B, accumulate)
+        return records, grads, B
 
     def _check_no_escape(self, loss: torch.Tensor, allowed: Dict[int, set]) -> None:
         """Raise :class:`GradientEscapeError` if a trainable parameter's gradient flows from outside its modules.
