@@ -15,11 +15,13 @@ written as the string ``"inf"`` because JSON has no infinity)::
                                                    # guarantee (no DP, or --reproducible-noise): why
       "run_id": str, "status": "finished" | "running" | "stopped", "rounds_completed": int,
       "rounds_planned": int | null, "dp": bool, "device_dp": bool, "guarantee": "yes" | "none",
-      "noise_at": "device" | "aggregate" | null,   # example-level noise placement (null: dp = false)
+      "noise_at": "device" | "aggregate" | "secure" | null,   # example-level noise placement (null: dp = false)
       "reproducible_noise": bool, "noise_source": "secret" | "reproducible" | null,
       "trust_model": {"example": {"name", "trusted", "holds_against"} | null,
                       "device":  {"name", "trusted", "holds_against"} | null},
-      "delta": float | null, "accountant": "pld" | "rdp",
+      "delta": float | null, "accountant": "pld" | "rdp",   # the one the epsilons were composed with:
+                                                   # "rdp" (integer orders) for a secure run, whatever
+                                                   # config.toml names
       "num_devices": int, "num_examples": int | null,
       "epsilon": {
         "example": {"max", "median", "median_all_devices", "p90", "min", "mean",

@@ -11,12 +11,13 @@ from dp.accounting import ACCOUNTANTS
 from report.events import unit_epsilons
 from report.rundata import UNITS, ReportError, RunData
 
-#: Where the example-level noise can be added (``noise_at`` in config.toml).
-NOISE_PLACEMENTS = ("device", "aggregate")
+#: Where the example-level noise can be added (``noise_at`` in config.toml): on the device (DP-SGD),
+#: on the aggregate (by the server), or in shares on the devices summed under secure aggregation.
+NOISE_PLACEMENTS = ("device", "aggregate", "secure")
 #: The example-level noise placement of each mechanism that charges example-level events, by the
 #: name the ledger records (``privacy_events.mechanism_name``; mechanisms/registry.py
 #: ``mechanism_name``: DP-FedAvg runs local DP-SGD on the devices, as --device-dp refuses --noise-at aggregate).
-MECHANISM_PLACEMENT = {"local-dpsgd": "device", "dp-fedavg": "device", "aggregate": "aggregate"}
+MECHANISM_PLACEMENT = {"local-dpsgd": "device", "dp-fedavg": "device", "aggregate": "aggregate", "secure": "secure"}
 
 
 def noise_placement(data: RunData) -> str:
@@ -92,7 +93,7 @@ class Facts:
     """The few facts about a run that most sections branch on, for computing and for rendering.
 
     ``dp_on`` is example-level DP, ``device_dp`` device-level DP; ``noise_at`` the example-level
-    noise placement (``"device"`` or ``"aggregate"``; None when ``dp_on`` is false);
+    noise placement (``"device"``, ``"aggregate"`` or ``"secure"``; None when ``dp_on`` is false);
     ``reproducible_noise`` as in config.toml; ``delta`` (None only for a run without DP) and
     ``accountant`` (``"pld"`` or ``"rdp"``) are those every epsilon of the report is stated at
     and recomputed with; ``not_private`` says why no guarantee holds (None when one does);
@@ -125,6 +126,26 @@ class Facts:
     def aggregate(self) -> bool:
         """Example-level noise added on the aggregate (by the server) rather than on the device."""
         return self.dp_on and self.noise_at == "aggregate"
+
+    @property
+    def secure(self) -> bool:
+        """Example-level noise added in shares on the devices (Skellam) and summed under secure aggregation:
+        the server only unmasks the noisy sum."""
+        return self.dp_on and self.noise_at == "secure"
+
+    @property
+    def cohort_sum(self) -> bool:
+        """The example-level release is one noisy sum of the cohort's per-example clipped gradients per round
+        (the aggregate or the secure placement): no local steps, one event per round joined, and the server
+        divides the sum by the expected number of examples. Who adds the noise differs (:attr:`secure`)."""
+        return self.aggregate or self.secure
+
+    @property
+    def integer_rdp(self) -> bool:
+        """The example-level epsilons are Renyi DP at integer orders whatever ``accountant`` says: a secure
+        run's events are the Skellam mechanism's zCDP bound (``ZCDpEvent``), which dp.accounting composes with
+        dp-accounting's RDP accountant at integer orders (``INTEGER_RDP_ORDERS``)."""
+        return self.secure
 
     @property
     def reproducible(self) -> bool:

@@ -5,29 +5,67 @@ activity quartile."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from functools import lru_cache
+from typing import Any, Callable
 
-from dp.accounting import DEFAULT_VALUE_DISCRETIZATION_INTERVAL, SubsampledGaussianEvent, compute_epsilons
+from dp.accounting import (DEFAULT_VALUE_DISCRETIZATION_INTERVAL, SubsampledGaussianEvent, compute_epsilons,
+                           dp_event_from_json, simplify_event)
 from partitions.activity import activity_quartiles
 from report.rundata import RunData
 from report.stats import median
 
 
-def events_upto(rows, last_round: int | None = None) -> list[SubsampledGaussianEvent]:
-    """The accountant's events of ledger rows ``(round, sigma, q, steps, C)`` up to ``last_round`` (all if None)."""
-    return [
-        SubsampledGaussianEvent(s, q, n)
-        for t, s, q, n, _ in rows
-        if last_round is None or t <= last_round
-    ]
+@lru_cache(maxsize=None)
+def _other_event(text: str) -> Any:
+    """The dp-accounting event serialised as ``text`` when it is not a subsampled Gaussian, else None."""
+    event = simplify_event(dp_event_from_json(text))
+    return None if isinstance(event, SubsampledGaussianEvent) else event
+
+
+def events_upto(rows, last_round: int | None = None, texts=None) -> list[Any]:
+    """The accountant's events of ledger rows ``(round, sigma, q, steps, C)`` up to ``last_round`` (all if None).
+
+    ``texts`` (aligned with ``rows``; :attr:`report.rundata.RunData.dp_events`) are the rows' serialised
+    dp-accounting events: a row whose event is not a subsampled Gaussian (secure aggregation's Skellam
+    zCDP bound, whose columns hold only the nominal (sigma, 1, 1)) is composed as that event, as the
+    server composed it; every other row as its (sigma, q, steps) columns."""
+    texts = texts if texts is not None and len(texts) == len(rows) else [None] * len(rows)
+    out = []
+    for (t, s, q, n, _), text in zip(rows, texts):
+        if last_round is not None and t > last_round:
+            continue
+        other = _other_event(text) if text is not None else None
+        out.append(other if other is not None else SubsampledGaussianEvent(s, q, n))
+    return out
+
+
+def device_events(data: RunData, unit: str, device: int, keep: Callable[[int], bool] | None = None) -> list[Any]:
+    """The accountant's events of ``device``'s ``unit``-level rows whose round passes ``keep`` (all if None)."""
+    rows = data.events[unit].get(device, [])
+    texts = data.dp_events.get(unit, {}).get(device)
+    texts = texts if texts is not None and len(texts) == len(rows) else [None] * len(rows)
+    pairs = [(r, x) for r, x in zip(rows, texts) if keep is None or keep(r[0])]
+    return events_upto([r for r, _ in pairs], None, [x for _, x in pairs])
 
 
 def unit_epsilons(data: RunData, unit: str, delta: float, accountant: str,
                   last_round: int | None = None,
                   interval: float = DEFAULT_VALUE_DISCRETIZATION_INTERVAL) -> dict[int, float]:
     """Each device's epsilon for ``unit`` (nats, at ``delta``) composed over its events up to ``last_round``."""
-    histories = {d: events_upto(rows, last_round) for d, rows in data.events[unit].items()}
+    histories = {d: events_upto(rows, last_round, data.dp_events.get(unit, {}).get(d))
+                 for d, rows in data.events[unit].items()}
     return compute_epsilons(histories, delta, accountant, value_discretization_interval=interval)
+
+
+def zcdp_events(data: RunData, unit: str) -> tuple[Any, ...]:
+    """The distinct dp-accounting ``ZCDpEvent`` s among ``unit``'s events (secure aggregation's Skellam bound)."""
+    found = {}
+    for texts in data.dp_events.get(unit, {}).values():
+        for text in texts:
+            ev = _other_event(text) if text is not None else None
+            if ev is not None and type(ev).__name__ == "ZCDpEvent":
+                found[text] = ev
+    return tuple(found.values())
 
 
 @dataclass(frozen=True)

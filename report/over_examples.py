@@ -6,7 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from dp.accounting import SubsampledGaussianEvent, compute_epsilons
+from dp.accounting import compute_epsilons
+from report.events import device_events
 from report.rundata import RunData
 
 
@@ -44,7 +45,6 @@ def over_examples(data: RunData, delta: float, accountant: str, device_eps: dict
     was deleted early composes fewer events. Examples with identical (device, rounds) histories
     are accounted once.
     """
-    events = data.events["example"]
     values: list[tuple[float, int]] = []  # (epsilon, number of examples with it)
     if data.holdings:
         rounds_of: dict[tuple[int, int], list[int]] = {}
@@ -57,7 +57,7 @@ def over_examples(data: RunData, delta: float, accountant: str, device_eps: dict
         histories = {}
         for i, (d, ts) in enumerate(groups):
             held = set(ts)
-            histories[i] = [SubsampledGaussianEvent(s, q, n) for t, s, q, n, _ in events.get(d, []) if t in held]
+            histories[i] = device_events(data, "example", d, held.__contains__)
         eps = compute_epsilons(histories, delta, accountant)
         values = [(eps[i], n) for i, n in enumerate(groups.values())]
         source = "holdings"

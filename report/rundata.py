@@ -53,6 +53,9 @@ class RunData:
     # the mechanisms that charged the example-level events (privacy_events.mechanism_name), in order of
     # first appearance; empty for ledgers written before events named their mechanism
     example_mechanisms: tuple[str, ...] = ()
+    # unit -> device_id -> each event's dp-accounting DpEvent as JSON (privacy_events.dp_event), aligned with
+    # ``events``; None for rows without one (ledgers written before the column, hand-made ledgers)
+    dp_events: dict[str, dict[int, list[str | None]]] = field(default_factory=dict)
 
 
 def read_config(run_dir: Path) -> dict[str, Any]:
@@ -73,6 +76,31 @@ def read_audit(run_dir: Path) -> tuple[dict[str, Any] | None, str | None]:
     except RecordError as exc:
         return None, f"{audit_path(run_dir)} could not be read ({exc}); the audit section is left out."
     return (audit.to_dict() if audit is not None else None), None
+
+
+def _dp_events(reader: LedgerReader, unit: str, rows: dict[int, list], warnings: list[str]) -> dict[int, list[str | None]]:
+    """Each device's serialised dp-accounting events of ``unit``, aligned with its ``rows`` (both in
+    composition order); an event that does not parse, or a device whose count differs, gets None
+    (its (sigma, q, steps) columns are composed instead) and a warning."""
+    from dp.accounting import dp_event_from_json
+
+    out: dict[int, list[str | None]] = {}
+    bad: set[str] = set()
+    for d, named in reader.named_events(unit).items():
+        texts = [ev for _, ev in named]
+        if len(texts) != len(rows.get(d, [])):
+            warnings.append(f"{unit}-level events of device {d}: the ledger's serialised events do not match its "
+                            "rows; its (sigma, q, steps) columns were composed")
+            continue
+        for text in set(texts) - {None} - bad:
+            try:
+                dp_event_from_json(text)
+            except ValueError:
+                bad.add(text)
+                warnings.append(f"an unreadable dp_event in the ledger ({text[:60]!r}); its row's (sigma, q, steps) "
+                                "columns were composed")
+        out[d] = [None if t in bad else t for t in texts]
+    return out
 
 
 def read_run(run_dir: Path) -> RunData:
@@ -144,6 +172,8 @@ def read_run(run_dir: Path) -> RunData:
             data.ledger_epsilon[unit] = reader.device_epsilons(unit)
         names = (name for rows in reader.named_events("example").values() for name, _ in rows)
         data.example_mechanisms = tuple(dict.fromkeys(n for n in names if n is not None))
+        for unit in UNITS:
+            data.dp_events[unit] = _dp_events(reader, unit, data.events[unit], data.warnings)
         data.budget_events = [dataclasses.asdict(b) for b in reader.budget_events()]
         data.holdings = [(h.round, h.device_id, h.uid) for h in reader.holdings()]
         data.holdout_releases = [dataclasses.asdict(h) for h in reader.holdout_releases()]

@@ -24,8 +24,12 @@ class Accountant:
     bands: int = 1  # b of cyclic selection (--bands; 1: every device may join every round)
 
     def to_json(self) -> dict[str, Any]:
-        """``delta``, ``accountant``, ``num_devices``, ``num_examples`` and (with a delta) ``delta_vs_units``."""
-        out: dict[str, Any] = {"delta": self.facts.delta, "accountant": self.facts.accountant,
+        """``delta``, ``accountant``, ``num_devices``, ``num_examples`` and (with a delta) ``delta_vs_units``.
+
+        ``accountant`` is the one every epsilon was composed with: ``"rdp"`` for a secure run (integer orders,
+        :attr:`report.context.Facts.integer_rdp`) whatever config.toml names."""
+        out: dict[str, Any] = {"delta": self.facts.delta,
+                               "accountant": "rdp" if self.facts.integer_rdp else self.facts.accountant,
                                "num_devices": self.num_devices, "num_examples": self.num_examples}
         if self.facts.delta is not None:
             out["delta_vs_units"] = {"one_over_examples": self.one_over_examples,
@@ -54,16 +58,18 @@ def render(a: Accountant, doc: Doc) -> list[Block]:
                                           if run.aggregate else "local batches"))
     if run.device_dp:
         where.append("device level: cohort selection")
-    dl = [
-        f"Accountant: {acc} ({'dp-accounting privacy loss distributions with pessimistic discretisation: an upper bound on epsilon (Koskela et al. 2020; Google dp-accounting)' if acc == 'pld' else 'dp-accounting Renyi DP (Mironov 2017) converted to (epsilon, delta) following Balle et al. 2020'}). "
-        "It assumes Poisson sampling: each unit is included in each step independently with probability q "
-        + ("(under cyclic selection, --bands, q is 0 outside the rounds of a device's group, which are not composed) "
-           if a.bands > 1 else "")
-        + 
-        f"({'; '.join(where)}). Every epsilon in this report was recomputed from the ledger's privacy events.",
-        f"delta = {fmt(delta)}, the probability with which the epsilon bound may fail. It must be far below "
-        "1/N, since a mechanism that publishes one random unit's data outright is (0, 1/N)-DP.",
-    ]
+    if run.integer_rdp:
+        dl = [_integer_rdp_line(acc)]
+    else:
+        dl = [
+            f"Accountant: {acc} ({'dp-accounting privacy loss distributions with pessimistic discretisation: an upper bound on epsilon (Koskela et al. 2020; Google dp-accounting)' if acc == 'pld' else 'dp-accounting Renyi DP (Mironov 2017) converted to (epsilon, delta) following Balle et al. 2020'}). "
+            "It assumes Poisson sampling: each unit is included in each step independently with probability q "
+            + ("(under cyclic selection, --bands, q is 0 outside the rounds of a device's group, which are not composed) "
+               if a.bands > 1 else "")
+            + f"({'; '.join(where)}). Every epsilon in this report was recomputed from the ledger's privacy events.",
+        ]
+    dl.append(f"delta = {fmt(delta)}, the probability with which the epsilon bound may fail. It must be far below "
+              "1/N, since a mechanism that publishes one random unit's data outright is (0, 1/N)-DP.")
     if a.one_over_examples and run.dp_on:
         dl.append(f"Example level: N = {a.num_examples} training examples, 1/N = {fmt(a.one_over_examples)}; "
                   f"delta is {fmt(a.one_over_examples / delta, 3)} times smaller."
@@ -73,6 +79,23 @@ def render(a: Accountant, doc: Doc) -> list[Block]:
                   f"delta is {fmt(a.one_over_devices / delta, 3)} times smaller."
                   + ("" if delta * 10 <= a.one_over_devices else " WARNING: delta is not far below 1/N."))
     return [("h", 3, "Accountant and delta"), ("ul", dl)]
+
+
+def _integer_rdp_line(named: str) -> str:
+    """The accountant of a secure run (``--noise-at secure``): RDP at integer orders, whatever the run named."""
+    from dp.accounting import INTEGER_RDP_ORDERS
+
+    return (
+        f"Accountant: Renyi DP at integer orders ({min(INTEGER_RDP_ORDERS)} to {max(INTEGER_RDP_ORDERS)}; "
+        "dp-accounting's RDP accountant, Mironov 2017, converted to (epsilon, delta) following Balle et al. 2020): "
+        "an upper bound on epsilon. Each round a device joined is, for each of its examples, one Skellam mechanism, "
+        "whose Renyi DP bound holds at integer orders (Agarwal, Kairouz & Liu 2021, Theorem 3.5; the ledger records "
+        "its first branch as a zCDP event, ZCDpEvent(rho, xi)), so every epsilon is composed at integer orders, "
+        f"whichever accountant the run names (here {named!r}). No sampling is assumed at example level: every "
+        "example of a selected device is in its round's sum (p = 1), and each device composes one event per round "
+        "it joined. The sensitivity bound of the integer sum comes from the conditional randomised rounding "
+        "(Kairouz, Liu & Steinke 2021). The wrap-around mod 2^b is post-processing: it can cost accuracy, not "
+        "privacy. Every epsilon in this report was recomputed from the ledger's privacy events.")
 
 
 SECTION = Section("accountant", Accountant, compute, render,

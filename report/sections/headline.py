@@ -81,18 +81,27 @@ def headline_items(doc: Doc) -> list[str]:
         items.append("Device level: NOT protected. Device-level DP was off, so there is no guarantee "
                      "for a device's data as a whole (epsilon = infinity at device level); the server "
                      + ("sees each device's clipped gradient sum, which carries no noise of its own."
-                        if facts.aggregate else "sees each device's individual update."))
+                        if facts.aggregate else
+                        "sees only masked vectors and their masked sum, but the noise is sized for one example, "
+                        "not for a device's whole data." if facts.secure else "sees each device's individual update."))
     trust = doc.get("setting").trust_model
     names = [f"{u} level: {t.name}" for u, t in (("example", trust.example), ("device", trust.device)) if t]
     if names:
         items.append("Trust model: " + "; ".join(names) + ".")
-    items.append(f"Accountant: {acc.upper()} ({'privacy loss distributions, tight' if acc == 'pld' else 'Renyi DP, an upper bound'}); "
-                 "adjacency: add or remove one unit, with the example counts the server uses treated as public "
-                 "(see Privacy units and adjacency); sampling: Poisson"
-                 + (f", cyclic (device groups take turns, --bands {bands})" + (
-                     ", with the server's noise correlated across rounds (banded matrix factorization)."
-                     if (doc.get("setting").config.get("bands_noise") or "correlated") == "correlated" else ".")
-                    if (bands := int(doc.get("setting").config.get("bands") or 1)) > 1 else "."))
+    if facts.integer_rdp:
+        items.append(f"Accountant: RDP at integer orders, whichever accountant the run names (here {acc!r}): the "
+                     "Skellam mechanism's Renyi DP bound holds at integer orders (Agarwal, Kairouz & Liu 2021, "
+                     "Theorem 3.5), an upper bound; adjacency: add or remove one example, with the example counts the "
+                     "server uses treated as public (see Privacy units and adjacency); sampling: none at example "
+                     "level (p = 1: every example of a selected device is in its round's sum).")
+    else:
+        items.append(f"Accountant: {acc.upper()} ({'privacy loss distributions, tight' if acc == 'pld' else 'Renyi DP, an upper bound'}); "
+                     "adjacency: add or remove one unit, with the example counts the server uses treated as public "
+                     "(see Privacy units and adjacency); sampling: Poisson"
+                     + (f", cyclic (device groups take turns, --bands {bands})" + (
+                         ", with the server's noise correlated across rounds (banded matrix factorization)."
+                         if (doc.get("setting").config.get("bands_noise") or "correlated") == "correlated" else ".")
+                        if (bands := int(doc.get("setting").config.get("bands") or 1)) > 1 else "."))
     holdout = doc.get("holdout")
     if holdout is not None and holdout.epsilon is not None and holdout.noise_at != "none":
         items.append(f"Holdout examples (--holdout-per-device; never trained on): epsilon = {fmt(holdout.epsilon)} at "

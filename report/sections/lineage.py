@@ -8,6 +8,7 @@ from typing import Any
 from dp.accounting import SubsampledGaussianEvent, compute_epsilons
 from report.blocks import Block, fmt
 from report.context import Context
+from report.events import device_events
 from report.rundata import UNITS
 from report.sections.base import Doc, Section
 
@@ -46,8 +47,7 @@ def compute(ctx: Context) -> Lineage | None:
     delta = ctx.facts.delta
     if delta is not None:
         for unit in UNITS:
-            mine = {d: [SubsampledGaussianEvent(s, q, n) for _, s, q, n, _ in rows]
-                    for d, rows in data.events[unit].items()}
+            mine = {d: device_events(data, unit, d) for d in data.events[unit]}
             theirs = data.replaced.get(unit, {})
             if not theirs:
                 continue

@@ -10,7 +10,7 @@ from typing import Any
 
 from report.blocks import Block, fmt, fmt_range, param
 from report.context import Context, Facts
-from report.events import LedgerRanges
+from report.events import LedgerRanges, Range, zcdp_events
 from report.sections.base import Doc, Section
 
 
@@ -26,10 +26,33 @@ class Mechanism:
     config: dict[str, Any]
     example: LedgerRanges | None
     device: LedgerRanges | None
+    secure: "SecureRounds | None" = None
 
     def to_json(self) -> dict[str, Any]:
         """Nothing of its own in summary.json (the ranges are under ``epsilon.<unit>.mechanism``)."""
         return {}
+
+
+@dataclass(frozen=True)
+class SecureRounds:
+    """What a secure run's metrics.jsonl and ledger say of its rounds (``--noise-at secure``): the rounds
+    with a ``secure_*`` record (``rounds``), those abandoned (``abandoned``), the mean bytes a device sent
+    per round (``bytes_per_device``, over the cohort and all exchanges), and the distinct zCDP events
+    ``(rho, xi)`` the ledger's example-level events hold (``zcdp``)."""
+
+    rounds: int
+    abandoned: tuple[int, ...]
+    bytes_per_device: Range | None
+    zcdp: tuple[tuple[float, float], ...]
+
+    @classmethod
+    def of(cls, ctx: Context) -> "SecureRounds":
+        """The secure rounds of ``ctx``'s run."""
+        lines = [m for m in ctx.data.metrics if "secure_abandoned" in m]
+        return cls(rounds=len(lines), abandoned=tuple(int(m["round"]) for m in lines if m.get("secure_abandoned")),
+                   bytes_per_device=Range.of([float(m["secure_bytes_per_device"]) for m in lines
+                                              if m.get("secure_bytes_per_device") is not None]),
+                   zcdp=tuple(sorted((float(e.rho), float(e.xi)) for e in zcdp_events(ctx.data, "example"))))
 
 
 def compute(ctx: Context) -> Mechanism:
@@ -37,7 +60,8 @@ def compute(ctx: Context) -> Mechanism:
     return Mechanism(facts=ctx.facts, rounds_planned=ctx.cfg.get("rounds"), rounds_completed=ctx.rounds_completed,
                      num_devices=ctx.num_devices, config=ctx.cfg,
                      example=LedgerRanges.of(ctx.data, "example") if ctx.accounted("example") else None,
-                     device=LedgerRanges.of(ctx.data, "device") if ctx.accounted("device") else None)
+                     device=LedgerRanges.of(ctx.data, "device") if ctx.accounted("device") else None,
+                     secure=SecureRounds.of(ctx) if ctx.facts.secure else None)
 
 
 def render(m: Mechanism, doc: Doc) -> list[Block]:
@@ -49,7 +73,7 @@ def render(m: Mechanism, doc: Doc) -> list[Block]:
         ["expected cohort size", param(cfg, "cohort_size")],
         ["devices", fmt(m.num_devices)],
     ]
-    if not m.facts.aggregate:
+    if not m.facts.cohort_sum:
         rows += [["local epochs", param(cfg, "local_epochs")],
                  ["expected local batch size", param(cfg, "batch_size")]]
     rows += _example_rows(m)
@@ -64,6 +88,8 @@ def _example_rows(m: Mechanism) -> list[list[str]]:
     """The example-level rows: where the noise goes, sigma, C, p, and the ledger's ranges."""
     cfg, run = m.config, m.facts
     rows: list[list[str]] = []
+    if run.secure:
+        return _secure_rows(m)
     if run.dp_on:
         rows += [
             ["example level: noise added", "on the aggregate (by the server, once per round, to the cohort's sum)"
@@ -96,6 +122,47 @@ def _example_rows(m: Mechanism) -> list[list[str]]:
                 ["example level: local steps per round", fmt_range(r.steps_per_event)],
                 ["example level: total steps, most-trained device", fmt(r.total_steps_max_device)],
             ]
+    return rows
+
+
+def _secure_rows(m: Mechanism) -> list[list[str]]:
+    """The example-level rows of ``--noise-at secure``: the Skellam noise, the quantisation, secure aggregation
+    (SecAgg or SecAgg+, bits, dropout tolerance, abandoned rounds) and the ledger's events."""
+    cfg, sec, r = m.config, m.secure, m.example
+    k = cfg.get("secagg_neighbours")
+    rows = [
+        ["example level: noise added", "on the devices, in shares (each selected device adds Skellam noise of "
+         "variance mu / n_min per coordinate to its rounded sum); the server only unmasks their sum"],
+        ["example level: noise multiplier sigma", param(cfg, "noise_multiplier")],
+        ["example level: clipping norm C (max_grad_norm)", param(cfg, "max_grad_norm")],
+        ["example level: example sampling rate p", param(cfg, "sample_rate")
+         + " (every example of a selected device is in the sum)"],
+        ["example level: noise in the sum", "Skellam, variance at least mu = (sigma Delta_2)^2 per coordinate when at "
+         "least n_min devices are in the sum (decoded: standard deviation at least sigma C), fresh each round"],
+        ["example level: quantisation", "randomised Hadamard rotation, scale gamma, conditional randomised rounding "
+         "of each example to L2 norm at most Delta_2 (Kairouz, Liu & Steinke 2021)"],
+        ["secure aggregation", f"SecAgg+ (Bell et al. 2020): secrets shared with k = {int(k)} ring neighbours (with "
+         f"every other device when the cohort has at most {int(k) + 1})" if k is not None else
+         "SecAgg (Bonawitz et al. 2017): secrets shared with every other device of the round"],
+        ["secure aggregation: bits per coordinate b", param(cfg, "secure_bits") + " (the sum is taken mod 2^b)"],
+        ["secure aggregation: dropout tolerance f", param(cfg, "dropout_tolerance")
+         + " (noise sized for n_min = n - floor(f n) devices of a cohort of n)"],
+    ]
+    if sec is not None and sec.rounds:
+        rows.append(["secure aggregation: rounds abandoned (no noisy sum released)", f"{len(sec.abandoned)} of {sec.rounds}"
+                     + (f" (round{'s' if len(sec.abandoned) > 1 else ''} {', '.join(map(str, sec.abandoned))})"
+                        if sec.abandoned else "")])
+        if sec.bytes_per_device is not None:
+            rows.append(["secure aggregation: bytes a device sent per round (mean over the cohort, all exchanges)",
+                         fmt_range(sec.bytes_per_device)])
+    rows.append(["server learning rate", param(cfg, "server_learning_rate")])
+    if sec is not None and sec.zcdp:
+        rows.append(["example level: event per round joined, in the ledger", "; ".join(
+            f"ZCDpEvent(rho = {fmt(rho)}, xi = {fmt(xi)}), the Skellam bound (Agarwal, Kairouz & Liu 2021, "
+            "Theorem 3.5)" for rho, xi in sec.zcdp)])
+    if r is not None:
+        rows += [["example level: events per round joined", fmt_range(r.steps_per_event)],
+                 ["example level: rounds composed, most-trained device", fmt(r.total_steps_max_device)]]
     return rows
 
 

@@ -30,10 +30,17 @@ BANDMF_SOURCES = (" Choquette-Choo et al. 2023 ((amplified) banded matrix factor
                   "(its strategies and accounting).")
 
 
+#: Added for noise shares summed under secure aggregation (``--noise-at secure``).
+SECURE_SOURCES = (" Bonawitz et al. 2017 (SecAgg); Bell et al. 2020 (SecAgg+); Agarwal, Kairouz & Liu 2021 (the "
+                  "Skellam mechanism and its Renyi DP bound); Kairouz, Liu & Steinke 2021 (the distributed discrete "
+                  "Gaussian: rotation, scaling and conditional randomised rounding).")
+
+
 def compute(ctx: Context) -> References:
-    """The references (the same for every run, plus banded matrix factorization where the run used it)."""
+    """The references (the same for every run, plus banded matrix factorization or secure aggregation where
+    the run used them)."""
     banded = int(ctx.cfg.get("bands") or 1) > 1 and (ctx.cfg.get("bands_noise") or "correlated") == "correlated"
-    return References(SOURCES + (BANDMF_SOURCES if banded else ""))
+    return References(SOURCES + (BANDMF_SOURCES if banded else "") + (SECURE_SOURCES if ctx.facts.secure else ""))
 
 
 def render(r: References, doc: Doc) -> list[Block]:

@@ -40,6 +40,8 @@ class Releases:
     pc_weight: float
     #: every round of the rounds table is a release: its accuracy is there already (one table, one figure)
     every_round: bool = False
+    #: the rounds abandoned by secure aggregation (``secure_abandoned`` in metrics.jsonl): no new noisy sum
+    abandoned: tuple[int, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         """``releases`` (only when there are some) and ``pc_weight``."""
@@ -51,7 +53,9 @@ def compute(ctx: Context) -> Releases:
     """The release rounds of metrics.jsonl (older runs have none)."""
     rows = sorted((m for m in ctx.data.metrics if m.get("release") is True), key=lambda m: m["round"])
     every = bool(rows) and {m["round"] for m in rows} == {m["round"] for m in ctx.data.metrics}
+    abandoned = tuple(int(m["round"]) for m in rows if m.get("secure_abandoned")) if ctx.facts.secure else ()
     return Releases(facts=ctx.facts, pc_weight=float(ctx.cfg.get("pc_weight") or 0.0), every_round=every,
+                    abandoned=abandoned,
                     rows=tuple(Release(m["round"], number(m.get("accuracy")), number(m.get("nfr")),
                                        number(m.get("pfr")), number(m.get("nfr_baseline")),
                                        number(m.get("pfr_baseline"))) for m in rows))
@@ -84,6 +88,11 @@ def render(r: Releases, doc: Doc) -> list[Block]:
                         + (", inside the loss whose per-example gradients are clipped and noised, so it added no "
                            "privacy cost" if r.facts.dp_on and not r.facts.not_private else "")
                         + "; the previous release, a released model, was sent to the cohort." if pc > 0 else "")))
+    if r.abandoned:
+        many = len(r.abandoned) > 1
+        out.append(("p", f"Round{'s' if many else ''} {', '.join(map(str, r.abandoned))} {'were' if many else 'was'} "
+                         "abandoned (secure aggregation): no new noisy sum went into "
+                         f"{'their releases' if many else 'its release'}; the model was kept from the round before."))
     if r.every_round:  # the rounds table gives each round's accuracy: this one the flips alone
         header, keys = ["release round", "NFR vs previous", "PFR vs previous"], ["nfr", "pfr"]
         out.append(("p", "Every round's model was released; each one's accuracy is in the per-round table."))

@@ -29,6 +29,11 @@ class Rounds:
         return has_number(self.metrics, key)
 
     @property
+    def secure(self) -> bool:
+        """Whether the rounds ran secure aggregation (``secure_abandoned`` in metrics.jsonl)."""
+        return self.facts.secure and any("secure_abandoned" in m for m in self.metrics)
+
+    @property
     def slots(self) -> bool:
         """Whether the rounds were evaluated on slot filling (slot F1 and sentence accuracy)."""
         return any("slot_f1" in m for m in self.metrics)
@@ -43,11 +48,14 @@ def compute(ctx: Context) -> Rounds:
 def render(r: Rounds, doc: Doc) -> list[Block]:
     """The table (round, skipped, then :func:`_columns`) and the paragraph on its sources, or "No metrics recorded yet."."""
     cols = _columns(r)
-    mrows = [[str(m["round"])] + ["yes" if m.get("skipped") else ""] + [fmt(m.get(k)) for _, k in cols]
+    secure = r.secure
+    mrows = [[str(m["round"])] + ["yes" if m.get("skipped") else ""]
+             + (["yes" if m.get("secure_abandoned") else ""] if secure else []) + [fmt(m.get(k)) for _, k in cols]
              for m in r.metrics]
     if not mrows:
         return [("p", "No metrics recorded yet.")]
-    return [("table", ["round", "skipped"] + [h for h, _ in cols], mrows), ("p", _sources(r))]
+    return [("table", ["round", "skipped"] + (["abandoned"] if secure else []) + [h for h, _ in cols], mrows),
+            ("p", _sources(r))]
 
 
 def _columns(r: Rounds) -> list[tuple[str, str]]:
@@ -81,6 +89,10 @@ def _sources(r: Rounds) -> str:
     elif r.facts.any_dp:
         src += (" No training loss is shown: a private run's devices send no loss or other un-noised "
                 "statistic of their data.")
+    if r.secure:
+        src += (" An abandoned round (secure aggregation: fewer masked inputs than the noise is sized for, or too "
+                "few shares to unmask the sum) released no new noisy sum: the model was kept from the round before, and "
+                "the round's privacy events stay in the ledger.")
     if r.facts.device_dp:
         src += (" The realised cohort size is not shown (the device-level accounting treats the cohort as "
                 "secret); the expected cohort size is in the mechanism table.")

@@ -23,6 +23,7 @@ class Selection:
     expected_cohort_size: float | None
     dp_on: bool
     bands: int = 1  # cyclic selection's groups (--bands; 1: every device may join every round)
+    secure: bool = False  # --noise-at secure: one event per round joined, charged before the round's messages
 
     def to_json(self) -> dict[str, Any]:
         """``{"selection": {"mode", "activity_exponent", "selection_constant", "calibration_note", "expected_cohort_size"}}``."""
@@ -38,7 +39,7 @@ def compute(ctx: Context) -> Selection:
     return Selection(mode=cfg.get("selection"), activity_exponent=cfg.get("activity_exponent"),
                      selection_constant=run.get("selection_constant", cfg.get("selection_constant")),
                      calibration_note=run.get("calibration_note"), expected_cohort_size=cfg.get("cohort_size"),
-                     dp_on=ctx.facts.dp_on, bands=int(cfg.get("bands") or 1))
+                     dp_on=ctx.facts.dp_on, bands=int(cfg.get("bands") or 1), secure=ctx.facts.secure)
 
 
 def render(s: Selection, doc: Doc) -> list[Block]:
@@ -54,7 +55,12 @@ def render(s: Selection, doc: Doc) -> list[Block]:
                            f"select only group (t - 1) mod {s.bands} (q_k = 0 for the others), and c was calibrated so "
                            f"that sum_k q_k = {s.bands} x the expected cohort size over all devices: each round's group "
                            "holds the expected cohort size on average.")
-    if s.dp_on:
+    if s.secure:
+        sel_text.append(
+            "Example-level accounting is conditioned on participation: each device composes one event for each "
+            "round it was selected for, charged before the round's first message (so also when it dropped out or "
+            "the round was abandoned), so the example-level guarantee does not cover the fact of being selected.")
+    elif s.dp_on:
         sel_text.append(
             "Example-level accounting is conditioned on participation: each device composes the steps of the "
             "rounds it actually joined, so the example-level guarantee does not cover the fact of being selected.")

@@ -39,6 +39,17 @@ TRUST_MODELS: dict[str, Trust] = {
                       "noisy sum (as with secure aggregation with noise shares on the devices; dpfl simulates "
                       "the noise at the server)",
     ),
+    "secure": Trust(
+        name="distributed DP: noise shares on the devices, summed under secure aggregation (trusts the protocol "
+             "and the dropout tolerance, not the server)",
+        trusted="the server and the devices to follow the protocol (honest-but-curious: keys are not signed), and "
+                "at most floor(f n) devices of a round's cohort of n to drop out or collude with the server "
+                "(f: the dropout tolerance, dropout_tolerance in config.toml)",
+        holds_against="the server, which sees only masked vectors and their masked sum, and devices colluding "
+                      "with it (colluders know their own noise shares), as long as the devices that drop out or "
+                      "collude number at most floor(f n) of the round's cohort; and every observer of the "
+                      "released models",
+    ),
 }
 #: The trust model of device-level DP (DP-FedAvg: the server clips each update and adds the noise).
 DEVICE_TRUST_MODEL = Trust(
@@ -133,14 +144,18 @@ def render(s: Setting, doc: Doc) -> list[Block]:
 
 
 def _example_noise_items(s: Setting) -> list[str]:
-    """Where example-level noise is added (on the device, on the aggregate, or not at all) and its trust model.
+    """Where example-level noise is added (on the device, on the aggregate, in shares under secure
+    aggregation, or not at all) and its trust model.
 
-    On the aggregate the server sees each device's clipped sum, so the run assumes it does not look.
+    On the aggregate the server sees each device's clipped sum, so the run assumes it does not look;
+    under secure aggregation it sees only masked vectors and their masked sum.
     """
     run, cfg = s.facts, s.config
     th = []
     ex_trust = s.trust_model.example
-    if run.dp_on and not run.aggregate and cfg.get("adaptive_clip_quantile") is not None and not run.device_dp:
+    if run.secure:
+        th += _secure_items(cfg)
+    elif run.dp_on and not run.aggregate and cfg.get("adaptive_clip_quantile") is not None and not run.device_dp:
         th.append(
             "Example-level noise is added on the device: each device trains with DP-SGD (per-example "
             "clipping to C, Gaussian noise of standard deviation sigma_g * C added to the summed clipped "
@@ -191,8 +206,41 @@ def _example_noise_items(s: Setting) -> list[str]:
                   f"The guarantee holds against {ex_trust.holds_against}."
                   + (" Here the server does see the individual clipped sums"
                      + (" and counts" if cfg.get("adaptive_clip_quantile") is not None and not run.device_dp else "")
-                     + ": the run assumes it does not look at them." if run.aggregate else ""))
+                     + ": the run assumes it does not look at them." if run.aggregate else "")
+                  + (f" Here f = {param(cfg, 'dropout_tolerance')}." if run.secure else ""))
     return th
+
+
+def _secure_items(cfg: dict[str, Any]) -> list[str]:
+    """What each device and the server do under ``--noise-at secure`` (mechanisms/secure.py), and when a
+    round is abandoned."""
+    k = cfg.get("secagg_neighbours")
+    secagg = ("SecAgg+ (Bell et al. 2020): each device shares its secrets with its "
+              f"{int(k)} neighbours on a ring (with every other device when the cohort has at most {int(k) + 1})"
+              if k is not None else
+              "SecAgg (Bonawitz et al. 2017): each device shares its secrets with every other device of the round")
+    return [
+        "Example-level noise is added on the devices, in shares, and summed under secure aggregation: each "
+        "selected device clips the gradient of each of its examples to C (every example: p = 1, no sampling), "
+        "rotates it (randomised Hadamard transform), scales it by gamma and rounds it to an integer vector of L2 "
+        "norm at most Delta_2 (conditional randomised rounding, Kairouz, Liu & Steinke 2021), sums these, adds its "
+        "own share of Skellam noise (variance mu / n_min per coordinate, mu = (sigma Delta_2)^2) and masks the "
+        "result with pairwise masks from X25519 key agreement and a self mask, secret-shared (Shamir) so that the "
+        f"sum survives drops. {secagg}. Besides public keys and encrypted shares, a device sends only its masked "
+        f"vector: b = {param(cfg, 'secure_bits')} bits per coordinate, the sum taken mod 2^b.",
+        "The server does not add noise and sees no device's clipped sum: it sees only the masked vectors and "
+        "their masked sum. It unmasks the sum of the devices whose masked input arrived, decodes it (centre mod "
+        "2^b, divide by gamma, rotate back), divides it by the number of examples the cohort holds (the sum of "
+        "n_k over the cohort, from the public counts: the expected number of examples, with p = 1) and takes a server optimizer step (strategy "
+        f"{param(cfg, 'strategy')}). A device's masked vector carries only its 1 / n_min share of the noise; "
+        "it is hidden by the masks, not by its noise.",
+        f"Dropouts: the noise is sized for n_min = n - floor(f n) devices of a round's cohort of n (f = "
+        f"{param(cfg, 'dropout_tolerance')}, --dropout-tolerance). With at least n_min devices in the sum it "
+        "carries Skellam noise of variance at least mu per coordinate: after decoding, a standard deviation of "
+        "at least sigma C. A round in which fewer than n_min devices get their masked input in, or too few "
+        "shares come back to unmask the sum, is abandoned: no noisy sum is released, the model is kept, and the "
+        "round's privacy events stay in the ledger.",
+    ]
 
 
 def _device_noise_item(s: Setting) -> str:
@@ -216,6 +264,10 @@ def _device_noise_item(s: Setting) -> str:
             + ("(example-level-private) updates before aggregation" if run.dp_on
                else "updates before aggregation, which carry no noise of their own")
             + ". The guarantee holds against observers of the released models.")
+    if run.secure:
+        return ("No device-level noise: the server sees no device's individual update, only masked vectors and "
+                "their masked sum, but the noise in the sum is sized for one example, not for all of a device's "
+                "data, so a device's data as a whole is not protected.")
     return ("No device-level noise: the server sees each device's individual clipped gradient sum, "
             "which is not protected against it: only the noisy aggregate is (see the trust model)."
             if run.aggregate else "No device-level noise: the server sees each device's individual update, "
@@ -241,6 +293,11 @@ def _noise_source_item(run: Facts) -> str:
     if run.reproducible:
         return ("Noise source: derived from the seed in config.toml (--reproducible-noise), so the noise and "
                 "the sampling decisions can be regenerated: no guarantee holds.")
+    if run.secure:
+        return ("Noise source: the Skellam noise and the rounding draws (on each device), the devices' secure "
+                "aggregation keys and masks, and the cohort selection came from a secret source, a ChaCha20 "
+                "generator keyed by operating-system entropy, that was never recorded. The seed in config.toml "
+                "drives only partitioning, initialisation and data splits.")
     return ("Noise source: the noise and every sampling decision the accountant treats as random ("
             + ("example sampling" if run.aggregate else "Poisson batches" if run.dp_on else "")
             + (", " if run.dp_on else "") + "cohort selection, the Gaussian noise) came from a secret source, "

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from report.blocks import Block
+from report.blocks import Block, fmt
 from report.context import Context, Facts
 from report.sections.base import Doc, Section
 
@@ -22,6 +22,7 @@ class Units:
     adaptive_clip: bool = False
     bands: int = 1
     correlated: bool = True
+    secure_min_l2: float | None = None  # --noise-at secure: the Delta_2 its events are computed at
 
     def to_json(self) -> dict[str, Any]:
         """Nothing of its own in summary.json."""
@@ -34,7 +35,15 @@ def compute(ctx: Context) -> Units:
                  c_calibrated=ctx.cfg.get("selection_constant") is None and bool(ctx.run.get("calibration_note")),
                  adaptive_clip=ctx.cfg.get("adaptive_clip_quantile") is not None,
                  bands=int(ctx.cfg.get("bands") or 1),
-                 correlated=(ctx.cfg.get("bands_noise") or "correlated") == "correlated")
+                 correlated=(ctx.cfg.get("bands_noise") or "correlated") == "correlated",
+                 secure_min_l2=_secure_min_l2() if ctx.facts.secure else None)
+
+
+def _secure_min_l2() -> float:
+    """The Delta_2 a secure run's events are computed at (mechanisms/secure.py ``MIN_SCALED_CLIP``)."""
+    from mechanisms.secure import MIN_SCALED_CLIP
+
+    return float(MIN_SCALED_CLIP)
 
 
 def render(u: Units, doc: Doc) -> list[Block]:
@@ -66,6 +75,18 @@ def render(u: Units, doc: Doc) -> list[Block]:
                     + ". No amplification by device selection is claimed at example level: an "
                     "example's inclusion is correlated with its device's other examples, whose contribution can "
                     "reveal that the device took part, so the rate is p, not q_k * p.")
+    elif run.secure:
+        ex_unit += (" With noise shares summed under secure aggregation, each round a device joined is one Skellam "
+                    "mechanism for each of its examples (Agarwal, Kairouz & Liu 2021): one example changes the "
+                    "cohort's integer sum by at most Delta_2 in L2 norm and Delta_2^2 in L1 norm (the conditional "
+                    "rounding bounds each rounded example exactly), and a sum of at least n_min devices carries "
+                    "Skellam noise of variance at least mu = (sigma Delta_2)^2 per coordinate. The events are "
+                    f"computed at Delta_2 = {fmt(u.secure_min_l2)} integer units, the smallest a round may use (a "
+                    "round's Delta_2 is at least its scaled clip gamma C, which is at least that), where the bound is "
+                    "largest. Every example of a selected device is in its round's sum (p = 1): no amplification by "
+                    "example sampling is claimed, and none by device selection either, since an example's inclusion "
+                    "is correlated with its device's other examples, whose contribution can reveal that the device "
+                    "took part. The reduction mod 2^b and the decoding are post-processing.")
     elif run.dp_on and u.adaptive_clip and not run.device_dp:
         ex_unit += (" With adaptive clipping on the device, one example changes a local step's clipped sum by at most "
                     "C and the step's centred count of unclipped examples by at most 1/2: with noise sigma_g C on the "
@@ -104,8 +125,12 @@ def _counts_paragraph(u: Units) -> str:
     if run.dp_on and placement == "aggregate":
         uses.append("the denominator of the noisy sum (the expected number of sampled examples, the sum of "
                     "p n_k over the cohort)")
+    if run.dp_on and placement == "secure":
+        uses.append("the denominator of the decoded sum (the number of examples the cohort holds, the sum of n_k "
+                    "over the cohort, p = 1)")
+        uses.append("the quantisation scale gamma (from the same sum)")
     uses.append("the selection probabilities q_k (from activity)")
-    if not run.device_dp and placement != "aggregate":
+    if not run.device_dp and placement not in ("aggregate", "secure"):
         uses.append("the FedAvg weights")
     if u.c_calibrated:
         uses.append("the one calibration of the selection constant c")
