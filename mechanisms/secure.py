@@ -357,20 +357,19 @@ class SecureAggregator(AggregateNoiseAggregator):
             at += size
         return out
 
+    def noisy_gradient(self) -> dict[str, np.ndarray]:
+        """The decoded sum over E[n] (float64), per floating array: the aggregate placement's step follows."""
+        denom = max(float(self.plan.expected_examples), 1e-12)
+        return {k: s / denom for k, s in self.decoded.items()}
+
     @_server_cpu
     def result(self):
         if self.abandoned is None:
             try:
-                sums = self.noisy_sum()
+                self.decoded = self.noisy_sum()
             except secagg.Abandoned as exc:
                 self._abandon(str(exc))
-        if self.abandoned is not None:
-            return None
-        out = dict(self.current)
-        denom = max(float(self.plan.expected_examples), 1e-12)
-        for k, s in sums.items():
-            out[k] = (self.current[k] - self.step_size * self.plan.lr_factor * s / denom).astype(self.current[k].dtype)
-        return out
+        return None if self.abandoned is not None else super().result()
 
 
 @register
