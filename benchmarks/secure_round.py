@@ -2,8 +2,10 @@
 beside the same round with the noise on the aggregate, for several cohort sizes, in one process.
 
 For each cohort size m: two ``dpfl simulate`` runs with the same settings and seed (``--num-devices m``,
-``--cohort-size m``, uniform selection, so each round's Poisson cohort is everybody), one per placement.
-Reported per placement, from round 2 on (round 1 also pays the actors' start-up):
+``--cohort-size m``, uniform selection, so each round's Poisson cohort is everybody; ``--max-examples``
+100 m, so every device holds about 100 examples, iid; frozen encoder and linear head), one per placement.
+Reported per placement, after ``--warmup`` rounds (default 2: the actors start and encode each device's
+features the first time they meet it):
 
 * ``round_seconds``: the server's wall time of a round (selection to checkpoint, evaluation excluded);
 * ``bytes_per_device``: what one device sends in a round: the clipped sum (4 bytes per trainable
@@ -17,7 +19,7 @@ Reported per placement, from round 2 on (round 1 also pays the actors' start-up)
 Usage::
 
     HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.secure_round --cohorts 10,50,100 --json
-    HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.secure_round --cohorts 4 --rounds 2 --model tiny --json  # smoke
+    HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.secure_round --cohorts 4 --rounds 2 --warmup 1 --model tiny --json  # smoke
 """
 
 from __future__ import annotations
@@ -41,13 +43,14 @@ def run_placement(placement: str, cohort: int, a, base: Path) -> dict:
 
     cfg = RunConfig(
         model=a.model, trainable="head", noise_at=placement, num_devices=cohort, cohort_size=cohort,
-        selection="uniform", rounds=a.rounds, data_dir=a.data_dir, max_examples=a.max_examples,
+        selection="uniform", rounds=a.rounds, data_dir=a.data_dir,
+        max_examples=a.max_examples if a.max_examples is not None else a.examples_per_device * cohort,
         noise_multiplier=1.0, secure_bits=a.bits, secagg_neighbours=a.neighbours, eval_every=a.rounds + 1,
         seed=a.seed, run_dir=str(base / f"{placement}-{cohort}"), partitioner="iid",
     ).validate()
     simulate(cfg, progress=False)
     lines = read_metric_lines(cfg.run_dir)
-    later = lines[1:] if len(lines) > 1 else lines
+    later = lines[a.warmup:] if len(lines) > a.warmup else lines[-1:]
     seconds = [m["seconds"] - (m.get("eval_seconds") or 0.0) for m in later]
     row = {"placement": placement, "cohort": cohort, "rounds_timed": len(later),
            "round_seconds": statistics.mean(seconds), "replies": statistics.mean(m["replies"] for m in later)}
@@ -64,7 +67,11 @@ def run_placement(placement: str, cohort: int, a, base: Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--cohorts", default="10,50,100", help="comma-separated cohort sizes (default 10,50,100)")
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--warmup", type=int, default=2,
+                   help="rounds not timed (the actors start, and encode each device's features on first meeting it)")
+    p.add_argument("--examples-per-device", type=int, default=100,
+                   help="training examples per device: --max-examples is this times the cohort (default 100)")
     p.add_argument("--model", default="minilm")
     p.add_argument("--data-dir", default=str(Path(__file__).resolve().parents[1].parent / "shared" / "data" / "banking77"))
     p.add_argument("--max-examples", type=int, default=None)

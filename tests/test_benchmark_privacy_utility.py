@@ -19,12 +19,13 @@ def _settings(arm: str, tmp_path: Path):
 
 @pytest.mark.parametrize("arm", DEFAULT_ARMS.split(",") + ["aggregate:head:1:random+cap20", "aggregate:head:3:labels",
                                                       "aggregate:head:1:clip10+adaptive", "device-level:head:3:adaptive",
-                                                      "aggregate:head:1:bands4", "device-level:head:3:bands5"])
+                                                      "aggregate:head:1:bands4", "device-level:head:3:bands5",
+                                                      "secure:head:8"])
 def test_every_arm_is_a_valid_dpfl_simulate_command(arm, tmp_path):
     cfg = _settings(arm, tmp_path)
     noise = arm.split(":")[0]
     assert cfg.run_dir == str(tmp_path / "run") and cfg.target_delta == 1e-5
-    if noise in ("aggregate", "device"):
+    if noise in ("aggregate", "secure", "device"):
         assert cfg.dp and cfg.noise_at == noise and cfg.target_epsilon == float(arm.split(":")[2])
     if noise == "device-level":
         assert cfg.device_dp and not cfg.dp and cfg.device_noise_multiplier > 0

@@ -43,8 +43,8 @@ def test_round_overhead():
 
 def test_secure_round():
     """Secure aggregation's round beside the aggregate placement's, one cohort size (a real Ray simulation)."""
-    (row,) = _json_lines(_bench("secure_round", "--cohorts", "4", "--rounds", "2", "--model", "tiny",
-                                "--max-examples", "200", "--json"))
+    (row,) = _json_lines(_bench("secure_round", "--cohorts", "4", "--rounds", "2", "--warmup", "1", "--model", "tiny",
+                                "--json"))
     sec, agg = row["secure"], row["aggregate"]
     assert sec["replies"] == agg["replies"] == 4 and sec["abandoned_rounds"] == 0
     assert agg["bytes_per_device"] == 4 * row["trainable_parameters"]
