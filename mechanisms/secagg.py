@@ -35,7 +35,6 @@ mod 2^b given everything else the server holds.
 
 from __future__ import annotations
 
-import math
 import struct
 from dataclasses import dataclass
 from typing import Iterable, Mapping
