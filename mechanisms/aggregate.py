@@ -24,15 +24,14 @@ import torch
 from torch import nn
 
 from dp.accounting import SubsampledGaussianEvent
-from dp.engines import make_engine
 from dp.secure_random import NoiseSource
 from mechanisms.adaptive_clip import CLIP_COUNT, ClipStateMixin, QuantileClip, gradient_noise_multiplier, quantile_clip, with_count_stddev
 from mechanisms.correlated_noise import BandedNoise, correlated_noise, noised_sums
 from mechanisms.base import (Aggregator, Calibration, DeviceReply, DeviceWork, Mechanism, ReplySpec, _numpy,
                              calibrate_example, floating_keys)
 from mechanisms.registry import register
-from mechanisms.training import collate_with
-from nlu.data import Encoded, collate, per_example_loss
+from mechanisms.training import clipping_engine
+from nlu.data import Encoded
 from nlu.model import trainable_state_keys
 from nlu.tasks import Task
 
@@ -262,34 +261,19 @@ def clipped_gradient_sum(
     float
         The centred count (only with ``return_centred_count``; 0.0 when no example was sampled).
     """
-    base_collate = task.collate if task is not None else collate
-    loss_fn = task.per_example_loss if task is not None else per_example_loss
-    device = next(model.parameters()).device
     idx = np.flatnonzero(noise.bernoulli(len(data), sample_rate)).astype(np.int64)
     by_name = dict(model.named_parameters(remove_duplicate=False))
     keys = trainable_state_keys(model)
-    # The gradient of the model's loss at w, without dropout: the server treats the noisy sum as
-    # the gradient of one step, and dropout noise would only lower its signal under DP.
-    was_training = model.training
-    model.eval()
     if len(idx) == 0:
-        model.train(was_training)
         zeros = {k: torch.zeros_like(by_name[k]) for k in keys}
         return (zeros, 0.0) if return_centred_count else zeros
-    collate_fn = collate_with(base_collate, device, teacher)
-    engine = make_engine(dp_engine, model, noise_multiplier=0.0, max_grad_norm=max_grad_norm, expected_batch_size=1.0)
     centred = 0.0
-    try:
+    with clipping_engine(model, max_grad_norm, dp_engine, task, teacher) as (collate_fn, loss_fn, engine):
         for s in range(0, len(idx), physical_batch_size):
             norms = engine.accumulate(loss_fn(model, collate_fn(data, idx[s : s + physical_batch_size])))
             if return_centred_count:
                 centred += float((norms <= max_grad_norm).sum().item()) - 0.5 * len(norms)
         engine.finalize()
         out = {k: by_name[k].grad.detach().clone() for k in keys}
-    finally:
-        engine.detach()
-        model.train(was_training)
-        for p in model.parameters():
-            p.grad = None
     return (out, centred) if return_centred_count else out
 

@@ -41,14 +41,12 @@ import torch
 
 from dp import discrete
 from dp.accounting import compute_epsilon
-from dp.engines import make_engine
 from dp.secure_random import NoiseSource
 from mechanisms import secagg
 from mechanisms.aggregate import AggregateNoise, AggregateNoiseAggregator
 from mechanisms.base import Calibration, DeviceReply, DeviceWork, ReplySpec, floating_keys, joinable_rounds
 from mechanisms.registry import register
-from mechanisms.training import collate_with
-from nlu.data import collate, per_example_loss
+from mechanisms.training import clipping_engine
 from nlu.model import trainable_state_keys
 
 log = logging.getLogger(__name__)
@@ -182,9 +180,9 @@ class SecureAggregator(AggregateNoiseAggregator):
         self.l2 = discrete.rounded_l2_bound(self.gamma * cfg.max_grad_norm, self.dim)
         self.variance = (self.noise_multiplier * self.l2) ** 2  # mu, in the sum of >= n_min devices
         self.rotation = self.noise.bytes(32)  # public: sent to every device of the round
-        self.enc_keys: dict[int, bytes] = {}
-        self.mask_keys: dict[int, bytes] = {}
-        self.positions: dict[int, int] = {}
+        self.positions: dict[int, int] = {}  # device -> position (the order its keys arrived in)
+        self.enc_keys: list[bytes] = []  # by position
+        self.mask_keys: list[bytes] = []  # by position
         self.ciphertexts: dict[int, dict[int, bytes]] = {}  # owner -> holder -> ciphertext
         self.masked_total = np.zeros(self.dim, dtype=np.int64)
         self.survivors: set[int] = set()
@@ -238,7 +236,6 @@ class SecureAggregator(AggregateNoiseAggregator):
             return {}
         if stage == "keys":
             return {d: {} for d in self.cohort}
-        by_position = {p: d for d, p in self.positions.items()}
         if stage == "shares":
             self._check_count("keys", len(self.enc_keys))
             if self.abandoned is not None:
@@ -247,23 +244,22 @@ class SecureAggregator(AggregateNoiseAggregator):
             for d, p in self.positions.items():
                 holders = self._set(p)
                 out[d] = {"secagg-position": p, "secagg-holders": list(holders),
-                          "secagg-enc-keys": [self.enc_keys[by_position[h]] for h in holders],
+                          "secagg-enc-keys": [self.enc_keys[h] for h in holders],
                           "secagg-threshold": secagg.threshold(len(holders), self.tolerated)}
             return out
         if stage == "unmask":
             self._check_count("the masked input", len(self.survivors))
             if self.abandoned is not None:
                 return {}
-            sent = {by_position[p] for p in self.ciphertexts}
-            dropped = [self.positions[d] for d in sent - self.survivors]
             alive = [self.positions[d] for d in self.survivors]
+            dropped = sorted(set(self.ciphertexts) - set(alive))
             out = {}
             for d in self.survivors:
                 v = self.positions[d]
-                owners = [u for u, cts in self.ciphertexts.items() if v in cts and (u in alive or u in dropped)]
+                owners = [u for u, cts in self.ciphertexts.items() if v in cts]  # every sender is alive or dropped
                 out[d] = {"secagg-position": v, "secagg-survivors": alive, "secagg-dropped": dropped or [-1],
                           "secagg-owners": owners, "secagg-ciphertexts": [self.ciphertexts[u][v] for u in owners],
-                          "secagg-enc-keys": [self.enc_keys[by_position[u]] for u in owners]}
+                          "secagg-enc-keys": [self.enc_keys[u] for u in owners]}
             return out
         raise ValueError(f"unknown secure aggregation stage {stage!r}")
 
@@ -278,8 +274,9 @@ class SecureAggregator(AggregateNoiseAggregator):
                 enc, mask = bytes(reply["secagg-enc-key"]), bytes(reply["secagg-mask-key"])
                 if len(enc) != 32 or len(mask) != 32:
                     return "public keys are 32 bytes"
-                self.enc_keys[device], self.mask_keys[device] = enc, mask
-                self.positions[device] = len(self.positions)
+                self.positions[device] = len(self.enc_keys)
+                self.enc_keys.append(enc)
+                self.mask_keys.append(mask)
             elif stage == "shares":
                 p = self.positions[device]
                 to, cts = list(reply["secagg-to"]), list(reply["secagg-ciphertexts"])
@@ -307,17 +304,16 @@ class SecureAggregator(AggregateNoiseAggregator):
             return None
         self.trained.add(device)
         p = self.positions[device]
-        by_position = {q: d for d, q in self.positions.items()}
         neighbours = [v for v in self._set(p) if v != p and v in self.ciphertexts]
         return {"secagg-position": p, "secagg-neighbours": neighbours or [-1],
-                "secagg-mask-keys": [self.mask_keys[by_position[v]] for v in neighbours] or [b""],
+                "secagg-mask-keys": [self.mask_keys[v] for v in neighbours] or [b""],
                 "secure-scale": self.gamma, "secure-bound": self.l2, "secure-bits": self.bits,
                 "secure-variance": self.variance / self.n_min, "secure-dimension": self.dim,
                 "secure-rotation": self.rotation}
 
     @_server_cpu
     def add_reply(self, device: int, arrays: Mapping[str, np.ndarray], weight: float, clip: float | None = None) -> None:
-        """Fold in ``device``'s masked vector (uint32 [D], already checked < 2^b)."""
+        """Fold in ``device``'s masked vector (uint32 [D], shape checked by the round loop; taken mod 2^b)."""
         if self.abandoned is not None:
             return
         y = np.asarray(arrays[MASKED], dtype=np.int64)
@@ -335,8 +331,7 @@ class SecureAggregator(AggregateNoiseAggregator):
         mechanisms.secagg.Abandoned
             If too few shares came back.
         """
-        by_position = {q: d for d, q in self.positions.items()}
-        masks = {p: self.mask_keys[by_position[p]] for p in self.ciphertexts}
+        masks = {p: self.mask_keys[p] for p in self.ciphertexts}
         sets = {p: self._set(p) for p in self.ciphertexts}
         t = {p: secagg.threshold(len(s), self.tolerated) for p, s in sets.items()}
         alive = {self.positions[d] for d in self.survivors}
@@ -383,10 +378,6 @@ class SecureAggregation(AggregateNoise):
     def __init__(self, cfg):
         super().__init__(cfg)
         self.reply = ReplySpec("masked", privacy_record=False, info=False)
-
-    def round_params(self) -> dict:
-        """No round-wide entries beyond the aggregate placement's (the per-device ones come from the aggregator)."""
-        return {"sample-rate": 1.0}
 
     def reply_arrays(self, expected: Mapping[str, tuple]) -> dict[str, tuple]:
         """The masked vector: one uint32 array of D = 2^ceil(log2 d) entries (d: the trainable parameters)."""
@@ -479,21 +470,15 @@ def quantised_gradient_sum(model, data, *, max_grad_norm: float, scale: float, b
     float64 and, after rotation and scaling, clipped again to gamma C (so that float rounding never lets a
     vector past the scaled clip). Eval mode (no dropout); the model is left unchanged.
     """
-    base_collate = task.collate if task is not None else collate
-    loss_fn = task.per_example_loss if task is not None else per_example_loss
-    device = next(model.parameters()).device
     by_name = dict(model.named_parameters(remove_duplicate=False))
     keys = trainable_state_keys(model)
     total = np.zeros(signs.numel(), dtype=np.int64)
     if len(data) == 0:
         return total
-    was_training = model.training
-    model.eval()
-    collate_fn = collate_with(base_collate, device, teacher)
-    engine = make_engine("dpfl", model, noise_multiplier=0.0, max_grad_norm=max_grad_norm, expected_batch_size=1.0)
-    try:
-        for start in range(0, len(data), max(1, int(physical_batch_size))):
-            idx = np.arange(start, min(len(data), start + max(1, int(physical_batch_size))), dtype=np.int64)
+    batch = max(1, int(physical_batch_size))
+    with clipping_engine(model, max_grad_norm, "dpfl", task, teacher) as (collate_fn, loss_fn, engine):
+        for start in range(0, len(data), batch):
+            idx = np.arange(start, min(len(data), start + batch), dtype=np.int64)
             pe = engine.per_example_gradients(loss_fn(model, collate_fn(data, idx)))
             rows = torch.cat([(pe[by_name[k]] if by_name[k] in pe else torch.zeros((len(idx), *by_name[k].shape)))
                               .reshape(len(idx), -1).to(torch.float64).cpu() for k in keys], dim=1)
@@ -505,9 +490,4 @@ def quantised_gradient_sum(model, data, *, max_grad_norm: float, scale: float, b
             norms = torch.linalg.vector_norm(scaled, dim=1, keepdim=True)
             scaled = scaled * torch.clamp(scale * max_grad_norm / norms.clamp_min(1e-300), max=1.0)
             total += discrete.conditional_round(scaled, bound, noise).sum(dim=0).numpy()
-    finally:
-        engine.detach()
-        model.train(was_training)
-        for p in model.parameters():
-            p.grad = None
     return total

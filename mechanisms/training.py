@@ -10,6 +10,7 @@ The clipped gradient sum of the aggregate placement is in mechanisms/aggregate.p
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -138,6 +139,32 @@ def collate_with(base_collate, device, teacher: torch.Tensor | None):
         return batch
 
     return collate_fn
+
+
+@contextmanager
+def clipping_engine(model: nn.Module, max_grad_norm: float, dp_engine: str = "dpfl", task: Task | None = None,
+                    teacher: torch.Tensor | None = None):
+    """The model's per-example clipping at the global model, for a device that sends gradients, not a trained
+    model (noise on the aggregate, secure aggregation): yields ``(collate_fn, loss_fn, engine)``, the engine
+    attached with no noise, clip ``max_grad_norm`` and expected batch size 1, the model in eval mode (no
+    dropout: the server treats the sum as the gradient of one step, and dropout noise would only lower its
+    signal under DP). On exit the engine is detached, the model's mode restored and every ``.grad`` cleared.
+    """
+    base_collate = task.collate if task is not None else collate
+    loss_fn = task.per_example_loss if task is not None else per_example_loss
+    collate_fn = collate_with(base_collate, next(model.parameters()).device, teacher)
+    was_training = model.training
+    model.eval()
+    engine = None
+    try:
+        engine = make_engine(dp_engine, model, noise_multiplier=0.0, max_grad_norm=max_grad_norm, expected_batch_size=1.0)
+        yield collate_fn, loss_fn, engine
+    finally:
+        if engine is not None:
+            engine.detach()
+        model.train(was_training)
+        for p in model.parameters():
+            p.grad = None
 
 
 def train_local(model: nn.Module, data: Encoded, cfg: LocalTrainConfig, noise: NoiseSource, task: Task | None = None,

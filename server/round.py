@@ -158,18 +158,19 @@ def plan_of(server, sel: Selection) -> RoundPlan:
     (1/b) sum_k q_k p n_k over all devices (every group's rounds divide by the same E[n], so that a group
     holding little data takes a small step and a cycle's steps add up to one over all the data)."""
     cfg = server.cfg
+    held = float(sum(int(server.activity[d]) for d in sel.cohort))
     if server.selector.bands > 1:
         q_all = server.selector.probabilities(server.activity)
         expected = float(cfg.sample_rate * np.dot(q_all, server.activity) / server.selector.bands)
     else:
-        expected = float(sum(cfg.sample_rate * int(server.activity[d]) for d in sel.cohort))
+        expected = float(sum(cfg.sample_rate * int(server.activity[d]) for d in sel.cohort))  # (as ever, term by term)
     return RoundPlan(
         round=sel.round,
         expected_cohort=float(cfg.cohort_size),
         expected_examples=expected,
         lr_factor=lr_factor(cfg.server_lr_schedule, sel.round, cfg.rounds),
         cohort=tuple(int(d) for d in sel.cohort),
-        cohort_examples=float(sum(int(server.activity[d]) for d in sel.cohort)),
+        cohort_examples=held,
     )
 
 
