@@ -276,18 +276,33 @@ def evaluate(msg: Message, context: Context) -> Message:
     to each quartile's sum (``holdout-noise`` 0). The reply holds the count alone
     (protocol/messages.py).
     """
+    from nlu.oos import confidence_edges, confidences, histogram
+
     cfg = run_config_from(msg.content["run"])
     device_id = device_id_of(context, msg)
     data = holdout_examples(cfg, device_id)
-    correct = 0.0
+    bins = int(msg.content["config"].get("oos-bins", 0))
+    correct, hist = 0.0, np.zeros(bins)
     if len(data):
         task = task_of(cfg)
         model = model_of(cfg, task)
         load_into(model, msg.content["arrays"], partial=True)
-        correct = float(np.asarray(task.evaluate(model, data, with_correct=True)["correct"]).sum())
+        if bins:  # out-of-scope calibration: the confidences' histogram on the public grid, one pass
+            oos_index = population_for_key(population_key(cfg)).data.oos_index
+            top, _, conf = confidences(task.probabilities(model, data), oos_index)
+            labels = np.asarray(data.labels)
+            correct = float((top == labels).sum())
+            hist = histogram(conf[labels != (-1 if oos_index is None else oos_index)], confidence_edges(bins))  # in scope
+        else:
+            correct = float(np.asarray(task.evaluate(model, data, with_correct=True)["correct"]).sum())
     sigma = float(msg.content["config"]["holdout-noise"])
     if sigma > 0:
         # (with --reproducible-noise a stream of its own, not the last round's training stream)
         noise = _noise_source(cfg, -int(msg.content["config"]["server-round"]), device_id)
         correct += float(noise.normal_numpy((1,), sigma)[0])
-    return Message(RecordDict({rec.HOLDOUT: MetricRecord({"correct": correct})}), reply_to=msg)
+        if bins:
+            hist = hist + noise.normal_numpy((bins,), sigma)
+    out = {"correct": correct}
+    if bins:
+        out["oos-histogram"] = [float(x) for x in hist]
+    return Message(RecordDict({rec.HOLDOUT: MetricRecord(out)}), reply_to=msg)

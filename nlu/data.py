@@ -99,3 +99,20 @@ def predict(model: nn.Module, enc: Encoded, batch_size: int = 128) -> tuple[np.n
         out[idx] = logits.argmax(-1).numpy()
     model.train(was_training)
     return out, (total / count if count else float("nan"))
+
+
+@torch.no_grad()
+def predict_proba(model: nn.Module, enc: Encoded, batch_size: int = 128) -> np.ndarray:
+    """Softmax probabilities [N, num_labels], float64, of ``model`` on ``enc`` (eval mode for the pass)."""
+    was_training = model.training
+    model.eval()
+    out: np.ndarray | None = None
+    order = np.argsort([len(x) for x in enc.input_ids], kind="stable")
+    for start in range(0, len(enc), batch_size):
+        idx = order[start : start + batch_size]
+        probs = torch.softmax(logits_of(model, collate(enc, idx)).double(), dim=-1).numpy()
+        if out is None:
+            out = np.empty((len(enc), probs.shape[1]), dtype=np.float64)
+        out[idx] = probs
+    model.train(was_training)
+    return out if out is not None else np.empty((0, 0), dtype=np.float64)

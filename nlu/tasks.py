@@ -150,6 +150,10 @@ class IntentTask(Task):
             return build_model(model_name, self.num_labels, seed=seed)
         return build_model(model_name, self.num_labels, seed=seed, pooling=self.pooling)
 
+    def probabilities(self, model, enc, batch_size: int = 128) -> np.ndarray:
+        """Softmax probabilities [N, num_labels] (float64) of ``model`` on ``enc`` (out-of-scope detection)."""
+        return _intent.predict_proba(model, enc, batch_size=batch_size)
+
     def evaluate(self, model, enc, batch_size: int = 128, with_correct: bool = False) -> dict[str, float]:
         preds, loss = _intent.predict(model, enc, batch_size=batch_size)
         out = intent_metrics(enc.labels, preds, self.num_labels)

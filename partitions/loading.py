@@ -52,6 +52,15 @@ class NLUData:
         split's label values (then the set of names is itself a function of the training data).
     generated_train : SyntheticTrain or None
         The generator of a train split that is built on demand; None when ``train`` is loaded.
+    test_oos : datasets.Dataset or None
+        The out-of-scope test utterances (label -1), kept apart from ``test`` (in scope only) when
+        the run evaluates out-of-scope detection (:func:`partitions.out_of_scope.split_out_of_scope`).
+    oos_label : str or None
+        The name out-of-scope utterances go by.
+    oos_index : int or None
+        The out-of-scope class's id in ``label_names`` when the training data has one (oos-train).
+    oos_intents : tuple of str
+        The intents held out as out of scope (``--oos-holdout-intents``).
 
     Raises
     ------
@@ -65,14 +74,22 @@ class NLUData:
     source: str
     labels_declared: bool = False
     generated_train: "SyntheticTrain | None" = None
+    test_oos: datasets.Dataset | None = None
+    oos_label: str | None = None
+    oos_index: int | None = None
+    oos_intents: tuple = ()
 
     def __init__(self, train: datasets.Dataset | None = None, test: datasets.Dataset | None = None,
                  label_names: list[str] = (), slot_names: list[str] | None = None, source: str = "",
-                 labels_declared: bool = False, generated_train: "SyntheticTrain | None" = None):
+                 labels_declared: bool = False, generated_train: "SyntheticTrain | None" = None,
+                 test_oos: datasets.Dataset | None = None, oos_label: str | None = None, oos_index: int | None = None,
+                 oos_intents: tuple = ()):
         if (train is None) == (generated_train is None):
             raise ValueError("NLUData: give the train split or its generator, not both or neither")
         for k, v in (("test", test), ("label_names", list(label_names)), ("slot_names", slot_names),
-                     ("source", source), ("labels_declared", labels_declared), ("generated_train", generated_train)):
+                     ("source", source), ("labels_declared", labels_declared), ("generated_train", generated_train),
+                     ("test_oos", test_oos), ("oos_label", oos_label), ("oos_index", oos_index),
+                     ("oos_intents", tuple(oos_intents))):
             object.__setattr__(self, k, v)
         object.__setattr__(self, "_train", train)
         object.__setattr__(self, "_lock", threading.Lock())
@@ -121,7 +138,8 @@ class NLUData:
     def with_train(self, train: datasets.Dataset) -> "NLUData":
         """A copy with ``train`` as its (loaded) train split."""
         return NLUData(train=train, test=self.test, label_names=self.label_names, slot_names=self.slot_names,
-                       source=self.source, labels_declared=self.labels_declared)
+                       source=self.source, labels_declared=self.labels_declared, test_oos=self.test_oos,
+                       oos_label=self.oos_label, oos_index=self.oos_index, oos_intents=self.oos_intents)
 
     @property
     def num_labels(self) -> int:

@@ -138,6 +138,11 @@ def population_for_key(key: tuple) -> Population:
         synthetic_devices=num_devices,
         device_column=device_column if (data_dir or dataset) and partitioner == "natural" else None,
     )
+    if d.get("oos_label") or (d.get("oos_holdout_intents") or 0) > 0:
+        from partitions.out_of_scope import split_out_of_scope
+
+        data = split_out_of_scope(data, d.get("oos_label"), float(d.get("oos_holdout_intents") or 0.0),
+                                  int(d.get("oos_split_seed") or 0))
     if partitioner == "auto":
         partitioner = "natural" if device_column in data.train_columns else "iid"
     generated = data.generated_train

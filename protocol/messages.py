@@ -41,7 +41,10 @@ type ``evaluate``) holds ``arrays`` (the final released model's trainable parame
 ``device`` and ``config`` (``server-round``, ``holdout-noise``: the std of the noise the device
 adds to its count, 0 when the server adds it to the quartile's sum or the run is not private).
 Its reply holds ``holdout`` alone (MetricRecord ``correct``: the number of the device's holdout
-examples the model classifies correctly, plus that noise). The number of holdout examples is not
+examples the model classifies correctly, plus that noise). With out-of-scope calibration
+(``config`` ``oos-bins`` B > 0) the record also holds ``oos-histogram``: B floats, how many of the
+device's holdout examples have their max-softmax confidence in each bin of the public grid
+(nlu/oos.py), each bin with noise of the same std. The number of holdout examples is not
 sent: it is an example count, which the server knows as it knows the activity.
 """
 
@@ -145,17 +148,32 @@ def validate_update(
     return None
 
 
-def validate_holdout_reply(content: RecordDict) -> tuple[float | None, str | None]:
-    """(the reply's correct count, None) or (None, why it cannot be used) for a holdout evaluation reply.
+def validate_holdout_reply(content: RecordDict, bins: int = 0) -> tuple[float | None, np.ndarray | None, str | None]:
+    """(the reply's correct count, its confidence histogram, None) or (None, None, why it cannot be
+    used) for a holdout evaluation reply.
 
-    The reply must hold exactly one record, ``holdout``, a MetricRecord with a finite ``correct``.
+    The reply must hold exactly one record, ``holdout``, a MetricRecord with a finite ``correct``
+    and, when ``bins`` > 0 (out-of-scope calibration), ``oos-histogram``: ``bins`` finite floats
+    (float64 [bins]); nothing else.
     """
     extra = sorted(set(content.keys()) - {HOLDOUT})
     if extra:
-        return None, f"a holdout reply holds only its count; it also carries {extra}"
+        return None, None, f"a holdout reply holds only its count; it also carries {extra}"
     if HOLDOUT not in content.metric_records:
-        return None, "no holdout record in the reply"
-    value = content.metric_records[HOLDOUT].get("correct")
+        return None, None, "no holdout record in the reply"
+    record = content.metric_records[HOLDOUT]
+    allowed = {"correct"} | ({"oos-histogram"} if bins > 0 else set())
+    if set(record.keys()) - allowed:
+        return None, None, f"unexpected holdout entries {sorted(set(record.keys()) - allowed)}"
+    value = record.get("correct")
     if not isinstance(value, (int, float)) or not math.isfinite(value):
-        return None, f"correct {value!r} is not a finite number"
-    return float(value), None
+        return None, None, f"correct {value!r} is not a finite number"
+    hist = None
+    if bins > 0:
+        raw = record.get("oos-histogram")
+        if not isinstance(raw, list) or len(raw) != bins:
+            return None, None, f"oos-histogram must be a list of {bins} numbers"
+        hist = np.asarray(raw, dtype=np.float64)
+        if not np.isfinite(hist).all():
+            return None, None, "oos-histogram holds a value that is not finite"
+    return float(value), hist, None

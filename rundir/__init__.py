@@ -60,11 +60,13 @@ from .records import (
     read_audit,
     read_canaries_file,
     read_holdout,
+    read_oos,
     read_roc,
     read_summary,
     write_audit,
     write_canaries_file,
     write_holdout,
+    write_oos,
     write_summary,
 )
 
@@ -74,7 +76,7 @@ __all__ = [
     "run_in_progress",
     "Ledger", "LedgerReader", "LedgerError", "EventRow", "record_canaries",
     "RunRow", "DeviceRow", "RoundRow", "PrivacyEvent", "LostUpdate", "BudgetEvent", "Holding", "CanaryRow",
-    "HoldoutRelease", "Deletion", "Lineage", "write_holdout", "read_holdout",
+    "HoldoutRelease", "Deletion", "Lineage", "write_holdout", "read_holdout", "write_oos", "read_oos",
     "read_metrics", "read_metric_lines", "append_line", "MetricsError",
     "Summary", "Audit", "RecordError", "write_summary", "read_summary", "write_audit", "read_audit", "read_roc",
     "write_canaries_file", "read_canaries_file",

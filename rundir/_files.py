@@ -11,6 +11,7 @@ METRICS_FILE = "metrics.jsonl"
 LEDGER_FILE = "ledger.sqlite"
 CANARIES_FILE = "canaries.json"
 HOLDOUT_FILE = "holdout.json"
+OOS_FILE = "oos.json"
 DELETIONS_FILE = "deletions.txt"
 CHECKPOINTS_DIR = "checkpoints"
 ROUNDS_DIR = "rounds"  # inside CHECKPOINTS_DIR: per-round copies (--round-checkpoints)

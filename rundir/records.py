@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Mapping
 
 from ._files import (
-    AUDIT_DIR, AUDIT_FILE, CANARIES_FILE, HOLDOUT_FILE, REPORT_DIR, ROC_FILE, SUMMARY_FILE, atomic_write,
+    AUDIT_DIR, AUDIT_FILE, CANARIES_FILE, HOLDOUT_FILE, OOS_FILE, REPORT_DIR, ROC_FILE, SUMMARY_FILE, atomic_write,
 )
 
 __all__ = [
@@ -454,3 +454,32 @@ def read_holdout(run_dir: str | os.PathLike) -> dict[str, Any] | None:
         If the file is not JSON or has no ``quartiles`` list.
     """
     return _read_json_with_list(Path(run_dir) / HOLDOUT_FILE, "quartiles")
+
+
+def write_oos(run_dir: str | os.PathLike, payload: Mapping[str, Any]) -> Path:
+    """Write ``RUN_DIR/oos.json`` atomically: the out-of-scope evaluation of the final model.
+
+    ``payload``: ``{"version": 1, "round", "score", "threshold", "threshold_source" ("public" or
+    "holdout"), "quantile", "oos_label", "oos_intents": [...], "oos_index", "test": {the metrics of
+    nlu.oos.oos_metrics}}`` (built by ``server.out_of_scope``): figures on the test split and the
+    threshold, a post-processing of the holdout's noised histogram or a public value.
+
+    Returns
+    -------
+    pathlib.Path
+        The file written.
+    """
+    path = Path(run_dir) / OOS_FILE
+    atomic_write(path, json.dumps(dict(payload), indent=1, allow_nan=False).encode("utf-8"))
+    return path
+
+
+def read_oos(run_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """``RUN_DIR/oos.json`` as a dict with an ``oos_intents`` list; None if absent.
+
+    Raises
+    ------
+    RecordError
+        If the file is not JSON or has no ``oos_intents`` list.
+    """
+    return _read_json_with_list(Path(run_dir) / OOS_FILE, "oos_intents")

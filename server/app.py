@@ -36,6 +36,7 @@ from settings.config import RunConfig
 from settings.interrupt import BackendLost, Interrupted
 from server.control import RunControl
 from server.holdout import evaluate_holdout
+from server.out_of_scope import evaluate_out_of_scope
 from server.state import Server
 
 log = logging.getLogger("dpfl.server")
@@ -201,6 +202,7 @@ def run_server(grid: Grid, cfg: RunConfig, progress: bool = True, resume: bool =
         control.progress = None
         bar.close()
         evaluate_holdout(server, grid, node_of)  # --holdout-per-device: accuracy by activity quartile
+        evaluate_out_of_scope(server, arrays)  # --oos-label / --oos-holdout-intents: the threshold's test figures
     finally:
         server.ledger.close()
         release_run_lock(server.rundir.path)

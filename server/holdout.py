@@ -29,6 +29,7 @@ import numpy as np
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
 from dp.accounting import SubsampledGaussianEvent, compute_epsilon
+from nlu.oos import CONFIDENCE_BINS, SCORE
 from partitions.activity import activity_quartiles
 from protocol import messages as rec
 from protocol.arrays import record_from_state, trainable_state
@@ -37,16 +38,34 @@ from server.control import receive
 
 log = logging.getLogger("dpfl.server")
 
-__all__ = ["by_quartile", "evaluate_holdout", "holdout_epsilon"]
+__all__ = ["by_quartile", "calibrates_oos", "evaluate_holdout", "holdout_epsilon", "release_noise_multiplier"]
 
 
 def holdout_epsilon(noise_multiplier: float, releases: int, delta: float, accountant: str) -> float:
-    """Epsilon (at ``delta``) of a holdout example read by ``releases`` Gaussian count releases of
-    noise multiplier sigma_h (sensitivity 1): ``releases`` composed Gaussian mechanisms
+    """Epsilon (at ``delta``) of a holdout example read by ``releases`` Gaussian releases of
+    noise multiplier sigma_h (std over L2 sensitivity): ``releases`` composed Gaussian mechanisms
     (dp-accounting through :func:`dp.accounting.compute_epsilon`); infinity when sigma_h is 0."""
     if noise_multiplier <= 0:
         return float("inf")
     return float(compute_epsilon([SubsampledGaussianEvent(float(noise_multiplier), 1.0, int(releases))], delta, accountant))
+
+
+def release_noise_multiplier(cfg) -> float:
+    """The noise multiplier (std over L2 sensitivity) of one holdout release of ``cfg``.
+
+    Each released number (the correct count and, with out-of-scope calibration, each bin of the
+    confidence histogram) gets Gaussian noise of std sigma_h (``--holdout-noise-multiplier``). One
+    holdout example changes the count by at most 1 and one bin by 1, so with the histogram the
+    release's L2 sensitivity is sqrt(2) and its noise multiplier sigma_h / sqrt(2) (the same as two
+    Gaussian mechanisms of multiplier sigma_h composed); without it, sigma_h."""
+    sigma = float(cfg.holdout_noise_multiplier)
+    return sigma / float(np.sqrt(2.0)) if calibrates_oos(cfg) else sigma
+
+
+def calibrates_oos(cfg) -> bool:
+    """True when the holdout release also carries the confidence histogram that chooses the
+    out-of-scope threshold (out-of-scope detection on, no public ``--oos-threshold``)."""
+    return bool(cfg.out_of_scope) and cfg.oos_threshold is None and cfg.holdout_per_device > 0
 
 
 def by_quartile(groups: list[list[int]], activity: dict[int, int], sizes: dict[int, int], counts: dict[int, float],
@@ -142,22 +161,29 @@ def evaluate_holdout(server, grid, node_of: dict[int, int]) -> dict | None:
     asked = [d for d, h in sizes.items() if h > 0 and d not in deleted and d in in_quartile]
     noise_at = server.mechanism.holdout_noise_at  # where the count is noised: "device", "aggregate" or "none"
     sigma = float(cfg.holdout_noise_multiplier) if noise_at != "none" else 0.0
-    server.ledger.record_holdout(t, server.attempt, sigma, noise_at, len(asked), sum(sizes[d] for d in asked))
+    bins = CONFIDENCE_BINS if calibrates_oos(cfg) else 0
+    server.ledger.record_holdout(t, server.attempt, release_noise_multiplier(cfg) if noise_at != "none" else 0.0,
+                                 noise_at, len(asked), sum(sizes[d] for d in asked))
     arrays = record_from_state(trainable_state(server.model))  # the final release (checkpointed)
     run_record = ConfigRecord(cfg.device_settings())
-    round_cfg = ConfigRecord({"server-round": t, "holdout-noise": sigma if noise_at == "device" else 0.0})
+    round_cfg = ConfigRecord({"server-round": t, "holdout-noise": sigma if noise_at == "device" else 0.0,
+                              "oos-bins": bins})
     msgs = [Message(RecordDict({rec.ARRAYS: arrays, rec.RUN: run_record, rec.CONFIG: round_cfg,
                                 rec.DEVICE: ConfigRecord({"device-id": d})}),
                     dst_node_id=node_of[d], message_type=MessageType.EVALUATE) for d in asked]
     counts: dict[int, float] = {}
+    hist = np.zeros(bins)
 
     def on_reply(reply: Message, i: int) -> None:
+        nonlocal hist
         d = asked[i]
         if reply.has_error():
             return
-        value, why = rec.validate_holdout_reply(reply.content)
+        value, h, why = rec.validate_holdout_reply(reply.content, bins)
         if why is None:
             counts[d] = value
+            if bins:
+                hist = hist + h
         else:
             log.warning("holdout evaluation: device %d's reply rejected (%s)", d, why)
 
@@ -168,11 +194,20 @@ def evaluate_holdout(server, grid, node_of: dict[int, int]) -> dict | None:
         log.warning("holdout evaluation: %d of %d devices did not reply; their examples are left out",
                     len(asked) - len(counts), len(asked))
     quartiles = by_quartile(groups, activity, sizes, counts, noise_at, sigma, server.noise)
-    eps = holdout_epsilon(sigma, server.ledger.holdout_release_count(), server.delta, cfg.accountant)
+    eps = holdout_epsilon(release_noise_multiplier(cfg) if sigma > 0 else 0.0, server.ledger.holdout_release_count(),
+                          server.delta, cfg.accountant)
     payload = {
         "version": 1, "round": t, "fraction": cfg.holdout_per_device, "noise_multiplier": sigma, "noise_at": noise_at,
         "epsilon": eps if np.isfinite(eps) else None, "target_delta": server.delta, "accountant": cfg.accountant,
         "devices_asked": len(asked), "devices_replied": len(counts), "quartiles": quartiles,
+        "noise_multiplier_release": release_noise_multiplier(cfg) if noise_at != "none" else 0.0,
     }
+    if bins:  # the noised histogram of in-scope confidences: the out-of-scope threshold's only input
+        if noise_at == "aggregate" and sigma > 0:
+            hist = hist + server.noise.normal_numpy((bins,), sigma)
+        payload["oos_histogram"] = {
+            "score": SCORE, "bins": bins, "counts": [float(x) for x in hist],
+            "noise_std_per_bin": sigma * (float(np.sqrt(len(counts))) if noise_at == "device" else 1.0),
+        }
     write_holdout(server.rundir.path, payload)
     return payload

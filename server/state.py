@@ -239,16 +239,17 @@ class Server:
         cfg, budget = self.cfg, self.example_budget()
         if cfg.holdout_per_device <= 0 or budget is None or cfg.holdout_noise_multiplier <= 0:
             return
-        from server.holdout import holdout_epsilon
+        from server.holdout import holdout_epsilon, release_noise_multiplier
 
-        eps = holdout_epsilon(cfg.holdout_noise_multiplier, 1, self.delta, cfg.accountant)
+        f = release_noise_multiplier(cfg) / cfg.holdout_noise_multiplier  # 1/sqrt(2) with the out-of-scope histogram
+        eps = holdout_epsilon(cfg.holdout_noise_multiplier * f, 1, self.delta, cfg.accountant)
         if eps > budget:
             lo, hi = cfg.holdout_noise_multiplier, cfg.holdout_noise_multiplier
-            while holdout_epsilon(hi, 1, self.delta, cfg.accountant) > budget:
+            while holdout_epsilon(hi * f, 1, self.delta, cfg.accountant) > budget:
                 lo, hi = hi, hi * 2
             for _ in range(30):  # bisect to the smallest sigma (two decimals, rounded up) within the budget
                 mid = (lo + hi) / 2
-                lo, hi = (mid, hi) if holdout_epsilon(mid, 1, self.delta, cfg.accountant) > budget else (lo, mid)
+                lo, hi = (mid, hi) if holdout_epsilon(mid * f, 1, self.delta, cfg.accountant) > budget else (lo, mid)
             sigma = math.ceil(hi * 100) / 100
             raise ConfigError(f"--holdout-noise-multiplier {cfg.holdout_noise_multiplier:g} gives each holdout example "
                               f"epsilon {eps:.3g} at delta {self.delta:g}, above the example-level budget {budget:g}; "

@@ -92,6 +92,7 @@ def parse_trainable(spec: str) -> int | None:
 SERVER_ONLY = frozenset({
     "run_id", "run_dir", "eval_every", "extra",
     "release_every", "baseline_model", "deletions", "round_checkpoints", "holdout_noise_multiplier",
+    "oos_threshold", "oos_quantile",
     "cohort_size", "selection", "activity_exponent", "selection_constant",
     "target_epsilon", "max_epsilon", "target_epsilon_device",
     "strategy", "server_learning_rate", "server_ema", "server_lr_schedule",
@@ -194,6 +195,23 @@ class RunConfig:
         metadata={"help": "continual: a device keeps at most this many examples, deleting its oldest first "
                           "(default: no cap)",
                   "group": "data"},
+    )
+    oos_label: str | None = field(
+        default=None,
+        metadata={"help": "the label that marks out-of-scope utterances (e.g. CLINC150's oos): its test utterances "
+                          "are scored as out of scope, and where the training data has it, it is a class the model "
+                          "learns (oos-train) (default: none)", "group": "data"},
+    )
+    oos_holdout_intents: float = field(
+        default=0.0,
+        metadata={"help": "hold out this fraction of the intents as out of scope (Zhang et al. 2021): their "
+                          "training utterances are dropped and their test utterances scored as out of scope; which "
+                          "intents is fixed by --oos-split-seed", "group": "data"},
+    )
+    oos_split_seed: int = field(
+        default=0,
+        metadata={"help": "seed of the choice of held-out intents (--oos-holdout-intents; public, apart from --seed "
+                          "so that every run of a benchmark holds out the same intents)", "group": "data"},
     )
     # selection
     cohort_size: float = field(default=5.0, metadata={"help": "expected number of devices per round",
@@ -458,6 +476,19 @@ class RunConfig:
                           "sensitivity (one example changes a count by 1); on each device's count with the noise on "
                           "the device, once on each quartile's sum with the noise on the aggregate", "group": "audit"},
     )
+    oos_threshold: float | None = field(
+        default=None,
+        metadata={"help": "out-of-scope detection: reject an utterance whose max-softmax confidence is below this "
+                          "public threshold (default: chosen from the devices' holdout examples, see --oos-quantile; "
+                          "needs --holdout-per-device)", "group": "audit"},
+    )
+    oos_quantile: float = field(
+        default=0.05,
+        metadata={"help": "out-of-scope detection: the threshold is the Q-quantile of the holdout examples' "
+                          "confidences, released as a histogram with Gaussian noise of std --holdout-noise-multiplier "
+                          "per bin and accounted with the holdout (about Q of in-scope utterances are rejected)",
+                  "group": "audit"},
+    )
     # aggregation
     strategy: str = field(
         default="auto",
@@ -612,6 +643,23 @@ class RunConfig:
         need(not (self.holdout_per_device > 0 and self.device_dp), "holdout_per_device",
              "is not built for --device-dp: a device-level guarantee would need noise scaled to a whole device's "
              "holdout; use example-level DP (--noise-at device or aggregate) or drop --holdout-per-device")
+        need(0 <= self.oos_holdout_intents < 1, "oos_holdout_intents", f"must be in [0, 1), got {self.oos_holdout_intents}")
+        need(0 < self.oos_quantile < 1, "oos_quantile", f"must be in (0, 1), got {self.oos_quantile}")
+        need(self.oos_threshold is None or 0 <= self.oos_threshold <= 1, "oos_threshold",
+             f"must be a max-softmax confidence in [0, 1], got {self.oos_threshold}")
+        if self.out_of_scope:
+            need(self.task == "intent", "oos_label" if self.oos_label else "oos_holdout_intents",
+                 f"out-of-scope detection is built for --task intent, not {self.task!r}")
+            need(self.oos_holdout_intents == 0 or self.data_dir is not None or self.dataset is not None,
+                 "oos_holdout_intents", "holds out intents of a real data set: give --data-dir or --dataset (the "
+                 "built-in set is generated device by device)")
+            need(self.oos_threshold is not None or self.holdout_per_device > 0, "oos_threshold",
+                 "is chosen from the devices' holdout examples by default: set --holdout-per-device F (e.g. 0.1) "
+                 "or give a public threshold --oos-threshold T")
+        else:
+            need(self.oos_threshold is None, "oos_threshold",
+                 "needs out-of-scope test utterances: name their label (--oos-label) or hold out intents "
+                 "(--oos-holdout-intents F)")
         need(self.max_examples is None or self.max_examples >= 1, "max_examples", "must be >= 1")
         need(
             self.target_delta is None or 0 < self.target_delta < 1,
@@ -803,6 +851,11 @@ class RunConfig:
         if not out:
             raise KeyError(f"no setting group {name!r}")
         return out
+
+    @property
+    def out_of_scope(self) -> bool:
+        """True when the run evaluates out-of-scope detection (``--oos-label`` or ``--oos-holdout-intents``)."""
+        return bool(self.oos_label) or self.oos_holdout_intents > 0
 
     def supernodes(self) -> int:
         """Flower SuperNodes ``dpfl simulate`` runs: ``simulation_nodes``, else

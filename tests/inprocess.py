@@ -139,6 +139,9 @@ def run_rounds(cfg, rounds=None, resume=False, nodes=None):
     if (rounds or cfg.rounds) >= cfg.rounds:
         from server.holdout import evaluate_holdout
 
+        from server.out_of_scope import evaluate_out_of_scope
+
         evaluate_holdout(server, grid, node_of)
+        evaluate_out_of_scope(server, arrays)
     server.ledger.close()
     return server, grid, arrays, outs
