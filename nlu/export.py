@@ -20,6 +20,13 @@ pipeline's default, ``batch_size=1``) it is the masked mean the run computed; ba
 padding it is not. ``dpfl predict`` encodes one utterance at a time for that reason. The
 tokenizer is the run's, truncating at the run's ``--max-length`` (``truncation=True``).
 LoRA adapters are merged into the encoder's weights before export.
+
+Slot and joint models (:class:`nlu.joint.JointModel`: a BERT encoder without its pooler, dropout,
+and a linear slot head on every token state) are ``BertForTokenClassification`` (no pooling
+layer) one to one: :func:`to_token_classifier`, which ``transformers.pipeline("token-
+classification", model=DIR)`` loads; a word's tag is its first sub-token's, as dpfl scores it.
+A joint model's intent part (encoder, mean or [CLS] pooling, intent head) is
+:func:`intent_part`, exported as an intent model.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["ExportError", "to_pretrained"]
+__all__ = ["ExportError", "intent_part", "to_pretrained", "to_token_classifier"]
 
 
 class ExportError(ValueError):
@@ -146,3 +153,88 @@ def to_pretrained(model: nn.Module, id2label: dict[int, str]):
         return out.eval()
     raise ExportError(f"{type(model).__name__} has no stock Hugging Face classifier to export to (intent models "
                       "with --pooling mean or cls export)")
+
+
+def to_token_classifier(model: nn.Module, id2label: dict[int, str]):
+    """``BertForTokenClassification`` (no pooling layer) computing ``model``'s slot logits, in eval mode.
+
+    Parameters
+    ----------
+    model : nlu.joint.JointModel
+        A slot or joint model on a BERT encoder (LoRA adapters are merged into a copy).
+    id2label : dict
+        Slot tag index -> BIO tag, in the order of the slot head's outputs.
+
+    Raises
+    ------
+    ExportError
+        If the model is not a JointModel on a BERT encoder.
+    """
+    import copy
+
+    from transformers import BertConfig, BertForTokenClassification
+
+    from nlu.joint import JointModel
+
+    if not isinstance(model, JointModel) or model.encoder.config.model_type != "bert":
+        raise ExportError(f"{type(model).__name__} has no stock token classifier to export to (slot and joint models "
+                          "on BERT encoders export)")
+    model = copy.deepcopy(model).eval()
+    merge_lora(model)
+    cfg = BertConfig(**{**model.encoder.config.to_dict(), "num_labels": len(id2label),
+                        "id2label": {int(i): str(v) for i, v in id2label.items()},
+                        "label2id": {str(v): int(i) for i, v in id2label.items()},
+                        "classifier_dropout": float(model.dropout.p)})
+    out = BertForTokenClassification(cfg)
+    state = {}
+    for k, v in _base_state(model).items():
+        if k.startswith("encoder."):
+            state["bert." + k[len("encoder."):]] = v
+        elif k.startswith("slot_head."):
+            state["classifier." + k[len("slot_head."):]] = v
+    missing, unexpected = out.load_state_dict(state, strict=False)
+    left = [k for k in missing if not k.endswith("position_ids")]
+    if left or unexpected:
+        raise ExportError(f"the slot model does not map onto BertForTokenClassification (missing {left[:3]}, "
+                          f"unexpected {unexpected[:3]})")
+    return out.eval()
+
+
+def intent_part(model: nn.Module) -> nn.Module:
+    """The intent classifier inside a joint model (shared encoder, its pooling and intent head): a
+    :class:`nlu.pooling.MeanPoolClassifier` (mean pooling) or a ``BertForSequenceClassification``
+    ([CLS] pooling, the encoder's pooler), with copied weights, for :func:`to_pretrained`.
+
+    Raises
+    ------
+    ExportError
+        If ``model`` has no intent head (a slot-only model) or its [CLS] pooling has no pooler.
+    """
+    import copy
+
+    from nlu.pooling import MeanPoolClassifier
+
+    if getattr(model, "intent_head", None) is None:
+        raise ExportError("a slot-only model has no intent classifier")
+    model = copy.deepcopy(model).eval()
+    merge_lora(model)
+    if model.pooling == "mean":
+        out = MeanPoolClassifier(model.encoder, model.num_intents, dropout=float(model.dropout.p))
+        out.classifier.load_state_dict(model.intent_head.state_dict())
+        return out.eval()
+    if getattr(model.encoder, "pooler", None) is None:
+        raise ExportError("this joint model's [CLS] pooling uses the [CLS] state without a pooler: no stock "
+                          "BertForSequenceClassification computes it")
+    from transformers import BertForSequenceClassification
+
+    cfg = copy.deepcopy(model.encoder.config)
+    cfg.num_labels = model.num_intents
+    out = BertForSequenceClassification(cfg)
+    state = {"bert." + k: v for k, v in _base_state(model.encoder).items()}
+    state.update({"classifier." + k: v for k, v in model.intent_head.state_dict().items()})
+    missing, unexpected = out.load_state_dict(state, strict=False)
+    left = [k for k in missing if not k.endswith("position_ids")]
+    if left or unexpected:
+        raise ExportError(f"the joint model's intent part does not map onto BertForSequenceClassification (missing "
+                          f"{left[:3]}, unexpected {unexpected[:3]})")
+    return out.eval()
