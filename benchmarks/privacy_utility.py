@@ -33,8 +33,11 @@ label names, ``--head-init auto``), ``labels`` (``--head-init label-names``), ``
 quantile, 0 < G < 1), ``clipX`` (the clip norm,
 C and S, is X instead of the arm's; with ``adaptive``, where it starts), ``bandsB`` (``--bands B``:
 correlated noise across rounds, banded matrix factorization with B bands and cyclic selection),
-``cyclicB`` (the same cyclic selection and accounting with independent noise: the correlation's ablation), e.g.
-``aggregate:head:1:random+cap20`` or ``aggregate:head:1:clip10+adaptive``.
+``cyclicB`` (the same cyclic selection and accounting with independent noise: the correlation's ablation),
+``oosP`` (out-of-scope detection, issue 26: P percent of the intents held out of training as out of
+scope, ``--oos-holdout-intents P/100`` with the fixed split seed 0, and ``--holdout-per-device 0.1``
+whose noised confidence histogram chooses the threshold; the record gains ``oos``), e.g.
+``aggregate:head:1:random+cap20``, ``aggregate:head:1:clip10+adaptive`` or ``aggregate:head:8:oos25``.
 
 Usage::
 
@@ -131,10 +134,13 @@ def lever_args(levers: str) -> list[str]:
             args += ["--bands", lever[5:]]
         elif lever.startswith("cyclic") and lever[6:].isdigit() and int(lever[6:]) >= 1:
             args += ["--bands", lever[6:], "--bands-noise", "independent"]
+        elif lever.startswith("oos") and lever[3:].isdigit() and 0 < int(lever[3:]) < 100:
+            args += ["--oos-holdout-intents", f"{int(lever[3:]) / 100:g}", "--holdout-per-device", "0.1"]
         elif lever.startswith("clip") and _positive(lever[4:]):
             args += ["--max-grad-norm", lever[4:], "--update-clip-norm", lever[4:]]
         else:
-            raise SystemExit(f"--arms: unknown lever {lever!r} (one of {sorted(LEVERS)}, capK, clipX, adaptiveG, bandsB or cyclicB)")
+            raise SystemExit(f"--arms: unknown lever {lever!r} (one of {sorted(LEVERS)}, capK, clipX, adaptiveG, bandsB, "
+                             "cyclicB or oosP)")
     return args
 
 
@@ -270,7 +276,22 @@ def run_arm(arm: str, out: Path, data_dir: str, seed: int, extra: list[str]) -> 
         "seconds": seconds if math.isfinite(seconds) else sum(float(r.get("seconds") or 0.0) for r in rows),
         "run_dir": str(run_dir),
         "command": text,
+        "oos": _oos(run_dir),
     }
+
+
+def _oos(run_dir: Path) -> dict | None:
+    """The arm's out-of-scope figures (oos.json's test metrics, the threshold and the holdout
+    examples' epsilon that chose it), or None for an arm without out-of-scope detection."""
+    from rundir import read_holdout, read_oos
+
+    o = read_oos(run_dir)
+    if not o:
+        return None
+    hold = read_holdout(run_dir) or {}
+    return {**o["test"], "threshold": o["threshold"], "threshold_source": o["threshold_source"],
+            "intents_held_out": len(o["oos_intents"]),
+            "threshold_epsilon": hold.get("epsilon") if o["threshold_source"] == "holdout" else 0.0}
 
 
 def _fmt(x, digits=3) -> str:
@@ -285,6 +306,17 @@ def write_outputs(results: list[dict], out: Path) -> None:
         lines.append(f"| {r['arm']} | {r['noise']} | {r['trainable']} | {_fmt(r['target_epsilon'], 0)} | {_fmt(r['epsilon'], 2)} | "
                      f"{_fmt(r['epsilon_device'], 2)} | {r['delta']:g} | {_fmt(r['accuracy'])} | {_fmt(r['macro_f1'])} | "
                      f"{r['rounds']} | {r['seconds']:.0f} |")
+    oos = [r for r in results if r.get("oos")]
+    if oos:
+        lines += ["", "Out-of-scope detection (test split; accuracy above is the closed-set in-scope accuracy):", "",
+                  "| arm | intents held out | threshold | threshold eps (holdout) | in-scope acc | OOS recall | OOS precision "
+                  "| overall acc | AUROC |", "|---|---|---|---|---|---|---|---|---|"]
+        for r in oos:
+            o = r["oos"]
+            eps = o.get("threshold_epsilon")
+            lines.append(f"| {r['arm']} | {o['intents_held_out']} | {_fmt(o['threshold'])} | "
+                         f"{'-' if eps is None else _fmt(eps, 2)} | {_fmt(o['in_scope_accuracy'])} | {_fmt(o['oos_recall'])} | "
+                         f"{_fmt(o['oos_precision'])} | {_fmt(o['overall_accuracy'])} | {_fmt(o['auroc'])} |")
     lines += ["", "Commands:", ""] + [f"- `{r['arm']}`: `{r['command']}`" for r in results]
     (out / "results.md").write_text("\n".join(lines) + "\n")
     (out / "results.json").write_text(json.dumps(results, indent=1))

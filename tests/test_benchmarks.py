@@ -78,11 +78,16 @@ def test_dp_step():
 
 @pytest.mark.skipif(not SNIPS.is_dir(), reason="../shared/data/snips is not here")
 def test_privacy_utility(tmp_path):
-    out = _bench("privacy_utility", "--arms", "aggregate:head:8,nodp:head:-", "--out", str(tmp_path / "pu"),
+    out = _bench("privacy_utility", "--arms", "aggregate:head:8:oos30,nodp:head:-", "--out", str(tmp_path / "pu"),
                  "--data-dir", str(SNIPS), "--json", "--", *TINY_RUN, "--rounds", "1")
     rows = _json_lines(out)
-    assert {r["arm"] for r in rows} == {"aggregate:head:8", "nodp:head:-"}
+    assert {r["arm"] for r in rows} == {"aggregate:head:8:oos30", "nodp:head:-"}
     assert all(r["accuracy"] is not None for r in rows)
+    oos = {r["arm"]: r["oos"] for r in rows}
+    assert oos["nodp:head:-"] is None
+    assert oos["aggregate:head:8:oos30"]["intents_held_out"] == 2  # round(0.3 x 7) of SNIPS' intents
+    assert oos["aggregate:head:8:oos30"]["oos_recall"] is not None and oos["aggregate:head:8:oos30"]["threshold_epsilon"] > 0
+    assert "Out-of-scope detection" in (tmp_path / "pu" / "results.md").read_text()
 
 
 @pytest.mark.skipif(not SNIPS.is_dir(), reason="../shared/data/snips is not here")
