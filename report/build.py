@@ -59,6 +59,15 @@ written as the string ``"inf"`` because JSON has no infinity)::
                 "tpr_at_0_1pct_fpr", "mean_exposure", "extraction_rate", ...} | null
                                                    # from RUN_DIR/audit/audit.json (dpfl audit);
                                                    # null when no audit was run
+      "out_of_scope": {"threshold", "threshold_source": "public" | "holdout", "quantile" | null, "score",
+                       "oos_label", "oos_intents": [str], "oos_index" | null, "in_scope_accuracy",
+                       "closed_set_accuracy", "oos_recall", "oos_precision", "overall_accuracy",
+                       "in_scope_rejected", "auroc", "in_scope", "out_of_scope",
+                       "threshold_epsilon"} | null
+                                                   # from RUN_DIR/oos.json (--oos-label /
+                                                   # --oos-holdout-intents); figures on the test
+                                                   # split; threshold_epsilon: the holdout's epsilon
+                                                   # when the threshold came from the holdout, else 0
     }
 
 ``median`` is over the devices that have at least one event of that unit (devices that
@@ -100,8 +109,8 @@ SUMMARY_KEYS = (
     "noise_at", "reproducible_noise", "noise_source", "trust_model", "delta", "accountant", "num_devices",
     "num_examples", "selection", "config", "warnings", "metrics_lines_skipped", "epsilon", "curves", "per_device_withheld",
     "devices_over_budget", "budget_events", "budget", "train_loss_reported", "final_accuracy", "final_macro_f1",
-    "final_slot_f1", "final_sentence_accuracy", "metrics", "releases", "pc_weight", "holdout", "deletions",
-    "lineage", "skipped_rounds", "delta_vs_units", "baseline", "audit",
+    "final_slot_f1", "final_sentence_accuracy", "metrics", "releases", "pc_weight", "holdout", "out_of_scope",
+    "deletions", "lineage", "skipped_rounds", "delta_vs_units", "baseline", "audit",
 )
 
 

@@ -1,5 +1,5 @@
 """Read a run directory for the privacy budget report: config.toml, metrics.jsonl, the ledger
-(read-only, so a run still in progress can be reported on), holdout.json and audit/audit.json.
+(read-only, so a run still in progress can be reported on), holdout.json, oos.json and audit/audit.json.
 
 Everything is read once into :class:`RunData`; nothing here computes an epsilon.
 """
@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from rundir import LedgerError, LedgerReader, RecordError, config_path, is_run_dir, ledger_path, read_metrics
-from rundir import read_holdout
+from rundir import read_holdout, read_oos
 from rundir import read_audit as read_audit_record
 from rundir.records import audit_path
 
@@ -46,6 +46,7 @@ class RunData:
     audit: dict[str, Any] | None = None  # RUN_DIR/audit/audit.json when present
     holdout: dict[str, Any] | None = None  # RUN_DIR/holdout.json (--holdout-per-device)
     holdout_releases: list[dict[str, Any]] = field(default_factory=list)  # ledger rows
+    oos: dict[str, Any] | None = None  # RUN_DIR/oos.json (--oos-label / --oos-holdout-intents)
     deletions: list[dict[str, Any]] = field(default_factory=list)  # ledger rows (--deletions)
     lineage: dict[str, Any] | None = None  # a `dpfl retrain` run's origin
     # a retrained run: unit -> device -> the parent's (sigma, q, steps) of the rounds it replaced
@@ -134,6 +135,10 @@ def read_run(run_dir: Path) -> RunData:
         data.holdout = read_holdout(run_dir)
     except RecordError as exc:
         data.warnings.append(f"holdout.json could not be read ({exc}); the holdout section is left out.")
+    try:
+        data.oos = read_oos(run_dir)
+    except RecordError as exc:
+        data.warnings.append(f"oos.json could not be read ({exc}); the out-of-scope section is left out.")
     if skipped:
         data.warnings.append(
             f"{skipped} line(s) of metrics.jsonl were incomplete or not JSON and were skipped "

@@ -202,7 +202,7 @@ def run_server(grid: Grid, cfg: RunConfig, progress: bool = True, resume: bool =
         control.progress = None
         bar.close()
         evaluate_holdout(server, grid, node_of)  # --holdout-per-device: accuracy by activity quartile
-        evaluate_out_of_scope(server, arrays)  # --oos-label / --oos-holdout-intents: the threshold's test figures
+        evaluate_out_of_scope(server)  # --oos-label / --oos-holdout-intents: the threshold's test figures
     finally:
         server.ledger.close()
         release_run_lock(server.rundir.path)

@@ -14,7 +14,6 @@ import logging
 
 from nlu.model import load_tokenizer
 from nlu.oos import SCORE, confidence_edges, confidences, oos_metrics, threshold_from_histogram
-from protocol.arrays import load_into
 from rundir import read_holdout, write_oos
 
 log = logging.getLogger("dpfl.server")
@@ -39,8 +38,10 @@ def threshold_of(cfg, holdout: dict | None) -> tuple[float, str] | None:
     return threshold_from_histogram(counts, total, cfg.oos_quantile, confidence_edges(int(h["bins"]))), "holdout"
 
 
-def evaluate_out_of_scope(server, arrays) -> dict | None:
-    """Score the final released model ``arrays`` on the in-scope and out-of-scope test utterances;
+def evaluate_out_of_scope(server) -> dict | None:
+    """Score the final released model (``server.model``, which holds the last checkpoint's release:
+    with ``--server-ema`` the average, not the iterate training continues from) on the in-scope and
+    out-of-scope test utterances;
     write ``oos.json`` and return its payload (None when the run does not evaluate out-of-scope
     detection, or the holdout's histogram is missing: a log line says so).
 
@@ -57,7 +58,6 @@ def evaluate_out_of_scope(server, arrays) -> dict | None:
         log.warning("out-of-scope evaluation skipped: the holdout evaluation wrote no confidence histogram")
         return None
     tau, source = found
-    load_into(server.model, arrays, partial=True)
     task = server.task
     if getattr(server, "test_oos_enc", None) is None:
         server.test_oos_enc = task.encode(data.test_oos, load_tokenizer(cfg.model), cfg.max_length)

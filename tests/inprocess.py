@@ -142,6 +142,6 @@ def run_rounds(cfg, rounds=None, resume=False, nodes=None):
         from server.out_of_scope import evaluate_out_of_scope
 
         evaluate_holdout(server, grid, node_of)
-        evaluate_out_of_scope(server, arrays)
+        evaluate_out_of_scope(server)
     server.ledger.close()
     return server, grid, arrays, outs

@@ -13,7 +13,7 @@ from report.sections import SECTIONS, Section, compute_all
 from test_report import make_run
 
 READING_ORDER = ["title", "lineage", "summary", "setting", "units", "accountant", "mechanism", "selection",
-                 "epsilon", "audit", "budgets", "utility", "rounds", "references", "releases", "holdout",
+                 "epsilon", "audit", "budgets", "utility", "rounds", "references", "releases", "holdout", "out_of_scope",
                  "deletions"]
 # The headings a section opens with, for the sections every report has.
 HEADINGS = {"summary": "Summary", "setting": "Setting and threat model", "units": "Privacy units and adjacency",

@@ -15,8 +15,8 @@ from typing import Any, Mapping
 from report.blocks import Block
 from report.context import Context, Facts
 from report.sections import (
-    accountant, audit, budgets, deletions, epsilon, headline, holdout, lineage, mechanism, references, releases,
-    rounds, selection, setting, title, units, utility,
+    accountant, audit, budgets, deletions, epsilon, headline, holdout, lineage, mechanism, out_of_scope, references,
+    releases, rounds, selection, setting, title, units, utility,
 )
 from report.sections.base import Doc, Section
 
@@ -38,6 +38,7 @@ SECTIONS: tuple[Section, ...] = (
     references.SECTION,  # its sources
     releases.SECTION,    # "Releases"
     holdout.SECTION,     # "Who the model serves"
+    out_of_scope.SECTION,  # "Out-of-scope detection"
     deletions.SECTION,   # "Deletion requests"
 )
 

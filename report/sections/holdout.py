@@ -45,7 +45,12 @@ class Holdout:
     with what ``noise_multiplier``, how many evaluations are on record (``releases``), the holdout
     examples' ``epsilon`` (nats, at delta; inf when not noised; None without delta or record), the
     devices asked and replied, the quartiles, ``incomplete`` (on record in the ledger, but the run
-    stopped before holdout.json was written: no quartiles) and the ``task``."""
+    stopped before holdout.json was written: no quartiles) and the ``task``. ``noise_multiplier`` is
+    the std of the noise on each released number (sigma_h). With out-of-scope calibration the
+    release also carried a noised histogram of the in-scope holdout examples' confidences over
+    ``histogram_bins`` bins (None without one; holdout.json's ``oos_histogram``), and
+    ``noise_multiplier_release`` is the release's noise multiplier over its L2 sensitivity (sigma_h /
+    sqrt(2) with the histogram, sigma_h without; None when holdout.json does not record it)."""
 
     fraction: float | None
     round: int | None
@@ -58,6 +63,8 @@ class Holdout:
     quartiles: tuple[HoldoutQuartile, ...]
     incomplete: bool
     task: str
+    histogram_bins: int | None = None
+    noise_multiplier_release: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         """``{"holdout": {the fields above}}``."""
@@ -68,10 +75,23 @@ class Holdout:
             "quartiles": [q.to_json() for q in self.quartiles], "incomplete": self.incomplete, "task": self.task}}
 
 
+def releases_epsilon(rows: list[dict[str, Any]], delta: float | None, accountant: str) -> float | None:
+    """Epsilon (nats, at ``delta``) of a holdout example read by every release of the ledger's
+    ``holdout_releases`` ``rows``, each one Gaussian mechanism of its recorded noise multiplier (std
+    over the release's L2 sensitivity: sigma_h, or sigma_h / sqrt(2) when the release also carried
+    the out-of-scope confidence histogram); inf when one was not noised; None without rows or delta."""
+    if not rows or delta is None:
+        return None
+    if not all(float(r["noise_multiplier"]) > 0 for r in rows):
+        return math.inf
+    events = [SubsampledGaussianEvent(float(r["noise_multiplier"]), 1.0, 1) for r in rows]
+    return compute_epsilon(events, delta, accountant)
+
+
 def compute(ctx: Context) -> Holdout | None:
     """The holdout evaluation read from holdout.json, its epsilon recomputed from the ledger's
-    ``holdout_releases`` rows (every holdout example was read by each, one Gaussian mechanism of its
-    noise multiplier, sensitivity 1); None without a holdout."""
+    ``holdout_releases`` rows (every holdout example was read by each, one Gaussian mechanism of the
+    release's noise multiplier, :func:`releases_epsilon`); None without a holdout."""
     data, delta = ctx.data, ctx.facts.delta
     hold, rows = data.holdout, data.holdout_releases
     if not hold and not rows:
@@ -80,13 +100,8 @@ def compute(ctx: Context) -> Holdout | None:
         last = rows[-1]
         hold = {"round": last["round"], "noise_at": last["noise_at"], "noise_multiplier": last["noise_multiplier"],
                 "devices_asked": last["devices"], "devices_replied": None, "quartiles": [], "incomplete": True}
-    eps = None
-    if rows and delta is not None:
-        if all(float(r["noise_multiplier"]) > 0 for r in rows):
-            events = [SubsampledGaussianEvent(float(r["noise_multiplier"]), 1.0, 1) for r in rows]
-            eps = compute_epsilon(events, delta, ctx.facts.accountant)
-        else:
-            eps = math.inf
+    eps = releases_epsilon(rows, delta, ctx.facts.accountant)
+    hist = hold.get("oos_histogram")
     train = ({q.quartile: q for q in by_activity_quartile(data, "example", ctx.epsilons["example"])}
              if ctx.accounted("example") else {})
     quartiles = tuple(
@@ -100,7 +115,9 @@ def compute(ctx: Context) -> Holdout | None:
     return Holdout(fraction=hold.get("fraction"), round=hold.get("round"), noise_at=hold.get("noise_at"),
                    noise_multiplier=hold.get("noise_multiplier"), releases=len(rows), epsilon=eps,
                    devices_asked=hold.get("devices_asked"), devices_replied=hold.get("devices_replied"),
-                   quartiles=quartiles, incomplete=bool(hold.get("incomplete")), task=ctx.cfg.get("task", "intent"))
+                   quartiles=quartiles, incomplete=bool(hold.get("incomplete")), task=ctx.cfg.get("task", "intent"),
+                   histogram_bins=int(hist["bins"]) if hist else None,
+                   noise_multiplier_release=hold.get("noise_multiplier_release"))
 
 
 def render(h: Holdout, doc: Doc) -> list[Block]:
@@ -114,15 +131,33 @@ def render(h: Holdout, doc: Doc) -> list[Block]:
                       "(dpfl simulate --resume evaluates again). Its counts may have left the devices, so they are "
                       f"accounted: each holdout example's epsilon so far is {fmt(h.epsilon)} at delta {fmt(delta)}.")]
     sigma = fmt(h.noise_multiplier)
-    how = {
-        "aggregate": f"Each device sent the server its count of correct predictions; the server added Gaussian noise of "
-                     f"std {sigma} once to each quartile's sum (central DP, as the run's training noise).",
-        "device": f"Each device added Gaussian noise of std {sigma} to its own count of correct predictions before "
-                  "sending it (as the run's training noise, on the device).",
-        "none": "The run is not private: the counts are exact and nothing protects the holdout examples.",
-    }.get(h.noise_at, "")
+    if h.histogram_bins:
+        hist = (f"a histogram of the max-softmax confidences of its in-scope holdout examples over "
+                f"{h.histogram_bins} public bins on [0, 1] (the out-of-scope threshold's input, see "
+                "\"Out-of-scope detection\")")
+        how = {
+            "aggregate": f"Each device sent the server its count of correct predictions and {hist}; the server added "
+                         f"Gaussian noise of std {sigma} once to each quartile's sum of counts and once to each bin of "
+                         "the devices' summed histogram (central DP, as the run's training noise).",
+            "device": f"Each device added Gaussian noise of std {sigma} to its own count of correct predictions and "
+                      f"to each bin of {hist} before sending them (as the run's training noise, on the device).",
+            "none": "The run is not private: the counts and the confidence histogram are exact and nothing protects "
+                    "the holdout examples.",
+        }.get(h.noise_at, "")
+        release = (f"One holdout example changes one count by at most 1 and one bin of the histogram by at most 1, "
+                   "so each release (the counts with the histogram) has L2 sensitivity sqrt(2) and noise multiplier "
+                   f"{sigma}/sqrt(2) = {fmt(h.noise_multiplier_release)}")
+    else:
+        how = {
+            "aggregate": f"Each device sent the server its count of correct predictions; the server added Gaussian "
+                         f"noise of std {sigma} once to each quartile's sum (central DP, as the run's training noise).",
+            "device": f"Each device added Gaussian noise of std {sigma} to its own count of correct predictions before "
+                      "sending it (as the run's training noise, on the device).",
+            "none": "The run is not private: the counts are exact and nothing protects the holdout examples.",
+        }.get(h.noise_at, "")
+        release = "One holdout example changes one count by at most 1"
     guarantee = ("" if h.noise_at == "none" or h.epsilon is None else
-                 f" One holdout example changes one count by at most 1, and each holdout example was read by "
+                 f" {release}, and each holdout example was read by "
                  f"{h.releases} such release(s): its guarantee is epsilon {fmt(h.epsilon)} at delta "
                  f"{fmt(delta)}, separate from the training examples' (holdout examples never train; "
                  "training examples are never evaluated). The number of holdout examples per device is an "
