@@ -42,6 +42,38 @@ from server.strategies import make_strategy
 log = logging.getLogger("dpfl.server")
 
 
+#: Marks a float64 array the checkpoint stores in float32 (:func:`narrow`, :func:`widen`).
+_NARROWED = "__float64_as_float32__"
+
+
+def narrow(state):
+    """``state`` (nested dicts, lists, numpy arrays) with every float64 array stored as float32, marked.
+
+    The server's float64 state (the optimizer's moments, the released average, the iterate) is
+    checkpointed every round; in float32 it takes half the bytes (a head-only MiniLM run: about
+    0.48 MB instead of 0.95 MB a round). A resumed run continues from the stored values rounded to
+    float32 (relative error at most 2^-24).
+    """
+    if isinstance(state, dict):
+        return {k: narrow(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(narrow(v) for v in state)
+    if isinstance(state, np.ndarray) and state.dtype == np.float64:
+        return {_NARROWED: state.astype(np.float32)}
+    return state
+
+
+def widen(state):
+    """Undo :func:`narrow`: marked float32 arrays back to float64 (anything else unchanged)."""
+    if isinstance(state, dict):
+        if set(state) == {_NARROWED}:
+            return np.asarray(state[_NARROWED], dtype=np.float64)
+        return {k: widen(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(widen(v) for v in state)
+    return state
+
+
 def _calibration_note(selector: ActivitySelector, pop: Population, cfg: RunConfig) -> str:
     note = _calibration_sentence(selector, pop, cfg)
     if selector.bands > 1 and selector.calibrated:
@@ -301,11 +333,11 @@ class Server:
         metrics line, and the server state (strategy, aggregator, model average and, with
         ``--server-ema``, the current iterate ``iterate`` that training continues from)."""
         load_into(self.model, released, partial=True)
-        server_state = {"strategy": self.server_step.state_dict(), "aggregator": self.aggregator.state_dict(),
+        server_state = {"strategy": narrow(self.server_step.state_dict()), "aggregator": self.aggregator.state_dict(),
                         "releases": self.releases.state_dict()}
         if self.average is not None:
-            server_state["average"] = self.average.state_dict()
-            server_state["iterate"] = {k: v.numpy() for k, v in (iterate or released).items()}
+            server_state["average"] = narrow(self.average.state_dict())
+            server_state["iterate"] = narrow({k: v.numpy() for k, v in (iterate or released).items()})
         state = {"attempt": self.attempt, "cohort_size": out.cohort_size, "metrics": out.to_json()}
         if self.cfg.round_checkpoints or self.cfg.deletions:  # for dpfl retrain
             self.rundir.save_round_copy(t, trainable_state(self.model), state, server_state)
@@ -330,6 +362,7 @@ class Server:
             load_model_state(self.model, sd, state.get("frozen_from"))
             self.arrays = record_from_state(trainable_state(self.model))
             last_line = state.get("metrics")
+            server_state = widen(server_state or {})
             self.server_step.load_state_dict((server_state or {}).get("strategy") or {})
             self.aggregator.load_state_dict((server_state or {}).get("aggregator") or {})
             self.releases.load_state_dict((server_state or {}).get("releases") or {})
