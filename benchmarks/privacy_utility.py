@@ -290,6 +290,7 @@ def _oos(run_dir: Path) -> dict | None:
         return None
     hold = read_holdout(run_dir) or {}
     return {**o["test"], "threshold": o["threshold"], "threshold_source": o["threshold_source"],
+            "trade_off": o.get("trade_off") or [],
             "intents_held_out": len(o["oos_intents"]),
             "threshold_epsilon": hold.get("epsilon") if o["threshold_source"] == "holdout" else 0.0}
 
@@ -317,6 +318,14 @@ def write_outputs(results: list[dict], out: Path) -> None:
             lines.append(f"| {r['arm']} | {o['intents_held_out']} | {_fmt(o['threshold'])} | "
                          f"{'-' if eps is None else _fmt(eps, 2)} | {_fmt(o['in_scope_accuracy'])} | {_fmt(o['oos_recall'])} | "
                          f"{_fmt(o['oos_precision'])} | {_fmt(o['overall_accuracy'])} | {_fmt(o['auroc'])} |")
+        lines += ["", "The trade-off: thresholds at other quantiles of the same noised holdout histogram (no further "
+                  "privacy cost):", "", "| arm | quantile | threshold | in-scope rejected | in-scope acc | OOS recall | "
+                  "OOS precision | overall acc |", "|---|---|---|---|---|---|---|---|"]
+        for r in oos:
+            for t in r["oos"].get("trade_off") or []:
+                lines.append(f"| {r['arm']} | {t['quantile']:g} | {_fmt(t['threshold'])} | {_fmt(t['in_scope_rejected'])} | "
+                             f"{_fmt(t['in_scope_accuracy'])} | {_fmt(t['oos_recall'])} | {_fmt(t['oos_precision'])} | "
+                             f"{_fmt(t['overall_accuracy'])} |")
     lines += ["", "Commands:", ""] + [f"- `{r['arm']}`: `{r['command']}`" for r in results]
     (out / "results.md").write_text("\n".join(lines) + "\n")
     (out / "results.json").write_text(json.dumps(results, indent=1))

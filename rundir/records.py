@@ -461,7 +461,8 @@ def write_oos(run_dir: str | os.PathLike, payload: Mapping[str, Any]) -> Path:
 
     ``payload``: ``{"version": 1, "round", "score", "threshold", "threshold_source" ("public" or
     "holdout"), "quantile", "oos_label", "oos_intents": [...], "oos_index", "test": {the metrics of
-    nlu.oos.oos_metrics}}`` (built by ``server.out_of_scope``): figures on the test split and the
+    nlu.oos.oos_metrics}, "trade_off": [{"quantile", "threshold", "in_scope_accuracy",
+    "in_scope_rejected", "oos_recall", "oos_precision", "overall_accuracy"}]}`` (built by ``server.out_of_scope``): figures on the test split and the
     threshold, a post-processing of the holdout's noised histogram or a public value.
 
     Returns

@@ -3,7 +3,9 @@
 After the last round (and the holdout evaluation, whose noised confidence histogram chooses the
 threshold unless ``--oos-threshold`` gives a public one), the server scores the test split: the
 in-scope utterances and the out-of-scope ones (nlu/oos.py: in-scope accuracy, out-of-scope
-recall and precision, overall accuracy, AUROC), and writes ``oos.json`` (rundir). The test split
+recall and precision, overall accuracy, AUROC), and writes ``oos.json`` (rundir); with the
+holdout's threshold also the same figures at the thresholds of :data:`TRADE_OFF_QUANTILES`, read
+off the same released histogram (``trade_off``). The test split
 is not training data (the run's metrics are computed on it every round); the threshold is a
 public value or post-processing of the accounted holdout release, so this costs no privacy.
 """
@@ -18,7 +20,22 @@ from rundir import read_holdout, write_oos
 
 log = logging.getLogger("dpfl.server")
 
-__all__ = ["evaluate_out_of_scope", "threshold_of"]
+__all__ = ["TRADE_OFF_QUANTILES", "evaluate_out_of_scope", "holdout_threshold", "threshold_of"]
+
+
+#: Further quantiles whose thresholds (from the same noised histogram: post-processing, no privacy
+#: cost) oos.json scores on the test split, to show the trade-off between the two kinds of error.
+TRADE_OFF_QUANTILES = (0.01, 0.05, 0.1, 0.2, 0.3, 0.5)
+
+
+def holdout_threshold(holdout: dict | None, quantile: float) -> float | None:
+    """tau at ``quantile`` from the holdout's noised histogram (None without one): the
+    :func:`nlu.oos.threshold_from_histogram` of its counts with their (noised) sum as the total."""
+    h = (holdout or {}).get("oos_histogram")
+    if not h:
+        return None
+    counts = h["counts"]
+    return threshold_from_histogram(counts, max(sum(counts), 0.0), quantile, confidence_edges(int(h["bins"])))
 
 
 def threshold_of(cfg, holdout: dict | None) -> tuple[float, str] | None:
@@ -30,12 +47,8 @@ def threshold_of(cfg, holdout: dict | None) -> tuple[float, str] | None:
     """
     if cfg.oos_threshold is not None:
         return float(cfg.oos_threshold), "public"
-    h = (holdout or {}).get("oos_histogram")
-    if not h:
-        return None
-    counts = h["counts"]
-    total = max(sum(counts), 0.0)
-    return threshold_from_histogram(counts, total, cfg.oos_quantile, confidence_edges(int(h["bins"]))), "holdout"
+    tau = holdout_threshold(holdout, cfg.oos_quantile)
+    return None if tau is None else (tau, "holdout")
 
 
 def evaluate_out_of_scope(server) -> dict | None:
@@ -53,7 +66,8 @@ def evaluate_out_of_scope(server) -> dict | None:
     cfg, data = server.cfg, server.pop.data
     if not cfg.out_of_scope:
         return None
-    found = threshold_of(cfg, read_holdout(server.rundir.path))
+    holdout = read_holdout(server.rundir.path)
+    found = threshold_of(cfg, holdout)
     if found is None:
         log.warning("out-of-scope evaluation skipped: the holdout evaluation wrote no confidence histogram")
         return None
@@ -67,12 +81,23 @@ def evaluate_out_of_scope(server) -> dict | None:
         top_out, _, conf_out = confidences(task.probabilities(server.model, server.test_oos_enc), data.oos_index)
     else:
         top_out = conf_out = []
-    metrics = oos_metrics(server.test_enc.labels, top_in, conf_in, top_out, conf_out, tau, data.oos_index, closed_in)
+    def score(t: float) -> dict:
+        return oos_metrics(server.test_enc.labels, top_in, conf_in, top_out, conf_out, t, data.oos_index, closed_in)
+
+    metrics = score(tau)
+    trade_off = []
+    if source == "holdout":
+        for q in TRADE_OFF_QUANTILES:
+            t = holdout_threshold(holdout, q)
+            m = score(t)
+            trade_off.append({"quantile": q, "threshold": t, **{k: m[k] for k in (
+                "in_scope_accuracy", "in_scope_rejected", "oos_recall", "oos_precision", "overall_accuracy")}})
     payload = {
         "version": 1, "round": cfg.rounds, "score": SCORE, "threshold": tau, "threshold_source": source,
         "quantile": cfg.oos_quantile if source == "holdout" else None, "oos_label": data.oos_label,
         "oos_intents": list(data.oos_intents), "oos_index": data.oos_index,
         "oos_split_seed": cfg.oos_split_seed if data.oos_intents else None, "test": metrics,
+        "trade_off": trade_off,
     }
     write_oos(server.rundir.path, payload)
     return payload

@@ -76,9 +76,17 @@ def test_predict_flags_out_of_scope_as_the_run_scored_it(tmp_path, data_dir, set
     assert f"out-of-scope recall {summary['out_of_scope']['oos_recall']:.3f}" in card
     assert f"in-scope accuracy {summary['out_of_scope']['in_scope_accuracy']:.3f}" in card
     if "oos_threshold" in settings:
-        assert "a public value" in card
+        assert "a public value" in card and oos["trade_off"] == []
     else:
         assert f"epsilon {summary['out_of_scope']['threshold_epsilon']:.2f} for holdout examples" in card
+        trade = oos["trade_off"]  # other quantiles of the same histogram: a higher one rejects more of both kinds
+        assert [t["quantile"] for t in trade] == sorted(t["quantile"] for t in trade) and len(trade) >= 3
+        for key in ("threshold", "in_scope_rejected", "oos_recall"):
+            assert all(a[key] <= b[key] for a, b in zip(trade, trade[1:])), key
+        assert 0.05 in [t["quantile"] for t in trade]
+        same = next(t for t in trade if t["quantile"] == cfg.oos_quantile)
+        assert same["threshold"] == oos["threshold"] and same["oos_recall"] == oos["test"]["oos_recall"]
+        assert "trade-off" in (Path(cfg.run_dir) / "report" / "report.md").read_text()
 
 
 def test_a_model_without_out_of_scope_detection_flags_nothing(tmp_path, data_dir):

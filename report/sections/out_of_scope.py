@@ -36,6 +36,7 @@ class OutOfScope:
     None without delta), 0.0 for a public threshold. ``histogram_bins``, ``noise_std_per_bin``,
     ``holdout_noise_at`` and ``noise_multiplier_release`` describe the holdout release the
     threshold was read from (None when holdout.json is absent or the threshold is public).
+    ``trade_off``: oos.json's figures at the thresholds of other quantiles of the same histogram.
     """
 
     threshold: float
@@ -58,6 +59,7 @@ class OutOfScope:
     holdout_noise_at: str | None
     noise_multiplier_release: float | None
     reproducible_noise: bool
+    trade_off: tuple = ()
 
     def to_json(self) -> dict[str, Any]:
         """``{"out_of_scope": {threshold, threshold_source, quantile, score, oos_label, oos_intents,
@@ -97,6 +99,7 @@ def compute(ctx: Context) -> OutOfScope | None:
         holdout_noise_at=hold.get("noise_at") if source == "holdout" and hold else None,
         noise_multiplier_release=hold.get("noise_multiplier_release") if source == "holdout" and hold else None,
         reproducible_noise=bool(cfg.get("reproducible_noise", False)),
+        trade_off=tuple(dict(t) for t in oos.get("trade_off") or ()),
     )
 
 
@@ -216,6 +219,16 @@ def render(o: OutOfScope, doc: Doc) -> list[Block]:
         ["out-of-scope utterances", fmt(f.get("out_of_scope")), "test utterances out of scope"],
     ]
     out.append(("table", ["figure", "value", "what it measures"], rows))
+    trade = o.trade_off
+    if trade:
+        out.append(("p", "The same released histogram gives a threshold at any other quantile (post-processing: no "
+                         "further privacy cost). Scored on the test split, the trade-off between the two kinds of "
+                         "error:"))
+        out.append(("table", ["quantile", "threshold", "in-scope rejected", "in-scope accuracy", "out-of-scope recall",
+                              "out-of-scope precision", "overall accuracy"],
+                    [[fmt(t.get("quantile")), fmt(t.get("threshold")), fmt(t.get("in_scope_rejected")),
+                      fmt(t.get("in_scope_accuracy")), fmt(t.get("oos_recall")), fmt(t.get("oos_precision")),
+                      fmt(t.get("overall_accuracy"))] for t in trade]))
     return out
 
 
