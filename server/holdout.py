@@ -208,6 +208,9 @@ def evaluate_holdout(server, grid, node_of: dict[int, int]) -> dict | None:
         payload["oos_histogram"] = {
             "score": SCORE, "bins": bins, "counts": [float(x) for x in hist],
             "noise_std_per_bin": sigma * (float(np.sqrt(len(counts))) if noise_at == "device" else 1.0),
+            # what it counts: the replied devices' holdout examples (example counts, public like the activity);
+            # with an out-of-scope class the in-scope ones are a function of the labels, so not given
+            "examples": sum(sizes[d] for d in counts) if pop.data.oos_index is None else None,
         }
     write_holdout(server.rundir.path, payload)
     return payload

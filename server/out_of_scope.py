@@ -30,12 +30,16 @@ TRADE_OFF_QUANTILES = (0.01, 0.05, 0.1, 0.2, 0.3, 0.5)
 
 def holdout_threshold(holdout: dict | None, quantile: float) -> float | None:
     """tau at ``quantile`` from the holdout's noised histogram (None without one): the
-    :func:`nlu.oos.threshold_from_histogram` of its counts with their (noised) sum as the total."""
+    :func:`nlu.oos.threshold_from_histogram` of its counts, with the number of holdout examples it
+    counts as the total (public) or, with an out-of-scope class (whose holdout examples it leaves
+    out), the counts' noised sum."""
     h = (holdout or {}).get("oos_histogram")
     if not h:
         return None
     counts = h["counts"]
-    return threshold_from_histogram(counts, max(sum(counts), 0.0), quantile, confidence_edges(int(h["bins"])))
+    total = h.get("examples")
+    total = float(total) if total is not None else max(sum(counts), 0.0)
+    return threshold_from_histogram(counts, total, quantile, confidence_edges(int(h["bins"])))
 
 
 def threshold_of(cfg, holdout: dict | None) -> tuple[float, str] | None:

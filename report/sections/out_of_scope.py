@@ -172,7 +172,8 @@ def _source(o: OutOfScope) -> str:
     text = (f"tau = {tau} was chosen from the holdout evaluation (see \"Who the model serves\"): with its counts of "
             "correct predictions, it released a histogram of the max-softmax confidences of the devices' in-scope "
             f"holdout examples over {o.histogram_bins} public bins on [0, 1], {noise}. tau is the largest bin edge "
-            f"below which the histogram counts at most a fraction {q} of its total (its {q}-quantile, --oos-quantile "
+            f"below which the histogram counts at most a fraction {q} of the holdout examples it counts (their number, an "
+            f"example count, or with an out-of-scope class the histogram's noised sum; its {q}-quantile, --oos-quantile "
             f"{q}), so that about a fraction {q} of in-scope holdout examples lie below it, up to "
             f"{'the bin width' if exact else 'the noise and the bin width'} (the test split's in-scope rejected rate is in the table).")
     if exact:
