@@ -171,9 +171,13 @@ def _file(tmp_path, name, text):
         (lambda d: ["--allow-zero-noise"], "--allow-zero-noise: accepts a noise multiplier of 0"),
         (lambda d: ["--allow-zero-noise", "--noise-multiplier", "0.5"], "no noise multiplier of this run is 0"),
         (lambda d: ["--model", "nosuchorg/nosuchmodel"], "--model 'nosuchorg/nosuchmodel'"),
+        (lambda d: ["--oos-label", "nosuch", "--oos-threshold", "0.5"], "--oos-label 'nosuch': not a label of"),
+        (lambda d: ["--oos-holdout-intents", "0.3", "--holdout-per-device", "0.1"], "--oos-holdout-intents"),
+        (lambda d: ["--oos-threshold", "0.5"], "--oos-threshold: needs out-of-scope test utterances"),
     ],
     ids=["deletions-bad-line", "deletions-missing", "deletions-unknown-device", "lora-targets", "baseline-text",
-         "baseline-empty", "allow-zero-noise", "allow-zero-noise-with-noise", "unknown-hub-model"],
+         "baseline-empty", "allow-zero-noise", "allow-zero-noise-with-noise", "unknown-hub-model", "oos-unknown-label",
+         "oos-holdout-builtin", "oos-threshold-alone"],
 )
 def test_late_errors_end_before_any_run_directory(capsys, tmp_path, monkeypatch, make, needle):
     """Each of these once ended in a traceback or a clean line after Ray started and left a run
