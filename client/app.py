@@ -235,7 +235,9 @@ def train(msg: Message, context: Context) -> Message:
     data = device_examples(cfg, device_id, server_round)
     task = task_of(cfg)
     model = model_of(cfg, task)
-    warm_feature_cache(model, data, task.collate)  # a frozen encoder's features: a function of the device's data alone
+    # a frozen encoder's features; with --reproducible-noise each one encoded alone, a function of its
+    # utterance whichever devices this process served before (an utterance two devices hold)
+    warm_feature_cache(model, data, task.collate, per_utterance=cfg.reproducible_noise)
     teacher = None
     if task.pc_weight > 0 and rec.TEACHER in msg.content.array_records:
         # positive-congruent training: the previous release's logits on this device's examples

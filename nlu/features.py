@@ -10,7 +10,9 @@ parameter (it returns False and changes nothing otherwise). The state dict is un
 encoder's forward is replaced on the instance, no module is wrapped), so weights load and
 travel as before. Features are computed in eval mode (no dropout), so they are a pure
 function of the token ids: the cache key is the utterance's token ids (and token type ids)
-up to its attention-mask length, which is exact for any batch an utterance appears in.
+up to its attention-mask length, which is exact for any batch an utterance appears in. Entries
+are computed unpadded (see :attr:`FeatureCache.per_utterance`), so their last bits do not
+depend on the padded length of the batch that first met them.
 Batches must be right-padded (as :mod:`nlu.data` and :mod:`nlu.slots` collate them) with the
 default position ids; any other batch is encoded directly, uncached.
 """
@@ -57,6 +59,7 @@ class FeatureCache:
         self.entries: OrderedDict[bytes, tuple[torch.Tensor, torch.Tensor | None]] = OrderedDict()
         self.hits = 0
         self.misses = 0
+        self._per_utterance = False
 
     @staticmethod
     def _right_padded(mask: torch.Tensor, lengths: torch.Tensor) -> bool:
@@ -104,33 +107,69 @@ class FeatureCache:
         pooler = None if any(p is None for p in pooled) else torch.stack(pooled)
         return BaseModelOutputWithPooling(last_hidden_state=states, pooler_output=pooler)
 
+    @property
+    def per_utterance(self) -> bool:
+        """Encode each utterance in a batch of its own (True) or with the others of its length (False).
+
+        Either way no encoder batch is padded, so an entry never depends on the padded length of
+        the batch that asked for it. Grouped by length, an entry may still depend in its last bits
+        on how many utterances shared its batch (the kernels may choose their summation order by
+        the batch's size; on this CPU they do not); one at a time it is a function of the
+        utterance's token ids alone, whatever the cache held before (other devices' utterances
+        served by this process first) and whichever batch first met it: ``--reproducible-noise``
+        runs (client/app.py). Switching modes empties the cache.
+        """
+        return self._per_utterance
+
+    @per_utterance.setter
+    def per_utterance(self, value: bool) -> None:
+        if bool(value) != self._per_utterance:
+            self.entries.clear()
+            self.bytes = 0
+            self._per_utterance = bool(value)
+
     @torch.no_grad()
     def _fill(self, rows, keys, input_ids, attention_mask, token_type_ids, position_ids) -> None:
-        idx = torch.as_tensor(rows, device=input_ids.device)
+        # (position ids are the default ones here: forward() checked)
+        lengths = attention_mask.sum(1).tolist()
+        first: dict[bytes, int] = {}  # each distinct utterance once, from its first row
+        for i in rows:
+            first.setdefault(keys[i], i)
+        if self._per_utterance:
+            groups = [[i] for i in first.values()]
+        else:
+            by_length: dict[int, list[int]] = {}
+            for i in first.values():
+                by_length.setdefault(int(lengths[i]), []).append(i)
+            groups = [by_length[n] for n in sorted(by_length)]
         was = self.encoder.training
         if was:  # (switching modes walks every submodule: only when needed)
             self.encoder.eval()
         try:
-            out = self.compute(
-                input_ids=input_ids[idx],
-                attention_mask=attention_mask[idx],
-                token_type_ids=None if token_type_ids is None else token_type_ids[idx],
-                position_ids=None if position_ids is None else position_ids[idx],
-            )
+            for group in groups:
+                n = int(lengths[group[0]])
+                idx = torch.as_tensor(group, device=input_ids.device)
+                m = max(n, 1)  # unpadded: the group's utterances all hold n tokens
+                out = self.compute(
+                    input_ids=input_ids[idx, :m],
+                    attention_mask=attention_mask[idx, :m],
+                    token_type_ids=None if token_type_ids is None else token_type_ids[idx, :m],
+                )
+                states = out.last_hidden_state
+                pooler = getattr(out, "pooler_output", None)
+                for j, i in enumerate(group):
+                    entry = (states[j, :n].clone(), None if pooler is None else pooler[j].clone())
+                    old = self.entries.pop(keys[i], None)
+                    if old is not None:
+                        self.bytes -= self._size(old)
+                    self.entries[keys[i]] = entry
+                    self.bytes += self._size(entry)
         finally:
             if was:
                 self.encoder.train(True)
-        states = out.last_hidden_state
-        pooler = getattr(out, "pooler_output", None)
-        for j, (i, n) in enumerate(zip(rows, attention_mask[idx].sum(1).tolist())):
-            entry = (states[j, :n].clone(), None if pooler is None else pooler[j].clone())
-            old = self.entries.pop(keys[i], None)
-            if old is not None:
-                self.bytes -= self._size(old)
-            self.entries[keys[i]] = entry
-            self.bytes += self._size(entry)
         # never drop the entries just filled: the batch that asked for them reads them next
-        while len(self.entries) > max(self.max_entries, len(rows)) or (self.bytes > self.max_bytes and len(self.entries) > len(rows)):
+        filled = len(first)
+        while len(self.entries) > max(self.max_entries, filled) or (self.bytes > self.max_bytes and len(self.entries) > filled):
             self.bytes -= self._size(self.entries.popitem(last=False)[1])
 
     @classmethod
@@ -168,36 +207,45 @@ WARM_CHUNK = 64
 
 
 @torch.no_grad()
-def warm_feature_cache(model: nn.Module, data, collate_fn, chunk: int = WARM_CHUNK) -> bool:
-    """Encode every example of ``data`` into ``model``'s feature cache, in index order and fixed
-    chunks of ``chunk``, before any training batch asks for them.
+def warm_feature_cache(model: nn.Module, data, collate_fn, chunk: int = WARM_CHUNK,
+                       per_utterance: bool | None = None) -> bool:
+    """Encode every example of ``data`` into ``model``'s feature cache, in chunks of ``chunk``
+    (the examples in order of length, then index), before any training batch asks for them.
 
     A float encoder's output for an utterance changes in its last bits with the batch it is
     computed in (padding and batch size change the kernels' summation order). Filled from the
     training batches, a device's features would depend on which round, and so which Poisson batch,
-    first met it on the Ray actor that serves it; filled here, they are a function of the device's
-    examples alone (one source of run-to-run difference of a ``--reproducible-noise`` rerun
-    removed; the README says what remains).
+    first met it on the Ray actor that serves it; the cache never pads (it encodes the utterances
+    of one length together, or one at a time, see :attr:`FeatureCache.per_utterance`), and with
+    ``per_utterance`` (``--reproducible-noise``) each entry is a function of its utterance alone,
+    also when another device served by the same process held that utterance first.
 
+    ``per_utterance`` (None: leave the cache's mode) sets :attr:`FeatureCache.per_utterance` first.
     Returns True if the cache was filled now, False without a cache or when ``data`` (the same
-    object) was warmed before.
+    object) was warmed before in this mode.
     """
     enc = encoder_of(model)
     cache = getattr(enc, "_feature_cache", None) if enc is not None else None
     if not isinstance(cache, FeatureCache):
         return False
-    if getattr(data, "_warmed_into", None) is cache:  # marked on the example set: exact, and it goes with the set
+    if per_utterance is not None and bool(per_utterance) != cache.per_utterance:
+        cache.per_utterance = per_utterance  # (empties the cache)
+    mark = (cache, cache.per_utterance)
+    warmed = getattr(data, "_warmed_into", None)
+    if warmed is not None and warmed[0] is mark[0] and warmed[1] == mark[1]:  # marked on the example set: exact, and it goes with the set
         return False
     was = enc.training
     if was:
         enc.eval()  # once for every chunk (the cache computes its entries in eval mode)
     try:
-        for start in range(0, len(data), chunk):
-            batch = collate_fn(data, list(range(start, min(start + chunk, len(data)))))
+        ids = getattr(data, "input_ids", None)
+        order = sorted(range(len(data)), key=lambda i: len(ids[i])) if ids is not None else list(range(len(data)))
+        for start in range(0, len(order), chunk):
+            batch = collate_fn(data, order[start:start + chunk])
             cache.forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                           token_type_ids=batch.get("token_type_ids"))
     finally:
         if was:
             enc.train(True)
-    data._warmed_into = cache
+    data._warmed_into = mark
     return True

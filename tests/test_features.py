@@ -83,3 +83,42 @@ def test_warmed_features_do_not_depend_on_the_batch_that_first_met_them():
 
     a, b = features([0, 1, 2, 3, 4, 5, 6, 7]), features([7, 2])
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_per_utterance_features_do_not_depend_on_what_the_process_encoded_before():
+    """One Ray actor serves several devices with one cache: an utterance two devices hold is
+    encoded once, in whichever device's warm-up came first. With ``per_utterance``
+    (--reproducible-noise) every entry is that utterance encoded alone, bit for bit, whatever the
+    cache held before; switching the mode empties the cache."""
+    from nlu.features import warm_feature_cache
+
+    tok = load_tokenizer("tiny")
+    first = encode(["play some jazz", "how long does it take to get to work from home on a rainy monday morning"],
+                   [0, 1], tok, 32)
+    then = encode(["play some jazz", "call mom", "volume up please"], [0, 1, 2], tok, 32)
+
+    def warmed(*sets):
+        model = set_trainable(build_model("tiny", 3, seed=0), "head")
+        cache_frozen_encoder(model)
+        for data in sets:
+            data._warmed_into = None
+            assert warm_feature_cache(model, data, collate, per_utterance=True)
+        return model.encoder._feature_cache
+
+    alone, after = warmed(then), warmed(first, then)
+    assert set(alone.entries) <= set(after.entries) and len(after.entries) == 4  # "play some jazz" once
+    for k, (states, pooled) in alone.entries.items():
+        assert torch.equal(after.entries[k][0], states)
+        assert (pooled is None and after.entries[k][1] is None) or torch.equal(after.entries[k][1], pooled)
+    # ... and equal to the encoder run on that utterance by itself
+    model = set_trainable(build_model("tiny", 3, seed=0), "head").eval()
+    for i, ids in enumerate(then.input_ids):
+        b = collate(then, np.array([i]))
+        with torch.no_grad():
+            out = model.encoder(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                                token_type_ids=b["token_type_ids"])
+        prefix = np.asarray(ids, dtype=np.int64).tobytes()
+        key = next(k for k in after.entries if k.startswith(prefix) and k[len(prefix):len(prefix) + 1] in (b"", b"|"))
+        assert torch.equal(after.entries[key][0], out.last_hidden_state[0])
+    after.per_utterance = False
+    assert not after.entries and after.bytes == 0

@@ -172,6 +172,60 @@ def test_reproducible_noise_sums_replies_in_device_order_whatever_their_arrival(
     assert len(order) >= 2 and order == sorted(order)
 
 
+
+@pytest.mark.usefixtures("task_identity")
+@pytest.mark.parametrize("noise_at", ["device", "aggregate"])
+def test_reproducible_noise_releases_the_same_model_bit_for_bit_whichever_actor_serves_a_device(tmp_path, monkeypatch,
+                                                                                                 noise_at):
+    """A Ray actor keeps one model and one feature cache for every device it serves, and which
+    actor serves which device changes from run to run. The built-in data set holds utterances
+    that several devices share: the cache encodes each one alone under --reproducible-noise, so
+    its features (and the model released) do not depend on which device met it first. Two runs:
+    one actor serving every device, then one actor per device; the released arrays are equal."""
+    import client.app as capp
+    import inprocess
+    from inprocess import LocalGrid, run_rounds
+    from settings.config import RunConfig
+
+    build = capp._model.__wrapped__  # the uncached constructor: one instance per emulated actor
+    models, actor = {}, {"now": 0}
+
+    def model(*args):
+        if actor["now"] not in models:
+            models[actor["now"]] = build(*args)
+        return models[actor["now"]]
+
+    monkeypatch.setattr(capp, "_model", model)
+
+    class ActorGrid(LocalGrid):
+        per_device = False
+
+        def push_messages(self, messages):
+            ids = []
+            for m in messages:
+                dev = int(m.content["device"]["device-id"]) if "device" in m.content.config_records else -1
+                actor["now"] = dev if self.per_device else 0
+                ids += super().push_messages([m])
+            return ids
+
+    monkeypatch.setattr(inprocess, "LocalGrid", ActorGrid)
+    kw = dict(model="tiny", num_devices=6, cohort_size=3, rounds=3, max_length=32, batch_size=16, local_epochs=1,
+              selection="uniform", round_timeout=30.0, trainable="head", reproducible_noise=True, seed=5)
+    if noise_at == "device":
+        kw.update(dp=False, device_dp=True, noise_at="device")
+    released = []
+    for per_device in (False, True):
+        models.clear()
+        capp._encoded.cache_clear()  # fresh example sets: nothing marked warmed by the other run
+        ActorGrid.per_device = per_device
+        cfg = RunConfig(run_dir=str(tmp_path / f"run{int(per_device)}"), **kw).validate()
+        _, _, arrays, _ = run_rounds(cfg)
+        released.append({k: np.asarray(v.numpy()).copy() for k, v in arrays.items()})
+    assert len(models) > 1  # the second run had one actor per device
+    assert released[0].keys() == released[1].keys()
+    for k in released[0]:
+        assert np.array_equal(released[0][k], released[1][k]), (k, np.abs(released[0][k] - released[1][k]).max())
+
 def test_nodes_take_the_devices_in_turn_without_waiting():
     ids = [907, 12, 5501]
     m = map_nodes_to_devices(_Grid(ids), 1_000_000, nodes=3, settle=3600.0)  # no settle wait: all 3 are there
