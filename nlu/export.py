@@ -192,12 +192,22 @@ def to_token_classifier(model: nn.Module, id2label: dict[int, str]):
             state["bert." + k[len("encoder."):]] = v
         elif k.startswith("slot_head."):
             state["classifier." + k[len("slot_head."):]] = v
+    _load_exactly(out, state, "the slot model does not map onto BertForTokenClassification")
+    return out.eval()
+
+
+def _load_exactly(out: nn.Module, state: dict, what: str) -> None:
+    """Load ``state`` into ``out``; every key must match but the position-id buffers.
+
+    Raises
+    ------
+    ExportError
+        Naming ``what`` and the first keys missing or unexpected.
+    """
     missing, unexpected = out.load_state_dict(state, strict=False)
     left = [k for k in missing if not k.endswith("position_ids")]
     if left or unexpected:
-        raise ExportError(f"the slot model does not map onto BertForTokenClassification (missing {left[:3]}, "
-                          f"unexpected {unexpected[:3]})")
-    return out.eval()
+        raise ExportError(f"{what} (missing {left[:3]}, unexpected {unexpected[:3]})")
 
 
 def intent_part(model: nn.Module) -> nn.Module:
@@ -232,9 +242,5 @@ def intent_part(model: nn.Module) -> nn.Module:
     out = BertForSequenceClassification(cfg)
     state = {"bert." + k: v for k, v in _base_state(model.encoder).items()}
     state.update({"classifier." + k: v for k, v in model.intent_head.state_dict().items()})
-    missing, unexpected = out.load_state_dict(state, strict=False)
-    left = [k for k in missing if not k.endswith("position_ids")]
-    if left or unexpected:
-        raise ExportError(f"the joint model's intent part does not map onto BertForSequenceClassification (missing "
-                          f"{left[:3]}, unexpected {unexpected[:3]})")
+    _load_exactly(out, state, "the joint model's intent part does not map onto BertForSequenceClassification")
     return out.eval()

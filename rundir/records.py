@@ -440,9 +440,7 @@ def write_holdout(run_dir: str | os.PathLike, payload: Mapping[str, Any]) -> Pat
     pathlib.Path
         The file written.
     """
-    path = Path(run_dir) / HOLDOUT_FILE
-    atomic_write(path, json.dumps(dict(payload), indent=1, allow_nan=False).encode("utf-8"))
-    return path
+    return _write_json(Path(run_dir) / HOLDOUT_FILE, payload)
 
 
 def read_holdout(run_dir: str | os.PathLike) -> dict[str, Any] | None:
@@ -462,15 +460,15 @@ def write_oos(run_dir: str | os.PathLike, payload: Mapping[str, Any]) -> Path:
     ``payload``: ``{"version": 1, "round", "score", "threshold", "threshold_source" ("public" or
     "holdout"), "quantile", "oos_label", "oos_intents": [...], "oos_index", "test": {the metrics of
     nlu.oos.oos_metrics}, "trade_off": [{"quantile", "threshold", "in_scope_accuracy",
-    "in_scope_rejected", "oos_recall", "oos_precision", "overall_accuracy"}]}`` (built by ``server.out_of_scope``): figures on the test split and the
-    threshold, a post-processing of the holdout's noised histogram or a public value.
-
-    Returns
-    -------
-    pathlib.Path
-        The file written.
+    "in_scope_rejected", "oos_recall", "oos_precision", "overall_accuracy"}]}`` (built by
+    ``server.out_of_scope``): figures on the test split and the threshold, a post-processing of
+    the holdout's noised histogram or a public value. Returns the path written.
     """
-    path = Path(run_dir) / OOS_FILE
+    return _write_json(Path(run_dir) / OOS_FILE, payload)
+
+
+def _write_json(path: Path, payload: Mapping[str, Any]) -> Path:
+    """Write ``payload`` as indented JSON (no NaN) to ``path`` atomically; return ``path``."""
     atomic_write(path, json.dumps(dict(payload), indent=1, allow_nan=False).encode("utf-8"))
     return path
 
