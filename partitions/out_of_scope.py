@@ -65,7 +65,8 @@ def split_out_of_scope(data: NLUData, oos_label: str | None, holdout_fraction: f
     Raises
     ------
     DataError
-        If ``oos_label`` is not one of the data set's labels and no intents are held out, or the
+        If intents are to be held out of a data set whose label names were read off its training
+        split (not a declared schema); if ``oos_label`` is not one of the data set's labels and no intents are held out, or the
         fraction holds out no intent or every intent; if the train split is generated (the
         built-in set) and intents are to be held out.
     """
@@ -75,6 +76,10 @@ def split_out_of_scope(data: NLUData, oos_label: str | None, holdout_fraction: f
         shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
         raise DataError(f"--oos-label {oos_label!r}: not a label of {data.source} (labels: {shown}); name one of them "
                         "or hold out intents with --oos-holdout-intents F")
+    if holdout_fraction > 0 and not data.labels_declared:
+        raise DataError("--oos-holdout-intents: the label names were read off the training data (no labels.json beside "
+                        "train.jsonl), so which intents are held out would depend on it; write the public label schema "
+                        "to labels.json (a JSON list of the names)")
     held = held_out_intents(len(names), holdout_fraction, split_seed, exclude=oos_id) if holdout_fraction > 0 else []
     if held and data.generated_train is not None:
         raise DataError("--oos-holdout-intents needs a real data set (--data-dir or --dataset): the built-in set's "

@@ -282,10 +282,13 @@ class Ledger:
             )
 
     def next_attempt(self) -> int:
-        """The attempt number of a new server session: one more than any attempt with events (0 for a new run)."""
-        row = self.conn.execute("SELECT MAX(attempt) FROM privacy_events WHERE run_id=?", (self.run_id,)).fetchone()
-        row2 = self.conn.execute("SELECT MAX(attempt) FROM rounds WHERE run_id=?", (self.run_id,)).fetchone()
-        known = [int(r[0]) for r in (row, row2) if r[0] is not None]
+        """The attempt number of a new server session: one more than any attempt with events, rounds or
+        holdout releases (0 for a new run). A session that only redoes the holdout evaluation writes
+        no event and no round, so without its holdout row the next session would reuse its number
+        and its release would replace the earlier one's row: an under-counted release."""
+        rows = [self.conn.execute(f"SELECT MAX(attempt) FROM {table} WHERE run_id=?", (self.run_id,)).fetchone()
+                for table in ("privacy_events", "rounds", "holdout_releases")]
+        known = [int(r[0]) for r in rows if r[0] is not None]
         return max(known) + 1 if known else 0
 
     def exhausted(self) -> dict[int, tuple[str, float]]:
@@ -318,8 +321,10 @@ class Ledger:
     def record_holdout(self, round_: int, attempt: int, noise_multiplier: float, noise_at: str, devices: int,
                        examples: int) -> None:
         """Record a holdout evaluation (before its messages leave): every holdout example is read
-        once by a Gaussian mechanism of std ``noise_multiplier`` x sensitivity 1; ``noise_at`` is
-        ``"device"``, ``"aggregate"`` or ``"none"`` (a non-private run)."""
+        once by a Gaussian mechanism of noise multiplier ``noise_multiplier`` (std over its L2
+        sensitivity: sigma_h for the count alone, sigma_h / sqrt(2) with the out-of-scope
+        histogram, server/holdout.py); ``noise_at`` is ``"device"``, ``"aggregate"`` or ``"none"``
+        (a non-private run)."""
         with self.conn:
             self.conn.execute("BEGIN")
             self.conn.execute("INSERT OR REPLACE INTO holdout_releases VALUES (?,?,?,?,?,?,?)",
@@ -565,8 +570,9 @@ class CanaryRow:
 
 @dataclass(frozen=True)
 class HoldoutRelease:
-    """A ``holdout_releases`` row: one Gaussian mechanism (std ``noise_multiplier``, sensitivity 1) on
-    every holdout example, after round ``round``; ``noise_at`` ``"device"``, ``"aggregate"`` or ``"none"``."""
+    """A ``holdout_releases`` row: one Gaussian mechanism (noise multiplier ``noise_multiplier``: std over
+    L2 sensitivity) on every holdout example, after round ``round``; ``noise_at`` ``"device"``,
+    ``"aggregate"`` or ``"none"``."""
 
     round: int
     attempt: int

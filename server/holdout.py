@@ -12,7 +12,12 @@ statistics of the devices' data, so they are released only with Gaussian noise a
 One holdout example changes one device's count by at most 1 (sensitivity 1), and every holdout
 example is read by one such release (more only if an evaluation is interrupted and done again),
 so its guarantee is that of one Gaussian mechanism with noise multiplier sigma_h
-(``--holdout-noise-multiplier``), accounted with the run's accountant at the run's delta.
+(``--holdout-noise-multiplier``), accounted with the run's accountant at the run's delta. With
+out-of-scope calibration the release also holds a histogram of the confidences (one bin per
+example, each bin noised alike): L2 sensitivity sqrt(2), noise multiplier sigma_h / sqrt(2)
+(:func:`release_noise_multiplier`), which is what the ledger row records. The devices counted
+are those that reply before the wait ends (the round's deadline): which devices those are, and
+so the released totals, is not covered by the noise.
 Membership in the holdout is decided per example by a keyed hash of its id, so holdout examples
 never train and training examples are never evaluated: the two guarantees cover disjoint
 examples. The number of holdout examples of a device is an example count like its activity,

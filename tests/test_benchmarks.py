@@ -78,8 +78,16 @@ def test_dp_step():
 
 @pytest.mark.skipif(not SNIPS.is_dir(), reason="../shared/data/snips is not here")
 def test_privacy_utility(tmp_path):
+    import shutil
+
+    snips = tmp_path / "snips"  # with its label schema declared (held-out intents need one)
+    snips.mkdir()
+    for split in ("train", "test"):
+        shutil.copy(SNIPS / f"{split}.jsonl", snips / f"{split}.jsonl")
+    labels = sorted({json.loads(line)["label"] for line in open(SNIPS / "train.jsonl")})
+    (snips / "labels.json").write_text(json.dumps(labels))
     out = _bench("privacy_utility", "--arms", "aggregate:head:8:oos30,nodp:head:-", "--out", str(tmp_path / "pu"),
-                 "--data-dir", str(SNIPS), "--json", "--", *TINY_RUN, "--rounds", "1")
+                 "--data-dir", str(snips), "--json", "--", *TINY_RUN, "--rounds", "1")
     rows = _json_lines(out)
     assert {r["arm"] for r in rows} == {"aggregate:head:8:oos30", "nodp:head:-"}
     assert all(r["accuracy"] is not None for r in rows)

@@ -13,7 +13,7 @@ from settings.config import ConfigError, RunConfig
 FIELDS = [f for f in dataclasses.fields(RunConfig) if f.name not in SKIP]
 #: str fields whose value is free text (paths, names, column names) or a pattern (``topN``), so without choices.
 FREE_TEXT = {"run_dir", "data_dir", "dataset", "text_column", "label_column", "device_column", "model", "trainable",
-             "lora_targets", "deletions", "baseline_model", "label_descriptions"}
+             "lora_targets", "deletions", "baseline_model", "label_descriptions", "oos_label"}
 
 
 def _flag(name):

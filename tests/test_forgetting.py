@@ -313,6 +313,14 @@ def test_resume_keeps_deletions_and_redoes_an_interrupted_holdout(tmp_path, data
     assert summary["holdout"]["releases"] == 2
     assert summary["holdout"]["epsilon"] == pytest.approx(holdout_epsilon(2.0, 2, server.delta, cfg.accountant))
     assert summary["holdout"]["epsilon"] > first["epsilon"]
+    # interrupted again: a session that only redid the holdout wrote no event and no round, yet the
+    # next one must not reuse its attempt number (its row would replace the earlier release's)
+    (run / "holdout.json").unlink()
+    run_rounds(resume_config(str(run)), resume=True)
+    with LedgerReader(run) as reader:
+        rows = reader.holdout_releases()
+    assert len(rows) == 3 and len({r.attempt for r in rows}) == 3
+    assert build_report(run)["holdout"]["epsilon"] == pytest.approx(holdout_epsilon(2.0, 3, server.delta, cfg.accountant))
 
 
 def test_a_moved_run_reads_its_own_deletions_and_retrain_keeps_later_requests(tmp_path, data_dir, monkeypatch):

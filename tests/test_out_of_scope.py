@@ -40,9 +40,13 @@ def _utterance(name: str, i: int, split: str) -> str:
     return f"{split} please {w[i % 4]} {w[(i + 1) % 4]} {w[(i + 2) % 4]} number {i}"
 
 
-def write_intents(d: Path, names=tuple(INTENT_WORDS), train_per=TRAIN_PER_INTENT, test_per=TEST_PER_INTENT) -> Path:
-    """JSONL train/test files: ``train_per`` / ``test_per`` distinct utterances per intent."""
+def write_intents(d: Path, names=tuple(INTENT_WORDS), train_per=TRAIN_PER_INTENT, test_per=TEST_PER_INTENT,
+                  declared: bool = True) -> Path:
+    """JSONL train/test files: ``train_per`` / ``test_per`` distinct utterances per intent, and (``declared``)
+    ``labels.json``, the public label schema (sorted names)."""
     d.mkdir(parents=True, exist_ok=True)
+    if declared:
+        (d / "labels.json").write_text(json.dumps(sorted(names)))
     for split, per in (("train", train_per), ("test", test_per)):
         with open(d / f"{split}.jsonl", "w") as fh:
             for i in range(per):  # interleaved, so that the original order is not sorted by label
@@ -353,6 +357,13 @@ def test_split_removes_held_out_intents_and_renumbers(intents_dir):
 @pytest.fixture(scope="module")
 def oos_train_dir(tmp_path_factory):
     return write_intents(tmp_path_factory.mktemp("oosdata") / "seven", names=tuple(INTENT_WORDS) + ("oos",))
+
+
+def test_held_out_intents_need_a_declared_label_schema(tmp_path):
+    """Without labels.json the names are read off the training data: the choice would depend on it."""
+    data = load_data(data_dir=write_intents(tmp_path / "undeclared", declared=False))
+    with pytest.raises(DataError, match="labels.json"):
+        split_out_of_scope(data, None, 0.34, 0)
 
 
 def test_a_declared_oos_label_stays_a_class_and_its_test_utterances_go_apart(oos_train_dir):

@@ -30,6 +30,7 @@ def data_dir(tmp_path_factory):
         for intent, word in INTENTS.items():
             for i in range(12):
                 fh.write(json.dumps({"text": f"please {word} {intent} request number {i}", "label": intent}) + "\n")
+    (d / "labels.json").write_text(json.dumps(sorted(INTENTS)))  # the public label schema
     with open(d / "test.jsonl", "w") as fh:
         for intent, word in INTENTS.items():
             for i in range(3):
