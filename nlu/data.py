@@ -79,40 +79,43 @@ def per_example_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.
     return F.cross_entropy(logits_of(model, batch), batch["labels"], reduction="none")
 
 
+def _batches(model: nn.Module, enc: Encoded, batch_size: int):
+    """Yield (row indices, collated batch, logits [B, num_labels]) over ``enc`` in batches of
+    similar length, with ``model`` in eval mode for the pass (restored afterwards)."""
+    was_training = model.training
+    model.eval()
+    try:
+        order = np.argsort([len(x) for x in enc.input_ids], kind="stable")
+        for start in range(0, len(enc), batch_size):
+            idx = order[start : start + batch_size]
+            batch = collate(enc, idx)
+            yield idx, batch, logits_of(model, batch)
+    finally:
+        model.train(was_training)
+
+
 @torch.no_grad()
 def predict(model: nn.Module, enc: Encoded, batch_size: int = 128) -> tuple[np.ndarray, float]:
     """Predicted label ids [N] and mean cross-entropy of ``model`` on ``enc``.
 
     The model is put in eval mode for the pass and restored afterwards.
     """
-    was_training = model.training
-    model.eval()
     out = np.empty(len(enc), dtype=np.int64)
     total, count = 0.0, 0
-    order = np.argsort([len(x) for x in enc.input_ids], kind="stable")  # batches of similar length
-    for start in range(0, len(enc), batch_size):
-        idx = order[start : start + batch_size]
-        batch = collate(enc, idx)
-        logits = logits_of(model, batch)
+    for idx, batch, logits in _batches(model, enc, batch_size):
         total += float(F.cross_entropy(logits, batch["labels"], reduction="sum"))
         count += len(idx)
         out[idx] = logits.argmax(-1).numpy()
-    model.train(was_training)
     return out, (total / count if count else float("nan"))
 
 
 @torch.no_grad()
 def predict_proba(model: nn.Module, enc: Encoded, batch_size: int = 128) -> np.ndarray:
     """Softmax probabilities [N, num_labels], float64, of ``model`` on ``enc`` (eval mode for the pass)."""
-    was_training = model.training
-    model.eval()
     out: np.ndarray | None = None
-    order = np.argsort([len(x) for x in enc.input_ids], kind="stable")
-    for start in range(0, len(enc), batch_size):
-        idx = order[start : start + batch_size]
-        probs = torch.softmax(logits_of(model, collate(enc, idx)).double(), dim=-1).numpy()
+    for idx, _, logits in _batches(model, enc, batch_size):
+        probs = torch.softmax(logits.double(), dim=-1).numpy()
         if out is None:
             out = np.empty((len(enc), probs.shape[1]), dtype=np.float64)
         out[idx] = probs
-    model.train(was_training)
     return out if out is not None else np.empty((0, 0), dtype=np.float64)

@@ -108,21 +108,12 @@ def auroc(scores_in: np.ndarray, scores_out: np.ndarray) -> float | None:
     """Area under the ROC curve of telling out-of-scope from in-scope utterances by low confidence:
     P(conf_out < conf_in) + P(tie) / 2 (the Mann-Whitney statistic, Hanley & McNeil 1982); None
     when either set is empty."""
+    from scipy.stats import rankdata
+
     a, b = np.asarray(scores_in, dtype=np.float64), np.asarray(scores_out, dtype=np.float64)
     if not len(a) or not len(b):
         return None
-    allv = np.concatenate([a, b])
-    order = np.argsort(allv, kind="mergesort")
-    ranks = np.empty(len(allv))
-    sorted_v = allv[order]
-    # average ranks over ties (1-based)
-    start = 0
-    while start < len(sorted_v):
-        stop = start
-        while stop + 1 < len(sorted_v) and sorted_v[stop + 1] == sorted_v[start]:
-            stop += 1
-        ranks[order[start:stop + 1]] = (start + stop) / 2 + 1
-        start = stop + 1
+    ranks = rankdata(np.concatenate([a, b]))  # average ranks over ties (1-based)
     u = ranks[: len(a)].sum() - len(a) * (len(a) + 1) / 2  # pairs with conf_in > conf_out, ties half
     return float(u / (len(a) * len(b)))
 
